@@ -1,0 +1,200 @@
+"""The base configuration shared by every config file, and its validation.
+
+Config files in `configs/` start from `base_config()` and override fields. `validate()` checks
+every value before anything expensive happens, so a typo fails in the first second with a message
+that names the field and the allowed values.
+"""
+
+import os
+
+import ml_collections
+
+from bdiff_jax.errors import ConfigError
+
+BACKBONES = ("standard", "reversible")
+BLOCKS = ("simple", "qwen3")
+OBJECTIVES = ("diffusion", "autoregressive")
+SCHEDULES = ("linear", "cosine", "polynomial")
+CORRUPTIONS = ("absorbing", "prototype_mix")
+TIME_CONDITIONING = ("none", "adaln")
+POSITIONAL = ("rope", "learned")
+DTYPES = ("float32", "bfloat16", "float64")
+REVERSIBLE_BACKWARD = ("recompute", "autodiff")
+ATTENTION = ("dense", "candidate")
+VARIANTS = ("v1", "raw")
+SAMPLING_GRIDS = ("cosine", "uniform")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every field. Config files override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "wikitext2"
+  c.data.variant = "v1"  # "v1": word-level .tokens files; "raw": .raw files.
+  # Directory holding wiki.{train,valid,test}.tokens (or .raw). Empty: download when online.
+  c.data.data_dir = os.environ.get("BDIFF_DATA_DIR", "")
+  # Where TFDS writes the prepared array_record files. Empty: <workdir>/tfds.
+  c.data.tfds_dir = ""
+  c.data.seq_len = 128
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "standard"  # "standard" | "reversible"
+  c.model.block = "simple"  # "simple" (LayerNorm + GELU MLP) | "qwen3"
+  c.model.objective = "diffusion"  # "diffusion" | "autoregressive"
+  c.model.num_layers = 4
+  c.model.emb_dim = 256
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 64
+  c.model.mlp_dim = 1024
+  c.model.dropout_rate = 0.0
+  c.model.time_conditioning = "adaln"  # "none" | "adaln"
+  c.model.positional = "rope"  # "rope" | "learned"
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-6
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"  # compute dtype of attention/MLP: float32 | bfloat16 | float64
+  c.model.reversible_backward = "recompute"  # "recompute" | "autodiff"
+  c.model.attention = "dense"  # "dense" | "candidate"
+  c.model.candidate_k = 0  # keys kept per query with attention="candidate"
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "linear"  # "linear" | "cosine" | "polynomial"
+  c.diffusion.schedule_exponent = 2.0  # for "polynomial"
+  c.diffusion.corruption = "absorbing"  # "absorbing" | "prototype_mix"
+  c.diffusion.uniform_fraction = 0.1  # share of corrupted tokens substituted, "prototype_mix" only
+  c.diffusion.antithetic = True
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32
+  c.train.num_steps = 10_000
+  c.train.learning_rate = 3e-4
+  c.train.warmup_steps = 500
+  c.train.end_learning_rate_fraction = 0.1
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.99
+  c.train.grad_clip = 1.0
+  c.train.ema_decay = 0.999  # 0 disables EMA (the EMA params then equal the params)
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.max_wall_seconds = 0.0  # stop (with a checkpoint) after this much time; 0 = no limit
+  c.train.progress_bar = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.num_time_samples = 1  # K time draws per sequence for the diffusion bound
+  c.eval.seeds = (0, 1, 2)  # spread of the bound over evaluation seeds
+  c.eval.max_tokens = 0  # evaluate only the first N tokens of each split; 0 = the whole split
+  c.eval.during_training_max_tokens = 0  # subset used for periodic evals; 0 = whole split
+  c.eval.use_ema = True
+  c.eval.checkpoint = "best"  # for --mode=eval/sample: "best" | "latest" | a step number
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 4
+  c.sample.length = 128
+  c.sample.num_steps = 128
+  c.sample.grid = "cosine"  # "cosine" | "uniform"
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  c.sample.prompt = ""  # words; "[MASK]" marks a hole to infill
+  c.sample.seed = 0
+  return c
+
+
+def _choice(path, value, allowed):
+  if value not in allowed:
+    raise ConfigError(
+        f"config.{path}={value!r} is not one of {', '.join(map(repr, allowed))}.",
+        f"set --config.{path} to one of those values.")
+
+
+def _positive(path, value, *, allow_zero=False):
+  ok = value >= 0 if allow_zero else value > 0
+  if not ok:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(f"config.{path}={value!r} is invalid: it must be {bound}.",
+                      f"pass --config.{path}=<a value {bound}>.")
+
+
+def _in_unit(path, value, *, closed_low=True, closed_high=True):
+  low_ok = value >= 0 if closed_low else value > 0
+  high_ok = value <= 1 if closed_high else value < 1
+  if not (low_ok and high_ok):
+    lo = "[" if closed_low else "("
+    hi = "]" if closed_high else ")"
+    raise ConfigError(f"config.{path}={value!r} must lie in {lo}0, 1{hi}.",
+                      f"pass --config.{path}=<a value in {lo}0, 1{hi}>.")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field."""
+  _choice("data.variant", c.data.variant, VARIANTS)
+  _positive("data.seq_len", c.data.seq_len)
+  m = c.model
+  _choice("model.backbone", m.backbone, BACKBONES)
+  _choice("model.block", m.block, BLOCKS)
+  _choice("model.objective", m.objective, OBJECTIVES)
+  _choice("model.time_conditioning", m.time_conditioning, TIME_CONDITIONING)
+  _choice("model.positional", m.positional, POSITIONAL)
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.reversible_backward", m.reversible_backward, REVERSIBLE_BACKWARD)
+  _choice("model.attention", m.attention, ATTENTION)
+  for f in ("num_layers", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    _positive(f"model.{f}", m[f])
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+        f"config.model.num_heads={m.num_heads} is not a multiple of "
+        f"config.model.num_kv_heads={m.num_kv_heads}.",
+        "choose num_kv_heads dividing num_heads (grouped-query attention).")
+  if m.positional == "rope" and m.head_dim % 2:
+    raise ConfigError(f"config.model.head_dim={m.head_dim} must be even for RoPE.",
+                      "use an even head_dim or --config.model.positional=learned.")
+  _in_unit("model.dropout_rate", m.dropout_rate, closed_high=False)
+  _positive("model.rope_theta", m.rope_theta)
+  _positive("model.norm_eps", m.norm_eps)
+  if m.attention == "candidate":
+    _positive("model.candidate_k", m.candidate_k)
+  if m.objective == "autoregressive" and m.time_conditioning != "none":
+    raise ConfigError(
+        "config.model.time_conditioning must be 'none' for the autoregressive objective "
+        "(there is no diffusion time).",
+        "pass --config.model.time_conditioning=none.")
+  d = c.diffusion
+  _choice("diffusion.schedule", d.schedule, SCHEDULES)
+  _choice("diffusion.corruption", d.corruption, CORRUPTIONS)
+  _positive("diffusion.schedule_exponent", d.schedule_exponent)
+  _in_unit("diffusion.uniform_fraction", d.uniform_fraction)
+  t = c.train
+  for f in ("batch_size", "num_steps", "learning_rate", "log_every", "eval_every",
+            "checkpoint_every", "keep_checkpoints"):
+    _positive(f"train.{f}", t[f])
+  for f in ("warmup_steps", "weight_decay", "grad_clip", "max_wall_seconds"):
+    _positive(f"train.{f}", t[f], allow_zero=True)
+  _in_unit("train.end_learning_rate_fraction", t.end_learning_rate_fraction)
+  _in_unit("train.b1", t.b1, closed_high=False)
+  _in_unit("train.b2", t.b2, closed_high=False)
+  _in_unit("train.ema_decay", t.ema_decay, closed_high=False)
+  e = c.eval
+  _positive("eval.batch_size", e.batch_size)
+  _positive("eval.num_time_samples", e.num_time_samples)
+  _positive("eval.max_tokens", e.max_tokens, allow_zero=True)
+  _positive("eval.during_training_max_tokens", e.during_training_max_tokens, allow_zero=True)
+  if len(tuple(e.seeds)) < 1:
+    raise ConfigError("config.eval.seeds is empty.", "give at least one seed, e.g. (0, 1, 2).")
+  ck = str(e.checkpoint)
+  if ck not in ("best", "latest") and not ck.isdigit():
+    raise ConfigError(f"config.eval.checkpoint={ck!r} is not 'best', 'latest' or a step number.",
+                      "pass --config.eval.checkpoint=best, latest or e.g. 1000.")
+  s = c.sample
+  for f in ("num_samples", "length", "num_steps"):
+    _positive(f"sample.{f}", s[f])
+  _choice("sample.grid", s.grid, SAMPLING_GRIDS)
+  _positive("sample.temperature", s.temperature)
+  _positive("sample.top_k", s.top_k, allow_zero=True)
+  _in_unit("sample.top_p", s.top_p, closed_low=False)
