@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Where TFDS writes the prepared array_record files. Empty: <workdir>/tfds.
   c.data.tfds_dir = ""
   c.data.seq_len = 128
+  # Check that each split has WikiText-2's published word/line counts (catches truncated files).
+  # Tests on tiny synthetic corpora turn it off.
+  c.data.verify_counts = True
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "standard"  # "standard" | "reversible"
