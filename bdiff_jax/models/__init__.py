@@ -1,0 +1,26 @@
+"""Networks: `build_network(config.model, vocab_size, max_len)` and helpers."""
+
+import jax
+import jax.numpy as jnp
+
+from bdiff_jax.models.network import Network
+from bdiff_jax.models.spec import ModelSpec, spec_from_config
+
+
+def build_network(model_config, *, vocab_size: int, max_len: int) -> Network:
+  return Network(spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len))
+
+
+def init_params(network: Network, key, *, seq_len: int):
+  """Initial parameters (a pytree) for inputs of shape [1, seq_len]."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  t = jnp.ones((1,), jnp.float32)
+  return network.init({"params": key}, tokens, t, train=False)["params"]
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+__all__ = ["Network", "ModelSpec", "build_network", "init_params", "count_params",
+           "spec_from_config"]

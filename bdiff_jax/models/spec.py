@@ -1,0 +1,66 @@
+"""`ModelSpec`: the hashable, validated description of a network, made from `config.model`."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything a network needs to know. Frozen so it can be a Flax module attribute."""
+  vocab_size: int  # real tokens; the [MASK] id is vocab_size and is never predicted
+  max_len: int
+  backbone: str = "standard"
+  block: str = "simple"
+  objective: str = "diffusion"
+  num_layers: int = 4
+  emb_dim: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  dropout_rate: float = 0.0
+  time_conditioning: str = "adaln"
+  positional: str = "rope"
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  reversible_backward: str = "recompute"
+  attention: str = "dense"
+  candidate_k: int = 0
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def param_dtype(self):
+    # float64 runs (numerical tests) keep float64 params; otherwise params are float32.
+    return jnp.float64 if self.dtype == "float64" else jnp.float32
+
+  @property
+  def causal(self) -> bool:
+    return self.objective == "autoregressive"
+
+  @property
+  def time_conditioned(self) -> bool:
+    return self.time_conditioning == "adaln"
+
+  @property
+  def use_bias(self) -> bool:
+    return self.block == "simple"  # Qwen3-style blocks have no biases
+
+  @property
+  def embed_rows(self) -> int:
+    # Row vocab_size embeds [MASK]. The AR model never sees it; the row is kept so that both
+    # objectives share one parameter layout.
+    return self.vocab_size + 1
+
+
+def spec_from_config(model_config, *, vocab_size: int, max_len: int) -> ModelSpec:
+  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"vocab_size", "max_len"}
+  values = {k: model_config[k] for k in fields}
+  return ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), **values)

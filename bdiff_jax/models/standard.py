@@ -1,0 +1,41 @@
+"""The standard backbone: a pre-norm residual transformer stack, scanned over layers.
+
+    h <- h + F(h),  h <- h + G(h)    with F = attention(norm(.)), G = mlp(norm(.))
+
+Parameters of all layers are stacked on a leading axis under `layers/` (one `lax.scan` over
+depth), the same layout the reversible backbone uses, so the two are drop-in replacements.
+"""
+
+import flax.linen as nn
+
+from bdiff_jax.models.layers import AttentionSublayer, MlpSublayer
+from bdiff_jax.models.spec import ModelSpec
+
+
+class ResidualLayer(nn.Module):
+  spec: ModelSpec
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, h, cond, padding_mask):
+    h = h + AttentionSublayer(self.spec, name="attn")(
+        h, cond, train=self.train, padding_mask=padding_mask).astype(h.dtype)
+    h = h + MlpSublayer(self.spec, name="mlp")(h, cond, train=self.train).astype(h.dtype)
+    return h, None
+
+
+class StandardBackbone(nn.Module):
+  """[B, L, D] hidden states -> [B, L, D], residual stream kept in the parameter dtype."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, h, cond, *, train: bool, padding_mask=None):
+    stack = nn.scan(
+        ResidualLayer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=self.spec.num_layers,
+    )
+    h, _ = stack(self.spec, train, name="layers")(h, cond, padding_mask)
+    return h
