@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.max_wall_seconds = 0.0  # stop (with a checkpoint) after this much time; 0 = no limit
+  # Stop (with a checkpoint) at this step without changing the LR schedule, e.g. to split one
+  # run of num_steps over several jobs; 0 = run to num_steps.
+  c.train.stop_at_step = 0
   c.train.progress_bar = True
 
   c.eval = ml_collections.ConfigDict()
@@ -177,7 +180,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for f in ("batch_size", "num_steps", "learning_rate", "log_every", "eval_every",
             "checkpoint_every", "keep_checkpoints"):
     _positive(f"train.{f}", t[f])
-  for f in ("warmup_steps", "weight_decay", "grad_clip", "max_wall_seconds"):
+  for f in ("warmup_steps", "weight_decay", "grad_clip", "max_wall_seconds", "stop_at_step"):
     _positive(f"train.{f}", t[f], allow_zero=True)
   _in_unit("train.end_learning_rate_fraction", t.end_learning_rate_fraction)
   _in_unit("train.b1", t.b1, closed_high=False)

@@ -1,0 +1,63 @@
+"""bdiff_jax entry point.
+
+  python main.py --config configs/wikitext2.py --workdir runs/wt2                 # train + eval
+  python main.py --config configs/wikitext2.py --workdir runs/wt2 --mode=eval     # restore, eval
+  python main.py --config configs/wikitext2.py --workdir runs/wt2 --mode=sample \
+      --config.sample.prompt="the game was"
+  python main.py --config configs/benchmark.py --workdir runs/mem --mode=memory   # memory bench
+  python main.py --config configs/compare.py --workdir runs/cmp --mode=compare    # comparison
+
+Override any config field with --config.<field>=<value>. Bad input (data, config values,
+checkpoints, prompts) ends with one line `error: ...` and exit status 2.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics, "
+                               "vocabulary, samples and plots.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "memory", "compare"],
+                          "What to do.")
+flags.mark_flags_as_required(["config"])
+
+
+def _run(mode: str, config, workdir: str):
+  # Imported lazily so that --help and flag errors do not pay for importing JAX.
+  if mode == "train":
+    from bdiff_jax import train
+    return train.train_and_evaluate(config, workdir)
+  if mode == "eval":
+    from bdiff_jax import experiment, train
+    return train.final_evaluation(experiment.build(config, workdir))
+  if mode == "sample":
+    from bdiff_jax import generate
+    return generate.run_sample(config, workdir)
+  if mode == "memory":
+    from bdiff_jax.benchmarks import memory
+    return memory.run_memory_benchmark(config, workdir)
+  if mode == "compare":
+    from bdiff_jax.benchmarks import compare
+    return compare.run_comparison(config, workdir)
+  raise ValueError(mode)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore (INFO, WARNING)
+  from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
