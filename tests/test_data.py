@@ -84,6 +84,7 @@ def test_real_counts_and_vocabulary(real):
     a = splits.tokens(name)
     assert a.dtype == np.int32 and a.ndim == 1 and a.size == c[name].num_tokens
     assert c[name].num_tokens == c[name].num_words + c[name].num_lines
+    assert tok.count_words(a) == c[name].num_tokens
     assert int((a == tok.eos_id).sum()) == c[name].num_lines
     assert a.min() >= 0 and a.max() < tok.vocab_size  # never the mask id
     assert a[-1] == tok.eos_id
@@ -100,7 +101,6 @@ def test_real_valid_tokens_match_the_file(real, real_dir):
   lines = _file_lines(os.path.join(real_dir, "wiki.valid.tokens"))
   ends = np.flatnonzero(splits.valid == tok.eos_id)
   assert ends.size == len(lines)
-  start = 0
   for k in (0, 1, 2, 500, len(lines) - 1):
     start = ends[k - 1] + 1 if k else 0
     assert tok.decode(splits.valid[start:ends[k] + 1]) == " ".join(lines[k].split()) + "\n"
@@ -156,7 +156,8 @@ def _copy_real(real_dir, dst, valid_bytes):
   """A data dir with links to the real train/test files and the given valid file content."""
   os.makedirs(dst)
   for split in ("train", "test"):
-    os.symlink(os.path.join(real_dir, f"wiki.{split}.tokens"), os.path.join(dst, f"wiki.{split}.tokens"))
+    name = f"wiki.{split}.tokens"
+    os.symlink(os.path.join(real_dir, name), os.path.join(dst, name))
   with open(os.path.join(dst, "wiki.valid.tokens"), "wb") as f:
     f.write(valid_bytes)
   return dst
@@ -396,6 +397,9 @@ def test_raw_variant_bytes(tmp_path):
   assert tok.decode(splits.valid) == text  # bytes are exact: nothing is normalised
   assert splits.valid.size == len(text.encode("utf-8"))
   assert splits.counts["valid"].num_words == len(text.split())
+  c = splits.counts["valid"]
+  assert tok.count_words(splits.valid) == c.num_words + c.num_lines
+  assert tok.count_words(tok.encode_corpus_line(" a  b ") + [65, 257, 66]) == 2 + 1 + 1
   assert splits.valid.max() == tok.eos_id == 256
 
 

@@ -51,7 +51,7 @@ class SplitCounts:
   num_unknown: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Splits:
   """Encoded WikiText-2: read-only int32 token streams of the three splits and their sizes."""
   tokenizer: tokenizer_lib.Tokenizer

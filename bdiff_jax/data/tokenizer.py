@@ -83,6 +83,14 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Renders ids as text: `<eos>` as a newline, `mask_id` as `[MASK]`."""
 
+  def count_words(self, ids: Sequence[int] | np.ndarray) -> int:
+    """WikiText words in `ids`: whitespace-separated words plus one per `<eos>`.
+
+    The denominator of word-level perplexity (a [MASK] counts as one word).
+    """
+    ids = np.asarray(ids).reshape(-1)
+    return len(self.decode(ids).split()) + int((ids == self.eos_id).sum())
+
   @abc.abstractmethod
   def to_json(self) -> dict[str, Any]:
     """The JSON-serialisable description written by `save`."""
@@ -191,6 +199,10 @@ class WordTokenizer(Tokenizer):
     words.append(EOS)
     get, unk = self._ids.get, self._unk_id
     return np.fromiter((get(w, unk) for w in words), dtype=np.int32, count=len(words))
+
+  def count_words(self, ids: Sequence[int] | np.ndarray) -> int:
+    # Every id is a word, <eos> or [MASK].
+    return int(np.asarray(ids).size)
 
   def count_unknown(self, lines: Iterable[str]) -> int:
     """How many words of `lines` are not in the vocabulary (and would become `<unk>`)."""
