@@ -1,0 +1,199 @@
+"""Continuous-time ELBO of absorbing-state (masked) diffusion.
+
+For a sequence x of length L and a denoiser p_theta(x_i | z_t) the negative log-likelihood is
+bounded by
+
+  -log p(x) <= integral_0^1 w(t) E_{z_t ~ q(.|x)} [ sum_{i : z_t,i = [MASK]} -log p_theta(x_i | z_t) ] dt,
+
+with w(t) = -alpha'(t) / (1 - alpha(t)). Since alpha(0) = 1 and alpha(1) = 0 there is no
+reconstruction or prior term. The bound is tight when p_theta(x_i | z_t) is the true conditional
+of x_i given the unmasked tokens of z_t (which does not depend on t).
+
+All estimators here draw t in (0, 1] (never exactly 0) uniformly, so they are unbiased estimates of
+the integral; nothing is clipped away. Near t = 0 the weight w(t) is large but the expected number
+of masked tokens is proportionally small; a draw with no masked token contributes exactly 0.
+
+A model is passed as `logits_fn(noisy: int32[B, L], t: float32[B]) -> float[B, L, V]` over the V
+real tokens (no [MASK] column). Logits are cast to float32 before the log-softmax.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from bdiff_jax.corruption import check_corruption_args
+from bdiff_jax.corruption import corrupt
+from bdiff_jax.schedules import Schedule
+
+LogitsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def stratified_times(u: jnp.ndarray, num: int) -> jnp.ndarray:
+  """Stratified times t_k = 1 - ((u + k / num) mod 1), k = 0..num-1, in (0, 1].
+
+  Args:
+    u: float[...] offsets in [0, 1).
+    num: number of strata.
+
+  Returns:
+    float32[..., num]. Each t_k is marginally uniform on (0, 1] when u is uniform on [0, 1), and
+    exactly one t_k falls in each interval ((j - 1) / num, j / num].
+  """
+  u = jnp.asarray(u, jnp.float32)
+  offsets = jnp.arange(num, dtype=jnp.float32) / num
+  t = 1.0 - jnp.mod(u[..., None] + offsets, 1.0)
+  # mod(., 1) is in [0, 1), so t > 0 already; a wrap to 0 is the same point as 1 in any case.
+  return jnp.where(t > 0.0, t, 1.0)
+
+
+def sample_times(key: jax.Array, batch_size: int, *, antithetic: bool = True) -> jnp.ndarray:
+  """Draws diffusion times float32[batch_size] in (0, 1], each marginally uniform.
+
+  Args:
+    key: PRNG key; consumed.
+    batch_size: number of times B.
+    antithetic: if True, the times are stratified: t_i = 1 - ((u + i / B) mod 1) from a single
+      uniform u, so exactly one t lies in each interval ((j - 1) / B, j / B]. Otherwise iid.
+
+  Returns:
+    float32[batch_size].
+  """
+  if antithetic:
+    u = jax.random.uniform(key, (), jnp.float32)
+    return stratified_times(u, batch_size)
+  return 1.0 - jax.random.uniform(key, (batch_size,), jnp.float32)
+
+
+def _masked_nll_sum(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
+  """float32[B]: sum over masked positions of -log softmax(logits)[x_i]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token_logp = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  # where, not multiplication: logits at unmasked positions must not leak in (not even as NaN).
+  return jnp.sum(jnp.where(masked, -token_logp, 0.0), axis=-1)
+
+
+def _elbo_weight(t: jnp.ndarray, masked: jnp.ndarray, schedule: Schedule) -> jnp.ndarray:
+  """float32[B]: w(t_b), or 0 for sequences with no masked position."""
+  t = jnp.asarray(t, jnp.float32)
+  p_mask = schedule.mask_prob(t)
+  any_masked = jnp.any(masked, axis=-1)
+  # w(t) can be huge (or 0/0 once mask_prob underflows) as t -> 0, but then nothing is masked and
+  # the term is 0. Zeroing w itself, not only the product, keeps the gradient free of inf * 0.
+  safe_p = jnp.where(p_mask > 0.0, p_mask, 1.0)
+  w = jnp.where(any_masked & (p_mask > 0.0), -schedule.dalpha(t) / safe_p, 0.0)
+  return w.astype(jnp.float32)
+
+
+def weighted_masked_nll(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray,
+                        t: jnp.ndarray, schedule: Schedule) -> jnp.ndarray:
+  """Per-sequence single-draw bound term w(t_b) * sum_{i masked} -log p(x_i | z_t).
+
+  Args:
+    logits: float[B, L, V] denoiser logits over real tokens (any dtype; cast to float32).
+    tokens: int[B, L] clean tokens.
+    masked: bool[B, L] corrupted positions; only these contribute (logits elsewhere are ignored,
+      even if they are not finite).
+    t: float[B] the times at which the sequences were corrupted.
+    schedule: the masking schedule.
+
+  Returns:
+    float32[B], in nats per sequence (not divided by L).
+  """
+  return _elbo_weight(t, masked, schedule) * _masked_nll_sum(logits, tokens, masked)
+
+
+def diffusion_loss(logits_fn: LogitsFn,
+                   tokens: jnp.ndarray,
+                   key: jax.Array,
+                   *,
+                   schedule: Schedule,
+                   mask_id: int,
+                   antithetic: bool = True,
+                   corruption: str = "absorbing",
+                   uniform_fraction: float = 0.1) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """One-sample Monte Carlo estimate of the diffusion ELBO, in nats per token.
+
+  loss = mean_b [ w(t_b) * sum_{i masked} -log p(x_{b,i} | z_{t_b}) ] / L, with one time t_b per
+  sequence (stratified across the batch if `antithetic`). For corruption="absorbing" this is an
+  unbiased estimate of the upper bound on -log p(x) / L averaged over the batch.
+
+  Args:
+    logits_fn: (noisy int32[B, L], t float32[B]) -> logits float[B, L, V].
+    tokens: int[B, L] clean tokens in [0, V).
+    key: PRNG key; consumed.
+    schedule: the masking schedule.
+    mask_id: id of [MASK]; must equal V (substitutes for "prototype_mix" are drawn from
+      [0, mask_id)).
+    antithetic: stratify the times across the batch.
+    corruption: "absorbing", or "prototype_mix" to reproduce the old prototype's objective (the
+      same formula on its corruption; NOT a likelihood bound).
+    uniform_fraction: "prototype_mix" only, see `bdiff_jax.corruption.corrupt`.
+
+  Returns:
+    (loss, aux): loss float32 scalar; aux a dict of float32 scalars: 'masked_fraction' (share of
+    corrupted positions), 'masked_token_nll' (mean -log p over corrupted positions, unweighted),
+    and for "absorbing" only 'nll_bound_per_token' (equal to the loss).
+  """
+  check_corruption_args(corruption, uniform_fraction)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  batch_size, length = tokens.shape
+  key_t, key_c = jax.random.split(key)
+  t = sample_times(key_t, batch_size, antithetic=antithetic)
+  noisy, masked = corrupt(key_c, tokens, t, schedule=schedule, mask_id=mask_id, mode=corruption,
+                          uniform_fraction=uniform_fraction, vocab_size=mask_id)
+  nll_sum = _masked_nll_sum(logits_fn(noisy, t), tokens, masked)
+  loss = jnp.mean(_elbo_weight(t, masked, schedule) * nll_sum) / length
+
+  num_masked = jnp.sum(masked).astype(jnp.float32)
+  aux = {
+      "masked_fraction": jnp.mean(masked.astype(jnp.float32)),
+      "masked_token_nll": jax.lax.stop_gradient(jnp.sum(nll_sum) / jnp.maximum(num_masked, 1.0)),
+  }
+  if corruption == "absorbing":
+    aux["nll_bound_per_token"] = loss
+  return loss, aux
+
+
+def nll_bound(logits_fn: LogitsFn,
+              tokens: jnp.ndarray,
+              key: jax.Array,
+              *,
+              schedule: Schedule,
+              mask_id: int,
+              num_samples: int) -> jnp.ndarray:
+  """Monte Carlo upper bound on -log p(tokens) per sequence, in nats (summed over positions).
+
+  Averages the single-draw bound over `num_samples` times per sequence, stratified over (0, 1]
+  with an independent offset per sequence and an independent mask per draw. The draws run
+  sequentially under `lax.scan`, so memory stays at one forward pass. jittable with logits_fn
+  closed over (num_samples static).
+
+  Args:
+    logits_fn: (noisy int32[B, L], t float32[B]) -> logits float[B, L, V].
+    tokens: int[B, L] clean tokens in [0, V).
+    key: PRNG key; consumed.
+    schedule: the masking schedule.
+    mask_id: id of [MASK].
+    num_samples: K >= 1 time draws per sequence.
+
+  Returns:
+    float32[B], an unbiased estimate of the ELBO bound of each sequence.
+  """
+  num_samples = int(num_samples)
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+  tokens = jnp.asarray(tokens, jnp.int32)
+  batch_size = tokens.shape[0]
+  key_t, key_c = jax.random.split(key)
+  u = jax.random.uniform(key_t, (batch_size,), jnp.float32)
+  times = stratified_times(u, num_samples).T  # [K, B]
+  keys = jax.random.split(key_c, num_samples)
+
+  def one_draw(total, draw):
+    t, k = draw
+    noisy, masked = corrupt(k, tokens, t, schedule=schedule, mask_id=mask_id)
+    return total + weighted_masked_nll(logits_fn(noisy, t), tokens, masked, t, schedule), None
+
+  total, _ = jax.lax.scan(one_draw, jnp.zeros((batch_size,), jnp.float32), (times, keys))
+  return total / num_samples
