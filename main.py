@@ -47,10 +47,29 @@ def _run(mode: str, config, workdir: str):
   raise ValueError(mode)
 
 
+def _parse_flags(argv):
+  """absl flag parsing, but a bad --config.<field> override is one clear line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e).strip().strip("'\"").replace("\\n", " ").replace("\n", " ")
+    msg = msg.replace("\\'", "").replace("\'", "")
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: invalid config override ({msg}) among {' '.join(bad) or 'the arguments'}. "
+          "Fix: use a field that exists in the config file (see configs/ and "
+          "bdiff_jax/configuration.py) with a value of its type.", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore (INFO, WARNING)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
@@ -60,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -257,8 +257,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f" in {wall:.1f}s", flush=True)
   if step < tc.num_steps and not stopped_early:
     print(f"stopped at train.stop_at_step={stop}; rerun with the same config to continue.")
-  if step < tc.num_steps:
     return {}
+  # Finished, or out of wall-clock budget: evaluate what we have.
   results = final_evaluation(exp)
   plotting.plot_training_curves(workdir)
   return results

@@ -1,0 +1,188 @@
+"""End to end, through main.py in new processes, on the real WikiText-2 (smoke preset).
+
+Covers: train -> eval/sample in a new process reproduce the numbers; resume equivalence; bad
+inputs give one clear line, exit status != 0, and leave checkpoints untouched.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_main
+
+CONFIG = "configs/wikitext2.py:smoke"
+
+
+def _tiny(workdir, data_dir, tfds_dir, *extra):
+  """Args for a very small smoke run (the smoke preset with fewer steps/tokens)."""
+  return ["--config", CONFIG, "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", f"--config.data.tfds_dir={tfds_dir}",
+          "--config.train.num_steps=8", "--config.train.log_every=1",
+          "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
+          "--config.eval.max_tokens=300", "--config.eval.during_training_max_tokens=128",
+          *extra]
+
+
+def _ok(proc):
+  assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+  return proc
+
+
+def _user_error(proc, *needles):
+  assert proc.returncode not in (0, None), proc.stdout + proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, f"expected one 'error:' line\nSTDERR:\n{proc.stderr}"
+  assert "Traceback" not in proc.stderr, proc.stderr
+  for n in needles:
+    assert n.lower() in lines[0].lower(), lines[0]
+  return lines[0]
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+def _tree_digest(path):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      p = os.path.join(root, name)
+      h.update(os.path.relpath(p, path).encode())
+      with open(p, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, real_data_dir, shared_tfds_dir):
+  workdir = tmp_path_factory.mktemp("smoke")
+  proc = _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir)))
+  return workdir, proc
+
+
+def test_train_eval_restore_identical(trained, real_data_dir, shared_tfds_dir):
+  workdir, proc = trained
+  assert "UPPER BOUNDS" in proc.stdout
+  with open(os.path.join(workdir, "eval_best.json")) as f:
+    after_training = json.load(f)
+  for name in ("valid", "test"):
+    r = after_training["results"][name]
+    assert r["upper_bound"] and len(r["word_ppl_per_seed"]) == 3
+    assert 1.0 < r["word_ppl"] < 1e6
+  for f in ("metrics.jsonl", "training_curves.png", "vocab.json", "config.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  # A new process restores the same checkpoint and reproduces the numbers exactly.
+  _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=eval")))
+  with open(os.path.join(workdir, "eval_best.json")) as f:
+    again = json.load(f)
+  assert again == after_training
+
+
+def test_sample_new_process(trained, real_data_dir, shared_tfds_dir):
+  workdir, _ = trained
+  proc = _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
+                            "--config.sample.prompt=the game was [MASK] in")))
+  files = [f for f in os.listdir(workdir) if f.startswith("samples_step")]
+  assert files
+  text = open(os.path.join(workdir, files[0])).read()
+  assert "[MASK]" not in text.split("\n", 1)[1]  # header repeats the prompt; samples must not
+  body = text.split("\n", 1)[1]
+  for block in body.split("--- sample ")[1:]:
+    words = block.split("\n", 1)[1].split()
+    assert words[:3] == ["the", "game", "was"] and words[4] == "in", words[:6]
+
+
+def test_resume_identical(tmp_path, real_data_dir, shared_tfds_dir):
+  straight = tmp_path / "straight"
+  _ok(run_main(_tiny(straight, real_data_dir, shared_tfds_dir, "--config.train.eval_every=100")))
+  split = tmp_path / "split"
+  _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir, "--config.train.eval_every=100",
+                     "--config.train.stop_at_step=4")))
+  assert max(_train_losses(split)) == 4
+  proc = _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir,
+                            "--config.train.eval_every=100")))
+  assert "resuming from latest step 4" in proc.stdout
+  a, b = _train_losses(straight), _train_losses(split)
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert a == b  # bit-identical losses
+
+
+def test_unknown_prompt_word(trained, real_data_dir, shared_tfds_dir):
+  workdir, _ = trained
+  before = _tree_digest(os.path.join(workdir, "checkpoints"))
+  proc = run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
+                        "--config.sample.prompt=the zqxjkv game"))
+  _user_error(proc, "zqxjkv")
+  assert _tree_digest(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_no_data_directory(tmp_path, shared_tfds_dir):
+  proc = run_main(_tiny(tmp_path / "w", tmp_path / "missing", tmp_path / "tfds"))
+  _user_error(proc, "missing")
+
+
+def test_truncated_data_file(tmp_path, real_data_dir):
+  data = tmp_path / "data"
+  shutil.copytree(real_data_dir, data)
+  valid = data / "wiki.valid.tokens"
+  os.chmod(valid, 0o644)
+  content = valid.read_bytes()
+  valid.write_bytes(content[: len(content) // 2])
+  proc = run_main(_tiny(tmp_path / "w", data, tmp_path / "tfds"))
+  _user_error(proc, "wiki.valid.tokens")
+
+
+def test_unknown_config_key(tmp_path, real_data_dir, shared_tfds_dir):
+  proc = run_main(_tiny(tmp_path / "w", real_data_dir, shared_tfds_dir,
+                        "--config.train.learning_rat=0.1"))
+  assert proc.returncode != 0
+  assert "learning_rat" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_negative_learning_rate(tmp_path, real_data_dir, shared_tfds_dir):
+  proc = run_main(_tiny(tmp_path / "w", real_data_dir, shared_tfds_dir,
+                        "--config.train.learning_rate=-0.001"))
+  _user_error(proc, "learning_rate")
+
+
+def test_corrupt_checkpoint_untouched(trained, tmp_path, real_data_dir, shared_tfds_dir):
+  workdir, _ = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  latest = max(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
+  state_dir = copy / "checkpoints" / str(latest) / "state"
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:  # scribble over every file of the state item
+        size = os.path.getsize(path)
+        f.write(b"\x00garbage" * max(1, size // 8))
+  before = _tree_digest(copy / "checkpoints")
+  for mode_args in (["--mode=eval", "--config.eval.checkpoint=latest"],
+                    ["--config.train.num_steps=12"]):  # resume must refuse too
+    proc = run_main(_tiny(copy, real_data_dir, shared_tfds_dir, *mode_args))
+    _user_error(proc, "checkpoint")
+    assert _tree_digest(copy / "checkpoints") == before
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(trained, tmp_path, real_data_dir, shared_tfds_dir):
+  workdir, _ = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  before = _tree_digest(copy / "checkpoints")
+  steps_before = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
+  # Continue the run with an absurd learning rate: the loss blows up to inf/nan.
+  proc = run_main(_tiny(copy, real_data_dir, shared_tfds_dir, "--config.train.num_steps=40",
+                        "--config.train.learning_rate=1e30", "--config.train.warmup_steps=0",
+                        "--config.train.grad_clip=0"))
+  line = _user_error(proc, "loss became")
+  assert "untouched" in line
+  steps_after = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
+  assert steps_after[: len(steps_before)] == steps_before
+  for s in steps_before:
+    assert os.path.exists(copy / "checkpoints" / str(s))
