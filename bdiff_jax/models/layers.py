@@ -138,7 +138,9 @@ class Attention(nn.Module):
     allowed = attention_mask(length, causal=s.causal, padding_mask=padding_mask)
     if s.attention == "candidate":
       allowed = candidate_selection_mask(q, k, allowed, s.candidate_k)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(s.head_dim)
+    # Softmax in at least float32 (float64 when computing in float64).
+    softmax_dtype = jnp.promote_types(s.compute_dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(softmax_dtype) / math.sqrt(s.head_dim)
     logits = jnp.where(allowed, logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     # A query with no allowed key (a fully padded row) attends to nothing instead of averaging.
