@@ -93,7 +93,7 @@ def make_train_step(config, network, optimizer, mesh: Optional[Mesh] = None) -> 
                                    state.ema_params, params)
     else:
       ema = params
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=lr_schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state)
