@@ -224,6 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
+      if len(pending) >= 2:  # keep one step in flight, but let the bar show finished steps
+        pending[-2][1]["loss"].block_until_ready()
       bar.update(1)
       boundary = step == stop
       if step % tc.log_every == 0 or boundary:
