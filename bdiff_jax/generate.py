@@ -41,13 +41,13 @@ def _ar_sample(exp, params, key, prompt_ids):
 
 def run_sample(config, workdir: str) -> list[str]:
   exp = experiment.build(config, workdir)
-  params, meta, desc = experiment.restore_params(exp)
   c = config.sample
   tok = exp.tokenizer
   prompt_ids = tok.encode_prompt(c.prompt) if c.prompt.strip() else None
   if prompt_ids is not None and prompt_ids.shape[-1] > c.length:
     raise ConfigError(f"the prompt has {prompt_ids.shape[-1]} tokens, more than "
                       f"config.sample.length={c.length}.", "shorten the prompt or raise the length.")
+  params, meta, desc = experiment.restore_params(exp)
   key = jax.random.PRNGKey(c.seed)
   if config.model.objective == "autoregressive":
     out = _ar_sample(exp, params, key, prompt_ids)

@@ -97,15 +97,12 @@ def test_sample_new_process(trained, real_data_dir, shared_tfds_dir):
     assert words[:3] == ["the", "game", "was"] and words[4] == "in", words[:6]
 
 
-def test_resume_identical(tmp_path, real_data_dir, shared_tfds_dir):
-  straight = tmp_path / "straight"
-  _ok(run_main(_tiny(straight, real_data_dir, shared_tfds_dir, "--config.train.eval_every=100")))
+def test_resume_identical(trained, tmp_path, real_data_dir, shared_tfds_dir):
+  straight, _ = trained  # 8 steps in one process
   split = tmp_path / "split"
-  _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir, "--config.train.eval_every=100",
-                     "--config.train.stop_at_step=4")))
+  _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir, "--config.train.stop_at_step=4")))
   assert max(_train_losses(split)) == 4
-  proc = _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir,
-                            "--config.train.eval_every=100")))
+  proc = _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir)))
   assert "resuming from latest step 4" in proc.stdout
   a, b = _train_losses(straight), _train_losses(split)
   assert sorted(a) == sorted(b) == list(range(1, 9))
