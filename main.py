@@ -3,7 +3,7 @@
   python main.py --config configs/wikitext2.py --workdir runs/wt2                 # train + eval
   python main.py --config configs/wikitext2.py --workdir runs/wt2 --mode=eval     # restore, eval
   python main.py --config configs/wikitext2.py --workdir runs/wt2 --mode=sample \
-      --config.sample.prompt="the game was"
+      --prompt="the game was [MASK] in"
   python main.py --config configs/benchmark.py --workdir runs/mem --mode=memory   # memory bench
   python main.py --config configs/compare.py --workdir runs/cmp --mode=compare    # comparison
 
@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpo
                                "vocabulary, samples and plots.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "memory", "compare"],
                           "What to do.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Shorthand for --config.sample.prompt (sample mode): "
+                              "words of the vocabulary; [MASK] marks a hole to fill.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -72,7 +74,10 @@ def main(argv):
   tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
-    _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if _PROMPT.value is not None:
+      config.sample.prompt = _PROMPT.value
+    _run(_MODE.value, config, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

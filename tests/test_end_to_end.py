@@ -86,7 +86,7 @@ def test_train_eval_restore_identical(trained, real_data_dir, shared_tfds_dir):
 def test_sample_new_process(trained, real_data_dir, shared_tfds_dir):
   workdir, _ = trained
   proc = _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
-                            "--config.sample.prompt=the game was [MASK] in")))
+                            "--prompt=the game was [MASK] in")))
   files = [f for f in os.listdir(workdir) if f.startswith("samples_step")]
   assert files
   text = open(os.path.join(workdir, files[0])).read()
