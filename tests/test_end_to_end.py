@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conftest import run_main
+from tests.conftest import run_main
 
 CONFIG = "configs/wikitext2.py:smoke"
 
