@@ -44,9 +44,10 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 def make_optimizer(train_config) -> optax.GradientTransformation:
   """AdamW with warmup + cosine decay and global-norm clipping; no decay on vectors."""
   decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-  parts = []
-  if train_config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+  # The clip slot is always present (identity when grad_clip=0) so that the optimizer state has
+  # the same structure whatever the value: a run can be resumed with clipping changed.
+  parts = [optax.clip_by_global_norm(train_config.grad_clip) if train_config.grad_clip > 0
+           else optax.identity()]
   parts.append(optax.adamw(learning_rate_schedule(train_config), b1=train_config.b1,
                            b2=train_config.b2, weight_decay=train_config.weight_decay,
                            mask=decay_mask))
