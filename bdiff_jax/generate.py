@@ -40,14 +40,27 @@ def _ar_sample(exp, params, key, prompt_ids):
 
 
 def run_sample(config, workdir: str) -> list[str]:
+  """--mode=sample: restore config.eval.checkpoint and sample (with config.sample.prompt)."""
   exp = experiment.build(config, workdir)
-  c = config.sample
-  tok = exp.tokenizer
-  prompt_ids = tok.encode_prompt(c.prompt) if c.prompt.strip() else None
+  prompt_ids = _encode_prompt(exp)  # fail on a bad prompt before restoring anything
+  params, meta, desc = experiment.restore_params(exp)
+  return write_samples(exp, params, meta, desc, prompt_ids)
+
+
+def _encode_prompt(exp):
+  c = exp.config.sample
+  prompt_ids = exp.tokenizer.encode_prompt(c.prompt) if c.prompt.strip() else None
   if prompt_ids is not None and prompt_ids.shape[-1] > c.length:
     raise ConfigError(f"the prompt has {prompt_ids.shape[-1]} tokens, more than "
                       f"config.sample.length={c.length}.", "shorten the prompt or raise the length.")
-  params, meta, desc = experiment.restore_params(exp)
+  return prompt_ids
+
+
+def write_samples(exp, params, meta: dict, desc: str, prompt_ids=None) -> list[str]:
+  """Samples with config.sample, prints them and writes <workdir>/samples_step<N>.txt."""
+  config = exp.config
+  c = config.sample
+  tok = exp.tokenizer
   key = jax.random.PRNGKey(c.seed)
   if config.model.objective == "autoregressive":
     out = _ar_sample(exp, params, key, prompt_ids)
@@ -62,12 +75,13 @@ def run_sample(config, workdir: str) -> list[str]:
   if (out == tok.mask_id).any():
     raise AssertionError("sampler emitted [MASK]; this is a bug")
   texts = [tok.decode(row) for row in out]
-  header = (f"# {desc}; objective={config.model.objective}; prompt={c.prompt!r}; "
+  prompt_text = c.prompt if prompt_ids is not None else ""
+  header = (f"# {desc}; objective={config.model.objective}; prompt={prompt_text!r}; "
             f"steps={c.num_steps}; temperature={c.temperature}; top_k={c.top_k}; "
             f"top_p={c.top_p}; seed={c.seed}")
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
   print(f"{header}\n{body}", flush=True)
-  path = os.path.join(workdir, f"samples_step{meta.get('step')}.txt")
+  path = os.path.join(exp.workdir, f"samples_step{meta.get('step')}.txt")
   with open(path, "w", encoding="utf-8") as f:
     f.write(header + "\n" + body + "\n")
   print(f"samples written to {path}")

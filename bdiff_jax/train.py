@@ -262,14 +262,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"stopped at train.stop_at_step={stop}; rerun with the same config to continue.")
     return {}
   # Finished, or out of wall-clock budget: evaluate what we have.
-  results = final_evaluation(exp)
+  results = final_evaluation(exp, samples=True)
   plotting.plot_training_curves(workdir)
   return results
 
 
-def final_evaluation(exp) -> dict:
-  """Evaluates the checkpoint named by config.eval.checkpoint, exactly as --mode=eval does."""
-  from bdiff_jax import evaluation, experiment  # pylint: disable=g-import-not-at-top
+def final_evaluation(exp, *, samples: bool = False) -> dict:
+  """Evaluates the checkpoint named by config.eval.checkpoint, exactly as --mode=eval does.
+
+  With `samples`, also writes unconditional samples from that checkpoint (end of training).
+  """
+  from bdiff_jax import evaluation, experiment, generate  # pylint: disable=g-import-not-at-top
   config = exp.config
   params, meta, desc = experiment.restore_params(exp)
   results = evaluation.evaluate(exp.network, params, exp.splits, config,
@@ -280,4 +283,6 @@ def final_evaluation(exp) -> dict:
   name = f"eval_{str(config.eval.checkpoint)}.json"
   with open(os.path.join(exp.workdir, name), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2)
+  if samples:
+    generate.write_samples(exp, params, meta, desc)
   return out

@@ -56,4 +56,8 @@ class Network(nn.Module):
     else:
       logits = nn.Dense(s.vocab_size, use_bias=False, dtype=s.compute_dtype,
                         param_dtype=s.param_dtype, name="head")(h.astype(s.compute_dtype))
-    return logits.astype(jnp.promote_types(s.param_dtype, jnp.float32))
+    logits = logits.astype(jnp.promote_types(s.param_dtype, jnp.float32))
+    if s.use_bias:  # a per-token output bias (simple block only; Qwen3-style has no biases)
+      logits = logits + self.param("head_bias", nn.initializers.zeros, (s.vocab_size,),
+                                   s.param_dtype)
+    return logits
