@@ -29,39 +29,60 @@ BATCH = 2
 BACKBONES = ("standard", "reversible")
 
 
+_DEFAULTS = dict(backbone="standard", block="qwen3", objective="diffusion", num_layers=2,
+                 emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+                 attention="dense", candidate_k=0)
+
+
 def _network(**overrides):
-  """A tiny network; `overrides` are config.model fields."""
+  """A tiny network; `overrides` are config.model fields. Diffusion models are time-conditioned
+  (adaLN) unless told otherwise; AR models never are."""
   m = configuration.base_config().model
-  m.num_layers = 2
-  m.emb_dim = 32
-  m.num_heads = 4
-  m.num_kv_heads = 2
-  m.head_dim = 8
-  m.mlp_dim = 48
-  m.block = "qwen3"
-  m.time_conditioning = "none"
-  for k, v in overrides.items():
+  fields = dict(_DEFAULTS, **overrides)
+  fields.setdefault("time_conditioning",
+                    "adaln" if fields["objective"] == "diffusion" else "none")
+  if fields["objective"] == "autoregressive":
+    fields["time_conditioning"] = "none"
+  for k, v in fields.items():
     m[k] = v
-  if m.objective == "autoregressive":
-    m.time_conditioning = "none"
   return build_network(m, vocab_size=VOCAB, max_len=LENGTH)
+
+
+class _Model:
+  """A network, its initial params and a jitted logits function (params may be swapped)."""
+
+  def __init__(self, net):
+    self.net = net
+    self._params = None
+    t = jnp.full((BATCH,), 0.5)
+    self._fn = jax.jit(lambda p, tok, pad: net.apply({"params": p}, tok, t, train=False,
+                                                     padding_mask=pad))
+
+  @property
+  def params(self):
+    if self._params is None:
+      net = self.net
+      self._params = jax.jit(lambda key: init_params(net, key, seq_len=LENGTH))(
+          jax.random.key(0))
+    return self._params
+
+  def logits(self, tokens, pad=None, params=None):
+    params = self.params if params is None else params
+    return np.asarray(self._fn(params, tokens, _NO_PADDING if pad is None else pad))
+
+
+_MODELS = {}  # compiled models shared by the tests of this module (compilation dominates)
+
+
+def _model(**overrides) -> _Model:
+  net = _network(**overrides)
+  if net.spec not in _MODELS:
+    _MODELS[net.spec] = _Model(net)
+  return _MODELS[net.spec]
 
 
 def _tokens(seed=0):
   return jax.random.randint(jax.random.key(seed), (BATCH, LENGTH), 0, VOCAB)
-
-
-def _params(net, seed=0):
-  return jax.jit(lambda key: init_params(net, key, seq_len=LENGTH))(jax.random.key(seed))
-
-
-def _logits_fn(net, params=None):
-  """A jitted (tokens, padding_mask) -> logits (numpy) of `net` (with fresh params if None)."""
-  params = _params(net) if params is None else params
-  t = jnp.full((BATCH,), 0.5)
-  fn = jax.jit(lambda tok, pad: net.apply({"params": params}, tok, t, train=False,
-                                          padding_mask=pad))
-  return lambda tok, pad=None: np.asarray(fn(tok, _NO_PADDING if pad is None else pad))
 
 
 _NO_PADDING = jnp.ones((BATCH, LENGTH), bool)
@@ -88,10 +109,10 @@ def _max_abs(a):
 def test_masks(backbone, block, objective):
   """Causal: the past is blind to a change at i. Bidirectional: it is not. Padding: a change at
   a padded position is invisible at every real position, in both modes."""
-  net = _network(backbone=backbone, block=block, objective=objective,
-                 time_conditioning="adaln" if objective == "diffusion" else "none")
+  model = _model(backbone=backbone, block=block, objective=objective)
+  net, logits = model.net, model.logits
   assert net.spec.causal == (objective == "autoregressive")
-  logits = _logits_fn(net)
+  assert net.spec.time_conditioned == (objective == "diffusion")
   tokens = _tokens()
   base = logits(tokens)
   if net.spec.causal:
@@ -183,17 +204,17 @@ def test_candidate_mask_is_not_only_the_diagonal():
 @pytest.mark.parametrize("backbone,objective", [("standard", "autoregressive"),
                                                 ("reversible", "diffusion")])
 def test_candidate_with_large_k_equals_dense(backbone, objective):
-  dense = _network(backbone=backbone, objective=objective)
-  params = _params(dense)  # candidate selection adds no parameters: the same params serve all
+  dense = _model(backbone=backbone, objective=objective)
   tokens = _tokens()
   pad = jnp.asarray(np.arange(LENGTH)[None, :] < np.array([LENGTH, 9])[:, None])
-  base = _logits_fn(dense, params)(tokens, pad)
-  sparse = _network(backbone=backbone, objective=objective, attention="candidate",
-                    candidate_k=LENGTH)
-  np.testing.assert_array_equal(_logits_fn(sparse, params)(tokens, pad), base)
+  base = dense.logits(tokens, pad)
+  # Candidate selection adds no parameters: the dense model's params serve all.
+  sparse = _model(backbone=backbone, objective=objective, attention="candidate",
+                  candidate_k=LENGTH)
+  np.testing.assert_array_equal(sparse.logits(tokens, pad, dense.params), base)
   # A small k is a different function (the comparison above is not vacuous).
-  small = _network(backbone=backbone, objective=objective, attention="candidate", candidate_k=2)
-  assert _max_abs(_logits_fn(small, params)(tokens, pad) - base) > 1e-4
+  small = _model(backbone=backbone, objective=objective, attention="candidate", candidate_k=2)
+  assert _max_abs(small.logits(tokens, pad, dense.params) - base) > 1e-4
 
 
 def test_candidate_perturbation_outside_kept_set_has_no_effect():
@@ -263,7 +284,7 @@ def _paths(params):
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_qwen3_block_structure(backbone):
-  net = _network(backbone=backbone, block="qwen3", num_layers=3)
+  net = _network(backbone=backbone, block="qwen3", num_layers=3, time_conditioning="none")
   s = net.spec
   paths = _paths(_shapes(net))
   assert not [p for p in paths if "bias" in p]
@@ -282,7 +303,7 @@ def test_qwen3_block_structure(backbone):
   norms = [p for p in paths if "norm" in p]
   assert norms and all(p.endswith("/scale") for p in norms), norms
   # The simple block, for contrast: biases, GELU MLP without a gate, no QK-norm.
-  simple = _paths(_shapes(_network(backbone=backbone, block="simple")))
+  simple = _paths(_shapes(_network(backbone=backbone, block="simple", time_conditioning="none")))
   assert any(p.endswith("query/bias") for p in simple)
   assert not any("gate" in p or "query_norm" in p for p in simple)
 
@@ -293,11 +314,9 @@ def test_qwen3_with_time_conditioning_has_no_bias_in_attention_or_mlp():
   assert not [p for p in paths if "bias" in p and ("/attention/" in p or "/mlp/mlp/" in p)]
 
 
-@pytest.mark.parametrize("backbone", ["reversible"])  # a property of the shared attention layer
-def test_gqa_equals_multihead_with_repeated_kv(backbone):
-  gqa = _network(backbone=backbone, num_heads=4, num_kv_heads=2)
-  mha = _network(backbone=backbone, num_heads=4, num_kv_heads=4)
-  params = _params(gqa)
+def test_gqa_equals_multihead_with_repeated_kv():
+  gqa = _model(backbone="reversible", num_heads=4, num_kv_heads=2)
+  mha = _model(backbone="reversible", num_heads=4, num_kv_heads=4)
 
   def expand(path, leaf):
     names = [getattr(p, "key", "") for p in path]
@@ -305,31 +324,25 @@ def test_gqa_equals_multihead_with_repeated_kv(backbone):
       return jnp.repeat(leaf, 2, axis=2)  # [layers, emb, kv_heads, head_dim]
     return leaf
 
-  mha_params = jax.tree_util.tree_map_with_path(expand, params)
+  mha_params = jax.tree_util.tree_map_with_path(expand, gqa.params)
   tokens = _tokens()
-  a = jax.jit(lambda p: gqa.apply({"params": p}, tokens, train=False))(params)
-  b = jax.jit(lambda p: mha.apply({"params": p}, tokens, train=False))(mha_params)
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gqa.logits(tokens), mha.logits(tokens, params=mha_params),
+                             rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["standard"])  # a property of the shared attention layer
-def test_qk_norm_makes_attention_scale_invariant(backbone):
-  net = _network(backbone=backbone, block="qwen3")
-  params = _params(net)
-
-  def scale_qk(path, leaf):
+def _scale_qk(params, factor=5.0):
+  def scale(path, leaf):
     names = [getattr(p, "key", "") for p in path]
-    return leaf * 5.0 if names[-1] == "kernel" and names[-2] in ("query", "key") else leaf
+    return leaf * factor if names[-1] == "kernel" and names[-2] in ("query", "key") else leaf
+  return jax.tree_util.tree_map_with_path(scale, params)
 
+
+def test_qk_norm_makes_attention_scale_invariant():
   tokens = _tokens()
-  apply = jax.jit(lambda p: net.apply({"params": p}, tokens, train=False))
-  a = apply(params)
-  b = apply(jax.tree_util.tree_map_with_path(scale_qk, params))
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  qwen3 = _model(block="qwen3", objective="autoregressive")
+  np.testing.assert_allclose(qwen3.logits(tokens), qwen3.logits(tokens, params=_scale_qk(
+      qwen3.params)), rtol=1e-4, atol=1e-4)
   # Without QK-norm the same rescaling changes the attention pattern.
-  simple = _network(backbone=backbone, block="simple")
-  p2 = _params(simple)
-  apply2 = jax.jit(lambda p: simple.apply({"params": p}, tokens, train=False))
-  c = apply2(p2)
-  d = apply2(jax.tree_util.tree_map_with_path(scale_qk, p2))
-  assert _max_abs(np.asarray(c) - np.asarray(d)) > 1e-3
+  simple = _model(block="simple", objective="autoregressive")
+  assert _max_abs(simple.logits(tokens) - simple.logits(tokens, params=_scale_qk(
+      simple.params))) > 1e-3
