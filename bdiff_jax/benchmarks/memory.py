@@ -11,9 +11,10 @@ gradient clipping, AdamW update and EMA, state donated) on random tokens:
                    (outputs written into donated argument buffers). "total" is
                    temp + argument + output as the issue defines it; since the state is donated,
                    temp + argument + output - alias is closer to what the step really holds.
-  peak RSS         the process's `ru_maxrss` after the steps; each configuration runs in a fresh
-                   subprocess so that it is per configuration (it includes the JAX runtime and
-                   XLA's compiler, so it is meaningful on CPU only and mostly at large sizes).
+  peak RSS         the process's peak resident set size after the steps (VmHWM on Linux, else
+                   `ru_maxrss`); each configuration runs in a fresh subprocess so that it is per
+                   configuration (it includes the JAX runtime and XLA's compiler, so it is
+                   meaningful on CPU only and mostly at large sizes).
   step time        median wall time of `benchmark.steps` steps after one warm-up step (compile
                    excluded; the minimum is saved too, being less sensitive to other load).
 
@@ -81,10 +82,27 @@ def case_config(config: ml_collections.ConfigDict, backbone: str, depth: int,
   return c
 
 
-def _rss_mb() -> float:
+def _ru_maxrss_mb() -> float:
   # ru_maxrss is in kilobytes on Linux (bytes on macOS).
   scale = 1.0 if sys.platform == "darwin" else 1024.0
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _MB
+
+
+def _rss_mb() -> float:
+  """Peak resident set size of this process in MB.
+
+  Linux keeps ru_maxrss across fork + exec, so a worker started from a big parent (e.g. pytest)
+  would report the parent's peak; the kernel's VmHWM (high-water mark of this process's own
+  address space) does not have that problem and is used when available.
+  """
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return float(line.split()[1]) * 1024.0 / _MB
+  except OSError:
+    pass
+  return _ru_maxrss_mb()
 
 
 def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
@@ -142,6 +160,7 @@ def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
       "held_bytes": stats["temp"] + stats["argument"] + stats["output"] - stats["alias"],
       "peak_memory_bytes": stats["peak_memory"],
       "rss_peak_mb": _rss_mb(), "rss_baseline_mb": rss_baseline,
+      "ru_maxrss_mb": _ru_maxrss_mb(),
       "step_time_s": statistics.median(times), "step_time_min_s": min(times),
       "step_times_s": times,
       "compile_s": compile_s, "losses": losses,
