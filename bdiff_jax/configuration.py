@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0
   c.model.norm_eps = 1e-6
   c.model.tie_embeddings = True
+  # Initial output bias (simple block only): "unigram" = log train-split token frequencies, so
+  # training starts at the unigram model instead of spending its first steps learning it.
+  c.model.head_bias_init = "unigram"  # "unigram" | "zeros"
   c.model.dtype = "float32"  # compute dtype of attention/MLP: float32 | bfloat16 | float64
   c.model.reversible_backward = "recompute"  # "recompute" | "autodiff"
   c.model.attention = "dense"  # "dense" | "candidate"
@@ -151,6 +154,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("model.dtype", m.dtype, DTYPES)
   _choice("model.reversible_backward", m.reversible_backward, REVERSIBLE_BACKWARD)
   _choice("model.attention", m.attention, ATTENTION)
+  _choice("model.head_bias_init", m.head_bias_init, ("unigram", "zeros"))
   for f in ("num_layers", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
     _positive(f"model.{f}", m[f])
   if m.num_heads % m.num_kv_heads:

@@ -10,6 +10,8 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from bdiff_jax import checkpointing, configuration, models, train
 from bdiff_jax.data import pipeline
@@ -30,6 +32,9 @@ class Experiment:
   def init_state(self) -> train.TrainState:
     params_key, train_key = jax.random.split(jax.random.PRNGKey(self.config.seed))
     params = models.init_params(self.network, params_key, seq_len=self.config.data.seq_len)
+    if "head_bias" in params and self.config.model.head_bias_init == "unigram":
+      params = dict(params, head_bias=unigram_log_probs(self.splits.train,
+                                                        self.network.spec.vocab_size))
     return train.create_train_state(params, self.optimizer, train_key)
 
   def abstract_state(self):
@@ -37,6 +42,12 @@ class Experiment:
 
   def num_params(self) -> int:
     return models.count_params(self.abstract_state().params)
+
+
+def unigram_log_probs(tokens, vocab_size: int):
+  """Add-one smoothed log frequencies of the train tokens, float32 [vocab_size]."""
+  counts = np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size] + 1.0
+  return jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
 
 
 def build(config, workdir: str) -> Experiment:
