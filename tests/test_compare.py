@@ -167,3 +167,18 @@ def test_failure_inside_one_model_fails_the_run(tmp_path, real_data_dir, shared_
   for name in OUTPUTS:
     assert not os.path.exists(tmp_path / name), name
   assert os.listdir(tmp_path / "runs") == ["autoregressive_seed0"]  # nothing ran after it
+
+
+def test_finished_runs_are_reused_and_foreign_checkpoints_refused(test_level, real_data_dir,
+                                                                  shared_tfds_dir):
+  workdir, summary = test_level
+  runs = compare.plan(_data_config(real_data_dir, shared_tfds_dir), str(workdir))
+  ar = next(r for r in runs if r.entry.label == "autoregressive")
+  reused = compare.execute(ar)  # the same config: no training, the recorded result
+  row = next(m for m in summary["models"] if m["model"] == "autoregressive")
+  assert reused["valid"]["word_ppl"] == row["valid_word_ppl"]["mean"]
+  # Another budget in the same workdir: resuming would mix two schedules, so it is refused.
+  other = compare.plan(_data_config(real_data_dir, shared_tfds_dir, budget_amount=8.0),
+                       str(workdir))
+  with pytest.raises(ConfigError, match="another config"):
+    compare.execute(next(r for r in other if r.entry.label == "autoregressive"))

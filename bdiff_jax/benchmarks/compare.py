@@ -398,12 +398,22 @@ def execute(run: RunPlan) -> dict[str, Any]:
       print(f"compare: {run.entry.label} seed {run.seed}: reusing the finished run in "
             f"{run.workdir}", flush=True)
       return saved["result"]
-  if (run.config.train.max_wall_seconds > 0
-      and checkpointing.directory_has_checkpoints(run.workdir)):
-    raise ConfigError(
-        f"{run.workdir} holds an unfinished run, and a wall-clock budget cannot be resumed "
-        "fairly (its clock would restart).",
-        "delete that directory or use a new --workdir.")
+  if checkpointing.directory_has_checkpoints(run.workdir):
+    if run.config.train.max_wall_seconds > 0:
+      raise ConfigError(
+          f"{run.workdir} holds an unfinished run, and a wall-clock budget cannot be resumed "
+          "fairly (its clock would restart).", "delete that directory or use a new --workdir.")
+    saved_path = os.path.join(run.workdir, "config.json")
+    saved = None
+    if os.path.exists(saved_path):
+      with open(saved_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved != json.loads(run.config.to_json()):
+      # E.g. another budget: resuming would mix two learning-rate schedules.
+      raise ConfigError(
+          f"{run.workdir} holds checkpoints of a run with another config than this "
+          "comparison's; resuming it would not give this comparison's run.",
+          "delete that directory or use a new --workdir.")
   print(f"compare: training {run.entry.label} seed {run.seed} in {run.workdir}", flush=True)
   t0 = time.time()
   out = train.train_and_evaluate(run.config, run.workdir)
