@@ -30,6 +30,10 @@ class Experiment:
     return self.splits.tokenizer
 
   def init_state(self) -> train.TrainState:
+    # One compiled program instead of hundreds of small op-by-op initialiser dispatches.
+    return jax.jit(self._init_state)()
+
+  def _init_state(self) -> train.TrainState:
     params_key, train_key = jax.random.split(jax.random.PRNGKey(self.config.seed))
     params = models.init_params(self.network, params_key, seq_len=self.config.data.seq_len)
     if "head_bias" in params and self.config.model.head_bias_init == "unigram":
@@ -38,7 +42,7 @@ class Experiment:
     return train.create_train_state(params, self.optimizer, train_key)
 
   def abstract_state(self):
-    return jax.eval_shape(self.init_state)
+    return jax.eval_shape(self._init_state)
 
   def num_params(self) -> int:
     return models.count_params(self.abstract_state().params)
