@@ -15,7 +15,6 @@ Reported per split, as mean and spread (std) over the evaluation seeds:
                   word, so word_ppl == token_ppl; for the byte-level raw variant they differ.
 """
 
-import functools
 import math
 from typing import Any
 

@@ -5,7 +5,6 @@ a new process rebuild exactly this and restore into it, so they see what trainin
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 

@@ -1,6 +1,5 @@
 """PNG plots people would rather look at than read."""
 
-import math
 import os
 
 import matplotlib

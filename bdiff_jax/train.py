@@ -7,7 +7,6 @@ Randomness: the per-step key is `fold_in(state.rng, state.step)`, split into a n
 masks) and a dropout key, so a resumed run draws exactly what an uninterrupted run would.
 """
 
-import functools
 import json
 import os
 import time

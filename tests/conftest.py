@@ -1,5 +1,6 @@
 """Shared test fixtures: where the real WikiText-2 lives, and running main.py in a new process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +36,16 @@ def run_main(args, *, env_extra=None, timeout=600):
   env.update(env_extra or {})
   return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc):
+  """proc exited 0; otherwise fail showing its output."""
+  assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\n"
+                                f"STDERR:\n{proc.stderr}")
+  return proc
+
+
+def train_losses(workdir) -> dict:
+  """{step: loss} of the 'train' records in <workdir>/metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}

@@ -22,7 +22,7 @@ import pytest
 
 from bdiff_jax import configuration, generate, objectives, train
 from bdiff_jax.models import build_network, init_params
-from tests.conftest import REPO, run_main
+from tests.conftest import REPO, assert_ok, run_main, train_losses
 
 SMOKE = "configs/wikitext2.py:smoke"
 AR_ARGS = ("--config.model.objective=autoregressive", "--config.model.time_conditioning=none",
@@ -119,20 +119,10 @@ def _config(data_dir, tfds_dir, **train_overrides):
   return c
 
 
-def _train_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
-
-
-def _ok(proc):
-  assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
-  return proc
-
-
 @pytest.fixture(scope="module")
 def ar_run(tmp_path_factory, real_data_dir, shared_tfds_dir):
   workdir = tmp_path_factory.mktemp("ar")
-  proc = _ok(run_main(_args(workdir, real_data_dir, shared_tfds_dir)))
+  proc = assert_ok(run_main(_args(workdir, real_data_dir, shared_tfds_dir)))
   return workdir, proc
 
 
@@ -140,7 +130,7 @@ def test_ar_train_and_eval_in_new_process(ar_run, real_data_dir, shared_tfds_dir
   workdir, proc = ar_run
   assert "autoregressive" in proc.stdout and "(exact)" in proc.stdout
   assert "UPPER BOUND" not in proc.stdout
-  losses = _train_losses(workdir)
+  losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, 9))
   assert losses[8] < losses[1] - 0.2, losses  # it learns (from about ln(33k) = 10.4 nats)
   with open(os.path.join(workdir, "eval_best.json")) as f:
@@ -151,7 +141,7 @@ def test_ar_train_and_eval_in_new_process(ar_run, real_data_dir, shared_tfds_dir
     assert 1.0 < r["word_ppl"] < 1e6
     # Exact: the evaluation seeds change nothing.
     assert len(set(r["word_ppl_per_seed"])) == 1 and r["word_ppl_std"] == 0.0
-  _ok(run_main(_args(workdir, real_data_dir, shared_tfds_dir, "--mode=eval")))
+  assert_ok(run_main(_args(workdir, real_data_dir, shared_tfds_dir, "--mode=eval")))
   with open(os.path.join(workdir, "eval_best.json")) as f:
     assert json.load(f) == first
 
@@ -161,10 +151,10 @@ def test_ar_resume_identical(ar_run, tmp_path, real_data_dir, shared_tfds_dir):
   split = tmp_path / "split"
   assert train.train_and_evaluate(_config(real_data_dir, shared_tfds_dir, stop_at_step=4),
                                   str(split)) == {}
-  assert max(_train_losses(split)) == 4
+  assert max(train_losses(split)) == 4
   results = train.train_and_evaluate(_config(real_data_dir, shared_tfds_dir), str(split))
   assert results["results"]["valid"]["upper_bound"] is False
-  a, b = _train_losses(straight), _train_losses(split)
+  a, b = train_losses(straight), train_losses(split)
   assert sorted(b) == list(range(1, 9))
   assert a == b  # bit-identical losses
   with open(os.path.join(straight, "eval_best.json")) as f:

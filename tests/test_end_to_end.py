@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import run_main
+from tests.conftest import assert_ok, run_main, train_losses
 
 CONFIG = "configs/wikitext2.py:smoke"
 
@@ -26,11 +26,6 @@ def _tiny(workdir, data_dir, tfds_dir, *extra):
           *extra]
 
 
-def _ok(proc):
-  assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
-  return proc
-
-
 def _user_error(proc, *needles):
   assert proc.returncode not in (0, None), proc.stdout + proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
@@ -39,11 +34,6 @@ def _user_error(proc, *needles):
   for n in needles:
     assert n.lower() in lines[0].lower(), lines[0]
   return lines[0]
-
-
-def _train_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
 
 
 def _tree_digest(path):
@@ -61,7 +51,7 @@ def _tree_digest(path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, real_data_dir, shared_tfds_dir):
   workdir = tmp_path_factory.mktemp("smoke")
-  proc = _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir)))
+  proc = assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir)))
   return workdir, proc
 
 
@@ -77,7 +67,7 @@ def test_train_eval_restore_identical(trained, real_data_dir, shared_tfds_dir):
   for f in ("metrics.jsonl", "training_curves.png", "vocab.json", "config.json"):
     assert os.path.exists(os.path.join(workdir, f)), f
   # A new process restores the same checkpoint and reproduces the numbers exactly.
-  _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=eval")))
+  assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=eval")))
   with open(os.path.join(workdir, "eval_best.json")) as f:
     again = json.load(f)
   assert again == after_training
@@ -85,8 +75,8 @@ def test_train_eval_restore_identical(trained, real_data_dir, shared_tfds_dir):
 
 def test_sample_new_process(trained, real_data_dir, shared_tfds_dir):
   workdir, _ = trained
-  proc = _ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
-                            "--prompt=the game was [MASK] in")))
+  assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
+                          "--prompt=the game was [MASK] in")))
   files = [f for f in os.listdir(workdir) if f.startswith("samples_step")]
   assert files
   text = open(os.path.join(workdir, files[0])).read()
@@ -100,11 +90,11 @@ def test_sample_new_process(trained, real_data_dir, shared_tfds_dir):
 def test_resume_identical(trained, tmp_path, real_data_dir, shared_tfds_dir):
   straight, _ = trained  # 8 steps in one process
   split = tmp_path / "split"
-  _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir, "--config.train.stop_at_step=4")))
-  assert max(_train_losses(split)) == 4
-  proc = _ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir)))
+  assert_ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir, "--config.train.stop_at_step=4")))
+  assert max(train_losses(split)) == 4
+  proc = assert_ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir)))
   assert "resuming from latest step 4" in proc.stdout
-  a, b = _train_losses(straight), _train_losses(split)
+  a, b = train_losses(straight), train_losses(split)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   assert a == b  # bit-identical losses
 
@@ -171,8 +161,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(trained, tmp_path, real_data_dir, s
   workdir, _ = trained
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
-  before = _tree_digest(copy / "checkpoints")
   steps_before = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
+  before = {s: _tree_digest(copy / "checkpoints" / str(s)) for s in steps_before}
   # Continue the run with an absurd learning rate: the loss blows up to inf/nan.
   proc = run_main(_tiny(copy, real_data_dir, shared_tfds_dir, "--config.train.num_steps=40",
                         "--config.train.learning_rate=1e30", "--config.train.warmup_steps=0",
@@ -181,5 +171,5 @@ def test_nan_loss_stops_and_keeps_checkpoint(trained, tmp_path, real_data_dir, s
   assert "untouched" in line
   steps_after = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
   assert steps_after[: len(steps_before)] == steps_before
-  for s in steps_before:
-    assert os.path.exists(copy / "checkpoints" / str(s))
+  for s in steps_before:  # every good checkpoint is still there, byte for byte
+    assert _tree_digest(copy / "checkpoints" / str(s)) == before[s]

@@ -12,8 +12,6 @@ reversible one).
 """
 
 import math
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
