@@ -42,7 +42,7 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 import ml_collections
 
