@@ -191,7 +191,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "lower --config.train.learning_rate (or raise warmup_steps / enable grad_clip) and "
             "rerun; training resumes from that checkpoint.")
     now = time.time()
-    last = {k: float(v) for k, v in fetched[-1].items()}
+    # Means over the interval (one batch's diffusion loss is very noisy); lr at its end.
+    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    last["learning_rate"] = float(fetched[-1]["learning_rate"])
     last["tokens_per_sec"] = (step_now - step_last) * tokens_per_step / max(now - t_last, 1e-9)
     log.write("train", step_now, **last)
     t_last, step_last = now, step_now
