@@ -151,7 +151,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"{config.model.objective}; {num_params:,} parameters; "
         f"{mesh.devices.size} {jax.default_backend()} device(s)", flush=True)
 
-  state = exp.init_state()
   start = ckpt.latest_step()
   if start is not None:
     state, meta, desc = ckpt.restore("latest", exp.abstract_state())
@@ -164,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"{meta['position']['batch_in_epoch']})", flush=True)
   else:
     start = 0
+    state = exp.init_state()
   experiment.save_config(config, workdir, "config.json")
   state = replicate(state, mesh)
   step_fn = make_train_step(config, exp.network, exp.optimizer, mesh)
@@ -171,13 +171,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tokens_per_step = tc.batch_size * config.data.seq_len
 
   pending = []  # (step, device metrics) not yet checked for finiteness
-  last_good = start
   t_last, step_last = time.time(), start
   t_begin = time.time()
 
   def flush(step_now):
     """Fetches pending metrics, stops on a non-finite loss, logs the latest."""
-    nonlocal pending, t_last, step_last, last_good
+    nonlocal pending, t_last, step_last
     if not pending:
       return None
     fetched = jax.device_get([m for _, m in pending])
@@ -198,7 +197,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.write("train", step_now, **last)
     t_last, step_last = now, step_now
     pending = []
-    last_good = step_now
     return last
 
   def save(step_now, best_metrics=None, force=False):
