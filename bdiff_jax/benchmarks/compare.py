@@ -314,6 +314,7 @@ def train_step_memory(config: ml_collections.ConfigDict, vocab_size: int) -> dic
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from bdiff_jax import models, train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.benchmarks import memory  # pylint: disable=g-import-not-at-top
 
   seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
   network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len)
@@ -327,16 +328,9 @@ def train_step_memory(config: ml_collections.ConfigDict, vocab_size: int) -> dic
   state = jax.eval_shape(init, jax.random.PRNGKey(int(config.seed)))
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   step = train.make_train_step(config, network, optimizer)
-  analysis = step.lower(state, tokens).compile().memory_analysis()
-  if analysis is None:
-    raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis; "
-                       "cannot report train-step memory.")
-  stats = {k: int(getattr(analysis, f"{k}_size_in_bytes"))
-           for k in ("temp", "argument", "output", "alias")}
-  total = stats["temp"] + stats["argument"] + stats["output"]
-  return {"temp_bytes": stats["temp"], "argument_bytes": stats["argument"],
-          "output_bytes": stats["output"], "alias_bytes": stats["alias"], "total_bytes": total,
-          "held_bytes": total - stats["alias"],
+  stats = memory.memory_stats(step.lower(state, tokens).compile())
+  return {**{k: stats[k] for k in ("temp_bytes", "argument_bytes", "output_bytes",
+                                   "alias_bytes", "total_bytes", "held_bytes")},
           "num_params": models.count_params(state.params)}
 
 

@@ -105,6 +105,26 @@ def _rss_mb() -> float:
   return _ru_maxrss_mb()
 
 
+def memory_stats(compiled) -> dict[str, int]:
+  """Byte counts from XLA's memory analysis of a compiled executable.
+
+  temp (activations and scratch), argument, output, alias (outputs written into donated
+  arguments), generated_code and peak_memory (0 where the backend does not report it);
+  total = temp + argument + output and held = total - alias.
+  """
+  mem = compiled.memory_analysis()
+  if mem is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis; "
+                       "cannot report train-step memory.")
+  stats = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes")) for k in
+           ("temp", "argument", "output", "alias", "generated_code")}
+  stats["peak_memory_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  stats["total_bytes"] = stats["temp_bytes"] + stats["argument_bytes"] + stats["output_bytes"]
+  stats["held_bytes"] = stats["total_bytes"] - stats["alias_bytes"]
+  return stats
+
+
 def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
                 seq_len: int) -> dict[str, Any]:
   """Compiles and runs the train step of one configuration in this process."""
@@ -135,10 +155,7 @@ def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  stats = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-           ("temp", "argument", "output", "alias", "generated_code")}
-  stats["peak_memory"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  stats = memory_stats(compiled)
 
   times, losses = [], []
   for i in range(1 + int(b.steps)):  # step 0 warms up
@@ -154,11 +171,8 @@ def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
       "backbone": backbone, "depth": int(depth), "seq_len": int(seq_len),
       "num_params": num_params,
       "param_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params))),
-      "temp_bytes": stats["temp"], "argument_bytes": stats["argument"],
-      "output_bytes": stats["output"], "alias_bytes": stats["alias"],
-      "total_bytes": stats["temp"] + stats["argument"] + stats["output"],
-      "held_bytes": stats["temp"] + stats["argument"] + stats["output"] - stats["alias"],
-      "peak_memory_bytes": stats["peak_memory"],
+      **{k: stats[k] for k in ("temp_bytes", "argument_bytes", "output_bytes", "alias_bytes",
+                               "total_bytes", "held_bytes", "peak_memory_bytes")},
       "rss_peak_mb": _rss_mb(), "rss_baseline_mb": rss_baseline,
       "ru_maxrss_mb": _ru_maxrss_mb(),
       "step_time_s": statistics.median(times), "step_time_min_s": min(times),
