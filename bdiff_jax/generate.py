@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import experiment, sampling, schedules
+from bdiff_jax import experiment, objectives, sampling, schedules
 from bdiff_jax.errors import ConfigError
 
 
@@ -25,8 +25,7 @@ def _ar_sample(exp, params, key, prompt_ids):
   fixed = jnp.asarray(fixed)
 
   def logits_at(tokens, i):
-    inputs = jnp.concatenate([jnp.full((n, 1), v, jnp.int32), tokens[:, :-1]], axis=1)
-    logits = exp.network.apply({"params": params}, inputs, train=False)
+    logits = exp.network.apply({"params": params}, objectives.ar_inputs(tokens, v), train=False)
     return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
 
   def body(i, tokens):

@@ -16,14 +16,15 @@ import jax.numpy as jnp
 from bdiff_jax import diffusion, schedules
 
 
-def _ar_inputs(tokens, bos_id: int):
+def ar_inputs(tokens, bos_id: int):
+  """The AR model's input: the block shifted right behind a BOS token."""
   bos = jnp.full((tokens.shape[0], 1), bos_id, tokens.dtype)
   return jnp.concatenate([bos, tokens[:, :-1]], axis=1)
 
 
 def ar_token_nll(apply, tokens, *, bos_id: int):
   """-log p(x_i | x_<i) for every position, float32 [B, L]."""
-  logits = apply(_ar_inputs(tokens, bos_id)).astype(jnp.float32)
+  logits = apply(ar_inputs(tokens, bos_id)).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
