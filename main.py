@@ -11,6 +11,7 @@ Override any config field with --config.<field>=<value>. Bad input (data, config
 checkpoints, prompts) ends with one line `error: ...` and exit status 2.
 """
 
+import importlib
 import sys
 
 from absl import app
@@ -18,35 +19,24 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+# --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use, so that
+# --help and flag errors do not pay for importing JAX.
+MODES = {
+    "train": "bdiff_jax.modes.train",
+    "eval": "bdiff_jax.modes.evaluate",
+    "sample": "bdiff_jax.modes.sample",
+    "memory": "bdiff_jax.benchmarks.memory",
+    "compare": "bdiff_jax.benchmarks.compare",
+}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics, "
                                "vocabulary, samples and plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "memory", "compare"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Shorthand for --config.sample.prompt (sample mode): "
                               "words of the vocabulary; [MASK] marks a hole to fill.")
 flags.mark_flags_as_required(["config"])
-
-
-def _run(mode: str, config, workdir: str):
-  # Imported lazily so that --help and flag errors do not pay for importing JAX.
-  if mode == "train":
-    from bdiff_jax import train
-    return train.train_and_evaluate(config, workdir)
-  if mode == "eval":
-    from bdiff_jax import experiment, train
-    return train.final_evaluation(experiment.build(config, workdir))
-  if mode == "sample":
-    from bdiff_jax import generate
-    return generate.run_sample(config, workdir)
-  if mode == "memory":
-    from bdiff_jax.benchmarks import memory
-    return memory.run_memory_benchmark(config, workdir)
-  if mode == "compare":
-    from bdiff_jax.benchmarks import compare
-    return compare.run_comparison(config, workdir)
-  raise ValueError(mode)
 
 
 def _parse_flags(argv):
@@ -73,11 +63,12 @@ def main(argv):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value
     if _PROMPT.value is not None:
       config.sample.prompt = _PROMPT.value
-    _run(_MODE.value, config, _WORKDIR.value)
+    importlib.import_module(MODES[_MODE.value]).run(config, _WORKDIR.value, Reporter())
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

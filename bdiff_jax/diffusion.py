@@ -17,7 +17,7 @@ A model is passed as `logits_fn(noisy: int32[B, L], t: float32[B]) -> float[B, L
 real tokens (no [MASK] column). Logits are cast to float32 before the log-softmax.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +161,8 @@ def nll_bound(logits_fn: LogitsFn,
               *,
               schedule: Schedule,
               mask_id: int,
-              num_samples: int) -> jnp.ndarray:
+              num_samples: int,
+              valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """Monte Carlo upper bound on -log p(tokens) per sequence, in nats (summed over positions).
 
   Averages the single-draw bound over `num_samples` times per sequence, stratified over (0, 1]
@@ -176,6 +177,9 @@ def nll_bound(logits_fn: LogitsFn,
     schedule: the masking schedule.
     mask_id: id of [MASK].
     num_samples: K >= 1 time draws per sequence.
+    valid: optional bool[B, L]; False marks padding, which is never counted as masked (the
+      bound is that of the valid tokens alone, provided `logits_fn` keeps padding from
+      influencing them, e.g. through an attention padding mask). None: every position is valid.
 
   Returns:
     float32[B], an unbiased estimate of the ELBO bound of each sequence.
@@ -193,6 +197,8 @@ def nll_bound(logits_fn: LogitsFn,
   def one_draw(total, draw):
     t, k = draw
     noisy, masked = corrupt(k, tokens, t, schedule=schedule, mask_id=mask_id)
+    if valid is not None:
+      masked = masked & valid
     return total + weighted_masked_nll(logits_fn(noisy, t), tokens, masked, t, schedule), None
 
   total, _ = jax.lax.scan(one_draw, jnp.zeros((batch_size,), jnp.float32), (times, keys))

@@ -1,7 +1,8 @@
-"""What train, eval and sample modes share: data, network, optimizer and checkpoint restore.
+"""What train, eval and sample modes share: data, objective, network, update rule, restore.
 
-Config -> data -> network -> (optimizer, abstract TrainState) -> checkpoint. Eval and sample in
-a new process rebuild exactly this and restore into it, so they see what training saw.
+Config -> data -> objective -> network -> update rule -> (abstract) TrainState -> checkpoint.
+Eval and sample in a new process rebuild exactly this and restore into it, so they see what
+training saw.
 """
 
 import dataclasses
@@ -9,11 +10,11 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from bdiff_jax import checkpointing, configuration, models, train
+from bdiff_jax import checkpointing, configuration, models, train_state, update_rule
 from bdiff_jax.data import pipeline
+from bdiff_jax.evaluator import Evaluator
+from bdiff_jax.objective import Objective, build_objective
 
 
 @dataclasses.dataclass
@@ -21,24 +22,25 @@ class Experiment:
   config: Any
   workdir: str
   splits: Any
+  objective: Objective
   network: Any
-  optimizer: Any
+  update_rule: Any
+  evaluator: Evaluator  # built once: periodic and final evaluations share its compilation
 
   @property
   def tokenizer(self):
     return self.splits.tokenizer
 
-  def init_state(self) -> train.TrainState:
+  def _init_state(self) -> train_state.TrainState:
+    head_bias = None
+    if self.config.model.head_bias_init == "unigram":
+      head_bias = train_state.unigram_log_probs(self.splits.train, self.network.spec.vocab_size)
+    return train_state.init_train_state(self.network, self.update_rule, seed=self.config.seed,
+                                        seq_len=self.config.data.seq_len, head_bias=head_bias)
+
+  def init_state(self) -> train_state.TrainState:
     # One compiled program instead of hundreds of small op-by-op initialiser dispatches.
     return jax.jit(self._init_state)()
-
-  def _init_state(self) -> train.TrainState:
-    params_key, train_key = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    params = models.init_params(self.network, params_key, seq_len=self.config.data.seq_len)
-    if "head_bias" in params and self.config.model.head_bias_init == "unigram":
-      params = dict(params, head_bias=unigram_log_probs(self.splits.train,
-                                                        self.network.spec.vocab_size))
-    return train.create_train_state(params, self.optimizer, train_key)
 
   def abstract_state(self):
     return jax.eval_shape(self._init_state)
@@ -47,20 +49,24 @@ class Experiment:
     return models.count_params(self.abstract_state().params)
 
 
-def unigram_log_probs(tokens, vocab_size: int):
-  """Add-one smoothed log frequencies of the train tokens, float32 [vocab_size]."""
-  counts = np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size] + 1.0
-  return jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
+def build_network(config, objective: Objective, *, vocab_size: int) -> models.Network:
+  """The network of `config.model` with the flags `objective` implies."""
+  return models.build_network(config.model, vocab_size=vocab_size, max_len=config.data.seq_len,
+                              causal=objective.causal)
 
 
 def build(config, workdir: str) -> Experiment:
   configuration.validate(config)
   os.makedirs(workdir, exist_ok=True)
   splits = pipeline.load_wikitext2(config.data, workdir)
-  network = models.build_network(config.model, vocab_size=splits.tokenizer.vocab_size,
-                                 max_len=config.data.seq_len)
-  return Experiment(config=config, workdir=workdir, splits=splits, network=network,
-                    optimizer=train.make_optimizer(config.train))
+  objective = build_objective(config, mask_id=splits.tokenizer.mask_id)
+  network = build_network(config, objective, vocab_size=splits.tokenizer.vocab_size)
+  evaluator = Evaluator(objective, network, seq_len=config.data.seq_len,
+                        batch_size=config.eval.batch_size,
+                        num_time_samples=config.eval.num_time_samples)
+  return Experiment(config=config, workdir=workdir, splits=splits, objective=objective,
+                    network=network, update_rule=update_rule.build_update_rule(config.train),
+                    evaluator=evaluator)
 
 
 def restore_params(exp: Experiment, which=None) -> tuple[Any, dict, str]:
@@ -75,6 +81,6 @@ def restore_params(exp: Experiment, which=None) -> tuple[Any, dict, str]:
   return params, meta, desc + (" (EMA params)" if exp.config.eval.use_ema else "")
 
 
-def save_config(config, workdir: str, filename: str) -> None:
+def save_config(config, workdir: str, filename: str = "config.json") -> None:
   with open(os.path.join(workdir, filename), "w", encoding="utf-8") as f:
     f.write(config.to_json(indent=2))

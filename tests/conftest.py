@@ -1,23 +1,31 @@
-"""Shared test fixtures: where the real WikiText-2 lives, and running main.py in a new process."""
+"""Shared test fixtures: where the real WikiText-2 lives, and session-wide settings.
 
-import json
+Helpers (running main.py, tiny models) live in tests/helpers.py. Integration tests (end to end
+through main.py, subprocesses, multi-device) are marked `slow`; the fast unit layer is
+`python -m pytest -q -m "not slow" tests`.
+"""
+
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
-def wikitext2_dir() -> str:
-  return os.environ.get("BDIFF_DATA_DIR") or os.path.join(REPO, "..", "shared", "data",
-                                                          "wikitext-2")
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: integration test (subprocesses, end to end)")
+  # One persistent XLA compilation cache for the session, inherited by every subprocess: the
+  # end-to-end tests compile the same smoke-preset programs in many fresh processes.
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    cache = os.path.join(str(config.rootpath), ".pytest_cache", "jax_compilation_cache")
+    os.makedirs(cache, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")
 def real_data_dir():
-  path = wikitext2_dir()
+  path = helpers.wikitext2_dir()
   if not os.path.exists(os.path.join(path, "wiki.train.tokens")):
     pytest.skip(f"WikiText-2 not found at {path}; set BDIFF_DATA_DIR")
   return os.path.abspath(path)
@@ -27,25 +35,3 @@ def real_data_dir():
 def shared_tfds_dir(tmp_path_factory):
   """One prepared TFDS copy of WikiText-2 for every end-to-end test of the session."""
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-def run_main(args, *, env_extra=None, timeout=600):
-  """Runs `python main.py ARGS` in a new process; returns CompletedProcess (text)."""
-  env = dict(os.environ)
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  env.update(env_extra or {})
-  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_ok(proc):
-  """proc exited 0; otherwise fail showing its output."""
-  assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\n"
-                                f"STDERR:\n{proc.stderr}")
-  return proc
-
-
-def train_losses(workdir) -> dict:
-  """{step: loss} of the 'train' records in <workdir>/metrics.jsonl."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}

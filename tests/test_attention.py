@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from bdiff_jax import configuration
-from bdiff_jax.models import build_network, init_params
+from bdiff_jax.models import init_params
+from tests import helpers
 from bdiff_jax.models.layers import Attention, attention_mask, candidate_selection_mask
 from bdiff_jax.models.spec import ModelSpec
 
@@ -45,7 +46,7 @@ def _network(**overrides):
     fields["time_conditioning"] = "none"
   for k, v in fields.items():
     m[k] = v
-  return build_network(m, vocab_size=VOCAB, max_len=LENGTH)
+  return helpers.network(m, vocab_size=VOCAB, max_len=LENGTH)
 
 
 class _Model:

@@ -1,7 +1,7 @@
 """The autoregressive (AR) baseline: exact likelihood, and train/resume/eval/sample end to end.
 
 Exactness (in-process, tiny random networks):
-  * `objectives.sequence_nll` equals the chain rule computed independently, one prefix at a time
+  * `Autoregressive.sequence_nll` equals the chain rule computed independently, one prefix at a time
     (the network evaluated on [BOS, x_0 .. x_{i-1}] alone, no masking involved);
   * exp(-nll) sums to 1 over *all* sequences of a tiny vocabulary: a normalised distribution.
 
@@ -20,9 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration, generate, objectives, train
-from bdiff_jax.models import build_network, init_params
-from tests.conftest import REPO, assert_ok, run_main, train_losses
+from bdiff_jax import configuration
+from bdiff_jax.modes import sample as sample_mode
+from bdiff_jax.modes import train as train_mode
+from bdiff_jax.models import init_params
+from bdiff_jax.objective import build_objective
+from bdiff_jax.reporter import QUIET
+from tests.helpers import REPO, assert_ok, network, run_main, train_losses
 
 SMOKE = "configs/wikitext2.py:smoke"
 AR_ARGS = ("--config.model.objective=autoregressive", "--config.model.time_conditioning=none",
@@ -43,13 +47,14 @@ def _ar_network(backbone, vocab, length):
   m.mlp_dim = 48
   config = configuration.base_config()
   config.model = m
-  return build_network(m, vocab_size=vocab, max_len=length), config
+  return network(m, vocab_size=vocab, max_len=length), config
 
 
 def _sequence_nll_fn(net, config):
-  return jax.jit(lambda p, tok: objectives.sequence_nll(
+  objective = build_objective(config, mask_id=net.spec.vocab_size)
+  return jax.jit(lambda p, tok: objective.sequence_nll(
       lambda *a, **kw: net.apply({"params": p}, *a, train=False, **kw), tok,
-      jax.random.key(0), config, vocab_size=net.spec.vocab_size, num_samples=1))
+      jnp.ones(tok.shape, bool), jax.random.key(0), num_samples=1))
 
 
 # The reversible backbone: its causality is tested in test_attention.py; one backbone is enough
@@ -84,7 +89,7 @@ def test_exact_likelihood_normalises():
   assert nll.shape == (vocab**length,)
   np.testing.assert_allclose(np.exp(-nll).sum(), 1.0, rtol=1e-5)
   assert np.exp(-nll).max() > 1.5 / vocab**length  # not merely uniform
-  assert not objectives.is_upper_bound(config)
+  assert not build_objective(config, mask_id=vocab).is_upper_bound
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -149,10 +154,11 @@ def test_ar_train_and_eval_in_new_process(ar_run, real_data_dir, shared_tfds_dir
 def test_ar_resume_identical(ar_run, tmp_path, real_data_dir, shared_tfds_dir):
   straight, _ = ar_run
   split = tmp_path / "split"
-  assert train.train_and_evaluate(_config(real_data_dir, shared_tfds_dir, stop_at_step=4),
-                                  str(split)) == {}
+  first = train_mode.run(_config(real_data_dir, shared_tfds_dir, stop_at_step=4), str(split),
+                         QUIET)
+  assert first.status == train_mode.STOPPED_AT_STEP and first.evaluation is None
   assert max(train_losses(split)) == 4
-  results = train.train_and_evaluate(_config(real_data_dir, shared_tfds_dir), str(split))
+  results = train_mode.run(_config(real_data_dir, shared_tfds_dir), str(split), QUIET).evaluation
   assert results["results"]["valid"]["upper_bound"] is False
   a, b = train_losses(straight), train_losses(split)
   assert sorted(b) == list(range(1, 9))
@@ -165,7 +171,7 @@ def test_ar_sample(ar_run, real_data_dir, shared_tfds_dir):
   workdir, _ = ar_run
   config = _config(real_data_dir, shared_tfds_dir)
   config.sample.prompt = "the game was"
-  texts = generate.run_sample(config, str(workdir))
+  texts = sample_mode.run(config, str(workdir), QUIET)
   assert len(texts) == config.sample.num_samples
   for text in texts:
     words = text.split()

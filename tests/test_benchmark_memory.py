@@ -7,8 +7,9 @@ import os
 import pytest
 
 from bdiff_jax.benchmarks import memory
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 
 
 def _benchmark_config(preset: str):

@@ -18,7 +18,7 @@ import pytest
 
 from bdiff_jax.benchmarks import compare
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 OUTPUTS = (compare.JSON_FILE, compare.MARKDOWN_FILE, compare.PLOT_FILE)
 

@@ -14,8 +14,9 @@ from bdiff_jax.data import pipeline
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data import wikitext2
 from bdiff_jax.errors import DataError, VocabularyError
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 
 
 def _real_dir() -> str:

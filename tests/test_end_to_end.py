@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import assert_ok, run_main, train_losses
+from tests.helpers import assert_ok, run_main, train_losses
 
 CONFIG = "configs/wikitext2.py:smoke"
 

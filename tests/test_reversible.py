@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 
 from bdiff_jax import configuration, diffusion, schedules
-from bdiff_jax.models import build_network, count_params, init_params
+from bdiff_jax.models import count_params, init_params
 from bdiff_jax.models.layers import AttentionSublayer, MlpSublayer, TimeEmbedding
 from bdiff_jax.models.network import Network
 from bdiff_jax.models.reversible import (layer_keys, reversible_stack_forward,
                                          reversible_stack_inverse, with_backward)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+
+REPO = helpers.REPO
 VOCAB = 50
 LENGTH = 16
 BATCH = 4
@@ -45,7 +47,7 @@ def _network(**overrides) -> Network:
   m.time_conditioning = "adaln"
   for k, v in overrides.items():
     m[k] = v
-  return build_network(m, vocab_size=VOCAB, max_len=LENGTH)
+  return helpers.network(m, vocab_size=VOCAB, max_len=LENGTH)
 
 
 def _perturb_modulation(params, key, scale=0.5):
@@ -337,8 +339,11 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from bdiff_jax import configuration, train
-    from bdiff_jax.models import build_network, init_params
+    from bdiff_jax import configuration, train_state, train_step, update_rule
+    from bdiff_jax import mesh as mesh_lib
+    from bdiff_jax.models import init_params
+    from bdiff_jax.objective import build_objective
+    from tests.helpers import network
 
     assert jax.device_count() == 4, jax.devices()
     c = configuration.base_config()
@@ -346,34 +351,36 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     m.backbone, m.num_layers, m.emb_dim, m.num_heads, m.num_kv_heads = "reversible", 3, 32, 2, 2
     m.head_dim, m.mlp_dim, m.dropout_rate, m.dtype = 16, 64, 0.1, "float64"
     c.train.batch_size, c.train.warmup_steps, c.train.learning_rate = 8, 0, 1e-2
-    mesh = train.make_mesh()
+    mesh = mesh_lib.make_mesh()
+    objective = build_objective(c, mask_id=50)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tokens = np.random.default_rng(0).integers(0, 50, size=(2, 8, 16)).astype(np.int32)
     nets = {}
     for backward in ("recompute", "autodiff"):
       m.reversible_backward = backward
-      nets[backward] = build_network(m, vocab_size=50, max_len=16)
+      nets[backward] = network(m, vocab_size=50, max_len=16)
     params = jax.jit(lambda k: init_params(nets["recompute"], k, seq_len=16))(jax.random.key(0))
-    opt = train.make_optimizer(c.train)
+    opt = update_rule.build_update_rule(c.train)
     rng = jax.random.key_data(jax.random.key(1))
 
     # Gradients of the trainer's loss (the diffusion ELBO) with the batch sharded over 4 devices.
-    grads = jax.jit(lambda p, b, k: {bw: jax.grad(lambda q: train.loss_fn(q, n, b, k, c)[0])(p)
+    grads = jax.jit(lambda p, b, k: {bw: jax.grad(lambda q: train_step.loss_fn(q, objective, n, b, k)[0])(p)
                                      for bw, n in nets.items()},
                     in_shardings=(replicated, sharded, replicated))
-    batch0 = train.shard_batch(tokens[0], mesh)
+    batch0 = mesh_lib.shard_batch(tokens[0], mesh)
     assert len(batch0.sharding.device_set) == 4
-    g = grads(train.replicate(params, mesh), batch0, rng)
+    g = grads(mesh_lib.replicate(params, mesh), batch0, rng)
 
     # Two steps of the real data-parallel train step.
     states, losses = {}, {}
     for backward, net in nets.items():
       fresh = jax.tree_util.tree_map(jnp.copy, (params, rng))  # the step donates its state
-      state = train.replicate(train.create_train_state(*fresh[:1], opt, fresh[1]), mesh)
-      step = train.make_train_step(c, net, opt, mesh)
+      state = mesh_lib.replicate(train_state.create_train_state(*fresh[:1], opt, fresh[1]), mesh)
+      step = train_step.make_train_step(objective, net, opt, ema_decay=c.train.ema_decay,
+                                        mesh=mesh)
       losses[backward] = []
       for i in range(2):
-        state, metrics = step(state, train.shard_batch(tokens[i], mesh))
+        state, metrics = step(state, mesh_lib.shard_batch(tokens[i], mesh))
         losses[backward].append(float(metrics["loss"]))
       states[backward] = state.params
 

@@ -9,45 +9,27 @@ import jax
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration, models, train
+from bdiff_jax import mesh as mesh_lib
+from bdiff_jax import train_step, update_rule
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**model):
-  c = configuration.base_config()
-  c.model.num_layers = 2
-  c.model.emb_dim = 32
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 16
-  c.model.mlp_dim = 64
-  for k, v in model.items():
-    c.model[k] = v
-  c.data.seq_len = 16
-  c.train.batch_size = 8
-  c.train.num_steps = 20
-  c.train.warmup_steps = 2
-  c.train.learning_rate = 1e-2
-  c.train.ema_decay = 0.9
-  configuration.validate(c)
-  return c
+tiny_config = helpers.tiny_config
+REPO = helpers.REPO
 
 
 def setup(c, vocab=50):
-  net = models.build_network(c.model, vocab_size=vocab, max_len=c.data.seq_len)
-  opt = train.make_optimizer(c.train)
-  params = models.init_params(net, jax.random.PRNGKey(0), seq_len=c.data.seq_len)
-  state = train.create_train_state(params, opt, jax.random.PRNGKey(1))
-  batch = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (c.train.batch_size,
-                                                                 c.data.seq_len), 0, vocab))
-  return net, opt, state, batch
+  """(objective, network, update rule, state, batch); see helpers.train_setup."""
+  return helpers.train_setup(c, vocab)
+
+
+def make_step(c, objective, net, rule, mesh=None):
+  return train_step.make_train_step(objective, net, rule, ema_decay=c.train.ema_decay, mesh=mesh)
 
 
 def test_step_learns_and_tracks_ema():
   c = tiny_config()
-  net, opt, state, batch = setup(c)
-  step = train.make_train_step(c, net, opt)
+  obj, net, opt, state, batch = setup(c)
+  step = make_step(c, obj, net, opt)
   p0 = jax.tree_util.tree_map(np.array, state.params)
   losses = []
   for _ in range(15):
@@ -65,8 +47,8 @@ def test_step_is_deterministic():
   c = tiny_config(dropout_rate=0.1)
   out = []
   for _ in range(2):
-    net, opt, state, batch = setup(c)
-    step = train.make_train_step(c, net, opt)
+    obj, net, opt, state, batch = setup(c)
+    step = make_step(c, obj, net, opt)
     for _ in range(3):
       state, m = step(state, batch)
     out.append((float(m["loss"]), np.asarray(jax.tree_util.tree_leaves(state.params)[0])))
@@ -76,7 +58,7 @@ def test_step_is_deterministic():
 
 def test_learning_rate_schedule_warmup_and_decay():
   c = tiny_config()
-  sched = train.learning_rate_schedule(c.train)
+  sched = update_rule.learning_rate_schedule(c.train)
   assert float(sched(0)) == 0.0
   assert float(sched(2)) == pytest.approx(c.train.learning_rate)
   assert float(sched(20)) == pytest.approx(c.train.learning_rate *
@@ -85,30 +67,30 @@ def test_learning_rate_schedule_warmup_and_decay():
 
 def test_indivisible_batch_is_a_config_error():
   from bdiff_jax.errors import ConfigError
-  mesh = train.make_mesh()
+  mesh = mesh_lib.make_mesh()
   if mesh.devices.size == 1:
-    train.check_batch_divisible(7, mesh)  # one device: anything goes
+    mesh_lib.check_batch_divisible(7, mesh)  # one device: anything goes
   with pytest.raises(ConfigError):
-    train.check_batch_divisible(7, train.make_mesh(np.array(jax.devices() * 2)))
+    mesh_lib.check_batch_divisible(7, mesh_lib.make_mesh(np.array(jax.devices() * 2)))
 
 
 _DP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from tests.test_train import tiny_config, setup
-    from bdiff_jax import train
+    from tests.test_train import tiny_config, setup, make_step
+    from bdiff_jax import mesh as mesh_lib
     assert jax.local_device_count() == 4, jax.devices()
     results = {}
     for backbone in ("standard", "reversible"):
       c = tiny_config(backbone=backbone, dropout_rate=0.1)
       per_mesh = []
       for devices in (jax.devices()[:1], jax.devices()):
-        net, opt, state, batch = setup(c)
-        mesh = train.make_mesh(devices)
-        step = train.make_train_step(c, net, opt, mesh)
-        state = train.replicate(state, mesh)
+        obj, net, opt, state, batch = setup(c)
+        mesh = mesh_lib.make_mesh(devices)
+        step = make_step(c, obj, net, opt, mesh)
+        state = mesh_lib.replicate(state, mesh)
         losses = []
         for _ in range(3):
-          state, m = step(state, train.shard_batch(batch, mesh))
+          state, m = step(state, mesh_lib.shard_batch(batch, mesh))
           losses.append(float(m["loss"]))
         sharding = state.params["embed"]["embedding"].sharding
         per_mesh.append((losses, jax.device_get(state.params), len(sharding.device_set)))

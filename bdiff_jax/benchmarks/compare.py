@@ -6,7 +6,7 @@
      model names, seeds, the budget, per-model overrides and each run's full config. A bad value
      fails here, in seconds, with a `ConfigError`.
   2. Prints each model's parameter count (from shapes; nothing is computed).
-  3. Trains and evaluates each run with `train.train_and_evaluate` in its own sub-workdir
+  3. Trains and evaluates each run with `bdiff_jax.modes.train.run` in its own sub-workdir
      `runs/<model>_seed<seed>` (checkpoints, resume, metrics.jsonl, eval_latest.json as for any
      training run). Every model gets the same budget: the same number of tokens (or steps), or
      the same training wall-clock (`train.max_wall_seconds`; the clock includes the first step's
@@ -14,7 +14,7 @@
      the comparison with an identical run config reuses it, an interrupted token/step run resumes
      from its checkpoint.
   4. Measures each model's peak train-step memory: the real train step
-     (`train.make_train_step`: loss, backward, clipping, AdamW, EMA, donated state) compiled for
+     (`train_step.make_train_step`: loss, backward, clipping, AdamW, EMA, donated state) compiled for
      the run's batch, read from XLA's compiled memory analysis (the quantities
      `bdiff_jax.benchmarks.memory` reports: total = temp + argument + output bytes; held =
      total - alias, what the step holds with its state donated). Then the memory-vs-depth sweep
@@ -26,7 +26,7 @@
 Per model: parameters, train tokens/s (median over the log intervals of the run, the first one,
 which includes compilation, left out), peak train-step memory, and valid/test word-level
 perplexity: an UPPER BOUND (ELBO) for diffusion, EXACT for the autoregressive model, computed by
-the same `evaluation.evaluate` (word perplexity = exp(total NLL / words incl. one <eos> per line)).
+the same `Evaluator` (word perplexity = exp(total NLL / words incl. one <eos> per line)).
 
 Failures: any exception in any run stops the comparison and propagates unchanged (after a line
 naming the run); no table, JSON or PNG is written then, and outputs of an earlier comparison in
@@ -48,6 +48,7 @@ import ml_collections
 
 from bdiff_jax import configuration
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.objective import objective_class
 
 # name -> (backbone, objective)
 MODEL_KINDS = {
@@ -81,7 +82,7 @@ class ModelEntry:
 
   @property
   def upper_bound(self) -> bool:
-    return self.objective == "diffusion"
+    return objective_class(self.objective).is_upper_bound
 
 
 @dataclasses.dataclass
@@ -222,12 +223,11 @@ def run_config(config: ml_collections.ConfigDict, entry: ModelEntry, seed: int,
   c.model.backbone = entry.backbone
   c.model.objective = entry.objective
   c.model.block = entry.block
-  if entry.objective == "autoregressive":
-    c.model.time_conditioning = "none"
-    # The AR likelihood is exact: evaluation seeds change nothing, so one is enough.
+  kind = objective_class(entry.objective)
+  c.model.time_conditioning = cmp.diffusion_time_conditioning if kind.uses_time else "none"
+  if not kind.is_upper_bound:
+    # An exact likelihood: evaluation seeds change nothing, so one is enough.
     c.eval.seeds = tuple(c.eval.seeds)[:1]
-  else:
-    c.model.time_conditioning = cmp.diffusion_time_conditioning
   c.data.tfds_dir = tfds_dir
   c.train.stop_at_step = 0
   for target, path, raw in overrides:
@@ -310,41 +310,26 @@ def train_step_memory(config: ml_collections.ConfigDict, vocab_size: int) -> dic
   scratch), argument (state + batch), output (new state + metrics) and alias (outputs written
   into the donated state) bytes; total = temp + argument + output, held = total - alias.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.benchmarks import step_memory  # pylint: disable=g-import-not-at-top
 
-  from bdiff_jax import models, train  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.benchmarks import memory  # pylint: disable=g-import-not-at-top
-
-  seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
-  network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len)
-  optimizer = train.make_optimizer(config.train)
-
-  def init(key):
-    params_key, train_key = jax.random.split(key)
-    params = models.init_params(network, params_key, seq_len=seq_len)
-    return train.create_train_state(params, optimizer, train_key)
-
-  state = jax.eval_shape(init, jax.random.PRNGKey(int(config.seed)))
-  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  step = train.make_train_step(config, network, optimizer)
-  stats = memory.memory_stats(step.lower(state, tokens).compile())
-  return {**{k: stats[k] for k in ("temp_bytes", "argument_bytes", "output_bytes",
-                                   "alias_bytes", "total_bytes", "held_bytes")},
-          "num_params": models.count_params(state.params)}
+  built = step_memory.compile_train_step(config, vocab_size)
+  return {**{k: built.stats[k] for k in ("temp_bytes", "argument_bytes", "output_bytes",
+                                         "alias_bytes", "total_bytes", "held_bytes")},
+          "num_params": built.num_params}
 
 
 def count_parameters(config: ml_collections.ConfigDict, vocab_size: int) -> int:
   """Parameters of config's model (shapes only, nothing is computed)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from bdiff_jax import models  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import models, train_state, update_rule  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.objective import build_objective  # pylint: disable=g-import-not-at-top
 
   seq_len = int(config.data.seq_len)
-  network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len)
-  shapes = jax.eval_shape(lambda k: models.init_params(network, k, seq_len=seq_len),
-                          jax.random.PRNGKey(0))
-  return models.count_params(shapes)
+  network = models.build_network(
+      config.model, vocab_size=vocab_size, max_len=seq_len,
+      causal=build_objective(config, mask_id=vocab_size).causal)
+  state = train_state.abstract_train_state(network, update_rule.build_update_rule(config.train),
+                                           seq_len=seq_len)
+  return models.count_params(state.params)
 
 
 def _memory_key(config) -> str:
@@ -380,8 +365,10 @@ def _config_json(config) -> str:
 
 
 def execute(run: RunPlan) -> dict[str, Any]:
-  """Trains and evaluates one run via train.train_and_evaluate; returns its result record."""
-  from bdiff_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  """Trains and evaluates one run via modes.train.run; returns its result record."""
+  from bdiff_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
 
   record_path = os.path.join(run.workdir, RUN_FILE)
   config_json = _config_json(run.config)
@@ -410,10 +397,12 @@ def execute(run: RunPlan) -> dict[str, Any]:
           "delete that directory or use a new --workdir.")
   print(f"compare: training {run.entry.label} seed {run.seed} in {run.workdir}", flush=True)
   t0 = time.time()
-  out = train.train_and_evaluate(run.config, run.workdir)
+  trained = train.run(run.config, run.workdir, Reporter())
   wall = time.time() - t0
-  if not out or "results" not in out:
-    raise RuntimeError(f"train_and_evaluate returned no evaluation for {run.workdir}.")
+  out = trained.evaluation
+  if out is None or "results" not in out:
+    raise RuntimeError(f"training returned no evaluation for {run.workdir} "
+                       f"(status {trained.status}).")
   records = _load_metrics(run.workdir)
   train_records = [r for r in records if r.get("kind") == "train"]
   steps = int(out["step"])
@@ -689,3 +678,12 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   print(f"compare: wrote {JSON_FILE}, {MARKDOWN_FILE} and {PLOT_FILE} to {workdir} "
         f"({summary['wall_seconds']:.0f} s)", flush=True)
   return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, reporter) -> dict[str, Any]:
+  """`main.py --mode=compare`."""
+  del reporter  # the harness prints its progress and table itself
+  if "compare" not in config:
+    raise ConfigError("--mode=compare needs a comparison config (a `compare` section).",
+                      "pass --config configs/compare.py[:test|:quick|:full].")
+  return run_comparison(config, workdir)

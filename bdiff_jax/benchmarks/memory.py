@@ -2,7 +2,7 @@
 
 `run_memory_benchmark(config, workdir)` measures, for every depth in `config.benchmark.depths`,
 sequence length in `config.benchmark.seq_lens` and backbone in `config.benchmark.backbones`, the
-real train step of `bdiff_jax.train.make_train_step` (forward + backward of the diffusion loss,
+real train step of `bdiff_jax.train_step.make_train_step` (forward + backward of the diffusion loss,
 gradient clipping, AdamW update and EMA, state donated) on random tokens:
 
   compiled memory  `jit(step).lower(state, batch).compile().memory_analysis()`: temp bytes (the
@@ -49,6 +49,8 @@ import time
 from typing import Any
 
 import ml_collections
+
+from bdiff_jax.errors import ConfigError
 
 BACKBONES = ("standard", "reversible/recompute", "reversible/autodiff")
 RESULTS_FILE = "memory_benchmark.json"
@@ -105,57 +107,32 @@ def _rss_mb() -> float:
   return _ru_maxrss_mb()
 
 
-def memory_stats(compiled) -> dict[str, int]:
-  """Byte counts from XLA's memory analysis of a compiled executable.
-
-  temp (activations and scratch), argument, output, alias (outputs written into donated
-  arguments), generated_code and peak_memory (0 where the backend does not report it);
-  total = temp + argument + output and held = total - alias.
-  """
-  mem = compiled.memory_analysis()
-  if mem is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis; "
-                       "cannot report train-step memory.")
-  stats = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes")) for k in
-           ("temp", "argument", "output", "alias", "generated_code")}
-  stats["peak_memory_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-  stats["total_bytes"] = stats["temp_bytes"] + stats["argument_bytes"] + stats["output_bytes"]
-  stats["held_bytes"] = stats["total_bytes"] - stats["alias_bytes"]
-  return stats
-
-
 def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
                 seq_len: int) -> dict[str, Any]:
   """Compiles and runs the train step of one configuration in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from bdiff_jax import configuration, models, train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import configuration, train_state  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.benchmarks import step_memory  # pylint: disable=g-import-not-at-top
 
   jax.numpy.zeros(()).block_until_ready()
   rss_baseline = _rss_mb()
   b = config.benchmark
   c = case_config(config, backbone, depth, seq_len)
   configuration.validate(c)
-  network = models.build_network(c.model, vocab_size=b.vocab_size, max_len=seq_len)
-  optimizer = train.make_optimizer(c.train)
-  params_key, train_key = jax.random.split(jax.random.PRNGKey(c.seed))
+  t0 = time.perf_counter()
+  built = step_memory.compile_train_step(c, b.vocab_size)
+  compile_s = time.perf_counter() - t0
+  compiled, stats = built.compiled, built.stats
   # Initialisation runs once: compile it without LLVM optimisation (saves seconds per case).
-  init = jax.jit(lambda k: models.init_params(network, k, seq_len=seq_len),
+  init = jax.jit(lambda: train_state.init_train_state(built.network, built.rule, seed=c.seed,
+                                                      seq_len=seq_len),
                  compiler_options={"xla_backend_optimization_level": 0})
-  params = init(params_key)
-  state = train.create_train_state(params, optimizer, train_key)
-  del params
+  state = init()
   rng = np.random.default_rng(c.seed)
   batches = [jax.device_put(rng.integers(0, b.vocab_size, (b.batch_size, seq_len),
                                          dtype=np.int32)) for _ in range(2)]
-  step = train.make_train_step(c, network, optimizer)
-
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - t0
-  stats = memory_stats(compiled)
 
   times, losses = [], []
   for i in range(1 + int(b.steps)):  # step 0 warms up
@@ -166,7 +143,7 @@ def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
     if i:
       times.append(time.perf_counter() - t0)
     losses.append(loss)
-  num_params = models.count_params(state.params)
+  num_params = built.num_params
   return {
       "backbone": backbone, "depth": int(depth), "seq_len": int(seq_len),
       "num_params": num_params,
@@ -372,3 +349,12 @@ if __name__ == "__main__":
   else:
     sys.exit("usage: python -m bdiff_jax.benchmarks.memory --worker '<json>' "
              "(run the benchmark with main.py --mode=memory)")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, reporter) -> dict[str, Any]:
+  """`main.py --mode=memory`."""
+  del reporter  # the benchmark prints its table itself
+  if "benchmark" not in config:
+    raise ConfigError("--mode=memory needs a benchmark config (a `benchmark` section).",
+                      "pass --config configs/benchmark.py[:test|:gpu].")
+  return run_memory_benchmark(config, workdir)

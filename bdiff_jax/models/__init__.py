@@ -7,8 +7,10 @@ from bdiff_jax.models.network import Network
 from bdiff_jax.models.spec import ModelSpec, spec_from_config
 
 
-def build_network(model_config, *, vocab_size: int, max_len: int) -> Network:
-  return Network(spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len))
+def build_network(model_config, *, vocab_size: int, max_len: int, causal: bool) -> Network:
+  """The network of `config.model`; `causal` comes from the objective (`Objective.causal`)."""
+  return Network(spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len,
+                                  causal=causal))
 
 
 def init_params(network: Network, key, *, seq_len: int):

@@ -14,7 +14,7 @@ class ModelSpec:
   max_len: int
   backbone: str = "standard"
   block: str = "simple"
-  objective: str = "diffusion"
+  causal: bool = False  # set from the objective (Objective.causal), never from its name
   num_layers: int = 4
   emb_dim: int = 256
   num_heads: int = 4
@@ -42,10 +42,6 @@ class ModelSpec:
     return jnp.float64 if self.dtype == "float64" else jnp.float32
 
   @property
-  def causal(self) -> bool:
-    return self.objective == "autoregressive"
-
-  @property
   def time_conditioned(self) -> bool:
     return self.time_conditioning == "adaln"
 
@@ -60,7 +56,9 @@ class ModelSpec:
     return self.vocab_size + 1
 
 
-def spec_from_config(model_config, *, vocab_size: int, max_len: int) -> ModelSpec:
-  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"vocab_size", "max_len"}
+def spec_from_config(model_config, *, vocab_size: int, max_len: int, causal: bool) -> ModelSpec:
+  """The spec of `config.model`; `causal` comes from the objective (`Objective.causal`)."""
+  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"vocab_size", "max_len", "causal"}
   values = {k: model_config[k] for k in fields}
-  return ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), **values)
+  return ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), causal=bool(causal),
+                   **values)

@@ -1,0 +1,66 @@
+"""Compile the real train step for a config and read XLA's memory analysis: one definition for
+the memory benchmark and the comparison harness.
+
+The step is `bdiff_jax.train_step.make_train_step` (loss, backward or zeroth-order update,
+EMA, donated state) of the configured objective, network and update rule, compiled for a batch
+of `train.batch_size x data.seq_len` token ids — from shapes alone, nothing is computed.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bdiff_jax import models, train_state, update_rule
+from bdiff_jax.objective import build_objective
+from bdiff_jax.train_step import make_train_step
+
+
+def memory_stats(compiled) -> dict[str, int]:
+  """Byte counts from XLA's memory analysis of a compiled executable.
+
+  temp (activations and scratch), argument, output, alias (outputs written into donated
+  arguments), generated_code and peak_memory (0 where the backend does not report it);
+  total = temp + argument + output and held = total - alias.
+  """
+  mem = compiled.memory_analysis()
+  if mem is None:
+    raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis; "
+                       "cannot report train-step memory.")
+  stats = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes")) for k in
+           ("temp", "argument", "output", "alias", "generated_code")}
+  stats["peak_memory_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  stats["total_bytes"] = stats["temp_bytes"] + stats["argument_bytes"] + stats["output_bytes"]
+  stats["held_bytes"] = stats["total_bytes"] - stats["alias_bytes"]
+  return stats
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """The train step of a config, compiled for its batch shape."""
+  network: Any
+  rule: Any
+  abstract_state: Any  # jax.ShapeDtypeStruct leaves
+  compiled: Any  # compiled(state, batch) -> (state, metrics)
+  stats: dict  # memory_stats(compiled)
+
+  @property
+  def num_params(self) -> int:
+    return models.count_params(self.abstract_state.params)
+
+
+def compile_train_step(config, vocab_size: int, *, batch_size: int = 0) -> CompiledStep:
+  """Builds and compiles the train step of `config` for `vocab_size` real tokens."""
+  seq_len = int(config.data.seq_len)
+  batch_size = int(batch_size or config.train.batch_size)
+  objective = build_objective(config, mask_id=vocab_size)
+  network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
+                                 causal=objective.causal)
+  rule = update_rule.build_update_rule(config.train)
+  state = train_state.abstract_train_state(network, rule, seq_len=seq_len)
+  step = make_train_step(objective, network, rule, ema_decay=config.train.ema_decay)
+  tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+  compiled = step.lower(state, tokens).compile()
+  return CompiledStep(network=network, rule=rule, abstract_state=state, compiled=compiled,
+                      stats=memory_stats(compiled))

@@ -1,0 +1,1 @@
+"""What `main.py --mode=...` runs: orchestration only (train, evaluate, sample)."""

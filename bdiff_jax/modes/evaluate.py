@@ -1,0 +1,35 @@
+"""`--mode=eval`: restore a checkpoint and evaluate it on the canonical splits."""
+
+import json
+import os
+
+from bdiff_jax import experiment
+from bdiff_jax.reporter import Reporter
+
+
+def evaluate_checkpoint(exp: experiment.Experiment, reporter: Reporter) -> dict:
+  """Evaluates the checkpoint named by config.eval.checkpoint and writes eval_<which>.json.
+
+  Returns {"checkpoint": description, "step": step, "results": per-split metrics}; training's
+  final evaluation and `--mode=eval` in a new process both come here, so they agree exactly.
+  """
+  params, meta, desc = experiment.restore_params(exp)
+  return evaluate_params(exp, params, meta, desc, reporter)
+
+
+def evaluate_params(exp: experiment.Experiment, params, meta: dict, desc: str,
+                    reporter: Reporter) -> dict:
+  """Evaluates restored `params` (see `evaluate_checkpoint`) and writes eval_<which>.json."""
+  config = exp.config
+  results = exp.evaluator.evaluate(params, exp.splits, seeds=config.eval.seeds,
+                                   max_tokens=config.eval.max_tokens)
+  reporter.info(f"checkpoint: {desc}\n{exp.evaluator.format_results(results)}")
+  out = {"checkpoint": desc, "step": meta.get("step"), "results": results}
+  name = f"eval_{str(config.eval.checkpoint)}.json"
+  with open(os.path.join(exp.workdir, name), "w", encoding="utf-8") as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
+def run(config, workdir: str, reporter: Reporter) -> dict:
+  return evaluate_checkpoint(experiment.build(config, workdir), reporter)

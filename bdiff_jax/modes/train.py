@@ -1,0 +1,238 @@
+"""`--mode=train`: train (resuming from the workdir), then evaluate, sample and plot.
+
+The loop is a few named pieces: `resume_or_init` (the state and the first step), `MetricsBuffer`
+(device metrics fetched lazily, checked for finiteness, averaged over the log interval),
+`StopRules` (when to evaluate, checkpoint and stop), and `run` that strings them together and
+returns a `TrainResult` in every path.
+"""
+
+import dataclasses
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from bdiff_jax import checkpointing, experiment, metrics_log, plotting
+from bdiff_jax import mesh as mesh_lib
+from bdiff_jax.data import pipeline
+from bdiff_jax.errors import CheckpointError, NonFiniteLossError
+from bdiff_jax.modes import evaluate as evaluate_mode
+from bdiff_jax.modes import sample as sample_mode
+from bdiff_jax.reporter import Reporter
+from bdiff_jax.train_step import make_train_step
+
+FINISHED = "finished"  # reached train.num_steps
+STOPPED_AT_STEP = "stopped_at_step"  # reached train.stop_at_step < num_steps
+OUT_OF_TIME = "out_of_time"  # train.max_wall_seconds ran out
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a call to `run` did. `evaluation` is None when the run stopped before the end."""
+  status: str
+  start_step: int
+  end_step: int
+  tokens: int
+  wall_seconds: float
+  evaluation: Optional[dict] = None
+
+  @property
+  def evaluated(self) -> bool:
+    return self.evaluation is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRules:
+  """When to evaluate, checkpoint and stop, from config.train."""
+  stop_step: int
+  num_steps: int
+  eval_every: int
+  checkpoint_every: int
+  max_wall_seconds: float
+
+  @classmethod
+  def from_config(cls, tc) -> "StopRules":
+    return cls(stop_step=min(tc.stop_at_step or tc.num_steps, tc.num_steps),
+               num_steps=int(tc.num_steps), eval_every=int(tc.eval_every),
+               checkpoint_every=int(tc.checkpoint_every),
+               max_wall_seconds=float(tc.max_wall_seconds))
+
+  def is_eval_step(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.num_steps
+
+  def is_checkpoint_step(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.stop_step
+
+  def out_of_time(self, elapsed: float) -> bool:
+    return bool(self.max_wall_seconds) and elapsed > self.max_wall_seconds
+
+
+class MetricsBuffer:
+  """Device metrics of recent steps; fetched, checked and logged at log boundaries."""
+
+  def __init__(self, log: metrics_log.MetricsLog, *, tokens_per_step: int, start_step: int,
+               on_nonfinite):
+    self._log = log
+    self._tokens_per_step = tokens_per_step
+    self._on_nonfinite = on_nonfinite  # (step, loss) -> raises
+    self._pending: list[tuple[int, Any]] = []
+    self._t_last, self._step_last = time.time(), start_step
+
+  def add(self, step: int, metrics) -> None:
+    self._pending.append((step, metrics))
+    if len(self._pending) >= 2:  # keep one step in flight, but let the bar show finished steps
+      self._pending[-2][1]["loss"].block_until_ready()
+
+  def flush(self, step_now: int) -> Optional[dict]:
+    """Fetches pending metrics, stops on a non-finite loss, logs means over the interval."""
+    if not self._pending:
+      return None
+    fetched = jax.device_get([m for _, m in self._pending])
+    for (s, _), m in zip(self._pending, fetched):
+      if not np.isfinite(m["loss"]):
+        self._on_nonfinite(s, m["loss"])
+    now = time.time()
+    # Means over the interval (one batch's diffusion loss is very noisy); lr at its end.
+    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    last["learning_rate"] = float(fetched[-1]["learning_rate"])
+    last["tokens_per_sec"] = ((step_now - self._step_last) * self._tokens_per_step /
+                              max(now - self._t_last, 1e-9))
+    self._log.write("train", step_now, **last)
+    self._t_last, self._step_last = now, step_now
+    self._pending = []
+    return last
+
+
+def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
+                   batches: pipeline.TrainBatches, reporter: Reporter):
+  """(state, first step): the latest checkpoint of the workdir, or a fresh state at step 0."""
+  start = ckpt.latest_step()
+  if start is None:
+    return exp.init_state(), 0
+  state, meta, desc = ckpt.restore("latest", exp.abstract_state())
+  position = {k: int(v) for k, v in batches.position(start).items()}
+  if int(state.step) != start or meta.get("position") != position:
+    raise CheckpointError(  # never silently continue from an inconsistent checkpoint
+        f"checkpoint {desc} in {exp.workdir} is inconsistent (step/data position).",
+        "restore another step or train in a new --workdir; nothing was deleted.")
+  reporter.info(f"resuming from {desc} (data epoch {meta['position']['epoch']}, batch "
+                f"{meta['position']['batch_in_epoch']})")
+  return state, start
+
+
+def _log_line(step, m):
+  return (f"step {step}: loss {m['loss']:.4f} | grad_norm {m.get('grad_norm', float('nan')):.3f}"
+          f" | lr {m['learning_rate']:.2e} | {m['tokens_per_sec']:.0f} tok/s")
+
+
+def _periodic_eval(exp: experiment.Experiment, state, step: int, log: metrics_log.MetricsLog):
+  config = exp.config
+  params = state.ema_params if config.eval.use_ema else state.params
+  v = exp.evaluator.evaluate(params, exp.splits, seeds=tuple(config.eval.seeds)[:1],
+                             max_tokens=config.eval.during_training_max_tokens,
+                             split_names=("valid",))["valid"]
+  log.write("eval", step, valid_nll_per_token=v["nll_per_token"], valid_word_ppl=v["word_ppl"],
+            valid_tokens=v["num_tokens"])
+  return {checkpointing.BEST_METRIC: v["nll_per_token"]}, v
+
+
+def run(config, workdir: str, reporter: Reporter) -> TrainResult:
+  """Trains (resuming from the workdir's latest checkpoint); at the end (num_steps reached or the
+  wall-clock budget spent) evaluates like `--mode=eval`, writes samples and plots."""
+  exp = experiment.build(config, workdir)
+  tc = config.train
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_divisible(tc.batch_size, mesh)
+  batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
+                                  config.seed)
+  log = metrics_log.MetricsLog(workdir)
+  ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints)
+  try:
+    return _train(exp, mesh, batches, log, ckpt, reporter)
+  finally:
+    ckpt.close()
+
+
+def _train(exp, mesh, batches, log, ckpt, reporter) -> TrainResult:
+  config, workdir, tc = exp.config, exp.workdir, exp.config.train
+  reporter.info(f"model: {config.model.backbone} backbone, {config.model.block} block, "
+                f"{exp.objective.name}; {exp.num_params():,} parameters; "
+                f"{mesh.devices.size} {jax.default_backend()} device(s)")
+  state, start = resume_or_init(exp, ckpt, batches, reporter)
+  experiment.save_config(config, workdir)
+  state = mesh_lib.replicate(state, mesh)
+  step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
+                            ema_decay=tc.ema_decay, mesh=mesh)
+  rules = StopRules.from_config(tc)
+  tokens_per_step = tc.batch_size * config.data.seq_len
+
+  def nonfinite(step, loss):
+    ckpt.wait()
+    good = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"the training loss became {loss} at step {step}; the run stopped. The last good "
+        f"checkpoint (step {good}) in {ckpt.latest_dir} is untouched.",
+        "lower --config.train.learning_rate (or raise warmup_steps / enable grad_clip) and "
+        "rerun; training resumes from that checkpoint.")
+
+  buffer = MetricsBuffer(log, tokens_per_step=tokens_per_step, start_step=start,
+                         on_nonfinite=nonfinite)
+
+  def save(step_now, best_metrics=None):
+    position = {k: int(v) for k, v in batches.position(step_now).items()}
+    ckpt.save(step_now, state, {"step": step_now, "position": position},
+              best_metrics=best_metrics, force=True)
+
+  t_begin = time.time()
+  step, status = start, FINISHED if start >= rules.num_steps else STOPPED_AT_STEP
+  bar = reporter.progress(total=rules.stop_step, initial=start, desc="train",
+                          enabled=tc.progress_bar)
+  try:
+    while step < rules.stop_step:
+      state, metrics = step_fn(state, mesh_lib.shard_batch(batches.batch(step), mesh))
+      step += 1
+      buffer.add(step, metrics)
+      bar.update(1)
+      if step % tc.log_every == 0 or step == rules.stop_step:
+        last = buffer.flush(step)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+        if not tc.progress_bar:
+          reporter.info(_log_line(step, last))
+      out_of_time = rules.out_of_time(time.time() - t_begin)
+      if rules.is_eval_step(step):
+        buffer.flush(step)
+        best, v = _periodic_eval(exp, state, step, log)
+        reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
+                      f"({'bound, ' if exp.objective.is_upper_bound else ''}"
+                      f"{v['num_tokens']} tokens)")
+        save(step, best_metrics=best)
+      elif rules.is_checkpoint_step(step) or out_of_time:
+        buffer.flush(step)
+        save(step)
+      if out_of_time:
+        reporter.info(f"stopping at step {step}: train.max_wall_seconds={tc.max_wall_seconds} "
+                      "reached (checkpoint saved; rerun to resume)")
+        status = OUT_OF_TIME
+        break
+    else:
+      status = FINISHED if step >= rules.num_steps else STOPPED_AT_STEP
+  finally:
+    reporter.end_progress()
+    ckpt.wait()
+  wall = time.time() - t_begin
+  trained = step - start
+  reporter.info(f"trained steps {start}..{step} ({trained} steps, "
+                f"{trained * tokens_per_step:,} tokens) in {wall:.1f}s")
+  result = TrainResult(status=status, start_step=start, end_step=step,
+                       tokens=trained * tokens_per_step, wall_seconds=wall)
+  if status == STOPPED_AT_STEP:
+    reporter.info(f"stopped at train.stop_at_step={rules.stop_step}; rerun with the same config "
+                  "to continue.")
+    return result
+  # Finished, or out of wall-clock budget: evaluate what we have, exactly as --mode=eval does.
+  params, meta, desc = experiment.restore_params(exp)
+  result.evaluation = evaluate_mode.evaluate_params(exp, params, meta, desc, reporter)
+  sample_mode.write_samples(exp, params, meta, desc, reporter)
+  plotting.plot_training_curves(workdir)
+  return result

@@ -1,0 +1,201 @@
+"""Training objectives as objects, built once from the config by `build_objective`.
+
+An `Objective` owns everything that depends on what the model is trained to do: the training loss,
+the per-sequence negative log-likelihood used for evaluation (exact or an upper bound), the
+sampler, and the network flags the objective implies (causal attention, time conditioning). The
+rest of the project asks the objective instead of comparing names: `build_objective` is the only
+place where `config.model.objective` is read.
+
+A network enters as `apply(tokens, t=None, *, padding_mask=None) -> logits [B, L, V]`, the network
+with its parameters (and dropout key) bound; `V` real tokens, no `[MASK]` column.
+
+masked diffusion  absorbing masked diffusion; loss = continuous-time ELBO; evaluation gives an
+                  *upper bound* on -log p(x) (Monte Carlo over diffusion times).
+autoregressive    causal next-token model; the input is the block shifted right behind a BOS
+                  token (the `[MASK]` id, which is no word), so *every* token of a block is scored
+                  and -log p(x) is exact — the same quantity the diffusion bound bounds.
+
+The `[MASK]` id (which doubles as the AR model's BOS) has one source: the tokenizer
+(`Tokenizer.mask_id == vocab_size`), handed to the objective here as `mask_id`.
+"""
+
+import abc
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdiff_jax import diffusion, sampling, schedules
+from bdiff_jax.errors import ConfigError
+
+# apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
+Apply = Callable[..., jax.Array]
+
+
+class Objective(abc.ABC):
+  """What the model is trained to do. Immutable; built once per experiment."""
+
+  name: str = ""
+  causal: bool = False  # the network attends only to earlier positions
+  uses_time: bool = False  # the objective has a time a network may be conditioned on
+  is_upper_bound: bool = False  # sequence_nll is an upper bound (True) or exact (False)
+  metric_kind: str = ""  # how evaluation results are described to readers
+
+  def __init__(self, config, *, mask_id: int):
+    self.mask_id = int(mask_id)
+    self.time_conditioned = config.model.time_conditioning != "none"
+
+  @abc.abstractmethod
+  def loss(self, apply: Apply, tokens: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
+    """(loss in nats per token, aux metrics) of one batch int32[B, L]; `key` is consumed."""
+
+  @abc.abstractmethod
+  def sequence_nll(self, apply: Apply, tokens: jax.Array, valid: jax.Array, key: jax.Array,
+                   *, num_samples: int) -> jax.Array:
+    """-log p(tokens[b, valid[b]]) in nats per row, float32[B] (exact or an upper bound).
+
+    `valid` bool[B, L] marks real tokens; positions after the last valid one are padding and
+    neither enter the sum nor influence the valid ones. A row with no valid token gives 0.
+    """
+
+  @abc.abstractmethod
+  def sample(self, apply: Apply, key: jax.Array, *, sample_config, max_len: int,
+             prompt_ids: Optional[np.ndarray] = None) -> jax.Array:
+    """int32[num_samples, length] token ids (never `[MASK]`) drawn with `sample_config`."""
+
+  def describe(self) -> str:
+    return self.metric_kind
+
+
+class MaskedDiffusion(Objective):
+  """Absorbing masked diffusion with the continuous-time ELBO (MD4 / MDLM)."""
+
+  name = "diffusion"
+  causal = False
+  uses_time = True
+  is_upper_bound = True
+  metric_kind = "diffusion NLL upper bound (ELBO)"
+
+  def __init__(self, config, *, mask_id: int):
+    super().__init__(config, mask_id=mask_id)
+    d = config.diffusion
+    self.schedule = schedules.from_config(d)
+    self.antithetic = bool(d.antithetic)
+    self.corruption = str(d.corruption)
+    self.uniform_fraction = float(d.uniform_fraction)
+
+  def _logits_fn(self, apply: Apply, padding_mask=None):
+    return lambda z, t: apply(z, t, padding_mask=padding_mask)
+
+  def loss(self, apply, tokens, key):
+    return diffusion.diffusion_loss(
+        self._logits_fn(apply), tokens, key, schedule=self.schedule, mask_id=self.mask_id,
+        antithetic=self.antithetic, corruption=self.corruption,
+        uniform_fraction=self.uniform_fraction)
+
+  def sequence_nll(self, apply, tokens, valid, key, *, num_samples):
+    return diffusion.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key,
+                               schedule=self.schedule, mask_id=self.mask_id,
+                               num_samples=num_samples, valid=valid)
+
+  def sample(self, apply, key, *, sample_config, max_len, prompt_ids=None):
+    c = sample_config
+    return sampling.sample(
+        lambda z, t: apply(z, t), key, length=c.length, num_steps=c.num_steps,
+        mask_id=self.mask_id, batch_size=c.num_samples,
+        prompt=None if prompt_ids is None else jnp.asarray(prompt_ids),
+        temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, schedule=self.schedule,
+        grid=c.grid)
+
+
+class Autoregressive(Objective):
+  """Causal next-token prediction behind a BOS token: exact likelihood."""
+
+  name = "autoregressive"
+  causal = True
+  is_upper_bound = False
+  metric_kind = "autoregressive NLL (exact)"
+
+  def __init__(self, config, *, mask_id: int):
+    super().__init__(config, mask_id=mask_id)
+    if self.time_conditioned and not self.uses_time:
+      raise ConfigError(
+          "config.model.time_conditioning must be 'none' for the autoregressive objective "
+          "(there is no diffusion time).",
+          "pass --config.model.time_conditioning=none.")
+    self.learned_positions = config.model.positional == "learned"
+
+  def inputs(self, tokens: jax.Array) -> jax.Array:
+    """The model's input: the block shifted right behind a BOS token (the `[MASK]` id)."""
+    bos = jnp.full((tokens.shape[0], 1), self.mask_id, tokens.dtype)
+    return jnp.concatenate([bos, tokens[:, :-1]], axis=1)
+
+  def token_nll(self, apply: Apply, tokens: jax.Array) -> jax.Array:
+    """-log p(x_i | x_<i) for every position, float32[B, L]."""
+    logits = apply(self.inputs(tokens)).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+  def loss(self, apply, tokens, key):
+    del key  # deterministic given the batch (dropout has its own key inside `apply`)
+    loss = jnp.mean(self.token_nll(apply, tokens))
+    return loss, {"nll_per_token": loss}
+
+  def sequence_nll(self, apply, tokens, valid, key, *, num_samples):
+    del key, num_samples  # exact: no Monte Carlo
+    # Causal: padding after the valid prefix cannot influence it; it is only excluded.
+    return jnp.sum(jnp.where(valid, self.token_nll(apply, tokens), 0.0), axis=-1)
+
+  def sample(self, apply, key, *, sample_config, max_len, prompt_ids=None):
+    """Ancestral left-to-right sampling (lax.fori_loop); position i uses fold_in(key, i)."""
+    c = sample_config
+    length, v = int(c.length), self.mask_id
+    if length > max_len and self.learned_positions:
+      raise ConfigError(f"config.sample.length={length} exceeds the learned positions "
+                        f"({max_len}).", "sample at most data.seq_len tokens.")
+    fixed = np.full((c.num_samples, length), v, np.int32)
+    if prompt_ids is not None:
+      fixed[:, :prompt_ids.shape[-1]] = prompt_ids
+    fixed = jnp.asarray(fixed)
+
+    def body(i, tokens):
+      logits = jax.lax.dynamic_index_in_dim(apply(self.inputs(tokens)), i, axis=1,
+                                            keepdims=False)
+      logits = sampling.filter_logits(logits, temperature=c.temperature, top_k=c.top_k,
+                                      top_p=c.top_p)
+      draw = sampling.categorical(jax.random.fold_in(key, i), logits)
+      keep = fixed[:, i] != v
+      return tokens.at[:, i].set(jnp.where(keep, fixed[:, i], draw))
+
+    return jax.lax.fori_loop(0, length, body, fixed)
+
+
+_OBJECTIVES: dict[str, type[Objective]] = {
+    MaskedDiffusion.name: MaskedDiffusion,
+    Autoregressive.name: Autoregressive,
+}
+NAMES = tuple(_OBJECTIVES)
+
+
+def objective_class(name: str) -> type[Objective]:
+  """The class registered under `name` (for its flags, before a config exists)."""
+  if name not in _OBJECTIVES:
+    raise ConfigError(f"config.model.objective={name!r} is not one of "
+                      f"{', '.join(map(repr, NAMES))}.",
+                      "set --config.model.objective to one of those values.")
+  return _OBJECTIVES[name]
+
+
+def build_objective(config, *, mask_id: int) -> Objective:
+  """The objective of `config.model.objective`; the one place that reads that name."""
+  return objective_class(config.model.objective)(config, mask_id=mask_id)
+
+
+def network_flags(config) -> dict[str, Any]:
+  """The network settings the configured objective implies ({'causal': bool}).
+
+  For building networks without a tokenizer at hand (e.g. shape-only benchmarks): the mask id
+  does not affect the flags.
+  """
+  return {"causal": build_objective(config, mask_id=1).causal}

@@ -1,0 +1,58 @@
+"""The pure train step: `(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+The objective supplies the loss, the update rule turns it into new parameters (first order:
+gradients + optax; zeroth order: perturbed forward passes), and the step keeps the EMA.
+Randomness: the per-step key `fold_in(state.rng, state.step)` is split into the objective's noise
+key (times, masks), the dropout key and the update rule's key, so a resumed run draws exactly
+what an uninterrupted run would.
+"""
+
+from typing import Callable, Optional
+
+import jax
+from jax.sharding import Mesh
+
+from bdiff_jax import mesh as mesh_lib
+from bdiff_jax.train_state import TrainState
+
+
+def bind_network(network, params, *, train: bool, dropout_key=None):
+  """`apply(tokens, t=None, *, padding_mask=None) -> logits` with the parameters bound."""
+  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+  return lambda *a, **kw: network.apply({"params": params}, *a, train=train, rngs=rngs, **kw)
+
+
+def loss_fn(params, objective, network, tokens, key, *, train: bool = True):
+  """The objective's training loss of one batch -> (loss, aux); `key` is split for noise and
+  dropout."""
+  noise_key, dropout_key = jax.random.split(key)
+  apply = bind_network(network, params, train=train, dropout_key=dropout_key)
+  return objective.loss(apply, tokens, noise_key)
+
+
+def make_train_step(objective, network, update_rule, *, ema_decay: float,
+                    mesh: Optional[Mesh] = None) -> Callable:
+  """Returns a jitted `step(state, batch) -> (state, metrics)` with the state donated."""
+  ema_decay = float(ema_decay)
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    loss_key, rule_key = jax.random.split(key)
+    bound_loss = lambda params: loss_fn(params, objective, network, batch, loss_key)
+    params, opt_state, metrics = update_rule.update(bound_loss, state.params, state.opt_state,
+                                                    rule_key, state.step)
+    if ema_decay > 0:
+      ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                   state.ema_params, params)
+    else:
+      ema = params
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  replicated = mesh_lib.replicated_sharding(mesh)
+  return jax.jit(step, donate_argnums=0,
+                 in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated))

@@ -1,0 +1,101 @@
+"""Shared test helpers: paths, running main.py in a new process, and tiny models.
+
+Imported by the test modules (`from tests import helpers`); fixtures live in conftest.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from bdiff_jax import configuration, models, train_state, update_rule
+from bdiff_jax.objective import build_objective, objective_class
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/wikitext2.py:smoke"
+
+
+def wikitext2_dir() -> str:
+  return os.environ.get("BDIFF_DATA_DIR") or os.path.join(REPO, "..", "shared", "data",
+                                                          "wikitext-2")
+
+
+def subprocess_env(**extra) -> dict:
+  """Environment of a child Python process: CPU, the repo importable, the test session's
+  persistent compilation cache (identical programs compile once across processes)."""
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def run_main(args, *, env_extra=None, timeout=600):
+  """Runs `python main.py ARGS` in a new process; returns CompletedProcess (text)."""
+  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
+                        env=subprocess_env(**(env_extra or {})), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def run_python(code: str, *, env_extra=None, timeout=600):
+  """Runs `python -c CODE` in a new process from the repo root; returns CompletedProcess."""
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                        env=subprocess_env(**(env_extra or {})), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def assert_ok(proc):
+  """proc exited 0; otherwise fail showing its output."""
+  assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\n"
+                                f"STDERR:\n{proc.stderr}")
+  return proc
+
+
+def train_losses(workdir) -> dict:
+  """{step: loss} of the 'train' records in <workdir>/metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+def network(model_config, *, vocab_size: int, max_len: int) -> models.Network:
+  """The network of a `config.model` section, causal when its objective says so."""
+  causal = objective_class(model_config.objective).causal
+  return models.build_network(model_config, vocab_size=vocab_size, max_len=max_len,
+                              causal=causal)
+
+
+def tiny_config(**model):
+  """A validated config of a tiny model (2 x 32) on 8 x 16 batches; `model` overrides fields."""
+  c = configuration.base_config()
+  c.model.num_layers = 2
+  c.model.emb_dim = 32
+  c.model.num_heads = 2
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 64
+  for k, v in model.items():
+    c.model[k] = v
+  c.data.seq_len = 16
+  c.train.batch_size = 8
+  c.train.num_steps = 20
+  c.train.warmup_steps = 2
+  c.train.learning_rate = 1e-2
+  c.train.ema_decay = 0.9
+  configuration.validate(c)
+  return c
+
+
+def train_setup(c, vocab=50):
+  """(objective, network, update rule, initial state, a random batch) of config `c`."""
+  objective = build_objective(c, mask_id=vocab)
+  net = models.build_network(c.model, vocab_size=vocab, max_len=c.data.seq_len,
+                             causal=objective.causal)
+  rule = update_rule.build_update_rule(c.train)
+  params = models.init_params(net, jax.random.PRNGKey(0), seq_len=c.data.seq_len)
+  state = train_state.create_train_state(params, rule, jax.random.PRNGKey(1))
+  batch = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (c.train.batch_size,
+                                                                 c.data.seq_len), 0, vocab))
+  return objective, net, rule, state, batch
