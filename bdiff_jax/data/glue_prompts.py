@@ -123,7 +123,7 @@ def _assemble(pieces: tuple[str, ...], spacing: str) -> str:
 
 def _drop_final_punct(s: str) -> str:
   s = s.rstrip()
-  return s[:-1].rstrip() if s[-1:] in ".?!" else s
+  return s[:-1].rstrip() if s.endswith((".", "?", "!")) else s
 
 
 def _lower_first(s: str) -> str:
