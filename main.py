@@ -39,33 +39,58 @@ _PROMPT = flags.DEFINE_string("prompt", None, "Shorthand for --config.sample.pro
 flags.mark_flags_as_required(["config"])
 
 
+def _fail(problem: str, fix: str) -> None:
+  print(f"error: {problem} Fix: {fix}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _last_line(text: str) -> str:
+  """The message of an error whose text embeds a traceback: its last non-empty line."""
+  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+  return lines[-1] if lines else str(text)
+
+
 def _parse_flags(argv):
-  """absl flag parsing, but a bad --config.<field> override is one clear line and exit 2."""
+  """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"bad command line ({_last_line(e)}).",
+          "see `python main.py --help`; presets are listed at the top of each configs/*.py.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     msg = str(e).strip().strip("'\"").replace("\\n", " ").replace("\n", " ")
     msg = msg.replace("\\'", "").replace("\'", "")
     bad = [a for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: invalid config override ({msg}) among {' '.join(bad) or 'the arguments'}. "
-          "Fix: use a field that exists in the config file (see configs/ and "
-          "bdiff_jax/configuration.py) with a value of its type.", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"invalid config override ({msg}) among {' '.join(bad) or 'the arguments'}.",
+          "use a field that exists in the config file (see configs/ and "
+          "bdiff_jax/configuration.py) with a value of its type.")
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}.",
+          "pass options as --flag=value (e.g. --config.train.num_steps=100), or quote values "
+          "with spaces.")
+  return argv
+
+
+def _load_config():
+  """The config file's config, or one error line (missing file, failing get_config)."""
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a config that failed to load raises on first use: make that happen here
+    return config
+  except (OSError, ImportError, SyntaxError, ValueError, KeyError, AttributeError) as e:
+    _fail(f"cannot load the config ({_last_line(e)}).",
+          "pass --config=<an existing configs/*.py file>[:<one of its presets>].")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _parse_flags refuses stray arguments
   logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore (INFO, WARNING)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
   try:
-    config = _CONFIG.value
+    config = _load_config()
     if _PROMPT.value is not None:
       config.sample.prompt = _PROMPT.value
     importlib.import_module(MODES[_MODE.value]).run(config, _WORKDIR.value, Reporter())

@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults for every field. Config files override what they need."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Which preset of the config file this is and why it was chosen (set by configs/*.py; the
+  # train mode prints it). Informational only.
+  c.preset = ""
+  c.preset_reason = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "wikitext2"

@@ -1,27 +1,63 @@
 r"""Masked-diffusion LM on WikiText-2 (word level).
 
 Run:
-  python main.py --config configs/wikitext2.py --workdir runs/wt2            # default (GPU-sized)
-  python main.py --config configs/wikitext2.py:cpu --workdir runs/wt2_cpu    # ~30 min on 2 CPU cores
-  python main.py --config configs/wikitext2.py:smoke --workdir /tmp/smoke    # < 1 min, used by tests
+  python main.py --config configs/wikitext2.py --workdir runs/wt2          # picks a preset that fits
+  python main.py --config configs/wikitext2.py:cpu --workdir runs/wt2_cpu  # force one: cpu|gpu|tpu|smoke
+
+With no preset the config looks at the machine (JAX backend and memory) and picks `tpu` on a TPU,
+`gpu` on a GPU and `cpu` otherwise; the train mode prints the choice and the reason, and refuses
+(one `error:` line, before training) a step whose compiled memory does not fit the machine.
 
 Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 eval seeds):
   smoke:   ~45 s on 2 CPU cores; bound ~1.4e3 valid / ~650 test on the first 2,048 tokens of
            each split (a wiring check: the output bias starts at the unigram model).
-  cpu:     30 min of training on 2 shared CPU cores (312 of 500 steps, 1.28M tokens, stopped by
-           train.max_wall_seconds), then the full splits: valid 875 ± 32, test 862 ± 43.
-  default: sized for one GPU; not yet measured (no accelerator was available).
+  cpu:     30 min of training on 2 CPU cores (stopped by train.max_wall_seconds), then the full
+           splits. Measured numbers (and the unigram/bigram baselines) are in README.md.
+  gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
+           was available). `default` is an alias of `gpu`.
+  tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
 
-Presets: "" (default), "smoke", "cpu". Any field can be overridden with --config.<field>=...
+Peak train-step memory (XLA memory analysis of the compiled step on CPU, temp + arguments +
+outputs - donated aliases): see README.md ("Presets") for the measured values.
 """
 
+import ml_collections
+
 from bdiff_jax.configuration import base_config
+
+PRESETS = ("auto", "smoke", "cpu", "gpu", "tpu", "default")
+# Below this much accelerator memory the gpu preset does not fit; fall back to cpu-sized.
+_GPU_PRESET_MIN_BYTES = 12 * 2**30
+
+
+def _auto() -> tuple[str, str]:
+  """(preset, reason) for this machine."""
+  from bdiff_jax import platform_info  # pylint: disable=g-import-not-at-top
+  p = platform_info.detect()
+  if p.backend == "tpu":
+    return "tpu", f"a TPU backend: {p.describe()}"
+  if p.backend == "gpu":
+    if p.memory_bytes >= _GPU_PRESET_MIN_BYTES:
+      return "gpu", f"a GPU backend: {p.describe()}"
+    return "cpu", (f"a GPU with less than {_GPU_PRESET_MIN_BYTES / 2**30:.0f} GiB: "
+                   f"{p.describe()}; the cpu-sized preset fits")
+  return "cpu", f"no accelerator: {p.describe()}"
+
 
 
 def get_config(preset: str = ""):
   c = base_config()
-  preset = preset or "default"
-  if preset == "default":
+  preset = preset or "auto"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS[1:])} or none "
+                     "(auto)")
+  if preset == "auto":
+    preset, reason = _auto()
+  else:
+    reason = "chosen on the command line"
+  preset = "gpu" if preset == "default" else preset
+  c.preset, c.preset_reason = preset, reason
+  if preset in ("gpu", "tpu"):
     # Sized for one GPU; also runs (slowly) on CPU.
     c.data.seq_len = 256
     c.model.num_layers = 8
@@ -39,6 +75,11 @@ def get_config(preset: str = ""):
     c.train.checkpoint_every = 2500
     c.eval.during_training_max_tokens = 32_768
     c.eval.num_time_samples = 4
+    if preset == "tpu":
+      c.model.dtype = "bfloat16"
+      c.train.batch_size = 256
+      c.train.learning_rate = 1e-3
+      c.eval.batch_size = 256
   elif preset == "cpu":
     # About 30 minutes of training on 2 CPU cores (plus the full-split evaluation).
     c.data.seq_len = 128
@@ -84,6 +125,4 @@ def get_config(preset: str = ""):
     c.sample.num_samples = 2
     c.sample.length = 32
     c.sample.num_steps = 16
-  else:
-    raise ValueError(f"unknown preset {preset!r}: use '', 'smoke' or 'cpu'")
   return c

@@ -131,6 +131,7 @@ def ar_run(tmp_path_factory, real_data_dir, shared_tfds_dir):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_ar_train_and_eval_in_new_process(ar_run, real_data_dir, shared_tfds_dir):
   workdir, proc = ar_run
   assert "autoregressive" in proc.stdout and "(exact)" in proc.stdout
@@ -151,6 +152,7 @@ def test_ar_train_and_eval_in_new_process(ar_run, real_data_dir, shared_tfds_dir
     assert json.load(f) == first
 
 
+@pytest.mark.slow
 def test_ar_resume_identical(ar_run, tmp_path, real_data_dir, shared_tfds_dir):
   straight, _ = ar_run
   split = tmp_path / "split"
@@ -167,6 +169,7 @@ def test_ar_resume_identical(ar_run, tmp_path, real_data_dir, shared_tfds_dir):
     assert json.load(f)["results"] == results["results"]
 
 
+@pytest.mark.slow
 def test_ar_sample(ar_run, real_data_dir, shared_tfds_dir):
   workdir, _ = ar_run
   config = _config(real_data_dir, shared_tfds_dir)

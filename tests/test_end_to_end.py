@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import assert_ok, run_main, train_losses
 
+pytestmark = pytest.mark.slow  # every test here runs main.py in new processes
+
 CONFIG = "configs/wikitext2.py:smoke"
 
 

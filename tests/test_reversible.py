@@ -396,6 +396,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_data_parallel_train_step_recompute_equals_autodiff():
   """float64, dropout on, batch sharded over a 4-device mesh (fresh process for the flags)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
