@@ -57,15 +57,46 @@ def _device_memory(device) -> Optional[int]:
   return int(stats.get("bytes_limit") or stats.get("bytes_reservable_limit") or 0) or None
 
 
+MEMORY_LIMIT_ENV = "BDIFF_MEMORY_LIMIT_BYTES"
+
+
 def detect() -> Platform:
+  """The local platform. `$BDIFF_MEMORY_LIMIT_BYTES` caps the memory it reports (to share a
+  machine, or to test the refusal of steps that do not fit)."""
   devices = jax.local_devices()
   backend = jax.default_backend()
   memory = None if backend == "cpu" else _device_memory(devices[0])
   if memory is None:
     memory = host_available_bytes()
+  limit = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+  if limit:
+    try:
+      memory = min(memory, int(float(limit))) if memory else int(float(limit))
+    except ValueError:
+      raise UserError(f"${MEMORY_LIMIT_ENV}={limit!r} is not a number of bytes.",
+                      f"unset it or set it to e.g. 8e9.") from None
   return Platform(backend=backend, device_kind=str(devices[0].device_kind),
                   num_devices=len(devices), memory_bytes=int(memory),
                   cpu_count=os.cpu_count() or 1)
+
+
+def memory_stats(compiled) -> dict[str, int]:
+  """Byte counts from XLA's memory analysis of a compiled executable.
+
+  temp (activations and scratch), argument, output, alias (outputs written into donated
+  arguments), generated_code and peak_memory (0 where the backend does not report it);
+  total = temp + argument + output and held = total - alias.
+  """
+  mem = compiled.memory_analysis()
+  if mem is None:
+    raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis; "
+                       "cannot report train-step memory.")
+  stats = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes")) for k in
+           ("temp", "argument", "output", "alias", "generated_code")}
+  stats["peak_memory_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  stats["total_bytes"] = stats["temp_bytes"] + stats["argument_bytes"] + stats["output_bytes"]
+  stats["held_bytes"] = stats["total_bytes"] - stats["alias_bytes"]
+  return stats
 
 
 def check_step_fits(stats: dict, platform: Platform, *, what: str, fix: str,

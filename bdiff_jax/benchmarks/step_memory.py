@@ -13,27 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax import models, train_state, update_rule
+from bdiff_jax.platform_info import memory_stats  # re-exported: the one definition
 from bdiff_jax.objective import build_objective
 from bdiff_jax.train_step import make_train_step
-
-
-def memory_stats(compiled) -> dict[str, int]:
-  """Byte counts from XLA's memory analysis of a compiled executable.
-
-  temp (activations and scratch), argument, output, alias (outputs written into donated
-  arguments), generated_code and peak_memory (0 where the backend does not report it);
-  total = temp + argument + output and held = total - alias.
-  """
-  mem = compiled.memory_analysis()
-  if mem is None:
-    raise RuntimeError(f"the {jax.default_backend()} backend gives no compiled memory analysis; "
-                       "cannot report train-step memory.")
-  stats = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes")) for k in
-           ("temp", "argument", "output", "alias", "generated_code")}
-  stats["peak_memory_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-  stats["total_bytes"] = stats["temp_bytes"] + stats["argument_bytes"] + stats["output_bytes"]
-  stats["held_bytes"] = stats["total_bytes"] - stats["alias_bytes"]
-  return stats
 
 
 @dataclasses.dataclass

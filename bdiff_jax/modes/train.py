@@ -13,7 +13,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax import checkpointing, experiment, metrics_log, plotting
+from bdiff_jax import checkpointing, experiment, metrics_log, platform_info, plotting
 from bdiff_jax import mesh as mesh_lib
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import CheckpointError, NonFiniteLossError
@@ -156,15 +156,24 @@ def run(config, workdir: str, reporter: Reporter) -> TrainResult:
 
 def _train(exp, mesh, batches, log, ckpt, reporter) -> TrainResult:
   config, workdir, tc = exp.config, exp.workdir, exp.config.train
+  if config.preset:
+    reporter.info(f"preset: {config.preset} ({config.preset_reason})")
   reporter.info(f"model: {config.model.backbone} backbone, {config.model.block} block, "
                 f"{exp.objective.name}; {exp.num_params():,} parameters; "
                 f"{mesh.devices.size} {jax.default_backend()} device(s)")
   state, start = resume_or_init(exp, ckpt, batches, reporter)
   experiment.save_config(config, workdir)
   state = mesh_lib.replicate(state, mesh)
+  rules = StopRules.from_config(tc)
   step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
                             ema_decay=tc.ema_decay, mesh=mesh)
-  rules = StopRules.from_config(tc)
+  if start < rules.stop_step:  # compile ahead: refuse a step that cannot fit, before training
+    step_fn = step_fn.lower(state, mesh_lib.shard_batch(batches.batch(start), mesh)).compile()
+    platform_info.check_step_fits(
+        platform_info.memory_stats(step_fn), platform_info.detect(),
+        what=f"the train step of this config (preset {config.preset or 'custom'})",
+        fix="pick a smaller preset (configs/wikitext2.py:cpu or :smoke) or lower "
+            "--config.train.batch_size / --config.data.seq_len / the model size.")
   tokens_per_step = tc.batch_size * config.data.seq_len
 
   def nonfinite(step, loss):

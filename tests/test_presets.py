@@ -1,0 +1,62 @@
+"""Config presets: the automatic choice, its reason, and the up-front memory refusal."""
+
+import importlib.util
+import os
+
+import pytest
+
+from bdiff_jax import platform_info
+from tests import helpers
+
+
+def _wikitext2_config(preset=""):
+  spec = importlib.util.spec_from_file_location(
+      "wt2_config", os.path.join(helpers.REPO, "configs", "wikitext2.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def test_auto_preset_on_this_machine_says_why():
+  c = _wikitext2_config()
+  p = platform_info.detect()
+  expected = {"cpu": "cpu", "tpu": "tpu"}.get(p.backend, c.preset)
+  assert c.preset == expected
+  assert p.backend in c.preset_reason and c.preset_reason
+  assert _wikitext2_config("default").preset == "gpu"  # the old name still works
+  forced = _wikitext2_config("smoke")
+  assert (forced.preset, forced.preset_reason) == ("smoke", "chosen on the command line")
+  with pytest.raises(ValueError, match="unknown preset"):
+    _wikitext2_config("nosuch")
+
+
+def test_step_that_does_not_fit_is_refused():
+  small = platform_info.Platform(backend="cpu", device_kind="cpu", num_devices=1,
+                                 memory_bytes=2**30, cpu_count=2)
+  stats = {"held_bytes": 2**30}  # more than 90% of the machine
+  with pytest.raises(platform_info.ResourceError, match="GiB"):
+    platform_info.check_step_fits(stats, small, what="x", fix="y")
+  platform_info.check_step_fits({"held_bytes": 2**29}, small, what="x", fix="y")
+
+
+def test_memory_limit_environment_variable(monkeypatch):
+  monkeypatch.setenv(platform_info.MEMORY_LIMIT_ENV, "12345")
+  assert platform_info.detect().memory_bytes == 12345
+  monkeypatch.setenv(platform_info.MEMORY_LIMIT_ENV, "lots")
+  with pytest.raises(platform_info.UserError):
+    platform_info.detect()
+
+
+@pytest.mark.slow
+def test_main_refuses_a_step_that_does_not_fit(tmp_path, real_data_dir, shared_tfds_dir):
+  workdir = tmp_path / "wd"
+  proc = helpers.run_main(
+      ["--config", helpers.SMOKE, "--workdir", str(workdir),
+       f"--config.data.data_dir={real_data_dir}", f"--config.data.tfds_dir={shared_tfds_dir}"],
+      env_extra={platform_info.MEMORY_LIMIT_ENV: "1000000"})
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "XLA memory analysis" in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert "preset: smoke" in proc.stdout
+  assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
