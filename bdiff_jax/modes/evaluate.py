@@ -3,7 +3,7 @@
 import json
 import os
 
-from bdiff_jax import experiment
+from bdiff_jax import baselines, experiment
 from bdiff_jax.reporter import Reporter
 
 
@@ -23,8 +23,12 @@ def evaluate_params(exp: experiment.Experiment, params, meta: dict, desc: str,
   config = exp.config
   results = exp.evaluator.evaluate(params, exp.splits, seeds=config.eval.seeds,
                                    max_tokens=config.eval.max_tokens)
-  reporter.info(f"checkpoint: {desc}\n{exp.evaluator.format_results(results)}")
-  out = {"checkpoint": desc, "step": meta.get("step"), "results": results}
+  reference = baselines.cached(exp.splits, exp.workdir, seq_len=config.data.seq_len,
+                               max_tokens=config.eval.max_tokens)
+  reporter.info(f"checkpoint: {desc}\n{exp.evaluator.format_results(results)}\n"
+                f"{baselines.format_baselines(reference)}")
+  out = {"checkpoint": desc, "step": meta.get("step"), "results": results,
+         "baselines": reference}
   name = f"eval_{str(config.eval.checkpoint)}.json"
   with open(os.path.join(exp.workdir, name), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2)
