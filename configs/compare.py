@@ -1,6 +1,6 @@
 r"""Reversible vs standard backbone, as diffusion models and against an autoregressive baseline.
 
-Run (the harness is bdiff_jax/benchmarks/compare.py; outputs compare.md, compare.json and
+Run (the harness is bdiff_jax/benchmarks/compare/; outputs compare.md, compare.json and
 compare.png in the workdir, and the table is printed):
   python main.py --config configs/compare.py:test --workdir /tmp/cmp_test --mode=compare
   python main.py --config configs/compare.py:quick --workdir runs/cmp_quick --mode=compare

@@ -3,6 +3,7 @@
 Imported by the test modules (`from tests import helpers`); fixtures live in conftest.py.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,15 @@ from bdiff_jax.objective import build_objective, objective_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/wikitext2.py:smoke"
+
+
+def load_config(path: str, preset: str = ""):
+  """`get_config(preset)` of the config file `path` (relative to the repo, e.g. configs/x.py)."""
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
 
 
 def wikitext2_dir() -> str:

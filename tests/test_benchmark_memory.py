@@ -1,23 +1,15 @@
 """Wiring test of the memory benchmark (tiny sizes; the numbers themselves are not tested)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
 from bdiff_jax.benchmarks import memory
 from tests import helpers
 
-REPO = helpers.REPO
-
 
 def _benchmark_config(preset: str):
-  spec = importlib.util.spec_from_file_location("benchmark_config",
-                                                os.path.join(REPO, "configs", "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return helpers.load_config("configs/benchmark.py", preset)
 
 
 def test_presets_and_case_config():
@@ -51,6 +43,7 @@ def test_check_targets_pass_and_fail():
   assert {c["status"] for c in missing} == {"MISSING"}
 
 
+@pytest.mark.slow
 def test_run_memory_benchmark_writes_results(tmp_path, monkeypatch, capsys):
   # The workers compile without LLVM optimisation: this test checks wiring, not speed.
   monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
@@ -83,3 +76,5 @@ def test_run_memory_benchmark_writes_results(tmp_path, monkeypatch, capsys):
                            ("time", "step_time_s")}
   assert set(statuses.values()) <= {"PASS", "FAIL"}
   assert "reversible/recompute" in printed and ("PASS" in printed or "FAIL" in printed)
+  # Only the reporter's lines: the workers' protocol lines stay between the processes.
+  assert memory.WORKER_RESULT_PREFIX not in printed

@@ -1,15 +1,18 @@
-"""The comparison harness (bdiff_jax/benchmarks/compare.py) with configs/compare.py.
+"""The comparison harness (bdiff_jax/benchmarks/compare/) with configs/compare.py.
 
-  * planning: model names, budgets (tokens / steps / seconds), per-model overrides and their
-    validation, all before anything trains (no JAX compilation involved);
-  * the `test` level end to end, in-process on the real WikiText-2: compare.md / compare.json /
-    compare.png exist, every model has finite numbers, AR rows say exact and diffusion rows say
-    upper bound, every model saw the same tokens;
-  * failures: an invalid override for one model, and a run whose loss blows up, each fail the
-    comparison with their own error and leave no table, JSON or PNG (not even an older one).
+  * planning (fast): model names, budgets (tokens / steps / seconds), per-model overrides parsed
+    as command-line values and their validation, all before anything trains (no JAX compilation
+    involved);
+  * the `test` level end to end (slow), in-process on the real WikiText-2: compare.md /
+    compare.json / compare.png exist, every model has finite numbers, AR rows say exact and
+    diffusion rows say upper bound, every model saw the same tokens, the output went to the
+    reporter;
+  * failures (slow): a run whose loss blows up fails the comparison with its own error and leaves
+    no table, JSON or PNG (not even an older one); an invalid override (fast) fails before
+    anything is written.
 """
 
-import importlib.util
+import io
 import json
 import math
 import os
@@ -18,17 +21,14 @@ import pytest
 
 from bdiff_jax.benchmarks import compare
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
-from tests.helpers import REPO
+from bdiff_jax.reporter import QUIET, Reporter
+from tests import helpers
 
 OUTPUTS = (compare.JSON_FILE, compare.MARKDOWN_FILE, compare.PLOT_FILE)
 
 
 def _get_config(preset="test", **compare_overrides):
-  spec = importlib.util.spec_from_file_location("compare_config",
-                                                os.path.join(REPO, "configs", "compare.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(preset)
+  c = helpers.load_config("configs/compare.py", preset)
   for k, v in compare_overrides.items():
     c.compare[k] = v
   return c
@@ -85,6 +85,29 @@ def test_plan_models_budgets_and_overrides(tmp_path):
     assert r.config.train.max_wall_seconds == 30.0 and r.config.train.num_steps == 6
 
 
+def test_override_values_are_typed_like_command_line_values(tmp_path):
+  c = _get_config("test", overrides="*:train.learning_rate=1;*:train.progress_bar=true;"
+                                    "autoregressive:eval.seeds=(5, 6);"
+                                    "standard_diffusion:data.variant='raw';"
+                                    "*:train.learning_rate=2e-3;*:eval.max_tokens=128")
+  the_plan = compare.plan_comparison(c, str(tmp_path))
+  by = {r.entry.label: r.config for r in the_plan.runs}
+  for label, rc in by.items():
+    assert rc.train.learning_rate == 2e-3 and isinstance(rc.train.learning_rate, float), label
+    assert rc.train.progress_bar is True and rc.eval.max_tokens == 128
+    assert not rc.is_locked  # locked only while the overrides are applied
+  assert tuple(by["autoregressive"].eval.seeds) == (5, 6)
+  assert tuple(by["standard_diffusion"].eval.seeds) == (0, 1)
+  assert by["standard_diffusion"].data.variant == "raw"  # outer quotes removed, as by a shell
+  assert by["reversible_diffusion"].data.variant == "v1"
+  # The memory sweep is planned (and validated) with the same overrides, per depth.
+  assert [(p.backbone, p.depth) for p in the_plan.sweep] == [
+      ("standard", 1), ("standard", 2), ("reversible", 1), ("reversible", 2)]
+  for p in the_plan.sweep:
+    assert p.config.model.num_layers == p.depth and p.config.model.block == "qwen3"
+    assert p.config.data.variant == ("raw" if p.backbone == "standard" else "v1")
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("overrides", "reversible_diffusion:model.num_kv_heads=3", "num_kv_heads"),
     ("overrides", "autoregressive:train.learning_rat=1", "learning_rat"),
@@ -93,6 +116,12 @@ def test_plan_models_budgets_and_overrides(tmp_path):
     ("overrides", "autoregressive:train.batch_size=many", "train.batch_size"),
     ("overrides", "*:train.num_steps=3", "budget"),
     ("overrides", "autoregressive", "cannot parse"),
+    ("overrides", "*:train=1", "section"),
+    ("overrides", "*:train.progress_bar=maybe", "train.progress_bar"),
+    ("overrides", "*:train.batch_size=3.0", "train.batch_size"),
+    ("overrides", "*:eval.seeds[0]=1", "eval.seeds"),
+    ("overrides", "*:seed=3", "seed"),
+    ("overrides", "*:compare.budget=steps", "compare.budget"),
     ("models", "standard_diffusion,transformer_xl", "transformer_xl"),
     ("models", "standard_diffusion:fancy", "fancy"),
     ("budget", "epochs", "budget"),
@@ -102,8 +131,9 @@ def test_plan_models_budgets_and_overrides(tmp_path):
 ])
 def test_invalid_settings_fail_before_training(tmp_path, field, value, needle):
   c = _get_config("test", **{field: value})
-  with pytest.raises(ConfigError, match=needle):
-    compare.run_comparison(c, str(tmp_path))
+  with pytest.raises(ConfigError, match=needle) as raised:
+    compare.run_comparison(c, str(tmp_path), QUIET)
+  assert "\n" not in str(raised.value)  # one line for main.py's `error: ...`
   assert not os.listdir(tmp_path)  # nothing was trained or written
 
 
@@ -113,12 +143,15 @@ def test_invalid_settings_fail_before_training(tmp_path, field, value, needle):
 @pytest.fixture(scope="module")
 def test_level(tmp_path_factory, real_data_dir, shared_tfds_dir):
   workdir = tmp_path_factory.mktemp("compare")
-  summary = compare.run_comparison(_data_config(real_data_dir, shared_tfds_dir), str(workdir))
-  return workdir, summary
+  console = io.StringIO()
+  summary = compare.run_comparison(_data_config(real_data_dir, shared_tfds_dir), str(workdir),
+                                   Reporter(stream=console))
+  return workdir, summary, console.getvalue()
 
 
+@pytest.mark.slow
 def test_test_level_outputs(test_level):
-  workdir, summary = test_level
+  workdir, summary, console = test_level
   for name in OUTPUTS:
     assert os.path.getsize(os.path.join(workdir, name)) > 100, name
   with open(os.path.join(workdir, compare.PLOT_FILE), "rb") as f:
@@ -152,8 +185,14 @@ def test_test_level_outputs(test_level):
     assert rows[name].rstrip().endswith("| upper bound |")
     assert "nan" not in rows[name].lower() and "inf" not in rows[name].lower()
   assert "UPPER BOUND" in table and "EXACT" in table and "SUBSET" in table
+  # Everything the harness says goes to its reporter: per-model lines, the table, the files.
+  assert table in console and f"wrote {compare.JSON_FILE}" in console
+  for name in names:
+    assert f"compare: {name}: peak train-step memory" in console
+    assert f"compare: training {name} seed 0" in console
 
 
+@pytest.mark.slow
 def test_failure_inside_one_model_fails_the_run(tmp_path, real_data_dir, shared_tfds_dir):
   with open(tmp_path / compare.JSON_FILE, "w") as f:  # an older comparison's output
     f.write("{}")
@@ -163,22 +202,25 @@ def test_failure_inside_one_model_fails_the_run(tmp_path, real_data_dir, shared_
                              "autoregressive:train.grad_clip=0.0;"
                              "autoregressive:train.warmup_steps=0")
   with pytest.raises(NonFiniteLossError, match="loss became"):
-    compare.run_comparison(c, str(tmp_path))
+    compare.run_comparison(c, str(tmp_path), QUIET)
   for name in OUTPUTS:
     assert not os.path.exists(tmp_path / name), name
   assert os.listdir(tmp_path / "runs") == ["autoregressive_seed0"]  # nothing ran after it
 
 
+@pytest.mark.slow
 def test_finished_runs_are_reused_and_foreign_checkpoints_refused(test_level, real_data_dir,
                                                                   shared_tfds_dir):
-  workdir, summary = test_level
+  workdir, summary, _ = test_level
   runs = compare.plan(_data_config(real_data_dir, shared_tfds_dir), str(workdir))
   ar = next(r for r in runs if r.entry.label == "autoregressive")
-  reused = compare.execute(ar)  # the same config: no training, the recorded result
+  console = io.StringIO()
+  reused = compare.execute(ar, Reporter(stream=console))  # the same config: no training
+  assert "reusing the finished run" in console.getvalue()
   row = next(m for m in summary["models"] if m["model"] == "autoregressive")
   assert reused["valid"]["word_ppl"] == row["valid_word_ppl"]["mean"]
   # Another budget in the same workdir: resuming would mix two schedules, so it is refused.
   other = compare.plan(_data_config(real_data_dir, shared_tfds_dir, budget_amount=8.0),
                        str(workdir))
   with pytest.raises(ConfigError, match="another config"):
-    compare.execute(next(r for r in other if r.entry.label == "autoregressive"))
+    compare.execute(next(r for r in other if r.entry.label == "autoregressive"), QUIET)

@@ -31,11 +31,15 @@ on the total and, as a diagnostic, on the temp bytes alone:
   memory: reversible/recompute <= 0.3x standard at the deepest depth,
   time:   reversible/recompute step time <= 1.4x standard at the deepest depth,
 
-printed as PASS/FAIL per sequence length (nothing is asserted). Writes `memory_benchmark.json`
-and `memory_benchmark.png` to the workdir and prints a table.
+reported as PASS/FAIL per sequence length (nothing is asserted). Writes `memory_benchmark.json`
+and `memory_benchmark.png` to the workdir; progress, the table and the targets go to the
+`Reporter` passed to `run` / `run_memory_benchmark`.
 
 The worker for one configuration is this module run as a script:
   python -m bdiff_jax.benchmarks.memory --worker '<json>'
+Worker protocol: the worker writes its result to stdout as one line, `WORKER_RESULT_PREFIX`
+followed by the result as JSON; the parent reads the last such line (anything else the worker or
+its libraries print is ignored).
 """
 
 import copy
@@ -46,17 +50,20 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.reporter import Reporter
 
 BACKBONES = ("standard", "reversible/recompute", "reversible/autodiff")
 RESULTS_FILE = "memory_benchmark.json"
 PLOT_FILE = "memory_benchmark.png"
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _MB = 1024.0 * 1024.0
+# The worker's result line on stdout: this prefix, then one JSON object (see the docstring).
+WORKER_RESULT_PREFIX = "bdiff-memory-worker-result: "
 
 # Issue targets: (name, limit).
 TARGET_DEPTH = 1.25
@@ -173,12 +180,12 @@ def _run_isolated(config, backbone: str, depth: int, seq_len: int) -> dict[str, 
   except subprocess.TimeoutExpired:
     return {"backbone": backbone, "depth": depth, "seq_len": seq_len,
             "error": f"timed out after {config.benchmark.timeout_s} s"}
-  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(WORKER_RESULT_PREFIX)]
   if proc.returncode != 0 or not lines:
     tail = proc.stderr.strip().splitlines()[-3:]
     return {"backbone": backbone, "depth": depth, "seq_len": seq_len,
             "error": f"exit status {proc.returncode}: {' | '.join(tail)}"}
-  return json.loads(lines[-1])
+  return json.loads(lines[-1][len(WORKER_RESULT_PREFIX):])
 
 
 def _find(results, backbone, depth, seq_len):
@@ -291,9 +298,11 @@ def plot(results: list[dict], seq_lens, path: str) -> None:
   plt.close(fig)
 
 
-def run_memory_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs every configuration (each in a fresh subprocess), writes JSON + PNG, prints a table and
-  PASS/FAIL per target. Returns the JSON content."""
+def run_memory_benchmark(config: ml_collections.ConfigDict, workdir: str,
+                         reporter: Optional[Reporter] = None) -> dict[str, Any]:
+  """Runs every configuration (each in a fresh subprocess), writes JSON + PNG, reports progress,
+  a table and PASS/FAIL per target (default: `Reporter()`, to stdout). Returns the JSON content."""
+  reporter = reporter or Reporter()
   b = config.benchmark
   depths = [int(d) for d in b.depths]
   seq_lens = [int(s) for s in b.seq_lens]
@@ -313,7 +322,7 @@ def run_memory_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dic
     else:
       status = (f"total {r['total_bytes'] / _MB:.1f} MB, temp {r['temp_bytes'] / _MB:.1f} MB, "
                 f"{r['step_time_s']:.3f} s/step")
-    print(f"[{i + 1}/{len(cases)}] seq {seq_len} depth {depth} {backbone}: {status}", flush=True)
+    reporter.info(f"[{i + 1}/{len(cases)}] seq {seq_len} depth {depth} {backbone}: {status}")
   checks = check_targets(results, depths, seq_lens)
   out = {
       "config": config.benchmark.to_dict(),
@@ -329,18 +338,28 @@ def run_memory_benchmark(config: ml_collections.ConfigDict, workdir: str) -> dic
   with open(os.path.join(workdir, RESULTS_FILE), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2)
   plot(results, seq_lens, os.path.join(workdir, PLOT_FILE))
-  print(format_table(results))
-  print(format_targets(checks))
-  print(f"wrote {os.path.join(workdir, RESULTS_FILE)} and {os.path.join(workdir, PLOT_FILE)}",
-        flush=True)
+  reporter.info(format_table(results))
+  reporter.info(format_targets(checks))
+  reporter.info(f"wrote {os.path.join(workdir, RESULTS_FILE)} and "
+                f"{os.path.join(workdir, PLOT_FILE)}")
   return out
 
 
+def run(config: ml_collections.ConfigDict, workdir: str, reporter: Reporter) -> dict[str, Any]:
+  """`main.py --mode=memory`."""
+  if "benchmark" not in config:
+    raise ConfigError("--mode=memory needs a benchmark config (a `benchmark` section).",
+                      "pass --config configs/benchmark.py[:test|:gpu].")
+  return run_memory_benchmark(config, workdir, reporter)
+
+
 def _worker(payload: str) -> None:
+  """Worker protocol: measures one configuration and writes the result line to stdout."""
   args = json.loads(payload)
   config = ml_collections.ConfigDict(args["config"])
   result = measure_one(config, args["backbone"], args["depth"], args["seq_len"])
-  print(json.dumps(result), flush=True)
+  # The one print of the benchmarks: the machine-readable line the parent process parses.
+  print(WORKER_RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
@@ -349,12 +368,3 @@ if __name__ == "__main__":
   else:
     sys.exit("usage: python -m bdiff_jax.benchmarks.memory --worker '<json>' "
              "(run the benchmark with main.py --mode=memory)")
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, reporter) -> dict[str, Any]:
-  """`main.py --mode=memory`."""
-  del reporter  # the benchmark prints its table itself
-  if "benchmark" not in config:
-    raise ConfigError("--mode=memory needs a benchmark config (a `benchmark` section).",
-                      "pass --config configs/benchmark.py[:test|:gpu].")
-  return run_memory_benchmark(config, workdir)

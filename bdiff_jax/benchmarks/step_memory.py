@@ -19,6 +19,35 @@ from bdiff_jax.train_step import make_train_step
 
 
 @dataclasses.dataclass
+class StepParts:
+  """What the train step of a config is made of, from shapes alone (nothing computed)."""
+  objective: Any
+  network: Any
+  rule: Any
+  abstract_state: Any  # jax.ShapeDtypeStruct leaves
+
+  @property
+  def num_params(self) -> int:
+    return models.count_params(self.abstract_state.params)
+
+
+def step_parts(config, vocab_size: int) -> StepParts:
+  """The objective, network, update rule and abstract train state of `config`."""
+  seq_len = int(config.data.seq_len)
+  objective = build_objective(config, mask_id=vocab_size)
+  network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
+                                 causal=objective.causal)
+  rule = update_rule.build_update_rule(config.train)
+  state = train_state.abstract_train_state(network, rule, seq_len=seq_len)
+  return StepParts(objective=objective, network=network, rule=rule, abstract_state=state)
+
+
+def count_parameters(config, vocab_size: int) -> int:
+  """Parameters of `config`'s network for `vocab_size` real tokens (shapes only)."""
+  return step_parts(config, vocab_size).num_params
+
+
+@dataclasses.dataclass
 class CompiledStep:
   """The train step of a config, compiled for its batch shape."""
   network: Any
@@ -33,16 +62,14 @@ class CompiledStep:
 
 
 def compile_train_step(config, vocab_size: int, *, batch_size: int = 0) -> CompiledStep:
-  """Builds and compiles the train step of `config` for `vocab_size` real tokens."""
-  seq_len = int(config.data.seq_len)
+  """Builds and compiles the train step of `config` for `vocab_size` real tokens, for a batch of
+  `batch_size` (default `train.batch_size`) x `data.seq_len` token ids."""
+  parts = step_parts(config, vocab_size)
   batch_size = int(batch_size or config.train.batch_size)
-  objective = build_objective(config, mask_id=vocab_size)
-  network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
-                                 causal=objective.causal)
-  rule = update_rule.build_update_rule(config.train)
-  state = train_state.abstract_train_state(network, rule, seq_len=seq_len)
-  step = make_train_step(objective, network, rule, ema_decay=config.train.ema_decay)
-  tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-  compiled = step.lower(state, tokens).compile()
-  return CompiledStep(network=network, rule=rule, abstract_state=state, compiled=compiled,
+  step = make_train_step(parts.objective, parts.network, parts.rule,
+                         ema_decay=config.train.ema_decay)
+  tokens = jax.ShapeDtypeStruct((batch_size, int(config.data.seq_len)), jnp.int32)
+  compiled = step.lower(parts.abstract_state, tokens).compile()
+  return CompiledStep(network=parts.network, rule=parts.rule,
+                      abstract_state=parts.abstract_state, compiled=compiled,
                       stats=memory_stats(compiled))
