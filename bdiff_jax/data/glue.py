@@ -1,5 +1,8 @@
 """GLUE and SuperGLUE readers: one labelled split as a `GlueSplit`, checked row by row.
 
+(Longer than 400 lines because the column layout of each of the 14 tasks is documented here,
+next to the one table-driven reader that uses it.)
+
 GLUE tasks are read from the layout the GLUE benchmark distributes: `<glue_dir>/<TASK>/train.tsv`
 and `dev.tsv` (MNLI: `dev_matched.tsv`, `dev_mismatched.tsv`), UTF-8, one row per line, fields
 separated by tabs, **no quoting** (the files contain raw `"` characters, so a CSV reader with
