@@ -427,9 +427,13 @@ class Checkpointer:
     good = self.intact_alternatives(manager, step)
     if good:
       newest = max(good)
-      fix = (f"use an intact checkpoint: --config.eval.checkpoint=<one of {good}> for "
-             f"eval/sample; to resume training from step {newest}, move {step_dir} (and any "
-             f"newer step directories) out of {os.path.dirname(step_dir)}. Nothing was deleted.")
+      fix = (f"use an intact checkpoint (steps {', '.join(map(str, good))} verify): "
+             f"--config.eval.checkpoint={newest} for eval/sample")
+      older = [s for s in self.latest.all_steps() if s < step and s in good]
+      if manager is self.latest and step == self.latest_step() and older:
+        fix += (f"; to resume training from step {max(older)}, move {step_dir} out of "
+                f"{self.latest_dir}")
+      fix += ". Nothing was deleted."
     else:
       fix = ("no other intact checkpoint is left in this workdir: train in a new --workdir. "
              "Nothing was deleted.")
