@@ -53,7 +53,3 @@ class StorageError(UserError):
 
 class DiskFullError(StorageError):
   """No space left on the device, or the disk quota is exhausted."""
-
-
-class MetricsLogError(UserError):
-  """A metrics.jsonl that cannot be read (a malformed record in the middle of the file)."""
