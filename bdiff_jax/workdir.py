@@ -130,14 +130,21 @@ def _describe_holder(holder: Optional[dict]) -> str:
 
 
 def _probe_write(directory: str) -> None:
-  """Creates, writes and removes a probe file in `directory`; raises OSError when it cannot."""
+  """Creates, writes and removes a probe file in `directory`.
+
+  Raises:
+    OSError: without a file name (the probe's name would only confuse the message).
+  """
   path = os.path.join(directory, f"{_PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
-  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
   try:
-    os.write(fd, b"probe\n")
-  finally:
-    os.close(fd)
-    os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+      os.write(fd, b"probe\n")
+    finally:
+      os.close(fd)
+      os.unlink(path)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror) from None
 
 
 def prepare_writable_workdir(path: str | os.PathLike) -> str:
@@ -233,12 +240,14 @@ def unique_path(directory: str | os.PathLike, stem: str, suffix: str) -> str:
                      "move old outputs out of the workdir.")
 
 
-def os_error_to_user_error(e: OSError, what: str) -> UserError:
+def os_error_to_user_error(e: OSError, what: str, *, fix: Optional[str] = None) -> UserError:
   """A one-line UserError for an OSError raised while doing `what` (to raise `from None`).
 
   Args:
-    e: the error; its errno picks the class and the fix.
-    what: what was being done, e.g. "saving checkpoint 40 in /runs/a/checkpoints".
+    e: the error; its errno picks the class and the default fix.
+    what: what was being done, e.g. "saving checkpoint 40 in /runs/a".
+    fix: replaces the default fix for permission / read-only / other errors (disk-full errors
+      keep theirs, which is always "free space").
 
   Returns:
     DiskFullError for ENOSPC / EDQUOT; StorageError for EROFS, EACCES, EPERM and anything else.
@@ -247,7 +256,7 @@ def os_error_to_user_error(e: OSError, what: str) -> UserError:
   code = e.errno
   if code == errno.ENOSPC:
     return DiskFullError(f"{what} failed: no space left on the device{name}.",
-                         "free disk space (or pass a --workdir on another disk) and rerun; "
+                         "free disk space (or use a directory on another disk) and rerun; "
                          "files written before are intact.")
   if code == errno.EDQUOT:
     return DiskFullError(f"{what} failed: the disk quota is exhausted{name}.",
@@ -255,13 +264,14 @@ def os_error_to_user_error(e: OSError, what: str) -> UserError:
                          "written before are intact.")
   if code == errno.EROFS:
     return StorageError(f"{what} failed: the file system is read-only{name}.",
-                        "pass a --workdir on a writable file system.")
+                        fix or "pass a --workdir on a writable file system.")
   if code in (errno.EACCES, errno.EPERM):
     return StorageError(f"{what} failed: permission denied{name}.",
-                        "make the directory writable for this user, or pass another --workdir.")
+                        fix or "make the directory writable for this user, or pass another "
+                        "--workdir.")
   reason = e.strerror or type(e).__name__
   return StorageError(f"{what} failed: {reason}{name}.",
-                      "check the disk and the path, then rerun.")
+                      fix or "check the disk and the path, then rerun.")
 
 
 def find_os_error(e: BaseException) -> Optional[OSError]:
