@@ -12,7 +12,11 @@ after the step in flight, saves a checkpoint and exits with `exit_code`.
 Second signal (either kind) before the loop has stopped: one line on stderr, then the process
 exits at once with `os._exit(exit_code)` (no cleanup, no traceback). Whatever was being written
 is lost; orbax only ever publishes a checkpoint by renaming a complete directory, so the earlier
-checkpoints are intact.
+checkpoints are intact. (If the abort lands in the sub-second window between a step directory's
+commit and its digest manifest, that step is refused at restore as unverifiable; see
+checkpointing.)
+A signal that was ignored when the context was entered (SIG_IGN, as for SIGINT of a job a script
+started in the background) stays ignored.
 
 Exit codes follow the shell's 128 + signal number convention, so batch schedulers and shells read
 them as "terminated by that signal": EXIT_SIGINT = 130, EXIT_SIGTERM = 143.
@@ -57,6 +61,8 @@ class GracefulInterrupt:
     if threading.current_thread() is not threading.main_thread():
       return self
     for sig in self._signals:
+      if signal.getsignal(sig) is signal.SIG_IGN:
+        continue  # e.g. SIGINT of a job started in the background by a script: keep ignoring it
       self._previous[sig] = signal.signal(sig, self._handle)
     self.installed = True
     return self
@@ -64,7 +70,8 @@ class GracefulInterrupt:
   def __exit__(self, *exc) -> None:
     if self.installed:
       for sig, handler in self._previous.items():
-        signal.signal(sig, handler)
+        # None: the previous handler was not installed from Python; the default is the best match.
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
       self._previous.clear()
       self.installed = False
 

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bdiff_jax import checkpointing, config_compat, configuration, interrupt, metrics_log
+from bdiff_jax import checkpoint_digests, checkpointing, config_compat, configuration, interrupt
+from bdiff_jax import metrics_log
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.data import pipeline, wikitext2
 from bdiff_jax.errors import (CheckpointError, ConfigMismatchError, DiskFullError, StorageError,
@@ -237,12 +238,12 @@ def test_manifests_written_and_restores_exact(saved_workdir):
   for sub, step in (("checkpoints", 1), ("checkpoints", 2), ("checkpoints", 3),
                     ("checkpoints_best", 2)):
     step_dir = os.path.join(saved_workdir, sub, str(step))
-    with open(os.path.join(step_dir, checkpointing.MANIFEST_NAME)) as f:
+    with open(os.path.join(step_dir, checkpoint_digests.MANIFEST_NAME)) as f:
       manifest = json.load(f)
     assert manifest["step"] == step
-    assert set(manifest["files"]) == set(checkpointing._files(step_dir))  # pylint: disable=protected-access
+    assert set(manifest["files"]) == set(checkpoint_digests._files(step_dir))  # pylint: disable=protected-access
     assert any(name.startswith("state/") for name in manifest["files"])
-    assert checkpointing.check_step_dir(step_dir, step) == ("ok", "")
+    assert checkpoint_digests.check_step_dir(step_dir, step) == ("ok", "")
   assert not os.path.exists(os.path.join(saved_workdir, checkpointing.RESERVE_NAME))
   with checkpointing.Checkpointer(saved_workdir, read_only=True) as ckpt:
     for which, step in (("latest", 3), ("best", 2), (1, 1)):
@@ -281,7 +282,7 @@ def test_truncation_missing_manifest_and_legacy_checkpoints(saved_workdir, tmp_p
     checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
   # Written with digests but the manifest is gone: unverifiable, refused.
   step2 = os.path.join(wd, "checkpoints", "2")
-  os.remove(os.path.join(step2, checkpointing.MANIFEST_NAME))
+  os.remove(os.path.join(step2, checkpoint_digests.MANIFEST_NAME))
   with pytest.raises(CheckpointError, match=r"bdiff_digests\.json is missing although the "
                                             r"checkpoint was written with digests.*steps 1 verify"):
     checkpointing.Checkpointer(wd, read_only=True).restore(2, _abstract())
@@ -289,7 +290,7 @@ def test_truncation_missing_manifest_and_legacy_checkpoints(saved_workdir, tmp_p
   meta_path = os.path.join(step2, "_CHECKPOINT_METADATA")
   with open(meta_path) as f:
     meta = json.load(f)
-  del meta["custom_metadata"][checkpointing.MARKER_KEY]
+  del meta["custom_metadata"][checkpoint_digests.MARKER_KEY]
   with open(meta_path, "w") as f:
     json.dump(meta, f)
   capsys.readouterr()
@@ -324,7 +325,7 @@ def test_corrupt_checkpoint_in_a_fresh_process_prints_exactly_one_line(saved_wor
   with open(_largest_file(os.path.join(wd, "checkpoints", "3")), "r+b") as f:
     f.truncate(1000)
   legacy = os.path.join(wd, "checkpoints", "1")
-  os.remove(os.path.join(legacy, checkpointing.MANIFEST_NAME))
+  os.remove(os.path.join(legacy, checkpoint_digests.MANIFEST_NAME))
   with open(os.path.join(legacy, "_CHECKPOINT_METADATA")) as f:
     meta = json.load(f)
   meta["custom_metadata"] = {}
