@@ -33,8 +33,8 @@ import numpy as np
 
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data import wikitext2
-from bdiff_jax.errors import ConfigError, DataError
-from bdiff_jax.workdir import os_error_to_user_error
+from bdiff_jax.errors import ConfigError, DataError, UserError
+from bdiff_jax.workdir import find_os_error, os_error_to_user_error
 
 # Our split names (Splits fields) -> TFDS split names.
 SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
@@ -186,8 +186,14 @@ def _prepare_root(variant: str, data_dir: str, root: str, verify_counts: bool,
     try:
       built = _prepare(variant, data_dir, tmp, verify_counts, fingerprint)
       _write_cache(_cache_dir(tmp, variant), *built)
-    except OSError as e:
-      raise os_error_to_user_error(e, f"preparing WikiText-2 in {parent}", fix=fix) from None
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      os_error = find_os_error(e)  # TFDS / array_record report a full disk in various types
+      if os_error is None:
+        raise
+      raise os_error_to_user_error(os_error, f"preparing WikiText-2 in {parent}",
+                                   fix=fix) from None
     if os.path.isdir(root):
       theirs = _read_cache(_cache_dir(root, variant), fingerprint)
       if theirs is not None:  # another process published the same data while we built it
