@@ -1,4 +1,4 @@
-"""Checkpoints with orbax's `CheckpointManager` (current `ocp.args` API).
+"""Checkpoints with orbax's `CheckpointManager` (current `ocp.args` API), with integrity digests.
 
 Two managers under the workdir:
   checkpoints/       the latest `keep` checkpoints, saved every `train.checkpoint_every` steps;
@@ -7,41 +7,180 @@ Each checkpoint holds the `TrainState` pytree and a JSON `meta` item: the data p
 and batch within it), the step, and any evaluation metrics, so that a resumed run continues on
 exactly the batch an uninterrupted run would have seen.
 
-Restoring never deletes or rewrites anything; a checkpoint that cannot be read raises
-`CheckpointError` naming the directory and what to do.
+Integrity (manifests: `checkpoint_digests`). `save` waits until orbax has committed the step
+directory, then writes `<step_dir>/bdiff_digests.json`: the step, and the size and SHA-256 of every other file of the
+directory. The manifest lives inside the step directory, so orbax's step listing (directories
+named by step) ignores it and orbax's garbage collection removes it together with its step; no
+manifest can outlive its checkpoint. Every save also records `{"bdiff_digests": 1}` in orbax's
+own step metadata, committed atomically with the checkpoint, so a step written by this code is
+known to need a manifest.
+
+`restore` verifies the step directory before orbax reads a byte of it:
+  manifest present      every listed file must exist with its size and SHA-256, and no other file
+                        may be there; otherwise `CheckpointCorruptError` names the first bad file.
+  no manifest, marked   (the process died in the second between the commit and the manifest, or
+                        the manifest was deleted): the files cannot be verified, so this is a
+                        `CheckpointCorruptError` too.
+  no manifest, unmarked (written before digests existed): restored unverified, with one warning
+                        line on stderr.
+The error lists the other checkpoints that verify (`--config.eval.checkpoint=<step>`) and how to
+resume from the newest of them (move the bad step directory aside). Nothing is ever deleted or
+rewritten by a restore.
+
+Failures print one line. A restore that orbax itself rejects raises `CheckpointError`; orbax's
+tensorstore reads that were still in flight when it gave up are kept from printing "Event loop is
+closed" tracebacks (see `_tolerate_closed_event_loops`), and the managers are closed. A save that
+fails with ENOSPC / EDQUOT / EROFS / EACCES raises the one-line `DiskFullError` / `StorageError`;
+orbax writes into a temporary directory and deletes old steps only after a successful commit, so
+earlier checkpoints stay byte-identical.
 """
 
+import asyncio
+import contextlib
+import logging
 import os
-from typing import Any, Optional
+import sys
+from typing import Any, Iterator, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bdiff_jax.checkpoint_digests import (MANIFEST_FORMAT, MARKER_KEY, check_step_dir,
+                                          write_manifest)
 from bdiff_jax.errors import CheckpointError
+from bdiff_jax.workdir import find_os_error, os_error_to_user_error
 
 BEST_METRIC = "valid_nll_per_token"
+# Space set aside in the workdir while orbax writes, and freed just before the manifests are
+# written, so that a disk filling up during a save cannot leave a committed step without its
+# manifest (which would make it unverifiable). Manifests take ~150 bytes per file.
+RESERVE_NAME = ".checkpoint_space_reserve"
+RESERVE_BYTES = 1 << 20
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A checkpoint whose files do not match their digest manifest (or lack one they need)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Orbax's event loops.
+
+
+class _ClosedTolerantLoop(asyncio.SelectorEventLoop):
+  """An event loop that drops callbacks scheduled after it was closed.
+
+  Orbax runs each restore in a fresh event loop and closes it as soon as one read fails; the
+  tensorstore reads still in flight then call `call_soon_threadsafe` on the closed loop from
+  their own threads, which prints a "RuntimeError: Event loop is closed" traceback per read.
+  Nobody awaits those results any more, so dropping them is safe.
+  """
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    if self.is_closed():
+      return None
+    try:
+      return super().call_soon_threadsafe(callback, *args, context=context)
+    except RuntimeError:
+      if self.is_closed():
+        return None
+      raise
+
+
+class _ClosedTolerantPolicy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _ClosedTolerantLoop
+
+
+@contextlib.contextmanager
+def _tolerate_closed_event_loops() -> Iterator[None]:
+  """Within the block, new asyncio loops (orbax creates one per call) are `_ClosedTolerantLoop`.
+
+  Only the standard policy is swapped (a custom one such as uvloop's is left alone), and the
+  previous policy is restored on exit; loops created in the block keep the tolerant class.
+  """
+  previous = asyncio.get_event_loop_policy()
+  if type(previous) is not asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
+    yield
+    return
+  asyncio.set_event_loop_policy(_ClosedTolerantPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+class _HoldRecords(logging.Filter):
+  """Keeps the records logged through a logger instead of emitting them."""
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    self.records.append(record)
+    return False
+
+
+@contextlib.contextmanager
+def _held_absl_logs() -> Iterator[_HoldRecords]:
+  """Holds back what orbax logs (through absl's "absl" logger) within the block.
+
+  A save that fails for lack of disk space makes orbax log the same error, with a traceback, from
+  each of its threads (hundreds of lines); we report it as one line instead. The caller replays
+  `held.records` (via `_replay`) unless it turned the failure into a one-line error.
+  """
+  logger = logging.getLogger("absl")
+  held = _HoldRecords()
+  logger.addFilter(held)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(held)
+
+
+def _replay(held: _HoldRecords) -> None:
+  logger = logging.getLogger("absl")
+  for record in held.records:
+    logger.handle(record)
+  held.records.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpointer.
 
 
 class Checkpointer:
-  """Latest-K and best-1 checkpoints of one workdir."""
+  """Latest-K and best-1 checkpoints of one workdir, with digest manifests.
+
+  Use it as a context manager (or call `close()`); after a failed `restore` it is closed.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.latest_dir = os.path.join(self.workdir, "checkpoints")
     self.best_dir = os.path.join(self.workdir, "checkpoints_best")
     self._read_only = read_only
+    self._closed = False
     names = ("state", "meta")
-    self.latest = ocp.CheckpointManager(
-        self.latest_dir, item_names=names,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                             read_only=read_only))
-    self.best = ocp.CheckpointManager(
-        self.best_dir, item_names=names,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=not read_only, read_only=read_only,
-            best_fn=lambda m: m[BEST_METRIC], best_mode="min",
-            keep_checkpoints_without_metrics=False))
+    try:
+      self.latest = ocp.CheckpointManager(
+          self.latest_dir, item_names=names,
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               read_only=read_only))
+      self.best = ocp.CheckpointManager(
+          self.best_dir, item_names=names,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=not read_only, read_only=read_only,
+              best_fn=lambda m: m[BEST_METRIC], best_mode="min",
+              keep_checkpoints_without_metrics=False))
+    except OSError as e:
+      raise os_error_to_user_error(e, f"opening the checkpoints of {self.workdir}") from None
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
@@ -54,22 +193,78 @@ class Checkpointer:
     return ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(meta))
 
+  @staticmethod
+  def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(os.fspath(manager.directory), str(step))
+
   def save(self, step: int, state, meta: dict, *, best_metrics: Optional[dict] = None,
            force: bool = False) -> None:
-    """Saves to the latest manager, and to the best manager when `best_metrics` is given."""
+    """Saves to the latest manager (and the best one with `best_metrics`); returns once committed.
+
+    A step the manager already holds is skipped (e.g. a save on interruption right after a
+    periodic one), so calling this twice for one step is harmless. When this returns, the step
+    directories are final and carry their digest manifests.
+
+    Raises:
+      DiskFullError / StorageError: writing failed (disk full, quota, read-only, permission);
+        earlier checkpoints are untouched.
+    """
     state = jax.device_get(state)
-    self.latest.save(step, args=self._args(state, meta), force=force)
-    if best_metrics is not None:
-      self.best.save(step, args=self._args(state, dict(meta, **best_metrics)),
-                     metrics=best_metrics, force=True)
+    step = int(step)
+    written = []
+    marker = {MARKER_KEY: MANIFEST_FORMAT}
+    reserve = os.path.join(self.workdir, RESERVE_NAME)
+    with _held_absl_logs() as held:
+      try:
+        try:
+          with open(reserve, "wb") as f:  # fails early, before orbax, on a full disk
+            f.write(bytes(RESERVE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+          with _tolerate_closed_event_loops():
+            if step not in self.latest.all_steps():
+              if self.latest.save(step, args=self._args(state, meta), force=force,
+                                  custom_metadata=marker):
+                written.append(self.latest)
+            if best_metrics is not None and step not in self.best.all_steps():
+              if self.best.save(step, args=self._args(state, dict(meta, **best_metrics)),
+                                metrics=best_metrics, force=True, custom_metadata=marker):
+                written.append(self.best)
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
+        finally:
+          if os.path.exists(reserve):
+            os.unlink(reserve)
+        for manager in written:
+          # The best manager may already have dropped a step no better than its best.
+          if step in manager.all_steps() and os.path.isdir(self.step_dir(manager, step)):
+            write_manifest(self.step_dir(manager, step), step)
+      except Exception as e:  # pylint: disable=broad-except
+        os_error = find_os_error(e)
+        if os_error is None:
+          _replay(held)
+          raise
+        raise os_error_to_user_error(
+            os_error, f"saving checkpoint {step} in {self.workdir}") from None
+      _replay(held)
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    """Waits for pending work and closes both managers (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
+    with _tolerate_closed_event_loops():
+      self.latest.close()
+      self.best.close()
+
+  def all_checkpoints(self) -> list[tuple[ocp.CheckpointManager, int]]:
+    """Every (manager, step) of the workdir, latest manager first."""
+    return ([(self.latest, s) for s in sorted(self.latest.all_steps())] +
+            [(self.best, s) for s in sorted(self.best.all_steps())])
 
   def resolve(self, which: Any) -> tuple[ocp.CheckpointManager, int, str]:
     """Maps 'latest' | 'best' | a step number to (manager, step, description)."""
@@ -98,20 +293,70 @@ class Checkpointer:
         f"{sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))}).",
         "pass --config.eval.checkpoint=best, latest or one of those steps.")
 
+  def intact_alternatives(self, bad_manager: ocp.CheckpointManager, bad_step: int) -> list[int]:
+    """Steps other than the bad one whose `--config.eval.checkpoint=<step>` verifies."""
+    good = set()
+    for step in sorted(set(self.latest.all_steps()) | set(self.best.all_steps())):
+      manager, _, _ = self.resolve(step)
+      if manager is bad_manager and step == bad_step:
+        continue
+      if check_step_dir(self.step_dir(manager, step), step)[0] != "corrupt":
+        good.add(step)
+    return sorted(good)
+
+  def verify(self, manager: ocp.CheckpointManager, step: int) -> str:
+    """Checks one checkpoint's digests; returns "ok" or "unverified" (warned on stderr).
+
+    Raises:
+      CheckpointCorruptError: naming the bad file and the intact checkpoints to use instead.
+    """
+    step_dir = self.step_dir(manager, step)
+    status, detail = check_step_dir(step_dir, step)
+    if status == "unverified":
+      print(f"warning: checkpoint {step_dir} has no digest manifest ({detail}); restoring it "
+            "unverified.", file=sys.stderr, flush=True)
+    if status != "corrupt":
+      return status
+    good = self.intact_alternatives(manager, step)
+    if good:
+      newest = max(good)
+      fix = (f"use an intact checkpoint (steps {', '.join(map(str, good))} verify): "
+             f"--config.eval.checkpoint={newest} for eval/sample")
+      older = [s for s in self.latest.all_steps() if s < step and s in good]
+      if manager is self.latest and step == self.latest_step() and older:
+        fix += (f"; to resume training from step {max(older)}, move {step_dir} out of "
+                f"{self.latest_dir}")
+      fix += ". Nothing was deleted."
+    else:
+      fix = ("no other intact checkpoint is left in this workdir: train in a new --workdir. "
+             "Nothing was deleted.")
+    raise CheckpointCorruptError(f"checkpoint {step_dir} is corrupt: {detail}.", fix)
+
   def restore(self, which: Any, abstract_state) -> tuple[Any, dict, str]:
-    """Restores (state, meta, description). `abstract_state` gives structure, shapes, dtypes."""
-    manager, step, desc = self.resolve(which)
-    path = os.path.join(manager.directory, str(step))
+    """Restores (state, meta, description). `abstract_state` gives structure, shapes, dtypes.
+
+    The step directory is verified first (see the module docstring). On any error the managers
+    are closed and one `CheckpointError` is raised.
+    """
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
-      detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-      raise CheckpointError(
-          f"checkpoint {path} cannot be restored ({type(e).__name__}: {detail}).",
-          "it is corrupt or was written with a different model config. Use the config it was "
-          "trained with, restore another step (--config.eval.checkpoint=<step>), or train in a "
-          "new --workdir; nothing was deleted.") from e
+      manager, step, desc = self.resolve(which)
+      self.verify(manager, step)
+      path = self.step_dir(manager, step)
+      try:
+        with _tolerate_closed_event_loops():
+          restored = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be restored ({detail}).",
+            "it is corrupt or was written with a different model config. Use the config it was "
+            "trained with, restore another step (--config.eval.checkpoint=<step>), or train in "
+            "a new --workdir; nothing was deleted.") from e
+    except CheckpointError:
+      self.close()
+      raise
     return restored["state"], dict(restored["meta"]), desc
 
 

@@ -33,3 +33,23 @@ class VocabularyError(UserError):
 
 class NonFiniteLossError(UserError):
   """Training produced a NaN or infinite loss."""
+
+
+class ConfigMismatchError(ConfigError):
+  """A config that contradicts the one a workdir was trained with (see config_compat)."""
+
+
+class WorkdirError(UserError):
+  """A --workdir that cannot be used: a file, missing, read-only, or its parent is read-only."""
+
+
+class WorkdirBusyError(WorkdirError):
+  """Another process holds the workdir's lock (two runs would interleave their outputs)."""
+
+
+class StorageError(UserError):
+  """Writing to disk failed (permission denied, read-only file system, ...)."""
+
+
+class DiskFullError(StorageError):
+  """No space left on the device, or the disk quota is exhausted."""

@@ -40,6 +40,15 @@ def _file_lines(path):
     return f.read().split("\n")[:-1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def isolated_cache(tmp_path_factory):
+  """The default prepared-data cache ($BDIFF_CACHE_DIR) of this module: a fresh directory."""
+  cache = tmp_path_factory.mktemp("bdiff_cache")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv(pipeline.CACHE_ENV, str(cache))
+    yield str(cache)
+
+
 @pytest.fixture(scope="module")
 def real_dir():
   path = os.path.abspath(_real_dir())
@@ -316,13 +325,15 @@ def test_doubled_quotes_are_read_as_quotes(tmp_path):
   assert splits.counts["valid"].num_unknown == 1  # only "zebra", not the quotes
 
 
-def test_pipeline_on_tiny_corpus(tiny, tmp_path):
+def test_pipeline_on_tiny_corpus(tiny, tmp_path, isolated_cache):
   work = tmp_path / "work"
   config = _data_config(tiny, verify_counts=False)
   splits = pipeline.load_wikitext2(config, work)
   tok = splits.tokenizer
   assert splits.variant == "v1"
-  assert splits.prepared_dir.startswith(os.path.join(str(work), "tfds", "src-"))
+  # Prepared once in the shared cache, not in the workdir.
+  assert splits.prepared_dir.startswith(os.path.join(isolated_cache, "src-"))
+  assert sorted(os.listdir(work)) == ["vocab.json"]
   for name, split in pipeline.SPLIT_NAMES.items():
     lines = _file_lines(os.path.join(tiny, wikitext2.file_name(split)))
     c = splits.counts[name]

@@ -3,21 +3,29 @@
 `load_wikitext2` validates the source files, prepares the TFDS dataset (once), reads it back with
 `as_data_source`, builds the tokenizer from the train split and encodes every split into one
 int32 stream: each line's tokens followed by `<eos>`, lines in file order. The encoded arrays are
-cached beside the prepared dataset, so later calls (in any process) only re-check the source files
-and load the arrays.
+cached beside the prepared dataset, so later calls (in any process, for any workdir) only re-check
+the source files and load the arrays.
 
-Where things go (`resolve_tfds_dir`): `config.data.tfds_dir`, or `<workdir>/tfds` when empty.
+Where things go (`resolve_tfds_dir`): `config.data.tfds_dir` when set, else one cache shared by
+every workdir: `$BDIFF_CACHE_DIR`, else `$XDG_CACHE_HOME/bdiff_jax`, else `~/.cache/bdiff_jax`.
 Under it, each source gets its own root: `src-<content digest>` for a `data_dir` (so pointing
-`data_dir` at different files never reuses a stale copy), `download` for the official archive.
-A root holds TFDS's `wikitext2/<variant>/1.0.0/` and our `encoded/<variant>/` cache.
+`data_dir` at different files never reuses a stale copy), `download-<variant>` for the official
+archive. A root holds TFDS's `wikitext2/<variant>/1.0.0/` and our `encoded/<variant>/` cache.
+
+Concurrency: a root is built complete in a private temporary directory beside it
+(`.tmp-<root>-<pid>-<random>`) and published with one rename. Processes preparing the same data
+at once all succeed: the first rename wins and the others use its result. Everything is created
+with the process umask (typically 0755 directories, 0644 files), so a cache can be shared by a
+team (use umask 002 and a group-writable --config.data.tfds_dir for shared writing).
 """
 
 import dataclasses
 import json
 import logging
+import errno
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -25,12 +33,14 @@ import numpy as np
 
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data import wikitext2
-from bdiff_jax.errors import ConfigError, DataError
+from bdiff_jax.errors import ConfigError, DataError, UserError
+from bdiff_jax.workdir import find_os_error, os_error_to_user_error
 
 # Our split names (Splits fields) -> TFDS split names.
 SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
 VOCAB_FILE = "vocab.json"
 _CACHE_VERSION = 1
+CACHE_ENV = "BDIFF_CACHE_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +79,25 @@ class Splits:
     return getattr(self, split)
 
 
-def resolve_tfds_dir(data_config: Any, workdir: str | os.PathLike | None) -> str:
-  """`data_config.tfds_dir`, or `<workdir>/tfds` when that is empty."""
+def default_cache_dir() -> str:
+  """`$BDIFF_CACHE_DIR`, else `$XDG_CACHE_HOME/bdiff_jax`, else `~/.cache/bdiff_jax`."""
+  if os.environ.get(CACHE_ENV):
+    return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.abspath(os.path.join(base, "bdiff_jax"))
+
+
+def resolve_tfds_dir(data_config: Any, workdir: str | os.PathLike | None = None) -> str:
+  """`data_config.tfds_dir`, or the shared `default_cache_dir()` when that is empty.
+
+  `workdir` is accepted for compatibility and not used: prepared data no longer lives in a
+  workdir, so new workdirs reuse it.
+  """
+  del workdir
   tfds_dir = _get(data_config, "tfds_dir", "")
   if tfds_dir:
-    return os.path.abspath(os.fspath(tfds_dir))
-  if not workdir:
-    raise ConfigError("No place to prepare the dataset: config.data.tfds_dir is empty and there "
-                      "is no workdir.", "pass --workdir or --config.data.tfds_dir.")
-  return os.path.abspath(os.path.join(os.fspath(workdir), "tfds"))
+    return os.path.abspath(os.path.expanduser(os.fspath(tfds_dir)))
+  return default_cache_dir()
 
 
 def load_wikitext2(data_config: Any, workdir: str | os.PathLike | None) -> Splits:
@@ -87,8 +107,7 @@ def load_wikitext2(data_config: Any, workdir: str | os.PathLike | None) -> Split
     data_config: `config.data` (fields variant, data_dir, tfds_dir, verify_counts; anything with
       those attributes or keys).
     workdir: the run's directory. The tokenizer is saved there as `vocab.json`; an existing
-      `vocab.json` must match the data's vocabulary. None: no vocab.json (then tfds_dir is
-      required).
+      `vocab.json` must match the data's vocabulary. None: no vocab.json.
 
   Returns:
     The tokenizer, the three token arrays and their counts.
@@ -96,13 +115,14 @@ def load_wikitext2(data_config: Any, workdir: str | os.PathLike | None) -> Split
   Raises:
     DataError: missing/truncated/malformed data, a failed download, or a workdir vocab.json that
       does not match the data.
+    StorageError / DiskFullError: the data must be prepared and the cache cannot be written.
   """
   start = time.perf_counter()
   variant = _get(data_config, "variant", "v1")
   wikitext2.check_variant(variant)
   verify_counts = bool(_get(data_config, "verify_counts", True))
   data_dir = os.fspath(_get(data_config, "data_dir", "") or "")
-  tfds_dir = resolve_tfds_dir(data_config, workdir)
+  tfds_dir = resolve_tfds_dir(data_config)
 
   if data_dir:
     # Fails fast, before any TFDS work, on a bad file; the digest keys the prepared copy.
@@ -110,16 +130,15 @@ def load_wikitext2(data_config: Any, workdir: str | os.PathLike | None) -> Split
     root = os.path.join(tfds_dir, f"src-{fingerprint[:16]}")
   else:
     fingerprint = None
-    root = os.path.join(tfds_dir, "download")
-  cache_dir = os.path.join(root, "encoded", variant)
+    root = os.path.join(tfds_dir, f"download-{variant}")
 
-  cached = _read_cache(cache_dir, fingerprint)
+  cached = _read_cache(_cache_dir(root, variant), fingerprint)
+  how = "loaded from cache"
   if cached is None:
-    cached = _prepare(variant, data_dir, root, verify_counts, fingerprint)
-    _write_cache(cache_dir, *cached)
+    print(f"preparing WikiText-2 ({variant}) from {data_dir or 'the official archive'} (once; "
+          f"cached in {root})", flush=True)
+    cached = _prepare_root(variant, data_dir, root, verify_counts, fingerprint)
     how = "prepared"
-  else:
-    how = "loaded from cache"
   tok, arrays, counts, _ = cached
   if workdir:
     _reconcile_vocab(tok, os.path.join(os.fspath(workdir), VOCAB_FILE))
@@ -129,6 +148,78 @@ def load_wikitext2(data_config: Any, workdir: str | os.PathLike | None) -> Split
                root, {k: dataclasses.asdict(v) for k, v in counts.items()})
   return Splits(tokenizer=tok, train=arrays["train"], valid=arrays["valid"], test=arrays["test"],
                 counts=counts, variant=variant, prepared_dir=root)
+
+
+def _cache_dir(root: str, variant: str) -> str:
+  return os.path.join(root, "encoded", variant)
+
+
+def _make_private_dir(parent: str, prefix: str) -> str:
+  """A new directory `<parent>/<prefix><pid>-<random>`, created with the umask's permissions
+  (unlike `tempfile.mkdtemp`, which makes it 0700 and so unreadable to a team sharing a cache)."""
+  os.makedirs(parent, exist_ok=True)
+  while True:
+    path = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      continue
+
+
+def _prepare_root(variant: str, data_dir: str, root: str, verify_counts: bool,
+                  fingerprint: str | None):
+  """Builds a complete root in a private directory and publishes it with one rename.
+
+  Returns the (tokenizer, arrays, counts, fingerprint) of the published root: ours, or that of a
+  process that published the same data first.
+  """
+  parent, name = os.path.split(root)
+  fix = (f"make {parent} writable, or point --config.data.tfds_dir (or ${CACHE_ENV}) at a "
+         "writable directory.")
+  try:
+    tmp = _make_private_dir(parent, f".tmp-{name}-")
+  except OSError as e:
+    raise os_error_to_user_error(e, f"preparing WikiText-2 in {parent}", fix=fix) from None
+  stale = None
+  try:
+    try:
+      built = _prepare(variant, data_dir, tmp, verify_counts, fingerprint)
+      _write_cache(_cache_dir(tmp, variant), *built)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      os_error = find_os_error(e)  # TFDS / array_record report a full disk in various types
+      if os_error is None:
+        raise
+      raise os_error_to_user_error(os_error, f"preparing WikiText-2 in {parent}",
+                                   fix=fix) from None
+    if os.path.isdir(root):
+      theirs = _read_cache(_cache_dir(root, variant), fingerprint)
+      if theirs is not None:  # another process published the same data while we built it
+        return theirs
+      # A root whose cache is unusable (e.g. an older cache format): move it aside first.
+      stale = _make_private_dir(parent, f".stale-{name}-")
+      try:
+        os.rename(root, os.path.join(stale, name))
+      except OSError:
+        pass  # another process moved or replaced it; the rename below settles who wins
+    try:
+      os.rename(tmp, root)
+      return built
+    except OSError as e:
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EACCES, errno.EPERM):
+        raise os_error_to_user_error(e, f"publishing {root}", fix=fix) from None
+    theirs = _read_cache(_cache_dir(root, variant), fingerprint)  # another process won
+    if theirs is None:
+      logging.warning("Could not publish the prepared data to %s; using it without caching.",
+                      root)
+      return built
+    return theirs
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+      shutil.rmtree(stale, ignore_errors=True)
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
@@ -172,26 +263,15 @@ def _prepare(variant: str, data_dir: str, root: str, verify_counts: bool,
 
 
 def _write_cache(cache_dir: str, tok, arrays, counts, fingerprint) -> None:
-  """Writes the encoded splits into a fresh directory, then renames it into place."""
-  parent = os.path.dirname(cache_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-encoded-", dir=parent)
-  try:
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    for split, a in arrays.items():
-      np.save(os.path.join(tmp, f"{split}.npy"), a)
-    meta = {"cache_version": _CACHE_VERSION, "fingerprint": fingerprint,
-            "counts": {k: dataclasses.asdict(v) for k, v in counts.items()}}
-    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-      json.dump(meta, f)
-    if os.path.isdir(cache_dir):
-      shutil.rmtree(cache_dir, ignore_errors=True)  # An unreadable cache being replaced.
-    try:
-      os.replace(tmp, cache_dir)
-    except OSError:
-      pass  # Another process just wrote the same cache.
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  """Writes the encoded splits into `cache_dir` (inside a private root, published later)."""
+  os.makedirs(cache_dir, exist_ok=True)
+  tok.save(os.path.join(cache_dir, "tokenizer.json"))
+  for split, a in arrays.items():
+    np.save(os.path.join(cache_dir, f"{split}.npy"), a)
+  meta = {"cache_version": _CACHE_VERSION, "fingerprint": fingerprint,
+          "counts": {k: dataclasses.asdict(v) for k, v in counts.items()}}
+  with open(os.path.join(cache_dir, "meta.json"), "w", encoding="utf-8") as f:
+    json.dump(meta, f)
 
 
 def _read_cache(cache_dir: str, fingerprint: str | None):

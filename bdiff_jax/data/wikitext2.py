@@ -284,6 +284,13 @@ class Wikitext2(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
+  def _log_download_bytes(self) -> None:
+    """Silenced: TFDS would print "Downloading and preparing dataset Unknown size ..." even for
+    local files; `pipeline.load_wikitext2` prints its own line."""
+
+  def _log_download_done(self) -> None:
+    """Silenced (TFDS's "Dataset wikitext2 downloaded and prepared to ...")."""
+
   def download_and_prepare(self, *, download_dir=None, download_config=None,
                            file_format=None) -> None:
     """Like TFDS's, remembering whether a manual dir was given (then nothing is downloaded)."""

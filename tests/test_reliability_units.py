@@ -1,0 +1,628 @@
+"""Reliability building blocks: workdir lock and checks, checkpoint digests, config compatibility,
+metrics truncation, graceful interruption and concurrent data preparation.
+
+Tests run as root in CI containers, where permission bits do not stop writes (chmod 0555 on a
+directory changes nothing for root). Read-only, permission and disk-full conditions are therefore
+simulated by making the write itself fail with EROFS / EACCES / ENOSPC; where the tests do not run
+as root, a real chmod-ed directory is checked as well.
+"""
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from bdiff_jax import checkpoint_digests, checkpointing, config_compat, configuration, interrupt
+from bdiff_jax import metrics_log
+from bdiff_jax import workdir as workdir_lib
+from bdiff_jax.data import pipeline, wikitext2
+from bdiff_jax.errors import (CheckpointError, ConfigMismatchError, DiskFullError, StorageError,
+                              UserError, WorkdirBusyError, WorkdirError)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_env():
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  return env
+
+
+def _one_line(e: UserError) -> str:
+  text = str(e)
+  assert "\n" not in text
+  return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir: lock, checks, unique paths, storage errors.
+
+
+def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
+  child = subprocess.Popen(
+      [sys.executable, "-c", textwrap.dedent(f"""
+          import sys
+          from bdiff_jax.workdir import WorkdirLock
+          lock = WorkdirLock({str(tmp_path)!r})
+          lock.acquire()
+          print("locked", flush=True)
+          sys.stdin.read()
+      """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_child_env())
+  try:
+    assert child.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirBusyError, match=rf"in use by another process: PID {child.pid} on "
+                                               r"host .*Fix: wait for that run"):
+      workdir_lib.WorkdirLock(tmp_path).acquire()
+    holder = workdir_lib.read_lock_holder(os.path.join(tmp_path, ".lock"))
+    assert holder["pid"] == child.pid and holder["started"]
+  finally:
+    child.kill()  # SIGKILL: no cleanup code runs; the kernel must drop the lock
+    child.wait()
+  with workdir_lib.WorkdirLock(tmp_path) as lock:
+    assert lock.held
+    assert workdir_lib.read_lock_holder(lock.path)["pid"] == os.getpid()
+    # flock locks belong to the open file: a second lock in the same process conflicts too.
+    with pytest.raises(WorkdirBusyError, match=rf"PID {os.getpid()}"):
+      workdir_lib.WorkdirLock(tmp_path).acquire()
+  assert not lock.held
+  with workdir_lib.WorkdirLock(tmp_path):  # released on exit: can be taken again
+    pass
+
+
+def test_unique_path_never_overwrites(tmp_path):
+  first = tmp_path / "samples_step40.txt"
+  first.write_text("earlier samples")
+  paths = [workdir_lib.unique_path(tmp_path, "samples_step40", ".txt") for _ in range(3)]
+  assert [os.path.basename(p) for p in paths] == [
+      "samples_step40_1.txt", "samples_step40_2.txt", "samples_step40_3.txt"]
+  assert first.read_text() == "earlier samples"
+  assert all(os.path.getsize(p) == 0 for p in paths)  # created (reserved), empty
+  assert os.path.basename(workdir_lib.unique_path(tmp_path, "eval", ".json")) == "eval.json"
+
+
+def _failing_open(monkeypatch, code, marker):
+  real_open = os.open
+
+  def fake_open(path, flags, *args, **kwargs):
+    if marker in os.fspath(path):
+      raise OSError(code, os.strerror(code), os.fspath(path))
+    return real_open(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_prepare_writable_workdir(tmp_path, monkeypatch):
+  made = workdir_lib.prepare_writable_workdir(tmp_path / "a" / "b")
+  assert os.path.isdir(made) and os.listdir(made) == []  # the probe file is gone
+  regular = tmp_path / "file"
+  regular.write_text("x")
+  with pytest.raises(WorkdirError, match=r"is a file, not a directory"):
+    workdir_lib.prepare_writable_workdir(regular)
+  with pytest.raises(WorkdirError, match=r"a part of that path is a file"):
+    workdir_lib.prepare_writable_workdir(regular / "sub")
+  # A read-only workdir (as root, simulated: the probe write fails with EROFS).
+  _failing_open(monkeypatch, errno.EROFS, ".write-probe-")
+  with pytest.raises(StorageError, match=r"writing into --workdir .* failed: the file system is "
+                                         r"read-only\. Fix: pass a --workdir on a writable"):
+    workdir_lib.prepare_writable_workdir(made)
+  monkeypatch.undo()
+  # A parent that does not let us create the workdir.
+  real_makedirs = os.makedirs
+
+  def denied(path, *a, **kw):
+    if "locked_parent" in os.fspath(path):
+      raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+    return real_makedirs(path, *a, **kw)
+
+  monkeypatch.setattr(os, "makedirs", denied)
+  with pytest.raises(StorageError, match=r"creating --workdir .*locked_parent/run .*permission "
+                                         r"denied"):
+    workdir_lib.prepare_writable_workdir(tmp_path / "locked_parent" / "run")
+  monkeypatch.undo()
+  if os.geteuid() != 0:  # a real read-only directory; as root, chmod does not stop writes
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+      with pytest.raises(StorageError, match="permission denied"):
+        workdir_lib.prepare_writable_workdir(ro)
+    finally:
+      ro.chmod(0o755)
+
+
+def test_require_existing_workdir(tmp_path, monkeypatch):
+  missing = tmp_path / "typo"
+  with pytest.raises(WorkdirError, match=r"no such workdir: .*typo\. Fix: pass the --workdir of "
+                                         r"a trained run"):
+    workdir_lib.require_existing_workdir(missing)
+  assert not missing.exists()  # eval/sample never create a workdir
+  assert workdir_lib.require_existing_workdir(tmp_path) == str(tmp_path)
+  _failing_open(monkeypatch, errno.EACCES, ".write-probe-")
+  with pytest.raises(StorageError, match="permission denied"):
+    workdir_lib.require_existing_workdir(tmp_path)
+  assert workdir_lib.require_existing_workdir(tmp_path, writable=False) == str(tmp_path)
+
+
+@pytest.mark.parametrize("code,cls,words", [
+    (errno.ENOSPC, DiskFullError, "no space left on the device"),
+    (errno.EDQUOT, DiskFullError, "the disk quota is exhausted"),
+    (errno.EROFS, StorageError, "the file system is read-only"),
+    (errno.EACCES, StorageError, "permission denied"),
+    (errno.EPERM, StorageError, "permission denied"),
+    (errno.EIO, StorageError, os.strerror(errno.EIO)),
+])
+def test_os_errors_become_one_line_user_errors(code, cls, words):
+  e = workdir_lib.os_error_to_user_error(OSError(code, os.strerror(code), "/w/f"), "writing /w/f")
+  assert type(e) is cls  # pylint: disable=unidiomatic-typecheck
+  assert _one_line(e).startswith(f"writing /w/f failed: {words}") and "Fix: " in str(e)
+
+
+def test_find_os_error_reads_tensorstore_text():
+  text = ('RESOURCE_EXHAUSTED: Error writing "l1/0.0" in OCDBT database: Failed writing: '
+          '"/w/d/x" [OS error: No space left on device]')
+  try:
+    try:
+      raise ValueError(text)
+    except ValueError as inner:
+      raise RuntimeError("wrapped") from inner
+  except RuntimeError as outer:
+    found = workdir_lib.find_os_error(outer)
+  assert found.errno == errno.ENOSPC
+  assert workdir_lib.find_os_error(ValueError("shape mismatch")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: digests, corruption, one-line errors.
+
+
+def _state(step: int, num_arrays: int = 24):
+  rng = np.random.default_rng(step)  # random values: incompressible, so files have real sizes
+  return {f"layer{i:02d}": {"w": rng.standard_normal((64, 64)).astype(np.float32),
+                            "b": rng.standard_normal(64).astype(np.float32)}
+          for i in range(num_arrays)}
+
+
+def _abstract(num_arrays: int = 24):
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                _state(0, num_arrays))
+
+
+def _tree_digest(directory) -> str:
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(directory):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h.update(os.path.relpath(path, directory).encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def saved_workdir(tmp_path_factory):
+  """Steps 1, 2, 3 in checkpoints/ and step 2 in checkpoints_best/, all with manifests."""
+  wd = str(tmp_path_factory.mktemp("ckpt"))
+  with checkpointing.Checkpointer(wd, keep=3) as ckpt:
+    for step in (1, 2, 3):
+      best = {checkpointing.BEST_METRIC: 4.0} if step == 2 else None
+      ckpt.save(step, _state(step), {"step": step}, best_metrics=best, force=True)
+    ckpt.save(3, _state(99), {"step": 3}, force=True)  # an existing step is skipped
+  return wd
+
+
+def _copy(saved_workdir, tmp_path):
+  dst = tmp_path / "wd"
+  shutil.copytree(saved_workdir, dst)
+  return str(dst)
+
+
+def _largest_file(step_dir):
+  files = [os.path.join(r, n) for r, _, ns in os.walk(step_dir) for n in ns]
+  return max(files, key=os.path.getsize)
+
+
+def test_manifests_written_and_restores_exact(saved_workdir):
+  for sub, step in (("checkpoints", 1), ("checkpoints", 2), ("checkpoints", 3),
+                    ("checkpoints_best", 2)):
+    step_dir = os.path.join(saved_workdir, sub, str(step))
+    with open(os.path.join(step_dir, checkpoint_digests.MANIFEST_NAME)) as f:
+      manifest = json.load(f)
+    assert manifest["step"] == step
+    assert set(manifest["files"]) == set(checkpoint_digests._files(step_dir))  # pylint: disable=protected-access
+    assert any(name.startswith("state/") for name in manifest["files"])
+    assert checkpoint_digests.check_step_dir(step_dir, step) == ("ok", "")
+  assert not os.path.exists(os.path.join(saved_workdir, checkpointing.RESERVE_NAME))
+  with checkpointing.Checkpointer(saved_workdir, read_only=True) as ckpt:
+    for which, step in (("latest", 3), ("best", 2), (1, 1)):
+      state, meta, _ = ckpt.restore(which, _abstract())
+      assert meta["step"] == step
+      np.testing.assert_array_equal(state["layer05"]["w"], _state(step)["layer05"]["w"])
+
+
+def test_byte_flip_is_detected_and_intact_steps_listed(saved_workdir, tmp_path):
+  wd = _copy(saved_workdir, tmp_path)
+  target = _largest_file(os.path.join(wd, "checkpoints", "3"))
+  size = os.path.getsize(target)
+  assert size > 8192
+  with open(target, "r+b") as f:  # 4 KB of garbage in the middle; the size does not change
+    f.seek(size // 2 - 2048)
+    f.write(np.random.default_rng(0).bytes(4096))
+  before = _tree_digest(wd)
+  with pytest.raises(checkpointing.CheckpointCorruptError) as info:
+    checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
+  line = _one_line(info.value)
+  assert f"{target} does not match its SHA-256 digest" in line
+  assert "steps 1, 2 verify" in line and "--config.eval.checkpoint=2" in line
+  assert "to resume training from step 2, move" in line and "Nothing was deleted" in line
+  assert _tree_digest(wd) == before  # nothing deleted or rewritten
+  with checkpointing.Checkpointer(wd, read_only=True) as ckpt:  # the earlier ones still restore
+    assert ckpt.restore(2, _abstract())[1]["step"] == 2
+
+
+def test_truncation_missing_manifest_and_legacy_checkpoints(saved_workdir, tmp_path, capsys):
+  wd = _copy(saved_workdir, tmp_path)
+  step3 = os.path.join(wd, "checkpoints", "3")
+  target = _largest_file(step3)
+  with open(target, "r+b") as f:
+    f.truncate(1000)
+  with pytest.raises(CheckpointError, match=r"has 1,000 bytes, expected [\d,]+ \(truncated"):
+    checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
+  # Written with digests but the manifest is gone: unverifiable, refused.
+  step2 = os.path.join(wd, "checkpoints", "2")
+  os.remove(os.path.join(step2, checkpoint_digests.MANIFEST_NAME))
+  with pytest.raises(CheckpointError, match=r"bdiff_digests\.json is missing although the "
+                                            r"checkpoint was written with digests.*steps 1 verify"):
+    checkpointing.Checkpointer(wd, read_only=True).restore(2, _abstract())
+  # A checkpoint from before digests existed (no marker in orbax's metadata): restored, warned.
+  meta_path = os.path.join(step2, "_CHECKPOINT_METADATA")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  del meta["custom_metadata"][checkpoint_digests.MARKER_KEY]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  capsys.readouterr()
+  with checkpointing.Checkpointer(wd, read_only=True) as ckpt:
+    state, _, _ = ckpt.restore(2, _abstract())
+  np.testing.assert_array_equal(state["layer00"]["b"], _state(2)["layer00"]["b"])
+  assert "has no digest manifest (it was written before checkpoint digests existed); restoring " \
+         "it unverified" in capsys.readouterr().err
+
+
+def test_disk_full_during_save_is_one_line_and_keeps_earlier_checkpoints(saved_workdir, tmp_path,
+                                                                         monkeypatch):
+  wd = _copy(saved_workdir, tmp_path)
+  before = _tree_digest(os.path.join(wd, "checkpoints"))
+  ckpt = checkpointing.Checkpointer(wd, keep=3)
+  # What tensorstore raises when the disk fills up under orbax (ValueError, errno only as text).
+  monkeypatch.setattr(ckpt.latest, "save", lambda *a, **kw: (_ for _ in ()).throw(ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database [OS error: No space left on '
+      'device]')))
+  with pytest.raises(DiskFullError, match=r"^saving checkpoint 4 in .* failed: no space left on "
+                                          r"the device\. Fix: free disk space"):
+    ckpt.save(4, _state(4), {"step": 4}, force=True)
+  ckpt.close()
+  assert _tree_digest(os.path.join(wd, "checkpoints")) == before
+  assert not os.path.exists(os.path.join(wd, checkpointing.RESERVE_NAME))
+
+
+def test_corrupt_checkpoint_in_a_fresh_process_prints_exactly_one_line(saved_workdir, tmp_path):
+  """A truncated checkpoint, with a manifest and without one (legacy: orbax itself fails), in a
+  new process as main.py runs it: exactly one `error:` line each, no traceback."""
+  wd = _copy(saved_workdir, tmp_path)
+  with open(_largest_file(os.path.join(wd, "checkpoints", "3")), "r+b") as f:
+    f.truncate(1000)
+  legacy = os.path.join(wd, "checkpoints", "1")
+  os.remove(os.path.join(legacy, checkpoint_digests.MANIFEST_NAME))
+  with open(os.path.join(legacy, "_CHECKPOINT_METADATA")) as f:
+    meta = json.load(f)
+  meta["custom_metadata"] = {}
+  with open(os.path.join(legacy, "_CHECKPOINT_METADATA"), "w") as f:
+    json.dump(meta, f)
+  for name in sorted(os.listdir(os.path.join(legacy, "state", "ocdbt.process_0", "d"))):
+    with open(os.path.join(legacy, "state", "ocdbt.process_0", "d", name), "r+b") as f:
+      f.truncate(100)
+  script = textwrap.dedent(f"""
+      import sys
+      import jax
+      import numpy as np
+      from absl import logging
+      logging.set_verbosity(logging.ERROR)
+      from bdiff_jax import checkpointing
+      from bdiff_jax.errors import UserError
+      abstract = {{f"layer{{i:02d}}": {{"w": jax.ShapeDtypeStruct((64, 64), np.float32),
+                                       "b": jax.ShapeDtypeStruct((64,), np.float32)}}
+                  for i in range(24)}}
+      for which in ("latest", 1):
+        try:
+          checkpointing.Checkpointer({wd!r}, keep=3).restore(which, abstract)
+          print("restored", which)
+        except UserError as e:
+          print(f"error: {{e}}", file=sys.stderr, flush=True)
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env=_child_env(), cwd=REPO, timeout=300)
+  lines = (proc.stdout + proc.stderr).strip().splitlines()
+  warning = [l for l in lines if l.startswith("warning: ")]
+  errors = [l for l in lines if l.startswith("error: ")]
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
+  assert len(errors) == 2 and len(warning) == 1 and len(lines) == 3, lines
+  assert "is corrupt" in errors[0] and "cannot be restored" in errors[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config compatibility.
+
+
+def test_every_config_field_is_classified_once():
+  fields = set(config_compat.flatten(configuration.base_config()))
+  classes = (config_compat.ARCHITECTURE_FIELDS, config_compat.TRAINING_FIELDS,
+             config_compat.RESUMABLE_FIELDS)
+  assert config_compat.unclassified_fields(configuration.base_config()) == []
+  assert set().union(*classes) == fields  # no stale names either
+  assert sum(len(c) for c in classes) == len(fields)  # disjoint
+  assert config_compat.INCOMPATIBLE_FIELDS == classes[0] | classes[1]
+  for f in ("model.emb_dim", "model.backbone", "data.seq_len", "diffusion.schedule"):
+    assert f in config_compat.ARCHITECTURE_FIELDS
+  for f in ("seed", "train.batch_size", "train.num_steps", "train.learning_rate"):
+    assert f in config_compat.TRAINING_FIELDS
+  for f in ("train.stop_at_step", "eval.seeds", "sample.prompt", "data.tfds_dir"):
+    assert f in config_compat.RESUMABLE_FIELDS
+
+
+def _saved(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def test_check_compatible_lists_every_difference():
+  base = configuration.base_config()
+  saved = _saved(base)
+  same = configuration.base_config()
+  same.eval.seeds = (5,)  # resumable fields may change
+  same.train.stop_at_step = 7
+  same.data.tfds_dir = "/elsewhere"
+  config_compat.check_compatible(saved, same)
+  config_compat.check_compatible(saved, base)  # tuples vs JSON lists compare equal
+  other = configuration.base_config()
+  other.model.emb_dim = 128
+  other.data.seq_len = 64
+  other.seed = 3
+  other.train.num_steps = 20
+  with pytest.raises(ConfigMismatchError) as info:
+    config_compat.check_compatible(saved, other)
+  line = _one_line(info.value)
+  assert ("data.seq_len: 128 -> 64, model.emb_dim: 256 -> 128, seed: 0 -> 3, "
+          "train.num_steps: 10000 -> 20") in line
+  assert ("--config.data.seq_len=128 --config.model.emb_dim=256 --config.seed=0 "
+          "--config.train.num_steps=10000") in line
+  assert "stop_at_step" in line and "new --workdir" in line
+  config_compat.check_compatible(saved, other, allowed={"model.emb_dim", "data.seq_len", "seed",
+                                                        "train.num_steps"})
+  # A field that an older config.json lacks counts as its default.
+  old = _saved(base)
+  del old["model"]["candidate_k"]
+  config_compat.check_compatible(old, base)
+  changed = configuration.base_config()
+  changed.model.candidate_k = 8
+  with pytest.raises(ConfigMismatchError, match=r"model\.candidate_k: 0 -> 8"):
+    config_compat.check_compatible(old, changed)
+
+
+def test_config_for_restore_takes_the_saved_model():
+  trained = configuration.base_config()
+  trained.model.emb_dim, trained.model.num_layers, trained.data.seq_len = 64, 2, 32
+  trained.train.learning_rate = 3e-3
+  saved = _saved(trained)
+  current = configuration.base_config()  # e.g. the default config file, not the smoke one
+  current.eval.max_tokens = 512
+  current.model.dtype = "bfloat16"
+  current.lock()
+  restored = config_compat.config_for_restore(current, saved, {"eval.max_tokens", "model.dtype"})
+  assert (restored.model.emb_dim, restored.model.num_layers, restored.data.seq_len) == (64, 2, 32)
+  assert restored.train.learning_rate == 3e-3
+  assert restored.eval.max_tokens == 512 and restored.model.dtype == "bfloat16"  # explicit
+  assert restored.is_locked and current.model.emb_dim == 256  # a copy
+  configuration.validate(restored)
+  with pytest.raises(ConfigMismatchError, match=r"--config\.model\.emb_dim=256 but the "
+                                                r"checkpoint has 64"):
+    config_compat.config_for_restore(current, saved, {"model.emb_dim"})
+  assert config_compat.explicit_overrides_from_argv(
+      ["main.py", "--config", "c.py", "--config.model.emb_dim=8", "--config.seed", "3",
+       "--noconfig.train.progress_bar", "--prompt=a b"]) == {
+           "model.emb_dim", "seed", "train.progress_bar", "sample.prompt"}
+
+
+def test_write_config_atomically(tmp_path):
+  c = configuration.base_config()
+  c.model.emb_dim = 96
+  path = config_compat.write_config_atomically(c, tmp_path)
+  assert config_compat.load_saved_config(tmp_path)["model"]["emb_dim"] == 96
+  assert os.listdir(tmp_path) == ["config.json"] and path == str(tmp_path / "config.json")
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match=r"config\.json cannot be read"):
+    config_compat.load_saved_config(tmp_path)
+  assert config_compat.load_saved_config(tmp_path / "nowhere") is None
+
+
+def _umask() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  return 0o022
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics log.
+
+
+def test_metrics_truncate_after_and_dedupe(tmp_path):
+  log = metrics_log.MetricsLog(str(tmp_path))
+  for step in (10, 20, 30):
+    log.write("train", step, loss=float(step))
+  log.write("eval", 20, valid=1.0)
+  log.write("eval", 30, valid=2.0)
+  with open(log.path, "a") as f:
+    f.write('{"kind": "train", "step": 4')  # torn by a crash
+  os.chmod(log.path, 0o640)
+  # Read without truncation: duplicates after a resume collapse to the last record.
+  log2 = metrics_log.MetricsLog(str(tmp_path))
+  log2.write("train", 30, loss=-30.0)
+  recs = metrics_log.read(log.path)
+  assert [(r["kind"], r["step"]) for r in recs] == [
+      ("train", 10), ("train", 20), ("eval", 20), ("eval", 30), ("train", 30)]
+  assert recs[-1]["loss"] == -30.0
+  # Resume from step 20: later records and the torn line go, atomically, permissions kept.
+  assert log.truncate_after(20) == 4  # train 30 (twice), eval 30 (torn line counted once)
+  assert [(r["kind"], r["step"]) for r in log.read()] == [("train", 10), ("train", 20),
+                                                          ("eval", 20)]
+  assert os.stat(log.path).st_mode & 0o777 == 0o640
+  assert log.truncate_after(20) == 0
+  log.write("train", 30, loss=3.0)
+  with open(log.path, "a") as f:
+    f.write("garbage")  # a torn tail without its newline
+  log.write("train", 40, loss=4.0)  # starts on a new line
+  assert [(r["kind"], r["step"]) for r in metrics_log.read(log.path)] == [
+      ("train", 10), ("train", 20), ("eval", 20), ("train", 30), ("train", 40)]
+  assert log.truncate_after(30) == 2  # the garbage line and step 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Graceful interruption.
+
+
+def test_interrupt_sets_flag_then_aborts_and_restores_handlers():
+  previous = signal.getsignal(signal.SIGINT)
+  aborted, stream = [], io.StringIO()
+  with interrupt.GracefulInterrupt(stream=stream, abort=aborted.append) as stop:
+    assert stop.installed and not stop.stop_requested() and stop.exit_code == 0
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs in this thread at the next bytecode boundary
+    assert stop.stop_requested() and stop.exit_code == interrupt.EXIT_SIGINT == 130
+    assert aborted == []
+    assert stop.message(40) == ("interrupted by SIGINT (Ctrl-C) at step 40; checkpoint saved; "
+                                "rerun the same command to resume")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert aborted == [130]
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 2 and "stopping after the current step" in lines[0]
+  assert "aborting now without saving" in lines[1]
+  assert signal.getsignal(signal.SIGINT) is previous
+  with interrupt.GracefulInterrupt(stream=io.StringIO()) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert stop.exit_code == interrupt.EXIT_SIGTERM == 143
+
+
+def test_second_sigint_exits_at_once_with_one_line():
+  child = subprocess.Popen(
+      [sys.executable, "-c", textwrap.dedent("""
+          import time
+          from bdiff_jax.interrupt import GracefulInterrupt
+          with GracefulInterrupt() as stop:
+            print("ready", flush=True)
+            while True:  # a training loop that never reaches its check
+              time.sleep(0.01)
+      """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+  assert child.stdout.readline().strip() == "ready"
+  child.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  child.send_signal(signal.SIGINT)
+  _, err = child.communicate(timeout=30)
+  assert child.returncode == 130
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation: shared cache, permissions, concurrency.
+
+
+def _data_config(data_dir, tfds_dir=""):
+  return ml_collections.ConfigDict({"name": "wikitext2", "variant": "v1",
+                                    "data_dir": str(data_dir), "tfds_dir": str(tfds_dir),
+                                    "seq_len": 16, "verify_counts": False})
+
+
+def test_concurrent_preparation_into_an_empty_cache(tmp_path):
+  src = wikitext2.write_synthetic_corpus(tmp_path / "src", num_train_lines=60)
+  cache, go = tmp_path / "cache", tmp_path / "go"
+  script = textwrap.dedent(f"""
+      import hashlib, os, time
+      os.umask(0o022)
+      from bdiff_jax.data import pipeline
+      print("ready", flush=True)
+      while not os.path.exists({str(go)!r}):
+        time.sleep(0.005)
+      config = dict(variant="v1", data_dir={src!r}, tfds_dir="", verify_counts=False)
+      splits = pipeline.load_wikitext2(config, {str(tmp_path)!r} + f"/w{{os.getpid()}}")
+      print("train", hashlib.sha256(splits.train.tobytes()).hexdigest(), splits.prepared_dir)
+  """)
+  env = dict(_child_env(), BDIFF_CACHE_DIR=str(cache))
+  procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+           for _ in range(2)]
+  for p in procs:
+    assert p.stdout.readline().strip() == "ready"
+  go.touch()
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "Downloading and preparing" not in out
+  digests = {line.split()[1] for out, _ in outs for line in out.splitlines()
+             if line.startswith("train ")}
+  assert len(digests) == 1
+  assert [n for n in os.listdir(cache) if not n.startswith("src-")] == []  # no temp dirs left
+  (root,) = os.listdir(cache)
+  for dirpath, dirs, files in os.walk(cache / root):
+    assert os.stat(dirpath).st_mode & 0o777 == 0o755, dirpath
+    for name in files:
+      assert os.stat(os.path.join(dirpath, name)).st_mode & 0o777 == 0o644
+
+
+def test_losing_the_publication_race_uses_the_winner(tmp_path, monkeypatch, capsys):
+  """While this process builds, 'another' publishes the same root; the rename then fails and
+  the winner's result is used. A second workdir reuses the cache without preparing anything."""
+  src = wikitext2.write_synthetic_corpus(tmp_path / "src", num_train_lines=60)
+  config = _data_config(src, tmp_path / "cache")
+  real_write_cache = pipeline._write_cache  # pylint: disable=protected-access
+  calls = []
+
+  def racing_write_cache(*args):
+    calls.append(args[0])
+    if len(calls) == 1:  # the other process finishes first
+      pipeline.load_wikitext2(config, None)
+    return real_write_cache(*args)
+
+  monkeypatch.setattr(pipeline, "_write_cache", racing_write_cache)
+  splits = pipeline.load_wikitext2(config, tmp_path / "w1")
+  assert len(calls) == 2
+  assert os.listdir(tmp_path / "cache") == [os.path.basename(splits.prepared_dir)]
+  out = capsys.readouterr().out
+  assert out.count("preparing WikiText-2 (v1) from") == 2 and "Unknown size" not in out
+  monkeypatch.setattr(pipeline, "_prepare", lambda *a: pytest.fail("prepared again"))
+  again = pipeline.load_wikitext2(config, tmp_path / "w2")
+  np.testing.assert_array_equal(again.train, splits.train)
+  assert "preparing" not in capsys.readouterr().out
+
+
+def test_default_cache_location(monkeypatch, tmp_path):
+  monkeypatch.setenv("BDIFF_CACHE_DIR", str(tmp_path / "c"))
+  assert pipeline.resolve_tfds_dir(_data_config("x")) == str(tmp_path / "c")
+  assert pipeline.resolve_tfds_dir(_data_config("x", tmp_path / "t"), "w") == str(tmp_path / "t")
+  monkeypatch.delenv("BDIFF_CACHE_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert pipeline.resolve_tfds_dir(_data_config("x"), "w") == str(tmp_path / "xdg" / "bdiff_jax")
