@@ -89,14 +89,24 @@ def main(argv):
   tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.config_compat import explicit_overrides_from_argv  # pylint: disable=g-import-not-at-top
   try:
     config = _load_config()
     if _PROMPT.value is not None:
       config.sample.prompt = _PROMPT.value
-    importlib.import_module(MODES[_MODE.value]).run(config, _WORKDIR.value, Reporter())
+    options = {}
+    if _MODE.value in ("eval", "sample"):  # they take the model from the workdir's config.json
+      options["explicit_overrides"] = explicit_overrides_from_argv(sys.argv)
+    result = importlib.import_module(MODES[_MODE.value]).run(config, _WORKDIR.value, Reporter(),
+                                                             **options)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except KeyboardInterrupt:  # before the trainer's own handler is installed, or a second Ctrl-C
+    print("error: interrupted (Ctrl-C) before a checkpoint could be taken. Fix: rerun the same "
+          "command; training resumes from the latest checkpoint.", file=sys.stderr, flush=True)
+    sys.exit(130)
+  sys.exit(getattr(result, "exit_code", 0))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Training writes the run's config to `<workdir>/config.json` (`write_config_atomically`); it is
 the reference for everything later done in that workdir. Every field of
-`configuration.base_config()` is in exactly one of three classes (a test enforces it, so a new
+`configuration.base_config()` is in exactly one of four classes (a test enforces it, so a new
 field must be classified here):
 
 ARCHITECTURE_FIELDS: what the parameters are and what function they compute: the parameter
@@ -16,16 +16,20 @@ ARCHITECTURE_FIELDS: what the parameters are and what function they compute: the
     diffusion.schedule, diffusion.schedule_exponent, diffusion.corruption,
     diffusion.uniform_fraction.
 
-TRAINING_FIELDS: the training trajectory: the data order and position (seed, batch size), the
-  optimizer and its learning-rate schedule, EMA, dropout, initialisation, the numerics, the
-  training-time noise draws. A resumed run with another value would match no uninterrupted run,
-  while config.json would claim it does.
-    seed, train.batch_size, train.num_steps (it sets the length of the cosine learning-rate
-    decay: a resume with another value jumps to another schedule; split one run over several
-    jobs with train.stop_at_step instead), train.learning_rate, train.warmup_steps,
+TRAINING_FIELDS: the data stream and the training noise: the data order and position (seed,
+  batch size), dropout, initialisation, the numerics, the training-time time draws. A resumed run
+  with another value would match no uninterrupted run, while config.json would claim it does.
+    seed, train.batch_size, model.dropout_rate, model.head_bias_init, model.dtype (the compute
+    dtype), diffusion.antithetic.
+
+SCHEDULE_FIELDS: the optimizer and its schedule. A resume may change them deliberately (the fix
+  for a loss that turned NaN is a lower learning rate; more steps extend a run); the trainer
+  prints one line per change and records it in metrics.jsonl (kind "config_change"), because
+  the run then follows another schedule than an uninterrupted one. To split one run over several
+  jobs without changing anything, use train.stop_at_step.
+    train.num_steps (the length of the cosine decay), train.learning_rate, train.warmup_steps,
     train.end_learning_rate_fraction, train.weight_decay, train.b1, train.b2, train.grad_clip,
-    train.ema_decay, model.dropout_rate, model.head_bias_init, model.dtype (the compute dtype),
-    diffusion.antithetic.
+    train.ema_decay.
 
 RESUMABLE_FIELDS: may differ from run to run in one workdir: where the data and its cache live
   (the data's identity is checked separately: the workdir's vocab.json must match), how often to
@@ -33,6 +37,7 @@ RESUMABLE_FIELDS: may differ from run to run in one workdir: where the data and 
     data.data_dir, data.tfds_dir, data.verify_counts, model.reversible_backward,
     train.log_every, train.eval_every, train.checkpoint_every, train.keep_checkpoints,
     train.max_wall_seconds, train.stop_at_step, train.progress_bar,
+    train.checkpoint_every_minutes, preset, preset_reason,
     eval.* (batch_size, num_time_samples, seeds, max_tokens, during_training_max_tokens, use_ema,
     checkpoint), sample.* (num_samples, length, num_steps, grid, temperature, top_k, top_p,
     prompt, seed).
@@ -74,10 +79,17 @@ ARCHITECTURE_FIELDS = frozenset({
 })
 
 TRAINING_FIELDS = frozenset({
-    "seed", "train.batch_size", "train.num_steps", "train.learning_rate", "train.warmup_steps",
-    "train.end_learning_rate_fraction", "train.weight_decay", "train.b1", "train.b2",
-    "train.grad_clip", "train.ema_decay", "model.dropout_rate", "model.head_bias_init",
+    "seed", "train.batch_size", "model.dropout_rate", "model.head_bias_init",
     "model.dtype", "diffusion.antithetic",
+})
+
+# The optimizer and its schedule: a resume may change them on purpose (e.g. a lower learning
+# rate after a loss that turned NaN, or more steps); the trainer says so in one line and records
+# the change in metrics.jsonl, since the run then no longer matches an uninterrupted one.
+SCHEDULE_FIELDS = frozenset({
+    "train.num_steps", "train.learning_rate", "train.warmup_steps",
+    "train.end_learning_rate_fraction", "train.weight_decay", "train.b1", "train.b2",
+    "train.grad_clip", "train.ema_decay",
 })
 
 INCOMPATIBLE_FIELDS = ARCHITECTURE_FIELDS | TRAINING_FIELDS
@@ -86,17 +98,19 @@ RESUMABLE_FIELDS = frozenset({
     "data.data_dir", "data.tfds_dir", "data.verify_counts", "model.reversible_backward",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_wall_seconds", "train.stop_at_step", "train.progress_bar",
+    "train.checkpoint_every_minutes", "preset", "preset_reason",
     "eval.batch_size", "eval.num_time_samples", "eval.seeds", "eval.max_tokens",
     "eval.during_training_max_tokens", "eval.use_ema", "eval.checkpoint",
     "sample.num_samples", "sample.length", "sample.num_steps", "sample.grid",
     "sample.temperature", "sample.top_k", "sample.top_p", "sample.prompt", "sample.seed",
 })
 
-_HINTS = {
-    "train.num_steps": ("train.num_steps sets the length of the learning-rate decay, so it "
-                        "cannot change mid-run; to split one run over several jobs use "
-                        "--config.train.stop_at_step"),
-}
+_HINTS: dict[str, str] = {}
+
+
+def schedule_changes(saved: Mapping, current: Any) -> list[tuple[str, Any, Any]]:
+  """[(field, saved, current)] of the SCHEDULE_FIELDS a resume changes (allowed, but said)."""
+  return differences(saved, current, SCHEDULE_FIELDS)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -116,7 +130,7 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def unclassified_fields(config: Any) -> list[str]:
   """Fields of `config` in none of the three classes (should be empty)."""
-  known = INCOMPATIBLE_FIELDS | RESUMABLE_FIELDS
+  known = INCOMPATIBLE_FIELDS | SCHEDULE_FIELDS | RESUMABLE_FIELDS
   return sorted(set(flatten(config)) - known)
 
 
@@ -199,8 +213,8 @@ def config_for_restore(current: ml_collections.ConfigDict, saved: Mapping,
       e.g. from `explicit_overrides_from_argv(sys.argv)`.
 
   Returns:
-    A copy of `current` whose ARCHITECTURE and TRAINING fields hold the saved values, except
-    TRAINING fields the user set explicitly.
+    A copy of `current` whose ARCHITECTURE, TRAINING and SCHEDULE fields hold the saved values,
+    except TRAINING and SCHEDULE fields the user set explicitly.
 
   Raises:
     ConfigMismatchError: an explicitly set ARCHITECTURE field differs from the saved value.
@@ -219,7 +233,8 @@ def config_for_restore(current: ml_collections.ConfigDict, saved: Mapping,
   result = copy.deepcopy(current)
   locked = result.is_locked
   result.unlock()
-  for field in sorted(INCOMPATIBLE_FIELDS - (TRAINING_FIELDS & explicit)):
+  taken = INCOMPATIBLE_FIELDS | SCHEDULE_FIELDS
+  for field in sorted(taken - ((TRAINING_FIELDS | SCHEDULE_FIELDS) & explicit)):
     if field in new and field in old and old[field] != new[field]:
       _set(result, field, old[field])
   if locked:

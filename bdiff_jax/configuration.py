@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 1000
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
+  # Also checkpoint when this many minutes passed since the last save (0 = off), so that a
+  # SIGKILL loses little even when checkpoint_every steps take long.
+  c.train.checkpoint_every_minutes = 30.0
   c.train.max_wall_seconds = 0.0  # stop (with a checkpoint) after this much time; 0 = no limit
   # Stop (with a checkpoint) at this step without changing the LR schedule, e.g. to split one
   # run of num_steps over several jobs; 0 = run to num_steps.
@@ -183,7 +186,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for f in ("batch_size", "num_steps", "learning_rate", "log_every", "eval_every",
             "checkpoint_every", "keep_checkpoints"):
     _positive(f"train.{f}", t[f])
-  for f in ("warmup_steps", "weight_decay", "grad_clip", "max_wall_seconds", "stop_at_step"):
+  for f in ("warmup_steps", "weight_decay", "grad_clip", "max_wall_seconds", "stop_at_step",
+            "checkpoint_every_minutes"):
     _positive(f"train.{f}", t[f], allow_zero=True)
   _in_unit("train.end_learning_rate_fraction", t.end_learning_rate_fraction)
   _in_unit("train.b1", t.b1, closed_high=False)

@@ -6,12 +6,14 @@ training saw.
 """
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
 
-from bdiff_jax import checkpointing, configuration, models, train_state, update_rule
+from bdiff_jax import checkpointing, config_compat, configuration, models, train_state
+from bdiff_jax import update_rule
 from bdiff_jax.data import pipeline
 from bdiff_jax.evaluator import Evaluator
 from bdiff_jax.objective import Objective, build_objective
@@ -81,6 +83,14 @@ def restore_params(exp: Experiment, which=None) -> tuple[Any, dict, str]:
   return params, meta, desc + (" (EMA params)" if exp.config.eval.use_ema else "")
 
 
-def save_config(config, workdir: str, filename: str = "config.json") -> None:
-  with open(os.path.join(workdir, filename), "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
+def config_for_workdir(config, workdir: str, explicit_overrides=()) -> tuple[Any, list]:
+  """(config, [(field, current, saved)]) for eval/sample in a trained workdir: the model,
+  objective and data fields come from its config.json (fields set explicitly on the command
+  line are checked against it), so any config file evaluates any workdir."""
+  saved = config_compat.load_saved_config(workdir)
+  if saved is None:
+    return config, []
+  restored = config_compat.config_for_restore(config, saved, explicit_overrides)
+  taken = config_compat.differences(json.loads(restored.to_json()), config,
+                                    config_compat.INCOMPATIBLE_FIELDS)
+  return restored, [(f, cur, old) for f, old, cur in taken]

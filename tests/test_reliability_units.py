@@ -369,15 +369,17 @@ def test_corrupt_checkpoint_in_a_fresh_process_prints_exactly_one_line(saved_wor
 def test_every_config_field_is_classified_once():
   fields = set(config_compat.flatten(configuration.base_config()))
   classes = (config_compat.ARCHITECTURE_FIELDS, config_compat.TRAINING_FIELDS,
-             config_compat.RESUMABLE_FIELDS)
+             config_compat.RESUMABLE_FIELDS, config_compat.SCHEDULE_FIELDS)
   assert config_compat.unclassified_fields(configuration.base_config()) == []
   assert set().union(*classes) == fields  # no stale names either
   assert sum(len(c) for c in classes) == len(fields)  # disjoint
   assert config_compat.INCOMPATIBLE_FIELDS == classes[0] | classes[1]
   for f in ("model.emb_dim", "model.backbone", "data.seq_len", "diffusion.schedule"):
     assert f in config_compat.ARCHITECTURE_FIELDS
-  for f in ("seed", "train.batch_size", "train.num_steps", "train.learning_rate"):
+  for f in ("seed", "train.batch_size", "model.dtype"):
     assert f in config_compat.TRAINING_FIELDS
+  for f in ("train.num_steps", "train.learning_rate"):  # allowed on resume, but reported
+    assert f in config_compat.SCHEDULE_FIELDS
   for f in ("train.stop_at_step", "eval.seeds", "sample.prompt", "data.tfds_dir"):
     assert f in config_compat.RESUMABLE_FIELDS
 
@@ -399,17 +401,15 @@ def test_check_compatible_lists_every_difference():
   other.model.emb_dim = 128
   other.data.seq_len = 64
   other.seed = 3
-  other.train.num_steps = 20
+  other.train.num_steps = 20  # a schedule field: allowed, reported by schedule_changes
   with pytest.raises(ConfigMismatchError) as info:
     config_compat.check_compatible(saved, other)
   line = _one_line(info.value)
-  assert ("data.seq_len: 128 -> 64, model.emb_dim: 256 -> 128, seed: 0 -> 3, "
-          "train.num_steps: 10000 -> 20") in line
-  assert ("--config.data.seq_len=128 --config.model.emb_dim=256 --config.seed=0 "
-          "--config.train.num_steps=10000") in line
-  assert "stop_at_step" in line and "new --workdir" in line
-  config_compat.check_compatible(saved, other, allowed={"model.emb_dim", "data.seq_len", "seed",
-                                                        "train.num_steps"})
+  assert "data.seq_len: 128 -> 64, model.emb_dim: 256 -> 128, seed: 0 -> 3)" in line
+  assert "--config.data.seq_len=128 --config.model.emb_dim=256 --config.seed=0," in line
+  assert "num_steps" not in line and "new --workdir" in line
+  assert config_compat.schedule_changes(saved, other) == [("train.num_steps", 10000, 20)]
+  config_compat.check_compatible(saved, other, allowed={"model.emb_dim", "data.seq_len", "seed"})
   # A field that an older config.json lacks counts as its default.
   old = _saved(base)
   del old["model"]["candidate_k"]

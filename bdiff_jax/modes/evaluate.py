@@ -4,6 +4,7 @@ import json
 import os
 
 from bdiff_jax import baselines, experiment
+from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.reporter import Reporter
 
 
@@ -35,5 +36,19 @@ def evaluate_params(exp: experiment.Experiment, params, meta: dict, desc: str,
   return out
 
 
-def run(config, workdir: str, reporter: Reporter) -> dict:
-  return evaluate_checkpoint(experiment.build(config, workdir), reporter)
+def open_trained(config, workdir: str, reporter: Reporter, explicit_overrides=()):
+  """(workdir, config) for eval/sample: the workdir must exist (nothing is created for a
+  mistyped one), and the model comes from its config.json."""
+  workdir = workdir_lib.require_existing_workdir(workdir)
+  config, taken = experiment.config_for_workdir(config, workdir, explicit_overrides)
+  if taken:
+    reporter.info("using the workdir's config.json for " + ", ".join(
+        f"{f}={saved!r}" for f, _, saved in taken))
+  return workdir, config
+
+
+def run(config, workdir: str, reporter: Reporter, explicit_overrides=(), **unused) -> dict:
+  del unused
+  workdir, config = open_trained(config, workdir, reporter, explicit_overrides)
+  with workdir_lib.WorkdirLock(workdir):
+    return evaluate_checkpoint(experiment.build(config, workdir), reporter)

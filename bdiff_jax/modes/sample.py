@@ -1,14 +1,15 @@
 """`--mode=sample`: restore a checkpoint, draw samples (optionally around a prompt), report them
 and write them to `<workdir>/samples_step<N>.txt`."""
 
-import os
 from typing import Optional
 
 import jax
 import numpy as np
 
 from bdiff_jax import experiment
+from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.modes import evaluate as evaluate_mode
 from bdiff_jax.reporter import Reporter
 from bdiff_jax.train_step import bind_network
 
@@ -48,16 +49,20 @@ def write_samples(exp: experiment.Experiment, params, meta: dict, desc: str, rep
             f"top_p={c.top_p}; seed={c.seed}")
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
   reporter.info(f"{header}\n{body}")
-  path = os.path.join(exp.workdir, f"samples_step{meta.get('step')}.txt")
+  # Never overwrite earlier samples: samples_step<N>.txt, then samples_step<N>_1.txt, ...
+  path = workdir_lib.unique_path(exp.workdir, f"samples_step{meta.get('step')}", ".txt")
   with open(path, "w", encoding="utf-8") as f:
     f.write(header + "\n" + body + "\n")
   reporter.info(f"samples written to {path}")
   return texts
 
 
-def run(config, workdir: str, reporter: Reporter) -> list[str]:
+def run(config, workdir: str, reporter: Reporter, explicit_overrides=(), **unused) -> list[str]:
   """Restores config.eval.checkpoint and samples (with config.sample.prompt)."""
-  exp = experiment.build(config, workdir)
-  prompt_ids = encode_prompt(exp)  # fail on a bad prompt before restoring anything
-  params, meta, desc = experiment.restore_params(exp)
-  return write_samples(exp, params, meta, desc, reporter, prompt_ids)
+  del unused
+  workdir, config = evaluate_mode.open_trained(config, workdir, reporter, explicit_overrides)
+  with workdir_lib.WorkdirLock(workdir):
+    exp = experiment.build(config, workdir)
+    prompt_ids = encode_prompt(exp)  # fail on a bad prompt before restoring anything
+    params, meta, desc = experiment.restore_params(exp)
+    return write_samples(exp, params, meta, desc, reporter, prompt_ids)

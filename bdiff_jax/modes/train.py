@@ -13,7 +13,9 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax import checkpointing, experiment, metrics_log, platform_info, plotting
+from bdiff_jax import checkpointing, config_compat, configuration, experiment, interrupt
+from bdiff_jax import metrics_log, platform_info, plotting
+from bdiff_jax import workdir as workdir_lib
 from bdiff_jax import mesh as mesh_lib
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import CheckpointError, NonFiniteLossError
@@ -25,6 +27,7 @@ from bdiff_jax.train_step import make_train_step
 FINISHED = "finished"  # reached train.num_steps
 STOPPED_AT_STEP = "stopped_at_step"  # reached train.stop_at_step < num_steps
 OUT_OF_TIME = "out_of_time"  # train.max_wall_seconds ran out
+INTERRUPTED = "interrupted"  # SIGINT / SIGTERM: checkpoint saved, exit with 130 / 143
 
 
 @dataclasses.dataclass
@@ -36,6 +39,7 @@ class TrainResult:
   tokens: int
   wall_seconds: float
   evaluation: Optional[dict] = None
+  exit_code: int = 0  # what main.py exits with (non-zero after an interruption)
 
   @property
   def evaluated(self) -> bool:
@@ -50,13 +54,20 @@ class StopRules:
   eval_every: int
   checkpoint_every: int
   max_wall_seconds: float
+  checkpoint_every_seconds: float = 0.0
 
   @classmethod
   def from_config(cls, tc) -> "StopRules":
     return cls(stop_step=min(tc.stop_at_step or tc.num_steps, tc.num_steps),
                num_steps=int(tc.num_steps), eval_every=int(tc.eval_every),
                checkpoint_every=int(tc.checkpoint_every),
-               max_wall_seconds=float(tc.max_wall_seconds))
+               max_wall_seconds=float(tc.max_wall_seconds),
+               checkpoint_every_seconds=60.0 * float(tc.checkpoint_every_minutes))
+
+  def checkpoint_is_due(self, seconds_since_last: float) -> bool:
+    """Time-based checkpoints, so that a long step interval loses little on SIGKILL."""
+    return bool(self.checkpoint_every_seconds) and (
+        seconds_since_last >= self.checkpoint_every_seconds)
 
   def is_eval_step(self, step: int) -> bool:
     return step % self.eval_every == 0 or step == self.num_steps
@@ -105,10 +116,15 @@ class MetricsBuffer:
 
 
 def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
-                   batches: pipeline.TrainBatches, reporter: Reporter):
-  """(state, first step): the latest checkpoint of the workdir, or a fresh state at step 0."""
+                   batches: pipeline.TrainBatches, log: metrics_log.MetricsLog,
+                   reporter: Reporter):
+  """(state, first step): the latest checkpoint of the workdir, or a fresh state at step 0.
+
+  metrics.jsonl keeps only the records up to that step (a crashed run's later records would
+  otherwise appear twice)."""
   start = ckpt.latest_step()
   if start is None:
+    log.truncate_after(0)
     return exp.init_state(), 0
   state, meta, desc = ckpt.restore("latest", exp.abstract_state())
   position = {k: int(v) for k, v in batches.position(start).items()}
@@ -116,8 +132,10 @@ def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
     raise CheckpointError(  # never silently continue from an inconsistent checkpoint
         f"checkpoint {desc} in {exp.workdir} is inconsistent (step/data position).",
         "restore another step or train in a new --workdir; nothing was deleted.")
+  dropped = log.truncate_after(start)
   reporter.info(f"resuming from {desc} (data epoch {meta['position']['epoch']}, batch "
-                f"{meta['position']['batch_in_epoch']})")
+                f"{meta['position']['batch_in_epoch']})" +
+                (f"; dropped {dropped} metrics records after step {start}" if dropped else ""))
   return state, start
 
 
@@ -137,32 +155,93 @@ def _periodic_eval(exp: experiment.Experiment, state, step: int, log: metrics_lo
   return {checkpointing.BEST_METRIC: v["nll_per_token"]}, v
 
 
-def run(config, workdir: str, reporter: Reporter) -> TrainResult:
+def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   """Trains (resuming from the workdir's latest checkpoint); at the end (num_steps reached or the
-  wall-clock budget spent) evaluates like `--mode=eval`, writes samples and plots."""
-  exp = experiment.build(config, workdir)
-  tc = config.train
-  mesh = mesh_lib.make_mesh()
-  mesh_lib.check_batch_divisible(tc.batch_size, mesh)
-  batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
-                                  config.seed)
-  log = metrics_log.MetricsLog(workdir)
-  ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  try:
-    return _train(exp, mesh, batches, log, ckpt, reporter)
-  finally:
-    ckpt.close()
+  wall-clock budget spent) evaluates like `--mode=eval`, writes samples and plots.
+
+  Order: the workdir is checked writable and locked for the whole run; the config is checked
+  against the workdir's config.json before anything is restored or written; config.json is
+  (re)written only after a successful start.
+  """
+  del unused
+  configuration.validate(config)
+  workdir = workdir_lib.prepare_writable_workdir(workdir)
+  with workdir_lib.WorkdirLock(workdir):
+    saved = config_compat.load_saved_config(workdir)
+    with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints) as ckpt:
+      if ckpt.latest_step() is not None and saved is not None:
+        config_compat.check_compatible(saved, config)
+        changes = config_compat.schedule_changes(saved, config)
+      else:
+        changes = []
+      exp = experiment.build(config, workdir)
+      tc = config.train
+      mesh = mesh_lib.make_mesh()
+      mesh_lib.check_batch_divisible(tc.batch_size, mesh)
+      batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
+                                      config.seed)
+      log = metrics_log.MetricsLog(workdir)
+      return _train(exp, mesh, batches, log, ckpt, reporter, changes)
 
 
-def _train(exp, mesh, batches, log, ckpt, reporter) -> TrainResult:
+def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buffer, bar, save,
+          stop, log, reporter):
+  """Steps from `start` until a stop rule fires -> (last step, status, state)."""
+  tc = exp.config.train
+  t_begin = t_saved = time.time()
+  step = start
+  status = FINISHED if start >= rules.num_steps else STOPPED_AT_STEP
+  while step < rules.stop_step:
+    state, metrics = step_fn(state, mesh_lib.shard_batch(batches.batch(step), mesh))
+    step += 1
+    buffer.add(step, metrics)
+    bar.update(1)
+    if step % tc.log_every == 0 or step == rules.stop_step:
+      last = buffer.flush(step)
+      bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+      if not tc.progress_bar:
+        reporter.info(_log_line(step, last))
+    out_of_time = rules.out_of_time(time.time() - t_begin)
+    if rules.is_eval_step(step):
+      buffer.flush(step)
+      best, v = _periodic_eval(exp, state, step, log)
+      reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
+                    f"({'bound, ' if exp.objective.is_upper_bound else ''}"
+                    f"{v['num_tokens']} tokens)")
+      save(step, state, best_metrics=best)
+      t_saved = time.time()
+    elif (rules.is_checkpoint_step(step) or out_of_time or stop.stop_requested() or
+          rules.checkpoint_is_due(time.time() - t_saved)):
+      buffer.flush(step)
+      save(step, state)
+      t_saved = time.time()
+    if stop.stop_requested():
+      reporter.info(stop.message(step))
+      status = INTERRUPTED
+      break
+    if out_of_time:
+      reporter.info(f"stopping at step {step}: train.max_wall_seconds={tc.max_wall_seconds} "
+                    "reached (checkpoint saved; rerun to resume)")
+      status = OUT_OF_TIME
+      break
+  else:
+    status = FINISHED if step >= rules.num_steps else STOPPED_AT_STEP
+  return step, status, state
+
+
+def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   config, workdir, tc = exp.config, exp.workdir, exp.config.train
   if config.preset:
     reporter.info(f"preset: {config.preset} ({config.preset_reason})")
   reporter.info(f"model: {config.model.backbone} backbone, {config.model.block} block, "
                 f"{exp.objective.name}; {exp.num_params():,} parameters; "
                 f"{mesh.devices.size} {jax.default_backend()} device(s)")
-  state, start = resume_or_init(exp, ckpt, batches, reporter)
-  experiment.save_config(config, workdir)
+  state, start = resume_or_init(exp, ckpt, batches, log, reporter)
+  for field, old, new in changes:
+    reporter.info(f"note: resuming with {field} changed from {old!r} to {new!r}; from step "
+                  f"{start} on the run follows the new schedule")
+    log.write("config_change", start, field=field, saved=old, current=new)
+  config_compat.write_config_atomically(config, workdir)
   state = mesh_lib.replicate(state, mesh)
   rules = StopRules.from_config(tc)
   step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
@@ -188,53 +267,31 @@ def _train(exp, mesh, batches, log, ckpt, reporter) -> TrainResult:
   buffer = MetricsBuffer(log, tokens_per_step=tokens_per_step, start_step=start,
                          on_nonfinite=nonfinite)
 
-  def save(step_now, best_metrics=None):
+  def save(step_now, state, best_metrics=None):
     position = {k: int(v) for k, v in batches.position(step_now).items()}
     ckpt.save(step_now, state, {"step": step_now, "position": position},
               best_metrics=best_metrics, force=True)
 
   t_begin = time.time()
-  step, status = start, FINISHED if start >= rules.num_steps else STOPPED_AT_STEP
   bar = reporter.progress(total=rules.stop_step, initial=start, desc="train",
                           enabled=tc.progress_bar)
-  try:
-    while step < rules.stop_step:
-      state, metrics = step_fn(state, mesh_lib.shard_batch(batches.batch(step), mesh))
-      step += 1
-      buffer.add(step, metrics)
-      bar.update(1)
-      if step % tc.log_every == 0 or step == rules.stop_step:
-        last = buffer.flush(step)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
-        if not tc.progress_bar:
-          reporter.info(_log_line(step, last))
-      out_of_time = rules.out_of_time(time.time() - t_begin)
-      if rules.is_eval_step(step):
-        buffer.flush(step)
-        best, v = _periodic_eval(exp, state, step, log)
-        reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
-                      f"({'bound, ' if exp.objective.is_upper_bound else ''}"
-                      f"{v['num_tokens']} tokens)")
-        save(step, best_metrics=best)
-      elif rules.is_checkpoint_step(step) or out_of_time:
-        buffer.flush(step)
-        save(step)
-      if out_of_time:
-        reporter.info(f"stopping at step {step}: train.max_wall_seconds={tc.max_wall_seconds} "
-                      "reached (checkpoint saved; rerun to resume)")
-        status = OUT_OF_TIME
-        break
-    else:
-      status = FINISHED if step >= rules.num_steps else STOPPED_AT_STEP
-  finally:
-    reporter.end_progress()
-    ckpt.wait()
+  with interrupt.GracefulInterrupt() as stop:
+    try:
+      step, status, state = _loop(exp, rules, step_fn, state, start, mesh, batches, buffer,
+                                  bar, save, stop, log, reporter)
+    finally:
+      reporter.end_progress()
+      ckpt.wait()
+
   wall = time.time() - t_begin
   trained = step - start
   reporter.info(f"trained steps {start}..{step} ({trained} steps, "
                 f"{trained * tokens_per_step:,} tokens) in {wall:.1f}s")
   result = TrainResult(status=status, start_step=start, end_step=step,
                        tokens=trained * tokens_per_step, wall_seconds=wall)
+  if status == INTERRUPTED:
+    result.exit_code = stop.exit_code
+    return result
   if status == STOPPED_AT_STEP:
     reporter.info(f"stopped at train.stop_at_step={rules.stop_step}; rerun with the same config "
                   "to continue.")
