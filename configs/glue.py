@@ -91,7 +91,7 @@ def get_config(arg: str = "test"):
   if level == "test":
     g.description = "CI wiring check: tiny models, a few steps; numbers are not results."
     g.bdiff = _bdiff(1, 32, 2, 1)
-    g.seq_len = 24
+    g.seq_len = 40
     g.batch_size = 4
     g.eval_batch_size = 16
     g.k_per_class = 4
