@@ -6,6 +6,7 @@
       --prompt="the game was [MASK] in"
   python main.py --config configs/benchmark.py --workdir runs/mem --mode=memory   # memory bench
   python main.py --config configs/compare.py --workdir runs/cmp --mode=compare    # comparison
+  python main.py --config configs/glue.py:test --workdir runs/glue --mode=glue     # GLUE bench
 
 Override any config field with --config.<field>=<value>. Bad input (data, config values,
 checkpoints, prompts) ends with one line `error: ...` and exit status 2.
@@ -27,6 +28,7 @@ MODES = {
     "sample": "bdiff_jax.modes.sample",
     "memory": "bdiff_jax.benchmarks.memory",
     "compare": "bdiff_jax.benchmarks.compare",
+    "glue": "bdiff_jax.modes.glue",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",

@@ -29,7 +29,9 @@ class Network(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, t: Optional[jnp.ndarray] = None, *, train: bool = False,
-               padding_mask: Optional[jnp.ndarray] = None):
+               padding_mask: Optional[jnp.ndarray] = None, return_hidden: bool = False):
+    """Logits float32[B, L, vocab_size]; with `return_hidden`, the final normed hidden states
+    float32[B, L, emb_dim] instead (e.g. for a pooled classification head)."""
     s = self.spec
     embed = nn.Embed(s.embed_rows, s.emb_dim, param_dtype=s.param_dtype,
                      embedding_init=nn.initializers.normal(stddev=1.0), name="embed")
@@ -48,6 +50,8 @@ class Network(nn.Module):
       cond = TimeEmbedding(s, name="time_embedding")(t)
     h = _backbone(s)(h, cond, train=train, padding_mask=padding_mask)
     h = AdaptiveNorm(s, name="final_norm")(h, cond)
+    if return_hidden:
+      return h.astype(jnp.float32)
     if s.tie_embeddings:
       table = embed.embedding[:s.vocab_size].astype(s.compute_dtype)
       # Scale so that tied logits start at unit scale whatever emb_dim is.

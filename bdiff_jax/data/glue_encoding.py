@@ -1,0 +1,208 @@
+"""GLUE examples -> fixed-shape arrays for the classification objectives (`classification.py`).
+
+`encode_split(split, encoder, scoring=..., seq_len=L)` renders every example with its task's
+prompt (`glue_prompts.render`) and returns a dict of numpy arrays with a leading example axis N,
+padded to fixed shapes so that one compiled step serves every batch:
+
+  scoring="causal"  inputs/targets int32[N, C, L], score_mask float32[N, C, L],
+                    padding bool[N, C, L]: row (n, c) is `start + context + continuation(c)`
+                    shifted by one (logits at i predict targets[i]); score_mask marks the
+                    continuation's tokens (the label tokens after the prompt).
+  scoring="cloze"   inputs int32[N, L] with `mask_id` at the label slot, mask_pos int32[N],
+                    candidate_ids int32[N, C], padding bool[N, L], t float32[N] (the diffusion
+                    time whose masking probability is the row's masked fraction).
+  scoring="head"    inputs int32[N, L] (the example's segments joined by spaces, no template),
+                    padding bool[N, L], t float32[N] (0: nothing is masked).
+
+plus `target` float32[N, C] (one-hot; STS-B with a prompt: (1 - y/5, y/5); a regression head:
+[N, 1] = y). Padding: `encoder.pad_left` (OPT: left, its position ids come from the mask;
+bdiff networks: right, with the padding mask). Too-long prompts lose their earliest context
+tokens (the label slot and what follows it are kept).
+
+Encoders: `BPEEncoder` (OPT's byte-level BPE, natural template spacing) and `WordEncoder` (a
+bdiff word-level vocabulary, template punctuation space-separated). A word the vocabulary lacks
+is looked up lower-cased, then capitalised (WikiText-2 is cased, SST-2 lower-cased), and only
+then becomes `<unk>`; `WordEncoder.stats` counts words, case-mapped words and `<unk>`s.
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+
+from bdiff_jax.data import glue_prompts
+from bdiff_jax.data.glue import GlueSplit
+from bdiff_jax.errors import ConfigError
+
+SCORINGS = ("causal", "cloze", "head")
+
+
+class BPEEncoder:
+  """OPT's tokenizer: BOS as the start token, pad id, left padding."""
+
+  pad_left = True
+  spacing = "natural"
+  head_start = True  # the head baseline's input starts with BOS, as HF tokenizes it
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.start_id = tokenizer.bos_id
+    self.pad_id = tokenizer.pad_id
+    self.mask_id = None
+
+  def ids(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text)[1:]  # without the BOS `encode` prepends
+
+
+@dataclasses.dataclass
+class WordStats:
+  words: int = 0
+  case_mapped: int = 0
+  unknown: int = 0
+
+  @property
+  def oov_rate(self) -> float:
+    return self.unknown / max(self.words, 1)
+
+
+class WordEncoder:
+  """A `WordTokenizer` vocabulary with case mapping; `start_id` (the AR BOS) is `[MASK]`."""
+
+  pad_left = False
+  spacing = "word"
+  head_start = False
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.mask_id = tokenizer.mask_id
+    self.start_id = tokenizer.mask_id  # the autoregressive objective's BOS (objective.py)
+    self.pad_id = tokenizer.eos_id  # any real id; padding positions are masked out
+    self.stats = WordStats()
+
+  def word_id(self, word: str) -> int:
+    self.stats.words += 1
+    for i, form in enumerate((word, word.lower(), word[:1].upper() + word[1:].lower())):
+      found = self.tokenizer.id_of(form)
+      if found is not None:
+        self.stats.case_mapped += int(i > 0)
+        return found
+    self.stats.unknown += 1
+    return self.tokenizer.unk_id
+
+  def ids(self, text: str) -> list[int]:
+    return [self.word_id(w) for w in text.split()]
+
+
+def _place(rows: list[list[int]], seq_len: int, pad_id: int, pad_left: bool):
+  """Pads int rows (each <= seq_len) to [N, seq_len]; returns (ids, padding, offsets)."""
+  ids = np.full((len(rows), seq_len), pad_id, np.int32)
+  padding = np.zeros((len(rows), seq_len), bool)
+  offsets = np.zeros(len(rows), np.int64)
+  for r, row in enumerate(rows):
+    start = seq_len - len(row) if pad_left else 0
+    ids[r, start:start + len(row)] = row
+    padding[r, start:start + len(row)] = True
+    offsets[r] = start
+  return ids, padding, offsets
+
+
+def _trim_front(ctx: list[int], rest_len: int, seq_len: int, what: str) -> list[int]:
+  keep = seq_len - rest_len
+  if keep < 0:
+    raise ConfigError(f"the label slot and what follows it ({rest_len} tokens, {what}) do not "
+                      f"fit in glue.seq_len={seq_len}.", "raise glue.seq_len.")
+  return ctx[len(ctx) - keep:] if keep < len(ctx) else ctx
+
+
+def _targets(split: GlueSplit, num_candidates: int, head: bool) -> np.ndarray:
+  if split.is_regression:
+    if head:
+      return split.labels.astype(np.float32)[:, None]
+    return glue_prompts.regression_target(split.labels).astype(np.float32)
+  return np.eye(num_candidates, dtype=np.float32)[split.labels.astype(np.int64)]
+
+
+def _encode_causal(parts, encoder, seq_len):
+  num_c = len(parts[0].candidates)
+  rows, spans = [], []
+  for p in parts:
+    ctx = encoder.ids(p.context)
+    for c in range(num_c):
+      cont = encoder.ids(p.continuation(c))
+      if not cont:
+        raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
+                          "use label words the tokenizer can encode.")
+      # seq = start + ctx + cont; inputs = seq[:-1], targets = seq[1:] (both seq_len long).
+      ctx_c = _trim_front(ctx, len(cont), seq_len, "the candidate")
+      seq = [encoder.start_id] + ctx_c + cont
+      rows.append(seq)
+      spans.append((len(ctx_c), len(cont)))
+  inputs, padding, offsets = _place([s[:-1] for s in rows], seq_len, encoder.pad_id,
+                                    encoder.pad_left)
+  targets, _, _ = _place([s[1:] for s in rows], seq_len, encoder.pad_id, encoder.pad_left)
+  score_mask = np.zeros(inputs.shape, np.float32)
+  for r, (start, length) in enumerate(spans):
+    score_mask[r, offsets[r] + start:offsets[r] + start + length] = 1.0
+  shape = (len(parts), num_c, seq_len)
+  return {"inputs": inputs.reshape(shape), "targets": targets.reshape(shape),
+          "score_mask": score_mask.reshape(shape), "padding": padding.reshape(shape)}
+
+
+def _encode_cloze(parts, encoder, seq_len, time_of_fraction):
+  if encoder.mask_id is None:
+    raise ConfigError("cloze scoring needs a tokenizer with a [MASK] token (a bdiff model).",
+                      "score OPT causally.")
+  rows, positions, cands = [], [], []
+  for p in parts:
+    ids = []
+    for word in p.candidates:
+      cid = encoder.ids(word)
+      if len(cid) != 1:
+        raise ConfigError(f"cloze candidate {word!r} is {len(cid)} words, not one.",
+                          "use single-word label words for a masked-diffusion model.")
+      ids.append(cid[0])
+    suffix = encoder.ids(p.suffix)
+    prefix = _trim_front(encoder.ids(p.prefix), 1 + len(suffix), seq_len, "the suffix")
+    rows.append(prefix + [encoder.mask_id] + suffix)
+    positions.append(len(prefix))
+    cands.append(ids)
+  inputs, padding, offsets = _place(rows, seq_len, encoder.pad_id, encoder.pad_left)
+  frac = 1.0 / padding.sum(axis=1)
+  t = np.asarray([time_of_fraction(f) for f in frac], np.float32)
+  return {"inputs": inputs, "padding": padding,
+          "mask_pos": (np.asarray(positions) + offsets).astype(np.int32),
+          "candidate_ids": np.asarray(cands, np.int32), "t": t}
+
+
+def _encode_head(split, encoder, seq_len):
+  rows = []
+  for i in range(len(split)):
+    ids = encoder.ids(" ".join(seg[i] for seg in split.texts))
+    start = [encoder.start_id] if encoder.head_start else []
+    rows.append((start + ids)[:seq_len])
+  inputs, padding, _ = _place(rows, seq_len, encoder.pad_id, encoder.pad_left)
+  return {"inputs": inputs, "padding": padding, "t": np.zeros(len(rows), np.float32)}
+
+
+def encode_split(split: GlueSplit, encoder, *, scoring: str, seq_len: int,
+                 time_of_fraction: Optional[Callable[[float], float]] = None) -> dict:
+  """The arrays of `split` for `scoring` (see the module docstring); also "labels" [N].
+
+  `time_of_fraction(f)` maps a masked fraction to a diffusion time (cloze scoring; default: t = f, the linear
+  schedule).
+  """
+  if scoring not in SCORINGS:
+    raise ConfigError(f"scoring={scoring!r} is not one of {SCORINGS}.", "use one of those.")
+  if scoring == "head":
+    out = _encode_head(split, encoder, seq_len)
+    out["target"] = _targets(split, split.num_labels, head=True)
+  else:
+    parts = [glue_prompts.render(split.task, split[i], spacing=encoder.spacing)
+             for i in range(len(split))]
+    if scoring == "causal":
+      out = _encode_causal(parts, encoder, seq_len)
+    else:
+      out = _encode_cloze(parts, encoder, seq_len, time_of_fraction or float)
+    out["target"] = _targets(split, len(parts[0].candidates), head=False)
+  out["labels"] = np.asarray(split.labels)
+  return out

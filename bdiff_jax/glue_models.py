@@ -1,0 +1,222 @@
+"""The rows of the GLUE benchmark: (network, initial params, encoder, objective, update rule).
+
+A row is written `model:rule[:head]` (config `glue.rows`, comma-separated):
+
+  model  reversible_qwen3 | standard_qwen3   a bdiff network with the Qwen3 block, from scratch
+                                             (shape `glue.bdiff.model`, objective
+                                             `glue.bdiff.model.objective`, word vocabulary of the
+                                             task's train text) or, when `glue.init_workdir` is
+                                             set, restored from that bdiff workdir (its
+                                             config.json, vocab.json and orbax checkpoint
+                                             `glue.init_checkpoint`; the backbone must match).
+         opt                                 OPT from the Hugging Face directory `glue.opt_dir`.
+  rule   adamw (first order, `glue.adamw`) | mezo | dizo (zeroth order, `glue.zo`, `glue.dizo`).
+  head   a pooled linear head (the non-prompt baseline) instead of prompt scoring.
+
+Prompt scoring follows the network: a causal LM (OPT, an autoregressive bdiff model) scores
+candidates causally, a masked-diffusion model at a [MASK] (`classification.py`).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bdiff_jax import checkpointing, classification, models, train_state, update_rule
+from bdiff_jax import zeroth_order
+from bdiff_jax.data import glue_encoding, glue_prompts
+from bdiff_jax.data import tokenizer as tokenizer_lib
+from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
+from bdiff_jax.data.glue import GlueSplit
+from bdiff_jax.errors import CheckpointError, ConfigError
+from bdiff_jax.models.classifier import OPTLM, PooledClassifier
+from bdiff_jax.models.hf_checkpoint import load_opt
+from bdiff_jax.objective import build_objective
+
+BDIFF_MODELS = {"reversible_qwen3": "reversible", "standard_qwen3": "standard"}
+MODELS = (*BDIFF_MODELS, "opt")
+RULES = ("adamw", "mezo", "dizo")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  model: str
+  rule: str
+  head: bool
+
+  @property
+  def name(self) -> str:
+    return f"{self.rule}_{self.model}" + ("_head" if self.head else "")
+
+
+def parse_rows(text: str) -> list[RowSpec]:
+  """`"opt:mezo,standard_qwen3:adamw:head"` -> RowSpecs; raises ConfigError on a bad entry."""
+  rows = []
+  for item in [s.strip() for s in str(text).split(",") if s.strip()]:
+    parts = item.split(":")
+    ok = (len(parts) in (2, 3) and parts[0] in MODELS and parts[1] in RULES and
+          (len(parts) == 2 or parts[2] == "head"))
+    if not ok:
+      raise ConfigError(f"glue.rows entry {item!r} is not model:rule[:head].",
+                        f"use models {MODELS}, rules {RULES}, e.g. 'opt:mezo'.")
+    rows.append(RowSpec(parts[0], parts[1], len(parts) == 3))
+  if not rows:
+    raise ConfigError("glue.rows is empty.", "list at least one row, e.g. 'opt:mezo'.")
+  return rows
+
+
+@dataclasses.dataclass
+class Row:
+  """Everything one benchmark row trains with."""
+  spec: RowSpec
+  network: Any  # flax module with the bdiff network interface
+  params: Any  # initial parameters
+  encoder: Any  # glue_encoding.WordEncoder | BPEEncoder
+  scoring: str  # "causal" | "cloze" | "head"
+  objective: classification.ClassificationObjective
+  rule: Any  # update_rule.UpdateRule
+  init: str  # what the parameters were initialised from
+  time_of_fraction: Any = float
+
+
+def time_of_fraction_fn(schedule):
+  """f -> the diffusion time t with mask_prob(t) = f under `schedule` (grid interpolation)."""
+  grid = np.linspace(1e-5, 1.0, 20001)
+  probs = np.asarray(schedule.mask_prob(jnp.asarray(grid)), np.float64)
+  return lambda f: float(np.interp(f, probs, grid))
+
+
+def _scratch_vocab(train: GlueSplit) -> tokenizer_lib.WordTokenizer:
+  """A word vocabulary of the task's train text plus the template words of each candidate."""
+  p = glue_prompts.render(train.task, train[0], spacing="word")
+  lines = [" ".join(seg[i] for seg in train.texts) for i in range(len(train))]
+  return tokenizer_lib.WordTokenizer.from_corpus(
+      lines + [p.text(c) for c in range(len(p.candidates))])
+
+
+def _restore_bdiff(workdir: str, which: str):
+  """(config, tokenizer, objective, network, params) of a bdiff workdir's checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} does not exist.",
+                          "set glue.init_workdir to a trained bdiff workdir (or '' for scratch).")
+  with open(path, encoding="utf-8") as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "vocab.json"))
+  objective = build_objective(cfg, mask_id=tok.mask_id)
+  network = models.build_network(cfg.model, vocab_size=tok.vocab_size,
+                                 max_len=cfg.data.seq_len, causal=objective.causal)
+  abstract = train_state.abstract_train_state(network, update_rule.build_update_rule(cfg.train),
+                                              seq_len=cfg.data.seq_len)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    state, _, desc = ckpt.restore(which, abstract)
+  finally:
+    ckpt.close()
+  params = state.ema_params if cfg.eval.use_ema else state.params
+  return cfg, tok, objective, network, params, f"{workdir} ({desc})"
+
+
+def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
+  if glue.init_workdir:
+    cfg, tok, lm_obj, network, params, init = _restore_bdiff(glue.init_workdir,
+                                                             glue.init_checkpoint)
+    if cfg.model.backbone != BDIFF_MODELS[spec.model] or cfg.model.block != "qwen3":
+      raise ConfigError(f"{glue.init_workdir} holds a {cfg.model.backbone}/{cfg.model.block} "
+                        f"model, not {spec.model}.", "drop that row or use a matching workdir.")
+  else:
+    cfg = ml_collections.ConfigDict(glue.bdiff.to_dict())
+    cfg.model.backbone = BDIFF_MODELS[spec.model]
+    cfg.model.block = "qwen3"
+    tok = _scratch_vocab(train)
+    lm_obj = build_objective(cfg, mask_id=tok.mask_id)
+    network = models.build_network(cfg.model, vocab_size=tok.vocab_size,
+                                   max_len=glue.seq_len, causal=lm_obj.causal)
+    params = models.init_params(network, key, seq_len=glue.seq_len)
+    init = "scratch"
+  timed = lm_obj.uses_time and lm_obj.time_conditioned
+  schedule = getattr(lm_obj, "schedule", None)
+  tof = time_of_fraction_fn(schedule) if schedule is not None else float
+  return tok, lm_obj.causal, timed, network, params, init, tof
+
+
+def build_row(spec: RowSpec, glue, train: GlueSplit, *, seed: int, total_steps: int) -> Row:
+  """The row `spec` for a task whose (full) train split is `train`; params drawn from `seed`."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  regression = train.is_regression
+  if spec.model == "opt":
+    opt_config, opt_params = load_opt(glue.opt_dir)
+    encoder = glue_encoding.BPEEncoder(load_bpe_tokenizer(glue.opt_dir))
+    network, params, causal, timed = OPTLM(opt_config), {"opt": opt_params}, True, False
+    init, tof = f"OPT {glue.opt_dir}", float
+  else:
+    tok, causal, timed, network, params, init, tof = _bdiff(spec, glue, train, key)
+    encoder = glue_encoding.WordEncoder(tok)
+  if spec.head:
+    num_out = 1 if regression else train.num_labels
+    network = PooledClassifier(network, num_out, causal)
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    fresh = network.init({"params": jax.random.fold_in(key, 2)}, dummy, jnp.zeros((1,)),
+                         padding_mask=jnp.ones((1, 4), bool))["params"]
+    params = {"backbone": {k: v for k, v in params.items() if k in fresh["backbone"]},
+              "classifier": fresh["classifier"]}
+    objective = classification.PooledHead(causal=causal, time_conditioned=timed,
+                                          regression=regression)
+    scoring = "head"
+  elif causal:
+    objective, scoring = classification.CausalPrompt(regression=regression), "causal"
+  else:
+    objective = classification.ClozePrompt(time_conditioned=timed, regression=regression)
+    scoring = "cloze"
+  return Row(spec=spec, network=network, params=params, encoder=encoder, scoring=scoring,
+             objective=objective, rule=build_rule(spec.rule, glue, total_steps), init=init,
+             time_of_fraction=tof)
+
+
+def _frozen(names) -> bool:
+  return any(n in ("embed", "embed_tokens", "embed_positions") for n in names)
+
+
+def _kv(names) -> bool:
+  return len(names) >= 2 and names[-1] == "kernel" and names[-2] in (
+      "key", "value", "k_proj", "v_proj")
+
+
+def build_rule(name: str, glue, total_steps: int):
+  """The update rule `name` with the row budget `total_steps` (for LR schedules)."""
+  if name == "adamw":
+    tc = ml_collections.ConfigDict(glue.adamw.to_dict())
+    tc.num_steps = total_steps
+    return update_rule.FirstOrder(update_rule.make_optimizer(tc),
+                                  update_rule.learning_rate_schedule(tc))
+  z = glue.zo
+  lr = zeroth_order.learning_rate_schedule(z, total_steps)
+  kwargs = dict(eps=z.eps, weight_decay=z.weight_decay, num_perturbations=z.num_perturbations,
+                trainable=(lambda names: not _frozen(names)) if z.freeze_embeddings else None)
+  if name == "mezo":
+    return zeroth_order.MeZO(lr, **kwargs)
+  d = glue.dizo
+  return zeroth_order.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
+                           step_size=d.step_size, tau=d.tau, targets=_kv, **kwargs)
+
+
+def forward_passes(rule, num_steps: int) -> dict:
+  """Forward (and backward) passes over a batch that `num_steps` steps of `rule` take.
+
+  First order: one forward and one backward per step. MeZO: 2 forwards per perturbation per
+  step. DiZO: MeZO's plus 2 per gamma iteration at each projection step (step % interval ==
+  interval - 1), as `zeroth_order.DiZO.update` runs them.
+  """
+  n = getattr(rule, "num_perturbations", None)
+  if n is None:
+    return {"forward": num_steps, "backward": num_steps}
+  fwd = 2 * n * num_steps
+  interval = getattr(rule, "interval", None)
+  if interval:
+    fwd += 2 * rule.iterations * (num_steps // interval)
+  return {"forward": fwd, "backward": 0}

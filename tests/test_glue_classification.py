@@ -1,0 +1,206 @@
+"""Candidate scoring, the cross-entropy over candidates, flags, failures and zeroth-order rows of
+the GLUE benchmark (bdiff_jax.classification, glue_encoding, glue_models, modes.glue)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdiff_jax import classification, glue_models, glue_report
+from bdiff_jax.data import glue, glue_encoding, glue_prompts
+from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
+from bdiff_jax.data.tokenizer import WordTokenizer
+from bdiff_jax.errors import UserError
+from bdiff_jax.models.classifier import OPTLM
+from bdiff_jax.models.hf_checkpoint import load_opt
+from bdiff_jax.models.opt import OPT
+from bdiff_jax.modes import glue as glue_mode
+from bdiff_jax.train_state import create_train_state
+from bdiff_jax.train_step import bind_network, make_train_step
+from configs import glue as glue_config
+from tests import helpers
+
+OPT_DIR = os.path.join(helpers.REPO, "tests", "fixtures", "tiny_opt")
+SENTENCES = ["a great movie", "a terrible film", "truly wonderful acting", "boring and dull"]
+
+
+def write_sst2(root, n_train=40, n_dev=12):
+  """A tiny SST-2-layout TSV pair under root/SST-2."""
+  os.makedirs(os.path.join(root, "SST-2"), exist_ok=True)
+  for split, n in (("train", n_train), ("dev", n_dev)):
+    with open(os.path.join(root, "SST-2", f"{split}.tsv"), "w", encoding="utf-8") as f:
+      f.write("sentence\tlabel\n")
+      for i in range(n):
+        f.write(f"{SENTENCES[i % 4]} number {i} \t{int(i % 4 in (0, 2))}\n")
+  return root
+
+
+@pytest.fixture(scope="module")
+def sst2(tmp_path_factory):
+  return write_sst2(str(tmp_path_factory.mktemp("glue")))
+
+
+def test_causal_score_is_mean_label_logprob_under_left_padding(sst2):
+  split = glue.load_split("SST-2", "dev", sst2).select([1])
+  cfg, params = load_opt(OPT_DIR)
+  tok = load_bpe_tokenizer(OPT_DIR)
+  enc = glue_encoding.encode_split(split, glue_encoding.BPEEncoder(tok), scoring="causal",
+                                   seq_len=48)
+  apply = bind_network(OPTLM(cfg), {"opt": params}, train=False)
+  batch = {k: jnp.asarray(v) for k, v in enc.items() if k != "labels"}
+  got = np.asarray(classification.CausalPrompt().scores(apply, batch))
+  for i in range(len(split)):
+    parts = glue_prompts.render("SST-2", split[i])
+    for c in range(2):
+      ctx = tok.encode(parts.context)  # BOS + context, unpadded
+      cont = tok.encode(parts.continuation(c))[1:]
+      ids = jnp.asarray([ctx + cont])
+      logits = OPT(cfg).apply({"params": params}, ids, jnp.ones_like(ids))
+      logp = jax.nn.log_softmax(logits[0], axis=-1)
+      want = np.mean([float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)])
+      np.testing.assert_allclose(got[i, c], want, rtol=1e-4, atol=1e-4)
+
+
+def test_cloze_score_is_log_softmax_at_the_mask(sst2):
+  split = glue.load_split("SST-2", "dev", sst2).select([0, 1])
+  tok = WordTokenizer.from_corpus(["it was terrible great . a movie film", "number 0 1"])
+  enc = glue_encoding.encode_split(split, glue_encoding.WordEncoder(tok), scoring="cloze",
+                                   seq_len=12)
+  assert (enc["inputs"][np.arange(2), enc["mask_pos"]] == tok.mask_id).all()
+  assert (enc["candidate_ids"] == [tok.id_of("terrible"), tok.id_of("great")]).all()
+  table = jax.random.normal(jax.random.PRNGKey(0), (tok.mask_id + 1, tok.vocab_size))
+  apply = lambda tokens, t=None, *, padding_mask=None: table[tokens] * (1 + jnp.arange(
+      tokens.shape[1]))[None, :, None]
+  batch = {k: jnp.asarray(v) for k, v in enc.items() if k != "labels"}
+  got = np.asarray(classification.ClozePrompt(time_conditioned=False).scores(apply, batch))
+  for b in range(2):
+    logits = np.asarray(apply(batch["inputs"]))[b, enc["mask_pos"][b]]
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+    np.testing.assert_allclose(got[b], logp[enc["candidate_ids"][b]], rtol=1e-5, atol=1e-5)
+
+
+def test_cross_entropy_over_candidates():
+  scores = np.array([[0.0, 1.0, -2.0], [3.0, 0.5, 0.5]], np.float32)
+  target = np.array([[0, 1, 0], [0.2, 0.3, 0.5]], np.float32)
+  logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+  want = -np.mean(np.sum(target * logp, -1))
+  got = float(classification.soft_cross_entropy(jnp.asarray(scores), jnp.asarray(target)))
+  assert got == pytest.approx(want, rel=1e-6)
+  # The loss the train step sees is that CE of the scores against batch["target"].
+  obj = classification.PooledHead(causal=False, time_conditioned=False)
+  loss, aux = obj.loss(lambda x, t=None, *, padding_mask=None: x,
+                       {"inputs": jnp.asarray(scores), "padding": None, "target": target}, None)
+  assert float(loss) == pytest.approx(want, rel=1e-6)
+  assert float(aux["train_accuracy"]) == pytest.approx(0.5)
+
+
+def test_constant_predictor_and_majority_rows_are_flagged():
+  assert "constant predictor" in glue_report.flags([0.9], 0.5, [[1.0, 0.0]])
+  assert "at or below majority" in glue_report.flags([0.5, 0.5], 0.5, [[0.6, 0.4]] * 2)
+  assert glue_report.flags([0.8, 0.7], 0.5, [[0.5, 0.5], [0.4, 0.6]]) == []
+
+
+def _config(sst2, rows, **over):
+  c = glue_config.get_config("test")
+  c.glue.glue_dir = sst2
+  c.glue.rows = rows
+  for k, v in over.items():
+    c.glue[k] = v
+  return c
+
+
+def test_a_failing_row_fails_the_run(sst2, tmp_path):
+  c = _config(sst2, "opt:adamw", opt_dir=str(tmp_path / "no_such_opt"))
+  with pytest.raises(UserError):
+    glue_mode.run(c, str(tmp_path / "w"), helpers_reporter())
+  assert not os.path.exists(tmp_path / "w" / "glue.json")
+
+
+def helpers_reporter():
+  from bdiff_jax.reporter import QUIET  # pylint: disable=g-import-not-at-top
+  return QUIET
+
+
+class _Counting(classification.CausalPrompt):
+  """CausalPrompt whose loss counts its executions and cannot be differentiated."""
+
+  def __init__(self, counter):
+    super().__init__()
+    self.counter = counter
+
+  def loss(self, apply, batch, key):
+    jax.debug.callback(lambda: self.counter.append(1))
+    loss, aux = super().loss(apply, batch, key)
+    return _no_grad(loss), aux
+
+
+@jax.custom_vjp
+def _no_grad(x):
+  return x
+
+
+def _raise_fwd(x):
+  return x, None
+
+
+def _raise_bwd(res, g):
+  raise AssertionError("the update rule differentiated the loss")
+
+
+_no_grad.defvjp(_raise_fwd, _raise_bwd)
+
+
+@pytest.mark.parametrize("rule", ["mezo", "dizo", "adamw"])
+def test_update_rule_forward_passes_and_gradients(sst2, rule):
+  c = _config(sst2, f"opt:{rule}")
+  g = c.glue
+  train, _, _, full = glue_mode.task_splits("SST-2", g, 0)
+  steps = 3
+  row = glue_models.build_row(glue_models.parse_rows(g.rows)[0], g, full, seed=0,
+                              total_steps=steps)
+  enc = glue_encoding.encode_split(train, row.encoder, scoring=row.scoring, seq_len=g.seq_len)
+  batch = {k: jnp.asarray(v[:4]) for k, v in enc.items() if k != "labels"}
+  counter = []
+  step = make_train_step(_Counting(counter), row.network, row.rule, ema_decay=0.0)
+  state = create_train_state(row.params, row.rule, jax.random.PRNGKey(0))
+  if rule == "adamw":
+    with pytest.raises(AssertionError, match="differentiated"):
+      step(state, batch)
+    return
+  before = jax.tree_util.tree_map(np.asarray, row.params)
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.effects_barrier()
+  want = glue_models.forward_passes(row.rule, steps)
+  assert want["backward"] == 0
+  expected = 2 * g.zo.num_perturbations * steps + (
+      2 * g.dizo.iterations * (steps // g.dizo.interval) if rule == "dizo" else 0)
+  assert len(counter) == want["forward"] == expected
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                 state.params, before)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0  # the rule did update parameters
+  assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.slow
+def test_glue_test_level_end_to_end(sst2, tmp_path):
+  c = _config(sst2, glue_config.get_config("test").glue.rows, seeds=(0,))
+  out = glue_mode.run(c, str(tmp_path), helpers_reporter())
+  rows = {r["row"]: r for r in out["rows"]}
+  assert set(rows) == {"adamw_reversible_qwen3", "adamw_standard_qwen3", "mezo_opt",
+                       "dizo_opt", "adamw_opt", "adamw_opt_head"}
+  for name in ("glue.json", "glue.md", "glue.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+  steps = c.glue.num_steps
+  assert rows["mezo_opt"]["forward_passes"] == {"forward": 2 * steps, "backward": 0}
+  assert rows["adamw_opt"]["forward_passes"] == {"forward": steps, "backward": steps}
+  assert rows["adamw_reversible_qwen3"]["scoring"] == "cloze"
+  assert rows["adamw_opt"]["scoring"] == "causal" and rows["adamw_opt_head"]["scoring"] == "head"
+  for r in rows.values():
+    assert 0.0 <= r["mean"] <= 1.0 and r["step_memory_bytes"] > 0 and r["params"] > 0
+    assert sum(r["prediction_distribution"]) == pytest.approx(1.0)
+    constant = max(r["prediction_distribution"]) >= glue_report.CONSTANT_FRACTION
+    assert ("constant predictor" in r["flags"]) == constant
+  assert rows["adamw_reversible_qwen3"]["oov_rate"] == pytest.approx(0.0)  # train-text vocab
