@@ -19,7 +19,8 @@ ARCHITECTURE_FIELDS: what the parameters are and what function they compute: the
 TRAINING_FIELDS: the data stream and the training noise: the data order and position (seed,
   batch size), dropout, initialisation, the numerics, the training-time time draws. A resumed run
   with another value would match no uninterrupted run, while config.json would claim it does.
-    seed, train.batch_size, model.dropout_rate, model.head_bias_init, model.dtype (the compute
+    seed, train.batch_size, train.update_rule (the rule's state), train.dizo.targets (which
+    tensors DiZO keeps a copy of), model.dropout_rate, model.head_bias_init, model.dtype (the compute
     dtype), diffusion.antithetic.
 
 SCHEDULE_FIELDS: the optimizer and its schedule. A resume may change them deliberately (the fix
@@ -29,7 +30,7 @@ SCHEDULE_FIELDS: the optimizer and its schedule. A resume may change them delibe
   jobs without changing anything, use train.stop_at_step.
     train.num_steps (the length of the cosine decay), train.learning_rate, train.warmup_steps,
     train.end_learning_rate_fraction, train.weight_decay, train.b1, train.b2, train.grad_clip,
-    train.ema_decay.
+    train.ema_decay, train.zo.* and train.dizo.* except dizo.targets.
 
 RESUMABLE_FIELDS: may differ from run to run in one workdir: where the data and its cache live
   (the data's identity is checked separately: the workdir's vocab.json must match), how often to
@@ -79,7 +80,7 @@ ARCHITECTURE_FIELDS = frozenset({
 })
 
 TRAINING_FIELDS = frozenset({
-    "seed", "train.batch_size", "model.dropout_rate", "model.head_bias_init",
+    "seed", "train.batch_size", "train.update_rule", "train.dizo.targets", "model.dropout_rate", "model.head_bias_init",
     "model.dtype", "diffusion.antithetic",
 })
 
@@ -90,6 +91,9 @@ SCHEDULE_FIELDS = frozenset({
     "train.num_steps", "train.learning_rate", "train.warmup_steps",
     "train.end_learning_rate_fraction", "train.weight_decay", "train.b1", "train.b2",
     "train.grad_clip", "train.ema_decay",
+    "train.zo.learning_rate", "train.zo.schedule", "train.zo.eps", "train.zo.num_perturbations",
+    "train.zo.weight_decay", "train.zo.freeze_embeddings", "train.dizo.interval",
+    "train.dizo.iterations", "train.dizo.eps_p", "train.dizo.step_size", "train.dizo.tau",
 })
 
 INCOMPATIBLE_FIELDS = ARCHITECTURE_FIELDS | TRAINING_FIELDS

@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from bdiff_jax import zeroth_order
 from bdiff_jax.errors import ConfigError
 
 BACKBONES = ("standard", "reversible")
@@ -78,6 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.antithetic = True
 
   c.train = ml_collections.ConfigDict()
+  # How parameters are updated: "adamw" (backpropagation + AdamW), or the zeroth-order rules
+  # "mezo" / "dizo" (two forward passes per step, no gradient; settings in train.zo/train.dizo).
+  c.train.update_rule = "adamw"
+  c.train.zo = zeroth_order.default_config().zo
+  c.train.dizo = zeroth_order.default_config().dizo
   c.train.batch_size = 32
   c.train.num_steps = 10_000
   c.train.learning_rate = 3e-4
@@ -183,6 +189,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive("diffusion.schedule_exponent", d.schedule_exponent)
   _in_unit("diffusion.uniform_fraction", d.uniform_fraction)
   t = c.train
+  _choice("train.update_rule", t.update_rule, ("adamw", "mezo", "dizo"))
+  zeroth_order.validate(t)
   for f in ("batch_size", "num_steps", "learning_rate", "log_every", "eval_every",
             "checkpoint_every", "keep_checkpoints"):
     _positive(f"train.{f}", t[f])

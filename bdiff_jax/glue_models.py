@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from bdiff_jax import checkpointing, classification, models, train_state, update_rule
-from bdiff_jax import zeroth_order
+from bdiff_jax import dizo, zeroth_order
 from bdiff_jax.data import glue_encoding, glue_prompts
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
@@ -201,7 +201,7 @@ def build_rule(name: str, glue, total_steps: int):
   if name == "mezo":
     return zeroth_order.MeZO(lr, **kwargs)
   d = glue.dizo
-  return zeroth_order.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
+  return dizo.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
                            step_size=d.step_size, tau=d.tau, targets=_kv, **kwargs)
 
 
@@ -210,7 +210,7 @@ def forward_passes(rule, num_steps: int) -> dict:
 
   First order: one forward and one backward per step. MeZO: 2 forwards per perturbation per
   step. DiZO: MeZO's plus 2 per gamma iteration at each projection step (step % interval ==
-  interval - 1), as `zeroth_order.DiZO.update` runs them.
+  interval - 1), as `dizo.DiZO.update` runs them.
   """
   n = getattr(rule, "num_perturbations", None)
   if n is None:

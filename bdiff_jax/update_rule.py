@@ -18,6 +18,9 @@ from typing import Any, Callable, Protocol
 import jax
 import optax
 
+from bdiff_jax import dizo, zeroth_order
+from bdiff_jax.errors import ConfigError
+
 LossFn = Callable[[Any], tuple[jax.Array, dict]]
 
 
@@ -78,6 +81,32 @@ class FirstOrder:
     return params, rule_state, metrics
 
 
+RULES = ("adamw", "mezo", "dizo")
+
+
+def zeroth_order_rule(train_config, total_steps: int, name: str):
+  """MeZO or DiZO ("mezo" | "dizo") from config.train.zo / config.train.dizo."""
+  if name not in ("mezo", "dizo"):
+    raise ConfigError(f"unknown zeroth-order update rule {name!r}.", "use 'mezo' or 'dizo'.")
+  zeroth_order.validate(train_config)
+  z = train_config.zo
+  kwargs = dict(eps=z.eps, weight_decay=z.weight_decay, num_perturbations=z.num_perturbations,
+                freeze_embeddings=z.freeze_embeddings)
+  lr = zeroth_order.learning_rate_schedule(z, total_steps)
+  if name == "mezo":
+    return zeroth_order.MeZO(lr, **kwargs)
+  d = train_config.dizo
+  targets = zeroth_order.kv_targets if d.targets == "kv" else zeroth_order.kernel_targets
+  return dizo.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
+                   step_size=d.step_size, tau=d.tau, targets=targets, **kwargs)
+
+
 def build_update_rule(train_config) -> UpdateRule:
-  """The update rule of `config.train`."""
+  """The update rule of `config.train.update_rule`: AdamW (first order), MeZO or DiZO."""
+  name = train_config.update_rule
+  if name not in RULES:
+    raise ConfigError(f"config.train.update_rule={name!r} is not one of "
+                      f"{', '.join(map(repr, RULES))}.", "pass one of those values.")
+  if name in ("mezo", "dizo"):
+    return zeroth_order_rule(train_config, train_config.num_steps, name)
   return FirstOrder(make_optimizer(train_config), learning_rate_schedule(train_config))

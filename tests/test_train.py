@@ -113,3 +113,27 @@ def test_data_parallel_over_four_devices_matches_one():
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "standard ok" in proc.stdout and "reversible ok" in proc.stdout
+
+
+@pytest.mark.parametrize("rule", ["mezo", pytest.param("dizo", marks=pytest.mark.slow)])
+def test_zeroth_order_rules_plug_into_the_train_step(rule):
+  """The update-rule seam: the same step function, a rule that takes the loss, not gradients."""
+  c = tiny_config()
+  c.train.update_rule = rule
+  c.train.zo.learning_rate = 1e-3
+  c.train.dizo.interval = 2
+  c.train.ema_decay = 0.0
+  obj, net, opt, state, batch = setup(c)
+  assert opt.name == rule
+  embed0 = np.array(state.params["embed"]["embedding"])
+  others0 = [np.array(x) for x in jax.tree_util.tree_leaves(state.params["backbone"])]
+  step = make_step(c, obj, net, opt)
+  for _ in range(2):
+    state, m = step(state, batch)
+  assert np.isfinite(float(m["loss"])) and "projected_grad" in m and "grad_norm" not in m
+  np.testing.assert_array_equal(np.array(state.params["embed"]["embedding"]), embed0)  # frozen
+  moved = [np.abs(np.array(a) - b).max() for a, b in
+           zip(jax.tree_util.tree_leaves(state.params["backbone"]), others0)]
+  assert max(moved) > 0
+  if rule == "dizo":
+    assert float(m["projected"]) == 1.0  # step 1 = interval - 1: the projection ran

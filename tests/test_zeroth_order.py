@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+from bdiff_jax import dizo as dizo_lib
+from bdiff_jax import update_rule
 from bdiff_jax import zeroth_order as zo
 from bdiff_jax.errors import ConfigError
 
@@ -141,7 +143,7 @@ def _toy_run(rule_name: str, steps: int = 200):
   if rule_name == "mezo":
     rule = zo.MeZO(0.05)
   else:
-    rule = zo.DiZO(0.05, interval=25, iterations=5,
+    rule = dizo_lib.DiZO(0.05, interval=25, iterations=5,
                    targets=lambda names: names == ("hidden", "kernel"))
 
   def body(carry, s):
@@ -201,12 +203,12 @@ def _layer_dist(a, b):
 def test_projection_sets_each_layer_distance_to_gamma_within_the_clip():
   theta0, params, loss_fn = _stacked_model()
   tau = 0.2
-  rule = zo.DiZO(1e-3, tau=tau, freeze_embeddings=False)
+  rule = dizo_lib.DiZO(1e-3, tau=tau, freeze_embeddings=False)
   state = rule.init(theta0)
   assert set(state["theta0"]["layers"]["attn"]) == {"key", "value"}  # default: K and V kernels
-  gamma, norms, losses = jax.jit(lambda p: zo.search_gamma(
+  gamma, norms, losses = jax.jit(lambda p: dizo_lib.search_gamma(
       loss_fn, p, state["theta0"], jax.random.PRNGKey(7), tau=tau))(params)
-  projected = zo.apply_projection(params, state["theta0"], gamma)
+  projected = dizo_lib.apply_projection(params, state["theta0"], gamma)
   for name in ("key", "value"):
     t0 = theta0["layers"]["attn"][name]["kernel"]
     before = params["layers"]["attn"][name]["kernel"]
@@ -240,7 +242,7 @@ def test_dizo_update_projects_only_after_every_interval_th_step():
   theta0, params, loss_fn = _stacked_model()
   interval, tau = 4, 0.2
   kwargs = dict(eps=1e-3, freeze_embeddings=False)
-  rule = zo.DiZO(1e-3, interval=interval, tau=tau, **kwargs)
+  rule = dizo_lib.DiZO(1e-3, interval=interval, tau=tau, **kwargs)
   state = rule.init(theta0)
   update = jax.jit(lambda p, s, k: rule.update(loss_fn, p, state, k, s))
   mezo = jax.jit(lambda p, s, k: zo.MeZO(1e-3, **kwargs).update(loss_fn, p, {}, k, s)[0])
@@ -269,7 +271,7 @@ def test_dizo_update_projects_only_after_every_interval_th_step():
 
 def test_dizo_refuses_a_model_without_projection_targets():
   with pytest.raises(ConfigError, match="targets"):
-    zo.DiZO(1e-3).init({"dense": {"kernel": jnp.ones((2, 2))}})
+    dizo_lib.DiZO(1e-3).init({"dense": {"kernel": jnp.ones((2, 2))}})
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -311,7 +313,7 @@ def test_zeroth_order_step_memory_is_below_adamw_and_independent_of_leaf_count()
   first = lambda names: names == ("dense0", "kernel")
   mem = {"adamw": _step_memory(AdamWRule(1e-3), params, loss_fn),
          "mezo": _step_memory(zo.MeZO(1e-3), params, loss_fn),
-         "dizo": _step_memory(zo.DiZO(1e-3, targets=first), params, loss_fn)}
+         "dizo": _step_memory(dizo_lib.DiZO(1e-3, targets=first), params, loss_fn)}
   for name, m in mem.items():
     print(f"3x[512, 512] MLP, {name} step: temp {m['temp']:,} B, argument {m['argument']:,} B, "
           f"output {m['output']:,} B, total {m['total']:,} B")
@@ -332,17 +334,17 @@ def test_default_config_builds_both_rules():
   zo.validate(train)
   train.zo.schedule = "linear"
   train.zo.num_perturbations = 2
-  mezo = zo.from_config(train, 100, "mezo")
+  mezo = update_rule.zeroth_order_rule(train, 100, "mezo")
   assert type(mezo) is zo.MeZO and mezo.eps == 1e-3 and mezo.num_perturbations == 2
   assert float(mezo.lr(0)) == pytest.approx(1e-6) and float(mezo.lr(50)) == pytest.approx(5e-7)
   assert float(mezo.lr(100)) == 0.0
   assert not mezo.trainable(("embed", "embedding")) and mezo.trainable(("head", "kernel"))
-  dizo = zo.from_config(train, 100, "dizo")
-  assert isinstance(dizo, zo.DiZO) and (dizo.interval, dizo.iterations, dizo.tau) == (50, 10, 0.2)
+  dizo = update_rule.zeroth_order_rule(train, 100, "dizo")
+  assert isinstance(dizo, dizo_lib.DiZO) and (dizo.interval, dizo.iterations, dizo.tau) == (50, 10, 0.2)
   assert dizo.targets(("backbone", "layers", "attn", "attention", "key", "kernel"))
   assert not dizo.targets(("backbone", "layers", "attn", "attention", "query", "kernel"))
   with pytest.raises(ConfigError, match="'mezo' or 'dizo'"):
-    zo.from_config(train, 100, "sgd")
+    update_rule.zeroth_order_rule(train, 100, "sgd")
 
 
 @pytest.mark.parametrize("section,field,value", [
