@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import diffusion, sampling, schedules
+from bdiff_jax import ar_sampling, diffusion, sampling, schedules
 from bdiff_jax.errors import ConfigError
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
@@ -60,9 +60,10 @@ class Objective(abc.ABC):
     """
 
   @abc.abstractmethod
-  def sample(self, apply: Apply, key: jax.Array, *, sample_config, max_len: int,
+  def sample(self, network, params, key: jax.Array, *, sample_config, max_len: int,
              prompt_ids: Optional[np.ndarray] = None) -> jax.Array:
-    """int32[num_samples, length] token ids (never `[MASK]`) drawn with `sample_config`."""
+    """int32[num_samples, length] token ids (never `[MASK]`) drawn with `sample_config` from
+    `network` with `params` (jittable with the config and prompt static)."""
 
   def describe(self) -> str:
     return self.metric_kind
@@ -99,14 +100,17 @@ class MaskedDiffusion(Objective):
                                schedule=self.schedule, mask_id=self.mask_id,
                                num_samples=num_samples, valid=valid)
 
-  def sample(self, apply, key, *, sample_config, max_len, prompt_ids=None):
+  def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
+    """The exact event-driven ancestral sampler (`sampling.sample`): the network is called only
+    at steps that reveal something, its head only at the positions being revealed."""
     c = sample_config
+    apply = lambda z, t, **kw: network.apply({"params": params}, z, t, train=False, **kw)
     return sampling.sample(
-        lambda z, t: apply(z, t), key, length=c.length, num_steps=c.num_steps,
+        apply, key, length=c.length, num_steps=c.num_steps,
         mask_id=self.mask_id, batch_size=c.num_samples,
         prompt=None if prompt_ids is None else jnp.asarray(prompt_ids),
         temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, schedule=self.schedule,
-        grid=c.grid)
+        grid=c.grid, logits_at_fn=lambda z, t, pos: apply(z, t, logit_positions=pos))
 
 
 class Autoregressive(Objective):
@@ -147,28 +151,16 @@ class Autoregressive(Objective):
     # Causal: padding after the valid prefix cannot influence it; it is only excluded.
     return jnp.sum(jnp.where(valid, self.token_nll(apply, tokens), 0.0), axis=-1)
 
-  def sample(self, apply, key, *, sample_config, max_len, prompt_ids=None):
-    """Ancestral left-to-right sampling (lax.fori_loop); position i uses fold_in(key, i)."""
+  def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
+    """Left-to-right sampling with a key/value cache (`ar_sampling`): one token per network
+    call; position i draws with fold_in(key, i)."""
     c = sample_config
-    length, v = int(c.length), self.mask_id
-    if length > max_len and self.learned_positions:
-      raise ConfigError(f"config.sample.length={length} exceeds the learned positions "
+    if int(c.length) > max_len and self.learned_positions:
+      raise ConfigError(f"config.sample.length={c.length} exceeds the learned positions "
                         f"({max_len}).", "sample at most data.seq_len tokens.")
-    fixed = np.full((c.num_samples, length), v, np.int32)
-    if prompt_ids is not None:
-      fixed[:, :prompt_ids.shape[-1]] = prompt_ids
-    fixed = jnp.asarray(fixed)
-
-    def body(i, tokens):
-      logits = jax.lax.dynamic_index_in_dim(apply(self.inputs(tokens)), i, axis=1,
-                                            keepdims=False)
-      logits = sampling.filter_logits(logits, temperature=c.temperature, top_k=c.top_k,
-                                      top_p=c.top_p)
-      draw = sampling.categorical(jax.random.fold_in(key, i), logits)
-      keep = fixed[:, i] != v
-      return tokens.at[:, i].set(jnp.where(keep, fixed[:, i], draw))
-
-    return jax.lax.fori_loop(0, length, body, fixed)
+    return ar_sampling.sample_autoregressive(
+        network, params, key, length=c.length, num_samples=c.num_samples, bos_id=self.mask_id,
+        prompt_ids=prompt_ids, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
 
 
 _OBJECTIVES: dict[str, type[Objective]] = {

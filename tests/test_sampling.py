@@ -1,6 +1,7 @@
 """Tests of the ancestral sampler and its categorical draws."""
 
 import functools
+import itertools
 import math
 
 import jax
@@ -8,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bdiff_jax import configuration
 from bdiff_jax import sampling
 from bdiff_jax import schedules
 from bdiff_jax.errors import UserError
+from bdiff_jax.models import build_network, init_params
 
 # Largest Gumbel value reachable from one float32 uniform u < 1: -log(-log(1 - 2^-24)).
 FLOAT32_GUMBEL_CAP = -math.log(-math.log1p(-2.0**-24))
@@ -422,3 +425,188 @@ def test_invalid_arguments(overrides):
     sampling.sample(_random_model(), jax.random.key(0), **kwargs)
   assert isinstance(info.value, UserError)
   assert info.value.fix
+
+
+# --------------------------------------------------------------- the event-driven fast sampler
+
+
+@pytest.mark.parametrize("vocab", [11, 200])
+def test_categorical_blocked_frequencies(vocab):
+  # V = 11: blocks of 4 (the last padded), a 1e-3 token and two impossible ones; V = 200: random
+  # logits spanning ~e^-12 .. 1 (many blocks, unnormalised).
+  n = 400_000 if vocab == 11 else 100_000
+  if vocab == 11:
+    probs = np.array([0.3, 0.2, 0.0, 0.149, 0.001, 0.1, 0.1, 0.05, 0.05, 0.05, 0.0])
+    logits = np.where(probs > 0, np.log(np.where(probs > 0, probs, 1.0)) + 3.0, -np.inf)
+  else:
+    logits = np.random.default_rng(7).normal(size=vocab) * 3.0
+    probs = _softmax(logits)
+  batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, vocab))
+  draws = np.asarray(sampling.categorical_blocked(jax.random.key(11), batch))
+  assert draws.shape == (n,) and draws.dtype == np.int32
+  counts = np.bincount(draws, minlength=vocab)
+  assert counts.size == vocab  # never an id >= V (the padding)
+  assert np.all(counts[probs == 0] == 0)
+  assert np.all(_binomial_z(counts, n, probs) < 5), np.max(_binomial_z(counts, n, probs))
+  if vocab == 11:
+    assert counts[4] > 250  # the 1e-3 token (expected ~400) is really drawn
+
+
+def test_reveal_steps_law():
+  # P(step = i) = r_i prod_{j<i} (1 - r_j), the last step takes the rest; tiny, zero and
+  # certain reveal probabilities included.
+  n = 1_000_000
+  for r in (np.array([1e-4, 0.0, 0.3, 0.5, 0.2], np.float32),
+            np.array([0.25, 1.0, 0.5, 0.5], np.float32)):
+    steps = np.asarray(sampling.reveal_steps(_key(12), r, (n,)))
+    expected = np.empty(r.size)
+    still = 1.0
+    for i, ri in enumerate(np.append(r[:-1], 1.0).astype(np.float64)):
+      expected[i], still = still * ri, still * (1 - ri)
+    counts = np.bincount(steps, minlength=r.size)
+    assert counts.size == r.size
+    assert np.all(counts[expected == 0] == 0)
+    assert np.all(_binomial_z(counts, n, expected) < 5), (counts, n * expected)
+
+
+def _stepwise_reference(logits_fn, key, *, length, num_steps, mask_id, batch_size, prompt=None,
+                        temperature=1.0, top_k=0, top_p=1.0, schedule=None, grid="cosine"):
+  """The textbook sampler, from the same primitives and keys as `sample`: a model call at every
+  step (all rows at t_i) and a draw at every position, kept where the position is revealed."""
+  schedule = schedule or schedules.linear()
+  times = sampling.sampling_grid(num_steps, grid)
+  reveal_key, draw_key = jax.random.split(key)
+  steps = sampling.reveal_steps(reveal_key, sampling.reveal_probabilities(schedule, times),
+                                (batch_size, length))
+  num_blocks, block = sampling.blocked_layout(mask_id)
+  noise = sampling.gumbel(draw_key, (batch_size, length, num_blocks + block))
+  noisy = sampling.initial_sequence(prompt, length, batch_size, mask_id)
+  for i in range(num_steps):
+    logits = logits_fn(noisy, jnp.full((batch_size,), times[i]))
+    draws = sampling.categorical_blocked_from_noise(
+        noise, sampling.filter_logits(logits, temperature, top_k, top_p))
+    noisy = jnp.where((noisy == mask_id) & (steps == i), draws, noisy)
+  return np.asarray(noisy)
+
+
+def test_fast_sampler_equals_stepwise_reference():
+  # Same key => same tokens, whichever path: rows at their own steps or together, draws in one
+  # chunk or several (capacity 1 and 2 force extra chunks), logits from logits_fn or from
+  # logits_at_fn. The model depends on t and on the context.
+  model = _random_model(seed=3)
+  logits_at = lambda noisy, t, positions: jnp.take_along_axis(model(noisy, t),
+                                                              positions[..., None], axis=1)
+  prompt = np.full((5, 16), V, np.int32)
+  prompt[:, [0, 7]] = [[1, 2], [3, 4], [5, 6], [7, 0], [1, 1]]
+  common = dict(length=16, num_steps=7, mask_id=V, batch_size=5, top_k=6, temperature=1.3,
+                prompt=prompt, schedule=schedules.cosine())
+  expected = _stepwise_reference(model, _key(13), **common)
+  assert np.all(expected < V) and len(np.unique(expected)) > 3
+  variants = [dict(), dict(independent_rows=False, draw_capacity=1, logits_at_fn=logits_at),
+              dict(draw_capacity=2)]
+  for variant in variants:
+    out, stats = sampling.sample(model, _key(13), return_stats=True, **common, **variant)
+    np.testing.assert_array_equal(np.asarray(out), expected, err_msg=str(variant))
+    assert 1 <= int(stats.network_calls) <= 7 + int(stats.overflow_calls)
+    if "logits_at_fn" in variant:
+      assert int(stats.overflow_calls) > 0  # the overflow path really ran
+
+
+def _exact_output_law(logits_fn, *, length, vocab, num_steps, schedule, grid):
+  """P(output) of the step-wise sampler by enumeration: dict tuple -> probability (float64)."""
+  times = np.asarray(sampling.sampling_grid(num_steps, grid), np.float64)
+  m = lambda t: float(schedule.mask_prob(float(t)))
+  mask = vocab
+  law = {(mask,) * length: 1.0}
+  for i in range(num_steps):
+    r = 1.0 if i == num_steps - 1 else (m(times[i]) - m(times[i + 1])) / m(times[i])
+    states = list(law)
+    logits = np.asarray(logits_fn(jnp.asarray(states, jnp.int32),
+                                  jnp.full((len(states),), times[i], jnp.float32)), np.float64)
+    new = {}
+    for state, p_state, row in zip(states, (law[s] for s in states), logits):
+      probs = _softmax(row)
+      masked = [j for j in range(length) if state[j] == mask]
+      for reveal in itertools.product([False, True], repeat=len(masked)):
+        chosen = [j for j, hit in zip(masked, reveal) if hit]
+        p_reveal = r**len(chosen) * (1 - r)**(len(masked) - len(chosen))
+        if p_reveal == 0:
+          continue
+        for tokens in itertools.product(range(vocab), repeat=len(chosen)):
+          nxt = list(state)
+          p = p_state * p_reveal
+          for j, tok in zip(chosen, tokens):
+            nxt[j] = tok
+            p *= probs[j, tok]
+          new[tuple(nxt)] = new.get(tuple(nxt), 0.0) + p
+    law = new
+  return law
+
+
+def test_fast_sampler_output_law_is_exact():
+  # 3 positions, 3 real tokens, 3 steps, a time- and context-dependent model: the frequencies of
+  # all 27 outputs match the step-wise sampler's exact law (enumerated independently).
+  vocab, length, num_steps, n = 3, 3, 3, 40_000
+  base = _random_model(vocab=vocab, seed=4)
+  model = lambda noisy, t: 2.0 * base(noisy, t)  # sharper: the context matters more
+  schedule = schedules.cosine()
+  law = _exact_output_law(model, length=length, vocab=vocab, num_steps=num_steps,
+                          schedule=schedule, grid="uniform")
+  outcomes = sorted(law)
+  assert len(outcomes) == vocab**length and abs(sum(law.values()) - 1) < 1e-9
+  expected = np.array([law[o] for o in outcomes])
+  out = np.asarray(sampling.sample(model, _key(14), length=length, num_steps=num_steps,
+                                   mask_id=vocab, batch_size=n, schedule=schedule,
+                                   grid="uniform"))
+  index = {o: k for k, o in enumerate(outcomes)}
+  counts = np.bincount([index[tuple(row)] for row in out.tolist()], minlength=len(outcomes))
+  assert np.all(_binomial_z(counts, n, expected) < 5)
+  chi2 = np.sum((counts - n * expected)**2 / (n * expected))
+  assert chi2 < 70, chi2  # 26 degrees of freedom: P(chi2 > 70) ~ 1e-5
+  # Not vacuous: the law is far from the product of per-position marginals (context matters).
+  joint = expected.reshape((vocab,) * length)
+  independent = np.einsum("i,j,k->ijk", joint.sum((1, 2)), joint.sum((0, 2)), joint.sum((0, 1)))
+  assert np.abs(joint - independent).max() > 0.01
+
+
+def test_network_calls_at_256_steps():
+  # L = 128, B = 4, 256 steps: the model is called once per distinct reveal step of the busiest
+  # row (fewer than half the steps), whether or not it is time-conditioned; rows sharing steps
+  # (independent_rows=False) need one call per distinct step of any row.
+  table = np.random.default_rng(8).normal(size=(128, V))
+  timed = lambda noisy, t: _table_fn(table)(noisy, t) + t[:, None, None]
+  common = dict(length=128, num_steps=256, mask_id=V, batch_size=4, return_stats=True)
+  key = _key(15)
+  steps = np.asarray(sampling.reveal_steps(
+      jax.random.split(key)[0], sampling.reveal_probabilities(
+          schedules.linear(), sampling.sampling_grid(256)), (4, 128)))
+  per_row = max(len(np.unique(row)) for row in steps)
+  _, plain = sampling.sample(_table_fn(table), key, **common)
+  _, with_t = sampling.sample(timed, key, **common)
+  _, shared = sampling.sample(_table_fn(table), key, independent_rows=False, **common)
+  assert int(plain.network_calls) == int(with_t.network_calls) == per_row < 128
+  assert int(shared.network_calls) == len(np.unique(steps)) <= 256
+  assert int(plain.overflow_calls) == 0
+  print(f"network calls at 256 steps, L=128, B=4: {int(plain.network_calls)} (rows at own "
+        f"steps), {int(shared.network_calls)} (rows together)")
+
+
+def test_network_logit_positions_in_sampler():
+  # Network(logit_positions=...) gives the full logits at those positions, and sampling a tiny
+  # time-conditioned network through it draws the tokens of sampling through the full logits.
+  m = configuration.base_config().model
+  m.num_layers, m.emb_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 1, 16, 2, 2, 8, 32
+  net = build_network(m, vocab_size=V, max_len=10)
+  params = jax.jit(lambda k: init_params(net, k, seq_len=10))(jax.random.key(0))
+  full = lambda z, t: net.apply({"params": params}, z, t)
+  at = lambda z, t, pos: net.apply({"params": params}, z, t, logit_positions=pos)
+  z = jax.random.randint(jax.random.key(1), (2, 10), 0, V + 1)
+  t = jnp.array([0.3, 0.8])
+  pos = jnp.array([[9, 0, 4], [2, 2, 7]])
+  np.testing.assert_allclose(np.asarray(at(z, t, pos)),
+                             np.take_along_axis(np.asarray(full(z, t)), pos[..., None], 1),
+                             rtol=1e-5, atol=1e-5)
+  common = dict(length=10, num_steps=6, mask_id=V, batch_size=2)
+  a = sampling.sample(full, _key(16), **common)
+  b = sampling.sample(full, _key(16), logits_at_fn=at, draw_capacity=2, **common)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -6,6 +6,14 @@ Two block styles (`ModelSpec.block`):
 Both support RoPE, adaLN time conditioning, bidirectional / causal / padding masks and the
 optional candidate-selection sparse attention.
 
+Decoding (causal models only): `Attention(x, decode=True)` keeps a key/value cache in the Flax
+"cache" collection (`cached_key`, `cached_value` [B, L_max, kv_heads, head_dim], `cache_index`
+int32 scalar), as in the Flax lm1b example. A call with `decode=True` on variables that have no
+cache yet (i.e. inside `init`) creates an empty cache sized by the input [B, L_max, D] and
+otherwise runs the ordinary forward; later calls take one token [B, 1, D] at position
+`cache_index` (used for RoPE), append its key and value, attend to positions 0..cache_index and
+advance the index.
+
 A *sublayer* is norm -> (attention | MLP) -> dropout, with no residual: the backbone decides how
 to combine it with its input (a residual in the standard backbone, an additive coupling in the
 reversible one).
@@ -82,28 +90,32 @@ def attention_mask(length: int, *, causal: bool, padding_mask=None):
   return allowed
 
 
-def candidate_selection_mask(q, k, allowed, num_candidates: int):
+def candidate_selection_mask(q, k, allowed, num_candidates: int, query_offset=0):
   """Candidate-selection sparse attention mask.
 
   For each query, keys are ranked by the sign agreement sign(q) . sign(k) (an integer in
   [-D, D]); the top `num_candidates` allowed keys are kept, the diagonal always among them
-  (when it is allowed), ties broken towards lower key index. Returns bool [B, H, L, L].
+  (when it is allowed), ties broken towards lower key index. Returns bool [B, H, Lq, Lk].
 
   Args:
-    q, k: [B, L, H, D] queries and keys (after GQA expansion).
-    allowed: bool mask broadcastable to [B, H, L, L] (causal/padding).
-    num_candidates: keys kept per query; >= L keeps every allowed key (dense attention).
+    q: [B, Lq, H, D] queries; k: [B, Lk, H, D] keys (after GQA expansion). Usually Lq = Lk.
+    allowed: bool mask broadcastable to [B, H, Lq, Lk] (causal/padding).
+    num_candidates: keys kept per query; >= Lk keeps every allowed key (dense attention).
+    query_offset: key position of query 0 (an int or a traced int): query i sits at key
+      position query_offset + i, which is its "diagonal". 0 for a full forward; the cache index
+      when decoding one token against a key cache.
   """
-  length = q.shape[1]
-  if num_candidates >= length:
-    return jnp.broadcast_to(allowed, (q.shape[0], q.shape[2], length, length))
+  num_queries, num_keys = q.shape[1], k.shape[1]
+  if num_candidates >= num_keys:
+    return jnp.broadcast_to(allowed, (q.shape[0], q.shape[2], num_queries, num_keys))
   agree = jnp.einsum("bqhd,bkhd->bhqk", jnp.sign(q).astype(jnp.float32),
                      jnp.sign(k).astype(jnp.float32))
   # Integer-valued ranking key: agreement first, then lower key index; unique per row.
-  idx = jnp.arange(length, dtype=jnp.float32)
-  rank = agree * length + (length - 1 - idx)[None, None, None, :]
-  diag = jnp.eye(length, dtype=bool)[None, None]
-  top = (2.0 * q.shape[-1] + 2.0) * length
+  idx = jnp.arange(num_keys, dtype=jnp.float32)
+  rank = agree * num_keys + (num_keys - 1 - idx)[None, None, None, :]
+  query_positions = query_offset + jnp.arange(num_queries)
+  diag = (query_positions[:, None] == jnp.arange(num_keys)[None, :])[None, None]
+  top = (2.0 * q.shape[-1] + 2.0) * num_keys
   rank = jnp.where(diag, top, rank)
   rank = jnp.where(allowed, rank, -top - 1.0)
   kth = jax.lax.top_k(rank, num_candidates)[0][..., -1:]
@@ -111,11 +123,14 @@ def candidate_selection_mask(q, k, allowed, num_candidates: int):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with grouped-query heads, optional QK-norm and RoPE."""
+  """Multi-head attention with grouped-query heads, optional QK-norm and RoPE.
+
+  With decode=True it keeps a key/value cache (see the module docstring).
+  """
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, x, *, padding_mask=None):
+  def __call__(self, x, *, padding_mask=None, decode: bool = False):
     s = self.spec
     b, length, _ = x.shape
     dense = lambda feats, name: nn.DenseGeneral(
@@ -126,16 +141,45 @@ class Attention(nn.Module):
     if s.block == "qwen3":  # QK-norm over head_dim, before RoPE
       q = RMSNorm(s.norm_eps, s.param_dtype, name="query_norm")(q)
       k = RMSNorm(s.norm_eps, s.param_dtype, name="key_norm")(k)
-    if s.positional == "rope":
-      positions = jnp.broadcast_to(jnp.arange(length)[None], (b, length))
-      q = rope(q, positions, s.rope_theta)
-      k = rope(k, positions, s.rope_theta)
+    stepping = False
+    if decode:
+      if not s.causal:
+        raise ValueError("decode=True needs a causal (autoregressive) model.")
+      if padding_mask is not None:
+        raise ValueError("decode=True does not take a padding mask.")
+      stepping = self.has_variable("cache", "cached_key")  # False while the cache is created
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if stepping:
+      if length != 1:
+        raise ValueError(f"decoding takes one token per call, got {length}.")
+      index = cache_index.value
+      if s.positional == "rope":
+        positions = jnp.full((b, 1), index)
+        q = rope(q, positions, s.rope_theta)
+        k = rope(k, positions, s.rope_theta)
+      cached_key.value = jax.lax.dynamic_update_slice(
+          cached_key.value, k.astype(cached_key.value.dtype), (0, index, 0, 0))
+      cached_value.value = jax.lax.dynamic_update_slice(
+          cached_value.value, v.astype(cached_value.value.dtype), (0, index, 0, 0))
+      cache_index.value = index + 1
+      k, v = cached_key.value, cached_value.value
+      # The causal mask of query `index` over the whole cache: only the filled slots.
+      allowed = (jnp.arange(k.shape[1]) <= index)[None, None, None, :]
+      query_offset = index
+    else:
+      if s.positional == "rope":
+        positions = jnp.broadcast_to(jnp.arange(length)[None], (b, length))
+        q = rope(q, positions, s.rope_theta)
+        k = rope(k, positions, s.rope_theta)
+      allowed = attention_mask(length, causal=s.causal, padding_mask=padding_mask)
+      query_offset = 0
     groups = s.num_heads // s.num_kv_heads
     k = jnp.repeat(k, groups, axis=2)
     v = jnp.repeat(v, groups, axis=2)
-    allowed = attention_mask(length, causal=s.causal, padding_mask=padding_mask)
     if s.attention == "candidate":
-      allowed = candidate_selection_mask(q, k, allowed, s.candidate_k)
+      allowed = candidate_selection_mask(q, k, allowed, s.candidate_k, query_offset)
     # Softmax in at least float32 (float64 when computing in float64).
     softmax_dtype = jnp.promote_types(s.compute_dtype, jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(softmax_dtype) / math.sqrt(s.head_dim)
@@ -168,10 +212,10 @@ class AttentionSublayer(nn.Module):
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, x, cond, *, train: bool, padding_mask=None):
+  def __call__(self, x, cond, *, train: bool, padding_mask=None, decode: bool = False):
     y = AdaptiveNorm(self.spec, name="pre_norm")(x, cond)
     y = Attention(self.spec, name="attention")(y.astype(self.spec.compute_dtype),
-                                               padding_mask=padding_mask)
+                                               padding_mask=padding_mask, decode=decode)
     return nn.Dropout(self.spec.dropout_rate, deterministic=not train)(y)
 
 

@@ -3,11 +3,21 @@
 Inputs: token ids int32[B, L] (the diffusion model also sees [MASK] = vocab_size), the diffusion
 time t float32[B] (ignored without time conditioning), optional padding mask bool[B, L].
 Output: float32 logits [B, L, vocab_size]; [MASK] is never predicted.
+
+Options that change no parameter and no default output:
+  logit_positions  int32 [B, K]: return the logits at these positions only, [B, K, vocab_size]
+                   (the output head, vocab_size x emb_dim per position, is most of the cost of
+                   a small model; samplers need a few positions per call).
+  decode=True      causal models: one token per call through key/value caches in the "cache"
+                   collection (see `layers.Attention`); learned positions are read at the
+                   "cache"/"position" counter. A call inside `init` with a [B, L_max] input
+                   creates empty caches for sequences of up to L_max tokens.
 """
 
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bdiff_jax.models.layers import AdaptiveNorm, TimeEmbedding
@@ -29,9 +39,11 @@ class Network(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, t: Optional[jnp.ndarray] = None, *, train: bool = False,
-               padding_mask: Optional[jnp.ndarray] = None, return_hidden: bool = False):
-    """Logits float32[B, L, vocab_size]; with `return_hidden`, the final normed hidden states
-    float32[B, L, emb_dim] instead (e.g. for a pooled classification head)."""
+               padding_mask: Optional[jnp.ndarray] = None, decode: bool = False,
+               logit_positions: Optional[jnp.ndarray] = None, return_hidden: bool = False):
+    """Logits float32[B, L, vocab_size] (at `logit_positions` [B, K] only: [B, K, vocab_size]);
+    with `return_hidden`, the final normed hidden states float32[B, L or K, emb_dim] instead
+    (e.g. for a pooled classification head)."""
     s = self.spec
     embed = nn.Embed(s.embed_rows, s.emb_dim, param_dtype=s.param_dtype,
                      embedding_init=nn.initializers.normal(stddev=1.0), name="embed")
@@ -42,13 +54,25 @@ class Network(nn.Module):
       if tokens.shape[1] > s.max_len:
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds the learned position "
                          f"table ({s.max_len}).")
-      h = h + pos[None, :tokens.shape[1]]
+      stepping = decode and self.has_variable("cache", "position")
+      if decode:
+        position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      if stepping:
+        h = h + jax.lax.dynamic_slice_in_dim(pos, position.value, tokens.shape[1])[None]
+        position.value = position.value + tokens.shape[1]
+      else:
+        h = h + pos[None, :tokens.shape[1]]
     cond = None
     if s.time_conditioned:
       if t is None:
         raise ValueError("this network is time-conditioned: pass the diffusion time t.")
       cond = TimeEmbedding(s, name="time_embedding")(t)
-    h = _backbone(s)(h, cond, train=train, padding_mask=padding_mask)
+    if decode:
+      h = _backbone(s)(h, cond, train=train, padding_mask=padding_mask, decode=True)
+    else:
+      h = _backbone(s)(h, cond, train=train, padding_mask=padding_mask)
+    if logit_positions is not None:  # every step after this one is per position
+      h = jnp.take_along_axis(h, logit_positions[..., None].astype(jnp.int32), axis=1)
     h = AdaptiveNorm(s, name="final_norm")(h, cond)
     if return_hidden:
       return h.astype(jnp.float32)

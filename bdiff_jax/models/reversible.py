@@ -47,6 +47,12 @@ bool [B, L] or None):
     reversible_stack_inverse(params_layers, y1, y2, cond, *, spec, train, dropout_key=None,
                              padding_mask=None) -> (x1, x2)
         Recovers the input streams from the output streams (same key => same dropout masks).
+    reversible_stack_decode(params_layers, cache_layers, x1, x2, cond, *, spec)
+        -> ((y1, y2), new cache_layers)
+        One decoding step of a causal model (one token, [B, 1, D] streams): the same coupling,
+        y1 = x1 + F(x2), y2 = x2 + G(y1), with F attending through each layer's key/value cache
+        (inference needs no inversion). `ReversibleBackbone(..., decode=True)` keeps the stacked
+        per-layer caches in the "cache" collection under `layers`.
 """
 
 import dataclasses
@@ -224,6 +230,48 @@ def reversible_stack_inverse(params_layers: Params, y1: jnp.ndarray, y2: jnp.nda
   return _scan_inverse(spec, bool(train), params_layers, y1, y2, cond, key, padding_mask)
 
 
+def reversible_stack_decode(params_layers: Params, cache_layers: Params, x1: jnp.ndarray,
+                            x2: jnp.ndarray, cond, *, spec: ModelSpec):
+  """One decoding step through the coupling stack, in inference mode (no dropout).
+
+  Args:
+    params_layers: the backbone's `layers` subtree, {"attn": ..., "mlp": ...}, leading layer axis.
+    cache_layers: the attention caches of all layers (the "cache" collection of one
+      `AttentionSublayer`, stacked on a leading layer axis), from `init_layer_cache`.
+    x1, x2: the input streams of the new token, [B, 1, D].
+    cond: the time embedding [B, D], or None.
+    spec: the model spec (causal).
+
+  Returns:
+    ((y1, y2), new cache_layers).
+  """
+
+  def body(streams, layer_in):
+    a, b = streams
+    p, cache = layer_in
+    f_out, mutated = AttentionSublayer(spec).apply(
+        {"params": p["attn"], "cache": cache}, b, cond, train=False, decode=True,
+        mutable=["cache"])
+    a = a + f_out.astype(a.dtype)
+    b = b + _apply_g(spec, False, p["mlp"], a, cond, None)
+    return (a, b), mutated["cache"]
+
+  (y1, y2), new_cache = jax.lax.scan(body, (x1, x2), (params_layers, cache_layers))
+  return (y1, y2), new_cache
+
+
+def init_layer_cache(spec: ModelSpec, h: jnp.ndarray, cond) -> Params:
+  """Empty attention caches of all layers for sequences of h's shape [B, L_max, D] (zeros,
+  cache_index 0), stacked on a leading layer axis."""
+  x = jnp.zeros(h.shape, spec.param_dtype)
+  c = None if cond is None else jnp.zeros(cond.shape, cond.dtype)
+  shapes = jax.eval_shape(
+      lambda: AttentionSublayer(spec).init({"params": jax.random.key(0)}, x, c, train=False,
+                                           decode=True)["cache"])
+  return jax.tree_util.tree_map(
+      lambda leaf: jnp.zeros((spec.num_layers,) + leaf.shape, leaf.dtype), shapes)
+
+
 def init_layer_params(spec: ModelSpec, key: jax.Array, h: jnp.ndarray, cond,
                       padding_mask=None) -> Params:
   """Freshly initialised stacked params {"attn", "mlp"} for inputs shaped like h [B, L, D]."""
@@ -249,12 +297,21 @@ class ReversibleBackbone(nn.Module):
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, h, cond, *, train: bool, padding_mask=None):
+  def __call__(self, h, cond, *, train: bool, padding_mask=None, decode: bool = False):
     s = self.spec
     params_layers = self.param("layers", functools.partial(init_layer_params, s), h, cond,
                                padding_mask)
-    key = self.make_rng("dropout") if dropout_active(s, train) else None
     x = h.astype(s.param_dtype)
+    if decode:
+      stepping = self.has_variable("cache", "layers")  # False while the cache is created
+      cache = self.variable("cache", "layers", init_layer_cache, s, h, cond)
+      if stepping:
+        if train or padding_mask is not None:
+          raise ValueError("decode=True runs in inference mode without a padding mask.")
+        (y1, y2), cache.value = reversible_stack_decode(params_layers, cache.value, x, x, cond,
+                                                        spec=s)
+        return 0.5 * (y1 + y2)
+    key = self.make_rng("dropout") if dropout_active(s, train) else None
     y1, y2 = reversible_stack_forward(params_layers, x, x, cond, spec=s, train=train,
                                       dropout_key=key, padding_mask=padding_mask)
     return 0.5 * (y1 + y2)

@@ -4,6 +4,9 @@
 
 Parameters of all layers are stacked on a leading axis under `layers/` (one `lax.scan` over
 depth), the same layout the reversible backbone uses, so the two are drop-in replacements.
+
+With decode=True (causal models) every layer's attention keeps a key/value cache in the "cache"
+collection, stacked over depth like the parameters (see `layers.Attention`).
 """
 
 import flax.linen as nn
@@ -15,11 +18,13 @@ from bdiff_jax.models.spec import ModelSpec
 class ResidualLayer(nn.Module):
   spec: ModelSpec
   train: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, h, cond, padding_mask):
     h = h + AttentionSublayer(self.spec, name="attn")(
-        h, cond, train=self.train, padding_mask=padding_mask).astype(h.dtype)
+        h, cond, train=self.train, padding_mask=padding_mask,
+        decode=self.decode).astype(h.dtype)
     h = h + MlpSublayer(self.spec, name="mlp")(h, cond, train=self.train).astype(h.dtype)
     return h, None
 
@@ -29,13 +34,13 @@ class StandardBackbone(nn.Module):
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, h, cond, *, train: bool, padding_mask=None):
+  def __call__(self, h, cond, *, train: bool, padding_mask=None, decode: bool = False):
     stack = nn.scan(
         ResidualLayer,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=self.spec.num_layers,
     )
-    h, _ = stack(self.spec, train, name="layers")(h, cond, padding_mask)
+    h, _ = stack(self.spec, train, decode, name="layers")(h, cond, padding_mask)
     return h

@@ -11,7 +11,6 @@ from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import evaluate as evaluate_mode
 from bdiff_jax.reporter import Reporter
-from bdiff_jax.train_step import bind_network
 
 
 def encode_prompt(exp: experiment.Experiment) -> Optional[np.ndarray]:
@@ -27,10 +26,10 @@ def encode_prompt(exp: experiment.Experiment) -> Optional[np.ndarray]:
 def draw_samples(exp: experiment.Experiment, params, prompt_ids=None) -> np.ndarray:
   """int32[num_samples, length] from the objective's sampler, compiled as one program."""
   c = exp.config.sample
-  apply = bind_network(exp.network, params, train=False)
-  sample = jax.jit(lambda key: exp.objective.sample(
-      apply, key, sample_config=c, max_len=exp.config.data.seq_len, prompt_ids=prompt_ids))
-  out = np.asarray(sample(jax.random.PRNGKey(c.seed)))
+  sample = jax.jit(lambda p, key: exp.objective.sample(
+      exp.network, p, key, sample_config=c, max_len=exp.config.data.seq_len,
+      prompt_ids=prompt_ids))
+  out = np.asarray(sample(params, jax.random.PRNGKey(c.seed)))
   if (out == exp.objective.mask_id).any():
     raise AssertionError("sampler emitted [MASK]; this is a bug")
   return out
