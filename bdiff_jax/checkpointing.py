@@ -161,6 +161,8 @@ class Checkpointer:
     self.best_dir = os.path.join(self.workdir, "checkpoints_best")
     self._read_only = read_only
     self._closed = False
+    self._failed = False  # a save failed with a reported OS error (see _after_failed_save)
+    self._muted: Optional[_HoldRecords] = None
     names = ("state", "meta")
     try:
       self.latest = ocp.CheckpointManager(
@@ -244,22 +246,55 @@ class Checkpointer:
         if os_error is None:
           _replay(held)
           raise
+        self._after_failed_save(step)
         raise os_error_to_user_error(
             os_error, f"saving checkpoint {step} in {self.workdir}") from None
       _replay(held)
 
+  def _after_failed_save(self, step: int) -> None:
+    """After a save failed with an OS error reported as one line: the managers keep that error
+    and raise (and log) it again from every later wait/close, so orbax's logs stay muted until
+    `close` and `wait`/`close` swallow it. A manager that did commit the step (the other one
+    failed) still gets its manifest, so that the step is not refused as unverifiable later."""
+    self._failed = True
+    if self._muted is None:
+      self._muted = _HoldRecords()
+      logging.getLogger("absl").addFilter(self._muted)
+    self.wait()
+    for manager in (self.latest, self.best):
+      step_dir = self.step_dir(manager, step)
+      if step in manager.all_steps() and os.path.isdir(step_dir):
+        try:
+          write_manifest(step_dir, step)
+        except OSError:
+          pass  # the step stays unverifiable (and is refused at restore as such)
+
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for pending saves (after a reported failed save, without raising again)."""
+    for manager in (self.latest, self.best):
+      try:
+        manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
   def close(self) -> None:
     """Waits for pending work and closes both managers (idempotent)."""
     if self._closed:
       return
     self._closed = True
-    with _tolerate_closed_event_loops():
-      self.latest.close()
-      self.best.close()
+    try:
+      for manager in (self.latest, self.best):
+        try:
+          with _tolerate_closed_event_loops():
+            manager.close()
+        except Exception:  # pylint: disable=broad-except
+          if not self._failed:
+            raise
+    finally:
+      if self._muted is not None:
+        logging.getLogger("absl").removeFilter(self._muted)
+        self._muted = None
 
   def all_checkpoints(self) -> list[tuple[ocp.CheckpointManager, int]]:
     """Every (manager, step) of the workdir, latest manager first."""
