@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import ar_sampling, configuration, objectives, sampling
+from bdiff_jax import ar_sampling, configuration, sampling
 from bdiff_jax.errors import UserError
-from bdiff_jax.models import build_network, init_params
+from bdiff_jax.models import init_params
+from tests.helpers import network
 
 VOCAB, LENGTH, BATCH = 13, 8, 3
 
@@ -36,7 +37,12 @@ def _network(backbone, block, positional, attention, objective="autoregressive")
   m.objective = objective
   m.time_conditioning = "none"
   m.num_layers, m.emb_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 16, 4, 2, 4, 24
-  return build_network(m, vocab_size=VOCAB, max_len=LENGTH)
+  return network(m, vocab_size=VOCAB, max_len=LENGTH)
+
+
+def _ar_inputs(tokens):
+  """The block shifted right behind BOS (= the [MASK] id VOCAB), written out independently."""
+  return jnp.concatenate([jnp.full((tokens.shape[0], 1), VOCAB, tokens.dtype), tokens[:, :-1]], 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +62,7 @@ def _reference_sample(case, key, *, prompt=None, temperature=1.0, top_k=0, top_p
     tokens[:, :prompt.shape[-1]] = prompt
   fixed = tokens.copy()
   for i in range(LENGTH):
-    logits = full(params, objectives.ar_inputs(jnp.asarray(tokens), VOCAB))[:, i]
+    logits = full(params, _ar_inputs(jnp.asarray(tokens)))[:, i]
     logits = sampling.filter_logits(logits, temperature, top_k, top_p)
     draw = np.asarray(sampling.categorical(jax.random.fold_in(key, i), logits))
     tokens[:, i] = np.where(fixed[:, i] != VOCAB, fixed[:, i], draw)

@@ -13,7 +13,8 @@ from bdiff_jax import configuration
 from bdiff_jax import sampling
 from bdiff_jax import schedules
 from bdiff_jax.errors import UserError
-from bdiff_jax.models import build_network, init_params
+from bdiff_jax.models import init_params
+from tests.helpers import network
 
 # Largest Gumbel value reachable from one float32 uniform u < 1: -log(-log(1 - 2^-24)).
 FLOAT32_GUMBEL_CAP = -math.log(-math.log1p(-2.0**-24))
@@ -596,7 +597,7 @@ def test_network_logit_positions_in_sampler():
   # time-conditioned network through it draws the tokens of sampling through the full logits.
   m = configuration.base_config().model
   m.num_layers, m.emb_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 1, 16, 2, 2, 8, 32
-  net = build_network(m, vocab_size=V, max_len=10)
+  net = network(m, vocab_size=V, max_len=10)
   params = jax.jit(lambda k: init_params(net, k, seq_len=10))(jax.random.key(0))
   full = lambda z, t: net.apply({"params": params}, z, t)
   at = lambda z, t, pos: net.apply({"params": params}, z, t, logit_positions=pos)
