@@ -35,19 +35,20 @@ position per step:
    depends only on noisy[b] and t[b]: true of every network here), row b needs the model only at
    the steps in {S_p : p in row b}, and the rows need not be at the same step: each call moves
    every row to its own next reveal step (t[b] = that step's time). The number of calls is then
-   max_b |{S_p : p in row b}| (instead of |union over b|) -- e.g. about 100 for L = 128 at 256
-   cosine-grid steps, where the step-wise sampler makes 256 calls (see `SampleStats`).
+   max_b |{S_p : p in row b}| (instead of |union over b|) -- e.g. 101 for B = 4, L = 128 at
+   256 cosine-grid steps (192 with the rows together), where the step-wise sampler makes 256
+   (see `SampleStats`).
 4. Draws only where tokens are revealed. Every position is drawn exactly once in a run, so its
-   noise is one independent variable per (row, position), from fold_in(draw_key, b * L + p):
-   at its reveal step it is independent of everything that shaped the logits there (other
-   positions' noise, the S_p), as in the step-wise sampler. A call draws only the revealed
-   positions: up to `draw_capacity` per row are gathered (model logits only there, with
-   logits_at_fn); if a row reveals more, that call falls back (lax.cond) to the full logits_fn
-   and a draw at every position. Both paths give the same tokens for the same key. Draws use
+   noise is one independent slice per (row, position) of Gumbel noise drawn up front from
+   draw_key: at its reveal step it is independent of everything that shaped the logits there
+   (other positions' noise, the S_p), as in the step-wise sampler. A call draws only the
+   revealed positions, gathered in chunks of up to `draw_capacity` per row (with logits_at_fn
+   the model computes logits only there, one call per chunk; all chunks of a step see the same
+   sequence and time, so a step with more reveals than the capacity is still exact). Draws use
    `categorical_blocked`: the law of `categorical`, with ~2 sqrt(V) instead of V noise values.
 
 So the output has the step-wise sampler's law, and for a given key the tokens do not depend on
-the capacity, on which path ran, or on independent_rows.
+the capacity, on logits_at_fn (up to float rounding of the logits) or on independent_rows.
 """
 
 import math
@@ -411,8 +412,8 @@ def sample(logits_fn: LogitsFn, key: jax.Array, *, length: int, num_steps: int, 
       rows of one call may be at different times.
     key: a PRNG key.
     length: L, the sequence length.
-    num_steps: N >= 1, the number of denoising steps (model calls are at most N; see
-      return_stats).
+    num_steps: N >= 1, the number of denoising steps (model calls: at most N, plus any extra
+      chunks of logits_at_fn; see return_stats).
     mask_id: the [MASK] id, equal to the number V of real tokens.
     batch_size: B, the number of samples.
     prompt: None, or int token ids of shape [P] or [1 or B, P] with P <= L: a prefix padded with
@@ -423,14 +424,15 @@ def sample(logits_fn: LogitsFn, key: jax.Array, *, length: int, num_steps: int, 
     schedule: the masking schedule the model was trained with; None means linear.
     grid: time-grid spacing, "cosine" or "uniform" (see `sampling_grid`).
     logits_at_fn: optional, the same model evaluated at chosen positions only,
-      logits_at_fn(noisy, t, positions int32[B, K]) -> float[B, K, V]; used for the usual
-      (gathered) calls, which then skip the output head elsewhere. logits_fn is still needed
-      for the fallback.
+      logits_at_fn(noisy, t, positions int32[B, K]) -> float[B, K, V] with K = draw_capacity
+      (every position in [0, L); entries past a row's reveals are ignored), so that the model
+      skips its output head elsewhere. When given, logits_fn is not called.
     independent_rows: True: each call moves every row to its own next reveal step (fewer
       calls). False: all rows share the step (t[b] all equal), for a logits_fn that mixes rows.
-    draw_capacity: positions per row drawn from gathered logits; a call where a row reveals
-      more uses the full logits and draws. None: `default_draw_capacity`. Does not change the
-      output (for a given key), only the speed.
+    draw_capacity: positions per row drawn at once; a step where a row reveals more is drawn
+      in several chunks (with logits_at_fn, one model call per chunk, on the same sequence and
+      time). None: `default_draw_capacity`. Changes the speed only, not the output (for a
+      given key).
     return_stats: also return a `SampleStats`.
 
   Returns:
