@@ -74,7 +74,7 @@ def detect() -> Platform:
       memory = min(memory, int(float(limit))) if memory else int(float(limit))
     except ValueError:
       raise UserError(f"${MEMORY_LIMIT_ENV}={limit!r} is not a number of bytes.",
-                      f"unset it or set it to e.g. 8e9.") from None
+                      "unset it or set it to e.g. 8e9.") from None
   return Platform(backend=backend, device_kind=str(devices[0].device_kind),
                   num_devices=len(devices), memory_bytes=int(memory),
                   cpu_count=os.cpu_count() or 1)
