@@ -21,8 +21,6 @@ Peak train-step memory (XLA memory analysis of the compiled step on CPU, temp + 
 outputs - donated aliases): see README.md ("Presets") for the measured values.
 """
 
-import ml_collections
-
 from bdiff_jax.configuration import base_config
 
 PRESETS = ("auto", "smoke", "cpu", "gpu", "tpu", "default")
