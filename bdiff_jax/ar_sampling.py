@@ -81,7 +81,7 @@ def sample_autoregressive(network: Network, params, key: jax.Array, *, length: i
   if not spec.causal or spec.time_conditioned:
     raise SamplingArgumentError(
         f"autoregressive sampling needs a causal network without time conditioning; this one "
-        f"has objective={spec.objective!r}, time_conditioning={spec.time_conditioning!r}.",
+        f"has causal={spec.causal}, time_conditioning={spec.time_conditioning!r}.",
         "use objective=autoregressive with time_conditioning=none, or the diffusion sampler.")
   if bos_id >= spec.embed_rows:
     raise SamplingArgumentError(f"bos_id = {bos_id} is not an input id of the network "
