@@ -26,7 +26,7 @@ rounded up to a multiple of 128 (8 below 1024 rows) and capped at B * L.
 """
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -126,8 +126,28 @@ def _rows_nll_sums(h, tokens, idx, valid, head_fn, batch_size: int, seq_len: int
   return nll @ onehot
 
 
-def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray, masked: jnp.ndarray, *,
-                    capacity: int) -> jnp.ndarray:
+def _chunked_sums(h, y, idx, valid, head_fn, batch_size: int, seq_len: int, rows: int):
+  """`_rows_nll_sums` over idx [K * rows] in K chunks of `rows`, one chunk's head at a time.
+
+  The chunk body is rematerialised: the backward keeps only each chunk's indices and recomputes
+  its logits, so memory is that of one chunk whatever K is.
+  """
+  chunks = idx.shape[0] // rows
+
+  @jax.checkpoint
+  def body(total, chunk):
+    return total + _rows_nll_sums(h, y, chunk[0], chunk[1], head_fn, batch_size, seq_len), None
+
+  out = jax.eval_shape(lambda: _rows_nll_sums(h, y, idx[:rows], valid[:rows], head_fn,
+                                               batch_size, seq_len))
+  total, _ = jax.lax.scan(body, jnp.zeros(out.shape, out.dtype),
+                          (idx.reshape(chunks, rows), valid.reshape(chunks, rows)))
+  return total
+
+
+def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
+                    masked: jnp.ndarray, *, capacity: int,
+                    chunk_rows: Optional[int] = None) -> jnp.ndarray:
   """sum_{i masked} -log softmax(head_fn(hidden[b, i]))[tokens[b, i]] per sequence.
 
   Equal (up to summation order) to the same sums over the full logits head_fn(hidden) [B, L, V].
@@ -139,6 +159,10 @@ def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray, m
     masked: bool[B, L] the positions that are scored.
     capacity: C, rows of the gathered buffer (`masked_capacity`); batches with more masked
       positions take the exact chunked fallback.
+    chunk_rows: None: the head runs on all C rows at once (fastest; holds [C, V] logits and
+      their gradient). An int R: it runs on R rows at a time, recomputing each chunk's logits in
+      the backward (one more head forward, ~1/3 more head FLOPs; holds [R, V]), for memory.
+      C is rounded up to a multiple of R.
 
   Returns:
     float[B] (float32, or float64 for float64 logits), in nats.
@@ -146,31 +170,28 @@ def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray, m
   b, l = masked.shape
   n = b * l
   capacity = max(1, min(int(capacity), n))
+  rows = capacity if not chunk_rows else max(1, min(int(chunk_rows), capacity))
+  capacity = -(-capacity // rows) * rows
   h = hidden.reshape(n, hidden.shape[-1])
   y = jnp.asarray(tokens, jnp.int32).reshape(n)
   m = masked.reshape(n)
   count = jnp.sum(m, dtype=jnp.int32)
 
-  def one_buffer():
-    idx = jnp.nonzero(m, size=capacity, fill_value=0)[0].astype(jnp.int32)
-    valid = jnp.arange(capacity, dtype=jnp.int32) < count
-    return _rows_nll_sums(h, y, idx, valid, head_fn, b, l)
+  def gathered(size):
+    idx = jnp.nonzero(m, size=size, fill_value=0)[0].astype(jnp.int32)
+    return idx, jnp.arange(size, dtype=jnp.int32) < count
 
-  if capacity == n:
+  def one_buffer():
+    idx, valid = gathered(capacity)
+    if rows == capacity:
+      return _rows_nll_sums(h, y, idx, valid, head_fn, b, l)
+    return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
+
+  if capacity >= n:
     return one_buffer()
 
-  def chunked():
-    chunks = -(-n // capacity)
-    idx = jnp.nonzero(m, size=chunks * capacity, fill_value=0)[0].astype(jnp.int32)
-    valid = jnp.arange(chunks * capacity, dtype=jnp.int32) < count
+  def all_masked():  # exact fallback: every masked position, in chunks of `rows`
+    idx, valid = gathered(-(-n // rows) * rows)
+    return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
 
-    @jax.checkpoint  # keep only each chunk's indices; recompute its head in the backward
-    def body(total, chunk):
-      return total + _rows_nll_sums(h, y, chunk[0], chunk[1], head_fn, b, l), None
-
-    out = jax.eval_shape(one_buffer)  # float32, or float64 for float64 logits
-    total, _ = jax.lax.scan(body, jnp.zeros(out.shape, out.dtype),
-                            (idx.reshape(chunks, capacity), valid.reshape(chunks, capacity)))
-    return total
-
-  return jax.lax.cond(count <= capacity, one_buffer, chunked)
+  return jax.lax.cond(count <= capacity, one_buffer, all_masked)

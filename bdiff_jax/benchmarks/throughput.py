@@ -13,7 +13,8 @@ conditioning (the PyTorch model adds a linear embedding of t instead), and an EM
 
 Systems measured (each a persistent worker process, so that its compiled step stays warm):
   jax:<loss>[@<flags>]  ours; <loss> = "masked" (head at masked positions only,
-                        `diffusion_loss_gathered`) or "full" (head at every position);
+                        `diffusion_loss_gathered`), "masked:<R>" (the same, R rows of the head
+                        at a time, for memory) or "full" (head at every position);
                         <flags> = XLA_FLAGS for the worker, default: `xla_flags.apply_default_flags()`,
                         "none": no flags of ours.
   base                  ours as built from another checkout (`--baseline_src DIR`, e.g. a
@@ -104,8 +105,9 @@ def our_config(shape: dict[str, int], *, loss: str, preset: str = ""):
     m.num_kv_heads, m.head_dim, m.mlp_dim = shape["heads"], shape["d"] // shape["heads"], 4 * shape["d"]
     m.positional, m.tie_embeddings, m.block, m.dropout_rate = "learned", False, "simple", 0.0
     c.data.seq_len, c.train.batch_size = shape["seq"], shape["batch"]
-  if loss == "masked":
+  if loss.startswith("masked"):
     c.diffusion.masked_head = True
+    c.diffusion.masked_head_chunk_rows = int(loss.partition(":")[2] or 0)
   return c
 
 
@@ -306,7 +308,7 @@ def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
             os.path.abspath(opts.baseline_src))
   if spec.startswith("jax:"):
     loss, _, flags = spec[4:].partition("@")
-    if loss not in ("masked", "full"):
+    if loss.partition(":")[0] not in ("masked", "full"):
       raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
     return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, _REPO
   raise SystemExit(f"unknown system {spec!r}")
