@@ -22,7 +22,7 @@ standard normal Z (~3e-7 at the default k = 5). With iid times (`antithetic=Fals
 draw of `nll_bound_gathered`, whose times are independent across the batch) the t_b vary too:
 E[M] = B L E[p], Var[M] = B (L E[p (1 - p)] + L^2 Var[p]) (law of total variance), and
 C = E[M] + k * sqrt(Var[M]) (a normal approximation; overflows stay exact, only slower). C is
-rounded up to a multiple of 128 (8 below 1024 rows) and capped at B * L.
+rounded up to a multiple of 16 (GEMM-friendly, and at most 15 padded rows) and capped at B * L.
 """
 
 import math
@@ -57,7 +57,7 @@ def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
     num_std: k, standard deviations of the masked count above its mean.
 
   Returns:
-    int C in [1, B * L]: a multiple of 128 (of 8 when below 1024), or B * L.
+    int C in [1, B * L]: a multiple of 16, or B * L.
   """
   b, l = int(batch_size), int(seq_len)
 
@@ -80,7 +80,7 @@ def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
     var = b * (l * np.mean(p * (1.0 - p)) + l * l * np.var(p))
     cap = mean + num_std * math.sqrt(var)
   n = b * l
-  cap = _round_up(max(cap, 1.0), 128 if cap >= 1024 else 8)
+  cap = _round_up(max(cap, 1.0), 16)
   return int(min(cap, n))
 
 

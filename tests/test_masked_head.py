@@ -247,13 +247,13 @@ def _masked_counts(batch, length, antithetic, draws=4000):
 
 
 def test_masked_capacity_against_monte_carlo():
-  batch, length = 16, 48  # N = 768: capacities are rounded to multiples of 8
+  batch, length = 16, 48
   n = batch * length
   for antithetic in (True, False):
     counts = _masked_counts(batch, length, antithetic)
     assert abs(counts.mean() - n / 2) < 0.02 * n  # linear schedule: half masked on average
     cap = masked_capacity(SCHED, batch, length, antithetic=antithetic)
-    assert cap % 8 == 0 and cap <= n
+    assert cap % 16 == 0 and cap <= n
     assert counts.max() <= cap  # default k = 5: no overflow in 4000 batches
     # Overflow rate at k = 2 is about the normal tail (2.3%) less the rounding: a variance
     # formula without the spread of the times (iid) or of the offset would fail one side.
@@ -263,8 +263,7 @@ def test_masked_capacity_against_monte_carlo():
   # Stratified times concentrate the count: a much smaller buffer than with iid times.
   assert (masked_capacity(SCHED, batch, length) <
           0.8 * masked_capacity(SCHED, batch, length, antithetic=False))
-  assert masked_capacity(SCHED, 32, 128) % 128 == 0
-  assert masked_capacity(SCHED, 32, 128) < 0.6 * 32 * 128
+  assert masked_capacity(SCHED, 32, 128) < 0.56 * 32 * 128
   assert masked_capacity(SCHED, 1, 4) <= 4
 
 

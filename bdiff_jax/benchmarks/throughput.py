@@ -82,10 +82,18 @@ def step_matmul_flops(shape: dict[str, int], head_rows: float) -> float:
 # Our train step. The ONE place that knows how the project builds it.
 
 
-def build_our_step(config, network):
-  """(step_fn, state): the project's jitted train step and an initial train state."""
+def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
+  """(step_fn, state): the project's jitted train step and an initial train state.
+
+  loss: "masked" (head at the masked positions only) or "full" (head at every position);
+  chunk_rows: with "masked", run the head this many rows at a time (0: all at once).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from bdiff_jax import models, train  # pylint: disable=g-import-not-at-top
+  if loss == "masked":  # read by objectives.training_loss (temporary wiring)
+    config = config.copy_and_resolve_references()
+    config.diffusion.masked_head = True
+    config.diffusion.masked_head_chunk_rows = int(chunk_rows)
   optimizer = train.make_optimizer(config.train)
   init = jax.jit(lambda k: models.init_params(network, k, seq_len=config.data.seq_len))
   state = train.create_train_state(init(jax.random.PRNGKey(0)), optimizer,
@@ -93,8 +101,11 @@ def build_our_step(config, network):
   return train.make_train_step(config, network, optimizer), state
 
 
-def our_config(shape: dict[str, int], *, loss: str, preset: str = ""):
-  """The project's config at `shape` with the reference architecture (or a preset's model)."""
+def our_config(shape: dict[str, int], *, preset: str = "", overrides=()):
+  """The project's config at `shape` with the reference architecture (or a preset's model).
+
+  `overrides`: "section.field=value" strings applied last (values parsed as JSON, else str).
+  """
   from bdiff_jax import configuration  # pylint: disable=g-import-not-at-top
   if preset:
     c = get_preset_config(preset)
@@ -105,9 +116,13 @@ def our_config(shape: dict[str, int], *, loss: str, preset: str = ""):
     m.num_kv_heads, m.head_dim, m.mlp_dim = shape["heads"], shape["d"] // shape["heads"], 4 * shape["d"]
     m.positional, m.tie_embeddings, m.block, m.dropout_rate = "learned", False, "simple", 0.0
     c.data.seq_len, c.train.batch_size = shape["seq"], shape["batch"]
-  if loss.startswith("masked"):
-    c.diffusion.masked_head = True
-    c.diffusion.masked_head_chunk_rows = int(loss.partition(":")[2] or 0)
+  for item in overrides:
+    path, _, value = item.partition("=")
+    section, _, field = path.partition(".")
+    try:
+      c[section][field] = json.loads(value)
+    except json.JSONDecodeError:
+      c[section][field] = value
   return c
 
 
@@ -121,10 +136,11 @@ def _jax_worker(args: dict[str, Any], reply) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from bdiff_jax import models  # pylint: disable=g-import-not-at-top
   shape = args["shape"]
-  config = our_config(shape, loss=args["loss"], preset=args.get("preset", ""))
+  config = our_config(shape, preset=args.get("preset", ""), overrides=args.get("set", ()))
   network = models.build_network(config.model, vocab_size=shape["vocab"],
                                  max_len=config.data.seq_len)
-  step, state = build_our_step(config, network)
+  loss, _, chunk_rows = args["loss"].partition(":")
+  step, state = build_our_step(config, network, loss=loss, chunk_rows=int(chunk_rows or 0))
   batch = jax.random.randint(jax.random.PRNGKey(2), (config.train.batch_size,
                                                     config.data.seq_len), 0, shape["vocab"])
   t0 = time.perf_counter()
@@ -369,12 +385,12 @@ def run(opts) -> dict[str, Any]:
 def memory_report(opts) -> dict[str, Any]:
   """XLA memory analysis of the train step of configs/wikitext2.py:<preset> (compile only)."""
   shape = shape_from_preset(opts.memory_preset)
-  out = {"preset": opts.memory_preset, "shape": shape, "systems": {}}
+  out = {"preset": opts.memory_preset, "shape": shape, "overrides": opts.set, "systems": {}}
   for spec in opts.systems.split(","):
     args, src = _parse_system(spec, shape, opts)
     if args["kind"] != "jax":
       continue
-    args.update(compile_only=True, preset=opts.memory_preset)
+    args.update(compile_only=True, preset=opts.memory_preset, set=opts.set)
     w = Worker(spec, args, python=sys.executable, src=src)
     try:
       info = w.read()
@@ -414,6 +430,8 @@ def main(argv=None) -> None:
   p.add_argument("--baseline_src", default="", help="checkout for the 'base' system")
   p.add_argument("--torch_python", default="", help="python with torch (default: this one)")
   p.add_argument("--memory_preset", default="", help="only XLA memory analysis of this preset")
+  p.add_argument("--set", action="append", default=[],
+                 help="memory mode: config override for our step, e.g. model.backbone=reversible")
   p.add_argument("--out", default="")
   opts = p.parse_args(argv)
   if opts.worker:
