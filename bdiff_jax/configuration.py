@@ -77,6 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.corruption = "absorbing"  # "absorbing" | "prototype_mix"
   c.diffusion.uniform_fraction = 0.1  # share of corrupted tokens substituted, "prototype_mix" only
   c.diffusion.antithetic = True
+  # Output head + cross-entropy only at masked positions (exactly the same loss and bound; a
+  # fixed-size gather with an exact fallback). False: the head at every position.
+  c.diffusion.masked_head = True
+  # Run the masked head on this many rows at a time (recomputed in the backward): less memory
+  # for large vocabularies x batches; 0 = all at once.
+  c.diffusion.head_chunk_rows = 0
 
   c.train = ml_collections.ConfigDict()
   # How parameters are updated: "adamw" (backpropagation + AdamW), or the zeroth-order rules
@@ -187,6 +193,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("diffusion.schedule", d.schedule, SCHEDULES)
   _choice("diffusion.corruption", d.corruption, CORRUPTIONS)
   _positive("diffusion.schedule_exponent", d.schedule_exponent)
+  _positive("diffusion.head_chunk_rows", d.head_chunk_rows, allow_zero=True)
   _in_unit("diffusion.uniform_fraction", d.uniform_fraction)
   t = c.train
   _choice("train.update_rule", t.update_rule, ("adamw", "mezo", "dizo"))

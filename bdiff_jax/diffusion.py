@@ -15,6 +15,11 @@ of masked tokens is proportionally small; a draw with no masked token contribute
 
 A model is passed as `logits_fn(noisy: int32[B, L], t: float32[B]) -> float[B, L, V]` over the V
 real tokens (no [MASK] column). Logits are cast to float32 before the log-softmax.
+
+`diffusion_loss_gathered` and `nll_bound_gathered` compute the same numbers with the model split in
+two, `hidden_fn(noisy, t) -> [B, L, D]` and `head_fn([..., D]) -> [..., V]`, and run the head only
+at the masked positions of the batch (gathered into a buffer of `masked_capacity` rows), which
+is where nearly all of the work is at a large vocabulary. See `bdiff_jax.masked_head`.
 """
 
 from typing import Any, Callable, Optional
@@ -24,9 +29,13 @@ import jax.numpy as jnp
 
 from bdiff_jax.corruption import check_corruption_args
 from bdiff_jax.corruption import corrupt
+from bdiff_jax.masked_head import HeadFn
+from bdiff_jax.masked_head import masked_capacity
+from bdiff_jax.masked_head import masked_nll_sums
 from bdiff_jax.schedules import Schedule
 
 LogitsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+HiddenFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (noisy, t) -> [B, L, D]
 
 
 def stratified_times(u: jnp.ndarray, num: int) -> jnp.ndarray:
@@ -66,8 +75,8 @@ def sample_times(key: jax.Array, batch_size: int, *, antithetic: bool = True) ->
 
 
 def _masked_nll_sum(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
-  """float32[B]: sum over masked positions of -log softmax(logits)[x_i]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  """float32[B] (float64 for float64 logits): sum over masked positions of -log softmax[x_i]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
   token_logp = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
   # where, not multiplication: logits at unmasked positions must not leak in (not even as NaN).
   return jnp.sum(jnp.where(masked, -token_logp, 0.0), axis=-1)
@@ -135,6 +144,17 @@ def diffusion_loss(logits_fn: LogitsFn,
     corrupted positions), 'masked_token_nll' (mean -log p over corrupted positions, unweighted),
     and for "absorbing" only 'nll_bound_per_token' (equal to the loss).
   """
+  def nll_sums(noisy, t, masked):
+    return _masked_nll_sum(logits_fn(noisy, t), tokens, masked)
+
+  return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
+                             antithetic=antithetic, corruption=corruption,
+                             uniform_fraction=uniform_fraction)
+
+
+def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic, corruption,
+                        uniform_fraction):
+  """diffusion_loss with the per-sequence masked NLL sums computed by nll_sums(noisy, t, masked)."""
   check_corruption_args(corruption, uniform_fraction)
   tokens = jnp.asarray(tokens, jnp.int32)
   batch_size, length = tokens.shape
@@ -142,7 +162,7 @@ def diffusion_loss(logits_fn: LogitsFn,
   t = sample_times(key_t, batch_size, antithetic=antithetic)
   noisy, masked = corrupt(key_c, tokens, t, schedule=schedule, mask_id=mask_id, mode=corruption,
                           uniform_fraction=uniform_fraction, vocab_size=mask_id)
-  nll_sum = _masked_nll_sum(logits_fn(noisy, t), tokens, masked)
+  nll_sum = nll_sums(noisy, t, masked)
   loss = jnp.mean(_elbo_weight(t, masked, schedule) * nll_sum) / length
 
   num_masked = jnp.sum(masked).astype(jnp.float32)
@@ -153,6 +173,52 @@ def diffusion_loss(logits_fn: LogitsFn,
   if corruption == "absorbing":
     aux["nll_bound_per_token"] = loss
   return loss, aux
+
+
+def diffusion_loss_gathered(hidden_fn: HiddenFn,
+                            head_fn: HeadFn,
+                            tokens: jnp.ndarray,
+                            key: jax.Array,
+                            *,
+                            schedule: Schedule,
+                            mask_id: int,
+                            antithetic: bool = True,
+                            corruption: str = "absorbing",
+                            uniform_fraction: float = 0.1,
+                            capacity: Optional[int] = None,
+                            chunk_rows: Optional[int] = None
+                           ) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """`diffusion_loss` with the head run only at the masked positions of the batch.
+
+  Same draws (times, masks) from the same key, and the same loss and aux metrics as
+  `diffusion_loss(lambda z, t: head_fn(hidden_fn(z, t)), ...)`, up to the order of floating-point
+  additions; the gradients are equal in the same sense. See `bdiff_jax.masked_head`.
+
+  Args:
+    hidden_fn: (noisy int32[B, L], t float32[B]) -> hidden states float[B, L, D].
+    head_fn: hidden states [..., D] -> logits float[..., V].
+    tokens, key, schedule, mask_id, antithetic, corruption, uniform_fraction: as in
+      `diffusion_loss`.
+    capacity: rows of the masked-position buffer; None: `masked_capacity(schedule, B, L,
+      antithetic=antithetic)`. Batches with more masked positions are computed exactly in chunks.
+    chunk_rows: None, or run the head on this many rows at a time with recomputation in the
+      backward (less memory, ~1/3 more head FLOPs); see `masked_head.masked_nll_sums`.
+
+  Returns:
+    (loss, aux) exactly as `diffusion_loss`.
+  """
+  batch_size, length = jnp.shape(tokens)
+  if capacity is None:
+    capacity = masked_capacity(schedule, batch_size, length, antithetic=antithetic)
+  tokens = jnp.asarray(tokens, jnp.int32)
+
+  def nll_sums(noisy, t, masked):
+    return masked_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, capacity=capacity,
+                           chunk_rows=chunk_rows)
+
+  return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
+                             antithetic=antithetic, corruption=corruption,
+                             uniform_fraction=uniform_fraction)
 
 
 def nll_bound(logits_fn: LogitsFn,
@@ -182,8 +248,19 @@ def nll_bound(logits_fn: LogitsFn,
       influencing them, e.g. through an attention padding mask). None: every position is valid.
 
   Returns:
-    float32[B], an unbiased estimate of the ELBO bound of each sequence.
+    float32[B] (float64 for float64 logits), an unbiased estimate of the ELBO bound of each
+    sequence.
   """
+  def draw_nll_sums(noisy, t, masked):
+    return _masked_nll_sum(logits_fn(noisy, t), tokens, masked)
+
+  return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
+                              num_samples=num_samples, valid=valid)
+
+
+def _bound_from_nll_sums(draw_nll_sums, tokens, key, *, schedule, mask_id, num_samples,
+                         valid=None):
+  """nll_bound with each draw's masked NLL sums computed by draw_nll_sums(noisy, t, masked)."""
   num_samples = int(num_samples)
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -194,12 +271,56 @@ def nll_bound(logits_fn: LogitsFn,
   times = stratified_times(u, num_samples).T  # [K, B]
   keys = jax.random.split(key_c, num_samples)
 
-  def one_draw(total, draw):
+  def weighted(draw):
     t, k = draw
     noisy, masked = corrupt(k, tokens, t, schedule=schedule, mask_id=mask_id)
     if valid is not None:
       masked = masked & valid
-    return total + weighted_masked_nll(logits_fn(noisy, t), tokens, masked, t, schedule), None
+    return _elbo_weight(t, masked, schedule) * draw_nll_sums(noisy, t, masked)
 
-  total, _ = jax.lax.scan(one_draw, jnp.zeros((batch_size,), jnp.float32), (times, keys))
+  def one_draw(total, draw):
+    return total + weighted(draw), None
+
+  # float32, or float64 when the model computes in float64.
+  out = jax.eval_shape(weighted, (times[0], keys[0]))
+  total, _ = jax.lax.scan(one_draw, jnp.zeros(out.shape, out.dtype), (times, keys))
   return total / num_samples
+
+
+def nll_bound_gathered(hidden_fn: HiddenFn,
+                       head_fn: HeadFn,
+                       tokens: jnp.ndarray,
+                       key: jax.Array,
+                       *,
+                       schedule: Schedule,
+                       mask_id: int,
+                       num_samples: int,
+                       capacity: Optional[int] = None,
+                       chunk_rows: Optional[int] = None,
+                       valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """`nll_bound` with the head run only at each draw's masked positions.
+
+  Same draws and, up to the order of floating-point additions, the same float32[B] as
+  `nll_bound(lambda z, t: head_fn(hidden_fn(z, t)), ...)`.
+
+  Args:
+    hidden_fn, head_fn: as in `diffusion_loss_gathered`.
+    tokens, key, schedule, mask_id, num_samples, valid: as in `nll_bound`.
+    capacity: rows of each draw's masked-position buffer; None: `masked_capacity(schedule, B, L,
+      antithetic=False)` (within one draw the sequences' times are independent).
+    chunk_rows: None, or run the head on this many rows at a time (less memory).
+
+  Returns:
+    float32[B] (float64 for float64 logits), per-sequence bounds in nats.
+  """
+  batch_size, length = jnp.shape(tokens)
+  if capacity is None:
+    capacity = masked_capacity(schedule, batch_size, length, antithetic=False)
+  tokens = jnp.asarray(tokens, jnp.int32)
+
+  def draw_nll_sums(noisy, t, masked):
+    return masked_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, capacity=capacity,
+                           chunk_rows=chunk_rows)
+
+  return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
+                              num_samples=num_samples, valid=valid)

@@ -85,20 +85,33 @@ class MaskedDiffusion(Objective):
     self.antithetic = bool(d.antithetic)
     self.corruption = str(d.corruption)
     self.uniform_fraction = float(d.uniform_fraction)
+    # The output head and cross-entropy only at masked positions (a fixed-size gather with an
+    # exact fallback to the full head); the loss and bound equal the full computation's.
+    self.masked_head = bool(d.masked_head)
+    self.head_chunk_rows = int(d.head_chunk_rows) or None
 
   def _logits_fn(self, apply: Apply, padding_mask=None):
     return lambda z, t: apply(z, t, padding_mask=padding_mask)
 
+  def _hidden_and_head(self, apply: Apply, padding_mask=None):
+    return (lambda z, t: apply(z, t, padding_mask=padding_mask, return_hidden=True),
+            lambda h: apply(h, method="head"))
+
   def loss(self, apply, tokens, key):
-    return diffusion.diffusion_loss(
-        self._logits_fn(apply), tokens, key, schedule=self.schedule, mask_id=self.mask_id,
-        antithetic=self.antithetic, corruption=self.corruption,
-        uniform_fraction=self.uniform_fraction)
+    kw = dict(schedule=self.schedule, mask_id=self.mask_id, antithetic=self.antithetic,
+              corruption=self.corruption, uniform_fraction=self.uniform_fraction)
+    if self.masked_head:
+      return diffusion.diffusion_loss_gathered(*self._hidden_and_head(apply), tokens, key,
+                                               chunk_rows=self.head_chunk_rows, **kw)
+    return diffusion.diffusion_loss(self._logits_fn(apply), tokens, key, **kw)
 
   def sequence_nll(self, apply, tokens, valid, key, *, num_samples):
-    return diffusion.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key,
-                               schedule=self.schedule, mask_id=self.mask_id,
-                               num_samples=num_samples, valid=valid)
+    kw = dict(schedule=self.schedule, mask_id=self.mask_id, num_samples=num_samples,
+              valid=valid)
+    if self.masked_head:
+      return diffusion.nll_bound_gathered(*self._hidden_and_head(apply, padding_mask=valid),
+                                          tokens, key, chunk_rows=self.head_chunk_rows, **kw)
+    return diffusion.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key, **kw)
 
   def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
     """The exact event-driven ancestral sampler (`sampling.sample`): the network is called only

@@ -1,0 +1,453 @@
+r"""Train-step throughput of the project against a PyTorch implementation of the same step.
+
+    python -m bdiff_jax.benchmarks.throughput --shape reference      # d256 L4 H4 seq128 B32 V33278
+    python -m bdiff_jax.benchmarks.throughput --shape cpu            # configs/wikitext2.py:cpu dims
+    python -m bdiff_jax.benchmarks.throughput --memory_preset default   # XLA memory analysis only
+
+The model on both sides (what ../shared/bench/torch_reference.py specifies): bidirectional
+pre-norm transformer, learned positions, GELU MLP (4x), untied head over the V real tokens,
+continuous-time ELBO of absorbing masked diffusion with a linear schedule on masked positions
+only, AdamW, gradient clipping at 1. Ours is the project's real train step
+(`bdiff_jax.train.make_train_step`) at that shape; it also does its usual extra work: adaLN time
+conditioning (the PyTorch model adds a linear embedding of t instead), and an EMA of the params.
+
+Systems measured (each a persistent worker process, so that its compiled step stays warm):
+  jax:<loss>[@<flags>]  ours; <loss> = "masked" (head at masked positions only,
+                        `diffusion_loss_gathered`), "masked:<R>" (the same, R rows of the head
+                        at a time, for memory) or "full" (head at every position);
+                        <flags> = XLA_FLAGS for the worker, default: `xla_flags.apply_default_flags()`,
+                        "none": no flags of ours.
+  base                  ours as built from another checkout (`--baseline_src DIR`, e.g. a
+                        `git worktree` of the commit before a change), full head, no flags.
+  torch_eager, torch_compile   the PyTorch step (needs torch: requirements-bench.txt).
+Rounds run the systems one after another (A B C A B C ..., the order rotated each round), never
+two at once; each reports the median step time over all its timed steps, tokens/s =
+batch * seq / median, and the ratios to the PyTorch systems. The machine load (1-minute load
+average) is recorded before and after.
+
+Achieved GFLOP/s: matmul FLOPs of a step counted analytically (forward 2*m*n*k per product, the
+backward twice that), with the head counted at the *expected number of masked positions*
+(B * L / 2 for the linear schedule) for every system, divided by the median step time; compared
+with a measured peak: the median time of a float32 [2048, 2048] x [2048, 2048] jnp matmul timed
+in each round in the first jax worker. XLA's own count (`cost_analysis()['flops']` of the
+compiled step, which includes the padded rows of the masked buffer and elementwise work) is
+reported too.
+
+Writes JSON (`--out`, default throughput_<shape>.json in the current directory).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHAPES = {"reference": dict(d=256, layers=4, heads=4, seq=128, batch=32, vocab=33278)}
+VOCAB = 33278  # WikiText-2 v1 words incl. <eos>
+
+
+def get_preset_config(preset: str):
+  """configs/wikitext2.py:<preset> ("default" or "" for the default preset)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_wt2_config",
+                                                os.path.join(_REPO, "configs", "wikitext2.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset if preset != "default" else "")
+
+
+def shape_from_preset(preset: str) -> dict[str, int]:
+  """d, layers, heads, seq, batch of configs/wikitext2.py:<preset>, with the WikiText-2 vocab."""
+  c = get_preset_config(preset)
+  return dict(d=c.model.emb_dim, layers=c.model.num_layers, heads=c.model.num_heads,
+              seq=c.data.seq_len, batch=c.train.batch_size, vocab=VOCAB)
+
+
+def get_shape(name: str) -> dict[str, int]:
+  return dict(SHAPES[name]) if name in SHAPES else shape_from_preset(name)
+
+
+def step_matmul_flops(shape: dict[str, int], head_rows: float) -> float:
+  """Matmul FLOPs of one train step (forward + backward = 3x forward); head on head_rows rows."""
+  d, n, length = shape["d"], shape["batch"] * shape["seq"], shape["seq"]
+  per_layer = n * (2 * (3 * d * d + d * d + 2 * d * 4 * d) + 2 * 2 * length * d)
+  return 3.0 * (shape["layers"] * per_layer + head_rows * 2 * d * shape["vocab"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Our train step. The ONE place that knows how the project builds it.
+
+
+def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
+  """(step_fn, state): the project's jitted train step and an initial train state.
+
+  loss: "masked" (head at the masked positions only) or "full" (head at every position);
+  chunk_rows: with "masked", run the head this many rows at a time (0: all at once).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import models, train  # pylint: disable=g-import-not-at-top
+  if loss == "masked":  # read by objectives.training_loss (temporary wiring)
+    config = config.copy_and_resolve_references()
+    config.diffusion.masked_head = True
+    config.diffusion.masked_head_chunk_rows = int(chunk_rows)
+  optimizer = train.make_optimizer(config.train)
+  init = jax.jit(lambda k: models.init_params(network, k, seq_len=config.data.seq_len))
+  state = train.create_train_state(init(jax.random.PRNGKey(0)), optimizer,
+                                   jax.random.PRNGKey(1))
+  return train.make_train_step(config, network, optimizer), state
+
+
+def our_config(shape: dict[str, int], *, preset: str = "", overrides=()):
+  """The project's config at `shape` with the reference architecture (or a preset's model).
+
+  `overrides`: "section.field=value" strings applied last (values parsed as JSON, else str).
+  """
+  from bdiff_jax import configuration  # pylint: disable=g-import-not-at-top
+  if preset:
+    c = get_preset_config(preset)
+  else:
+    c = configuration.base_config()
+    m = c.model
+    m.num_layers, m.emb_dim, m.num_heads = shape["layers"], shape["d"], shape["heads"]
+    m.num_kv_heads, m.head_dim, m.mlp_dim = shape["heads"], shape["d"] // shape["heads"], 4 * shape["d"]
+    m.positional, m.tie_embeddings, m.block, m.dropout_rate = "learned", False, "simple", 0.0
+    c.data.seq_len, c.train.batch_size = shape["seq"], shape["batch"]
+  for item in overrides:
+    path, _, value = item.partition("=")
+    section, _, field = path.partition(".")
+    try:
+      c[section][field] = json.loads(value)
+    except json.JSONDecodeError:
+      c[section][field] = value
+  return c
+
+
+def _jax_worker(args: dict[str, Any], reply) -> None:
+  if args.get("flags") is None:
+    from bdiff_jax import xla_flags  # pylint: disable=g-import-not-at-top
+    xla_flags.apply_default_flags()
+  else:
+    os.environ["XLA_FLAGS"] = "" if args["flags"] == "none" else args["flags"]
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import models  # pylint: disable=g-import-not-at-top
+  shape = args["shape"]
+  config = our_config(shape, preset=args.get("preset", ""), overrides=args.get("set", ()))
+  network = models.build_network(config.model, vocab_size=shape["vocab"],
+                                 max_len=config.data.seq_len)
+  loss, _, chunk_rows = args["loss"].partition(":")
+  step, state = build_our_step(config, network, loss=loss, chunk_rows=int(chunk_rows or 0))
+  batch = jax.random.randint(jax.random.PRNGKey(2), (config.train.batch_size,
+                                                    config.data.seq_len), 0, shape["vocab"])
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  info = {"compile_s": time.perf_counter() - t0, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "jax": jax.__version__}
+  mem = compiled.memory_analysis()
+  info["memory"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+                    ("temp", "argument", "output", "alias")}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  info["xla_flops"] = float((cost or {}).get("flops", -1.0))
+  if args.get("compile_only"):
+    reply(info)
+    return
+  state, metrics = compiled(state, batch)
+  info["loss"] = float(metrics["loss"])
+  a = jax.random.normal(jax.random.PRNGKey(3), (2048, 2048), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x).lower(a).compile()
+  matmul(a).block_until_ready()
+  reply(info)
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "steps":
+      times = []
+      for _ in range(cmd["n"]):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+      reply({"times": times, "loss": float(metrics["loss"])})
+    elif cmd["cmd"] == "gemm":
+      times = []
+      for _ in range(3):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+      reply({"gflops": 2 * 2048**3 / min(times) / 1e9})
+    else:
+      return
+
+
+# ------------------------------------------------------------------------------------------------
+# The PyTorch step (the same model and loss as ../shared/bench/torch_reference.py).
+
+
+def _torch_worker(args: dict[str, Any], reply) -> None:
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  s = args["shape"]
+  d, heads, length, vocab = s["d"], s["heads"], s["seq"], s["vocab"]
+  torch.manual_seed(0)
+
+  class Layer(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d)
+      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+      self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+      b = x.shape[0]
+      qkv = self.qkv(self.norm_attn(x)).reshape(b, length, 3, heads, d // heads)
+      q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+      y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, d)
+      x = x + self.proj(y)
+      return x + self.down(F.gelu(self.up(self.norm_mlp(x))))
+
+  class Denoiser(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed = nn.Embedding(vocab + 1, d)
+      self.positions = nn.Parameter(torch.zeros(length, d))
+      self.time = nn.Linear(1, d)
+      self.layers = nn.ModuleList([Layer() for _ in range(s["layers"])])
+      self.norm = nn.LayerNorm(d)
+      self.head = nn.Linear(d, vocab)
+
+    def hidden(self, tokens, t):
+      h = self.embed(tokens) + self.positions + self.time(t[:, None])[:, None]
+      for layer in self.layers:
+        h = layer(h)
+      return self.norm(h)
+
+  model = Denoiser()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  batch_size = s["batch"]
+
+  def step(tokens):
+    offset = torch.rand(1)
+    t = ((offset + torch.arange(batch_size) / batch_size) % 1.0).clamp_min(1e-3)
+    masked = torch.rand(batch_size, length) < t[:, None]
+    h = model.hidden(torch.where(masked, vocab, tokens), t)
+    nll = F.cross_entropy(model.head(h[masked]), tokens[masked], reduction="none")
+    weight = (1.0 / t)[:, None].expand(batch_size, length)[masked]
+    loss = (nll * weight).sum() / (batch_size * length)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+  if args["compile"]:
+    step = torch.compile(step)
+  tokens = torch.randint(0, vocab, (batch_size, length))
+  t0 = time.perf_counter()
+  for _ in range(3):  # compile / warm up
+    step(tokens)
+  reply({"compile_s": time.perf_counter() - t0, "torch": torch.__version__,
+         "threads": torch.get_num_threads()})
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] != "steps":
+      return
+    times = []
+    for _ in range(cmd["n"]):
+      t0 = time.perf_counter()
+      loss = float(step(tokens).detach())
+      times.append(time.perf_counter() - t0)
+    reply({"times": times, "loss": loss})
+
+
+def _worker_main(payload: str) -> None:
+  args = json.loads(payload)
+  out = os.fdopen(os.dup(1), "w")  # the protocol channel; anything else printed goes to stderr
+  os.dup2(2, 1)
+
+  def reply(obj):
+    out.write(json.dumps(obj) + "\n")
+    out.flush()
+
+  (_jax_worker if args["kind"] == "jax" else _torch_worker)(args, reply)
+
+
+# ------------------------------------------------------------------------------------------------
+# The parent: start workers, interleave rounds, report.
+
+
+class Worker:
+  """A persistent benchmark process answering one JSON line per command."""
+
+  def __init__(self, name: str, args: dict[str, Any], *, python: str, src: str):
+    self.name, self.args = name, args
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + _REPO)
+    self.proc = subprocess.Popen(
+        [python, os.path.abspath(__file__), "--worker", json.dumps(args)], env=env, cwd=src,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = None
+    self.times: list[float] = []
+
+  def read(self) -> dict[str, Any]:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"benchmark worker {self.name} exited (code {self.proc.wait()}).")
+    return json.loads(line)
+
+  def send(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self.read()
+
+  def close(self):
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+        self.proc.stdin.close()
+      except OSError:
+        pass
+      self.proc.wait(timeout=60)
+
+
+def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
+  """(worker args, source dir) for one --systems entry."""
+  if spec in ("torch_eager", "torch_compile"):
+    return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile"}, _REPO
+  if spec == "base":
+    if not opts.baseline_src:
+      raise SystemExit("system 'base' needs --baseline_src DIR")
+    return ({"kind": "jax", "shape": shape, "loss": "full", "flags": "none"},
+            os.path.abspath(opts.baseline_src))
+  if spec.startswith("jax:"):
+    loss, _, flags = spec[4:].partition("@")
+    if loss.partition(":")[0] not in ("masked", "full"):
+      raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
+    return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, _REPO
+  raise SystemExit(f"unknown system {spec!r}")
+
+
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def run(opts) -> dict[str, Any]:
+  shape = get_shape(opts.shape)
+  python = {"jax": sys.executable, "torch": opts.torch_python or sys.executable}
+  workers = []
+  load_before = _load()
+  try:
+    for spec in opts.systems.split(","):
+      args, src = _parse_system(spec, shape, opts)
+      w = Worker(spec, args, python=python[args["kind"]], src=src)
+      w.info = w.read()  # one at a time: compiling never overlaps a timed step
+      print(f"{spec}: ready {json.dumps(w.info)}", flush=True)
+      workers.append(w)
+    gemm = []
+    gemm_worker = next((w for w in workers if w.args["kind"] == "jax"), None)
+    for r in range(opts.rounds):
+      order = workers[r % len(workers):] + workers[:r % len(workers)]
+      for w in order:
+        res = w.send({"cmd": "steps", "n": opts.steps})
+        w.times += res["times"]
+        if w is gemm_worker:
+          gemm.append(w.send({"cmd": "gemm"})["gflops"])
+      print(f"round {r + 1}/{opts.rounds}: " + ", ".join(
+          f"{w.name} {statistics.median(w.times[-opts.steps:]):.3f}s" for w in workers),
+            flush=True)
+  finally:
+    for w in workers:
+      w.close()
+  tokens = shape["batch"] * shape["seq"]
+  useful = step_matmul_flops(shape, head_rows=tokens / 2)  # linear schedule: E[masked] = N / 2
+  peak = statistics.median(gemm) if gemm else None
+  systems = {}
+  for w in workers:
+    med = statistics.median(w.times)
+    systems[w.name] = {
+        "median_step_s": med, "min_step_s": min(w.times), "tokens_per_s": tokens / med,
+        "step_times_s": w.times, "gflops_per_s": useful / med / 1e9,
+        "fraction_of_gemm_peak": (useful / med / 1e9 / peak) if peak else None, **w.info}
+  for name, sys_ in systems.items():
+    for ref in ("torch_eager", "torch_compile"):
+      if ref in systems:
+        sys_[f"ratio_to_{ref}"] = sys_["tokens_per_s"] / systems[ref]["tokens_per_s"]
+  return {"shape": shape, "shape_name": opts.shape, "rounds": opts.rounds,
+          "steps_per_round": opts.steps, "tokens_per_step": tokens,
+          "useful_matmul_flops_per_step": useful, "gemm_peak_gflops_per_s": peak,
+          "gemm_gflops_per_round": gemm, "load_1min_before": load_before,
+          "load_1min_after": _load(), "cpu_count": os.cpu_count(), "systems": systems}
+
+
+def memory_report(opts) -> dict[str, Any]:
+  """XLA memory analysis of the train step of configs/wikitext2.py:<preset> (compile only)."""
+  shape = shape_from_preset(opts.memory_preset)
+  out = {"preset": opts.memory_preset, "shape": shape, "overrides": opts.set, "systems": {}}
+  for spec in opts.systems.split(","):
+    args, src = _parse_system(spec, shape, opts)
+    if args["kind"] != "jax":
+      continue
+    args.update(compile_only=True, preset=opts.memory_preset, set=opts.set)
+    w = Worker(spec, args, python=sys.executable, src=src)
+    try:
+      info = w.read()
+    finally:
+      w.proc.wait(timeout=600)
+    m = info["memory"]
+    info["total_bytes"] = m["temp"] + m["argument"] + m["output"]
+    out["systems"][spec] = info
+    print(f"{spec}: temp {m['temp'] / 2**20:,.0f} MiB, argument {m['argument'] / 2**20:,.0f} MiB, "
+          f"output {m['output'] / 2**20:,.0f} MiB, total {info['total_bytes'] / 2**20:,.0f} MiB",
+          flush=True)
+  return out
+
+
+def _table(result: dict[str, Any]) -> str:
+  lines = [f"shape {result['shape']} ({result['shape_name']}); load {result['load_1min_before']:.1f}"
+           f" -> {result['load_1min_after']:.1f} on {result['cpu_count']} cores; GEMM peak "
+           f"{result['gemm_peak_gflops_per_s'] or float('nan'):.1f} GFLOP/s",
+           f"{'system':28s} {'tokens/s':>9s} {'step ms':>8s} {'GFLOP/s':>8s} {'%peak':>6s}"
+           f" {'/eager':>7s} {'/compile':>8s}"]
+  for name, s in result["systems"].items():
+    pct = s["fraction_of_gemm_peak"]
+    lines.append(f"{name:28s} {s['tokens_per_s']:9,.0f} {s['median_step_s'] * 1e3:8.0f} "
+                 f"{s['gflops_per_s']:8.1f} {(pct or 0) * 100:5.0f}% "
+                 f"{s.get('ratio_to_torch_eager', float('nan')):7.2f} "
+                 f"{s.get('ratio_to_torch_compile', float('nan')):8.2f}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.add_argument("--shape", default="reference", help="reference, or a configs/wikitext2.py preset")
+  p.add_argument("--systems", default="jax:masked,torch_eager,torch_compile")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps", type=int, default=3, help="timed steps per system per round")
+  p.add_argument("--baseline_src", default="", help="checkout for the 'base' system")
+  p.add_argument("--torch_python", default="", help="python with torch (default: this one)")
+  p.add_argument("--memory_preset", default="", help="only XLA memory analysis of this preset")
+  p.add_argument("--set", action="append", default=[],
+                 help="memory mode: config override for our step, e.g. model.backbone=reversible")
+  p.add_argument("--out", default="")
+  opts = p.parse_args(argv)
+  if opts.worker:
+    _worker_main(opts.worker)
+    return
+  if opts.memory_preset:
+    result = memory_report(opts)
+    out = opts.out or f"throughput_memory_{opts.memory_preset}.json"
+  else:
+    result = run(opts)
+    print(_table(result))
+    out = opts.out or f"throughput_{opts.shape}.json"
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,197 @@
+"""The output head and its cross-entropy, run only at the masked positions of a batch.
+
+The diffusion ELBO scores masked positions only (about half of them on average), and at a large
+vocabulary the head (a [N, D] x [D, V] product), its log-softmax and their gradients are most of
+a train step. Here the masked positions of the whole batch are gathered into a buffer of a fixed
+number of rows C (the *capacity*), the head and the cross-entropy run on those rows only, and
+the per-sequence sums come back through a one-hot [C, B] product (no scatter). When a batch has
+more than C masked positions, a `lax.cond` switches to an exact fallback that runs the same
+computation over all masked positions in chunks of C rows (the chunk body rematerialised, so
+memory stays at one chunk). Either way the result equals the full-head computation up to the
+order of floating-point additions.
+
+Capacity (`masked_capacity`): with M the number of masked positions of a batch of B sequences of
+length L, each position masked independently with probability p(t_b) = 1 - alpha(t_b),
+
+  E[M | t] = L * sum_b p(t_b),    Var[M | t] = L * sum_b p(t_b) (1 - p(t_b)).
+
+With antithetic (stratified) times the t_b are fixed by one offset u, and the multiset of times
+repeats with period 1/B in u, so C = max over a fine grid of u in [0, 1/B) of
+E[M | t(u)] + k * sqrt(Var[M | t(u)]): M then exceeds C with probability about P(Z > k) for a
+standard normal Z (~3e-7 at the default k = 5). With iid times (`antithetic=False`, and every
+draw of `nll_bound_gathered`, whose times are independent across the batch) the t_b vary too:
+E[M] = B L E[p], Var[M] = B (L E[p (1 - p)] + L^2 Var[p]) (law of total variance), and
+C = E[M] + k * sqrt(Var[M]) (a normal approximation; overflows stay exact, only slower). C is
+rounded up to a multiple of 16 (GEMM-friendly, and at most 15 padded rows) and capped at B * L.
+"""
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdiff_jax.schedules import Schedule
+
+HeadFn = Callable[[jnp.ndarray], jnp.ndarray]  # [..., D] -> logits [..., V]
+
+DEFAULT_NUM_STD = 5.0
+_GRID = 256  # offsets u per stratum (antithetic) / time points (iid) in the capacity integrals
+
+
+def _round_up(x: float, multiple: int) -> int:
+  return int(math.ceil(x / multiple) * multiple)
+
+
+def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
+                    antithetic: bool = True, num_std: float = DEFAULT_NUM_STD) -> int:
+  """Rows C of the masked-position buffer for a batch [batch_size, seq_len] (see module doc).
+
+  Args:
+    schedule: the masking schedule (p(t) = schedule.mask_prob(t)).
+    batch_size: B, sequences per batch.
+    seq_len: L, positions per sequence.
+    antithetic: whether the batch's times are stratified (`sample_times(antithetic=True)`);
+      False for iid times, including each draw of `nll_bound_gathered`.
+    num_std: k, standard deviations of the masked count above its mean.
+
+  Returns:
+    int C in [1, B * L]: a multiple of 16, or B * L.
+  """
+  b, l = int(batch_size), int(seq_len)
+
+  def mask_prob(t):  # float64 numpy, evaluated now even while a caller is being traced
+    with jax.ensure_compile_time_eval():
+      return np.clip(np.asarray(schedule.mask_prob(jnp.asarray(t)), np.float64), 0.0, 1.0)
+
+  if antithetic:
+    # Offsets u in [0, 1/B): every other u gives one of these multisets of times.
+    u = (np.arange(_GRID) + 0.5) / (_GRID * b)
+    t = 1.0 - np.mod(u[:, None] + np.arange(b)[None, :] / b, 1.0)  # [G, B]
+    p = mask_prob(t)
+    mean = l * p.sum(axis=1)
+    std = np.sqrt(l * (p * (1.0 - p)).sum(axis=1))
+    cap = float(np.max(mean + num_std * std))
+  else:
+    t = (np.arange(16 * _GRID) + 0.5) / (16 * _GRID)
+    p = mask_prob(t)
+    mean = b * l * p.mean()
+    var = b * (l * np.mean(p * (1.0 - p)) + l * l * np.var(p))
+    cap = mean + num_std * math.sqrt(var)
+  n = b * l
+  cap = _round_up(max(cap, 1.0), 16)
+  return int(min(cap, n))
+
+
+@jax.custom_vjp
+def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+  """-log softmax(logits)[target] per row: logits float[C, V], targets int[C] -> float[C].
+
+  Computed in at least float32 exactly as `jax.nn.log_softmax` followed by a gather. The custom
+  backward is one elementwise pass, g * (softmax - onehot(target)) with the one-hot made from an
+  iota compare: no zero-filled [C, V] buffer and no scatter, which autodiff of the gather needs.
+  """
+  return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  row_max = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  shifted = z - row_max
+  log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+  target_shifted = jnp.take_along_axis(shifted, targets[:, None].astype(jnp.int32), axis=-1)
+  nll = (log_norm - target_shifted)[:, 0]
+  # Only the logits and one constant per row are kept: softmax = exp(z - (max + log_norm)).
+  return nll, (logits, row_max + log_norm, targets)
+
+
+def _token_nll_bwd(residuals, g):
+  logits, log_z, targets = residuals
+  z = logits.astype(log_z.dtype)
+  onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None]
+  grad = g[:, None].astype(z.dtype) * (jnp.exp(z - log_z) - onehot.astype(z.dtype))
+  return grad.astype(logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def _rows_nll_sums(h, tokens, idx, valid, head_fn, batch_size: int, seq_len: int):
+  """Per-sequence sums [B] of the token NLL of rows idx [C] (valid [C]) of h [B*L, D]."""
+  nll = token_nll(head_fn(h[idx]), tokens[idx])
+  nll = jnp.where(valid, nll, 0.0)  # padding rows (index 0) add nothing, not even a NaN
+  seq = idx // seq_len
+  onehot = (seq[:, None] == jnp.arange(batch_size, dtype=idx.dtype)[None, :]).astype(nll.dtype)
+  return nll @ onehot
+
+
+def _chunked_sums(h, y, idx, valid, head_fn, batch_size: int, seq_len: int, rows: int):
+  """`_rows_nll_sums` over idx [K * rows] in K chunks of `rows`, one chunk's head at a time.
+
+  The chunk body is rematerialised: the backward keeps only each chunk's indices and recomputes
+  its logits, so memory is that of one chunk whatever K is.
+  """
+  chunks = idx.shape[0] // rows
+
+  @jax.checkpoint
+  def body(total, chunk):
+    return total + _rows_nll_sums(h, y, chunk[0], chunk[1], head_fn, batch_size, seq_len), None
+
+  out = jax.eval_shape(lambda: _rows_nll_sums(h, y, idx[:rows], valid[:rows], head_fn,
+                                               batch_size, seq_len))
+  total, _ = jax.lax.scan(body, jnp.zeros(out.shape, out.dtype),
+                          (idx.reshape(chunks, rows), valid.reshape(chunks, rows)))
+  return total
+
+
+def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
+                    masked: jnp.ndarray, *, capacity: int,
+                    chunk_rows: Optional[int] = None) -> jnp.ndarray:
+  """sum_{i masked} -log softmax(head_fn(hidden[b, i]))[tokens[b, i]] per sequence.
+
+  Equal (up to summation order) to the same sums over the full logits head_fn(hidden) [B, L, V].
+
+  Args:
+    hidden: float[B, L, D] the head's inputs (final-normed hidden states).
+    head_fn: [..., D] -> logits [..., V] (cast to at least float32 before the log-softmax).
+    tokens: int[B, L] target tokens in [0, V).
+    masked: bool[B, L] the positions that are scored.
+    capacity: C, rows of the gathered buffer (`masked_capacity`); batches with more masked
+      positions take the exact chunked fallback.
+    chunk_rows: None: the head runs on all C rows at once (fastest; holds [C, V] logits and
+      their gradient). An int R: it runs on R rows at a time, recomputing each chunk's logits in
+      the backward (one more head forward, ~1/3 more head FLOPs; holds [R, V]), for memory.
+      C is rounded up to a multiple of R.
+
+  Returns:
+    float[B] (float32, or float64 for float64 logits), in nats.
+  """
+  b, l = masked.shape
+  n = b * l
+  capacity = max(1, min(int(capacity), n))
+  rows = capacity if not chunk_rows else max(1, min(int(chunk_rows), capacity))
+  capacity = -(-capacity // rows) * rows
+  h = hidden.reshape(n, hidden.shape[-1])
+  y = jnp.asarray(tokens, jnp.int32).reshape(n)
+  m = masked.reshape(n)
+  count = jnp.sum(m, dtype=jnp.int32)
+
+  def gathered(size):
+    idx = jnp.nonzero(m, size=size, fill_value=0)[0].astype(jnp.int32)
+    return idx, jnp.arange(size, dtype=jnp.int32) < count
+
+  def one_buffer():
+    idx, valid = gathered(capacity)
+    if rows == capacity:
+      return _rows_nll_sums(h, y, idx, valid, head_fn, b, l)
+    return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
+
+  if capacity >= n:
+    return one_buffer()
+
+  def all_masked():  # exact fallback: every masked position, in chunks of `rows`
+    idx, valid = gathered(-(-n // rows) * rows)
+    return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
+
+  return jax.lax.cond(count <= capacity, one_buffer, all_masked)
