@@ -20,6 +20,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bdiff_jax import xla_flags
+
 # --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use, so that
 # --help and flag errors do not pay for importing JAX.
 MODES = {
@@ -54,6 +56,9 @@ def _last_line(text: str) -> str:
 
 def _parse_flags(argv):
   """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
+  # Before anything can start JAX's backend (the config file's automatic preset looks at the
+  # devices): XLA reads XLA_FLAGS once. User flags win; BDIFF_XLA_FLAGS=none disables ours.
+  xla_flags.apply_default_flags()
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:
