@@ -13,6 +13,7 @@ checkpoints, prompts) ends with one line `error: ...` and exit status 2.
 """
 
 import importlib
+import os
 import sys
 
 from absl import app
@@ -78,6 +79,18 @@ def _parse_flags(argv):
   return argv
 
 
+def _exit_with_error(line: str, code: int) -> None:
+  """Prints the one error line and leaves at once. Background threads of libraries (orbax's
+  savers after a failed write) may still be winding down and would log tracebacks at
+  interpreter shutdown; their logging is silenced and the process exits without waiting."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.FATAL)
+  std_logging.disable(std_logging.CRITICAL)
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def _load_config():
   """The config file's config, or one error line (missing file, failing get_config)."""
   try:
@@ -107,8 +120,7 @@ def main(argv):
     result = importlib.import_module(MODES[_MODE.value]).run(config, _WORKDIR.value, Reporter(),
                                                              **options)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit_with_error(f"error: {e}", 2)
   except KeyboardInterrupt:  # before the trainer's own handler is installed, or a second Ctrl-C
     print("error: interrupted (Ctrl-C) before a checkpoint could be taken. Fix: rerun the same "
           "command; training resumes from the latest checkpoint.", file=sys.stderr, flush=True)

@@ -291,8 +291,8 @@ class Checkpointer:
         except Exception:  # pylint: disable=broad-except
           if not self._failed:
             raise
-    finally:
-      if self._muted is not None:
+    finally:  # after a failed save orbax's threads may still log it: stay muted
+      if self._muted is not None and not self._failed:
         logging.getLogger("absl").removeFilter(self._muted)
         self._muted = None
 
