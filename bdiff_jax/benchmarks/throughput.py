@@ -1,5 +1,8 @@
 r"""Train-step throughput of the project against a PyTorch implementation of the same step.
 
+(Longer than 400 lines because it holds both systems it compares, the project's step and a
+PyTorch step of the same maths, and the interleaving harness that runs them side by side.)
+
     python -m bdiff_jax.benchmarks.throughput --shape reference      # d256 L4 H4 seq128 B32 V33278
     python -m bdiff_jax.benchmarks.throughput --shape cpu            # configs/wikitext2.py:cpu dims
     python -m bdiff_jax.benchmarks.throughput --memory_preset default   # XLA memory analysis only
@@ -8,7 +11,7 @@ The model on both sides (what ../shared/bench/torch_reference.py specifies): bid
 pre-norm transformer, learned positions, GELU MLP (4x), untied head over the V real tokens,
 continuous-time ELBO of absorbing masked diffusion with a linear schedule on masked positions
 only, AdamW, gradient clipping at 1. Ours is the project's real train step
-(`bdiff_jax.train.make_train_step`) at that shape; it also does its usual extra work: adaLN time
+(`bdiff_jax.train_step.make_train_step`) at that shape; it also does its usual extra work: adaLN time
 conditioning (the PyTorch model adds a linear embedding of t instead), and an EMA of the params.
 
 Systems measured (each a persistent worker process, so that its compiled step stays warm):
@@ -85,20 +88,22 @@ def step_matmul_flops(shape: dict[str, int], head_rows: float) -> float:
 def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
   """(step_fn, state): the project's jitted train step and an initial train state.
 
-  loss: "masked" (head at the masked positions only) or "full" (head at every position);
-  chunk_rows: with "masked", run the head this many rows at a time (0: all at once).
+  loss: "masked" (head at the masked positions only, the default training path) or "full"
+  (head at every position); chunk_rows: with "masked", run the head this many rows at a time
+  (0: all at once).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from bdiff_jax import models, train  # pylint: disable=g-import-not-at-top
-  if loss == "masked":  # read by objectives.training_loss (temporary wiring)
-    config = config.copy_and_resolve_references()
-    config.diffusion.masked_head = True
-    config.diffusion.masked_head_chunk_rows = int(chunk_rows)
-  optimizer = train.make_optimizer(config.train)
-  init = jax.jit(lambda k: models.init_params(network, k, seq_len=config.data.seq_len))
-  state = train.create_train_state(init(jax.random.PRNGKey(0)), optimizer,
-                                   jax.random.PRNGKey(1))
-  return train.make_train_step(config, network, optimizer), state
+  from bdiff_jax import train_state, train_step, update_rule  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.objective import build_objective  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.diffusion.masked_head = loss == "masked"
+  config.diffusion.head_chunk_rows = int(chunk_rows)
+  objective = build_objective(config, mask_id=network.spec.vocab_size)
+  rule = update_rule.build_update_rule(config.train)
+  state = jax.jit(lambda: train_state.init_train_state(network, rule, seed=0,
+                                                       seq_len=config.data.seq_len))()
+  step = train_step.make_train_step(objective, network, rule, ema_decay=config.train.ema_decay)
+  return step, state
 
 
 def our_config(shape: dict[str, int], *, preset: str = "", overrides=()):
@@ -135,10 +140,12 @@ def _jax_worker(args: dict[str, Any], reply) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from bdiff_jax import models  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.objective import objective_class  # pylint: disable=g-import-not-at-top
   shape = args["shape"]
   config = our_config(shape, preset=args.get("preset", ""), overrides=args.get("set", ()))
   network = models.build_network(config.model, vocab_size=shape["vocab"],
-                                 max_len=config.data.seq_len)
+                                 max_len=config.data.seq_len,
+                                 causal=objective_class(config.model.objective).causal)
   loss, _, chunk_rows = args["loss"].partition(":")
   step, state = build_our_step(config, network, loss=loss, chunk_rows=int(chunk_rows or 0))
   batch = jax.random.randint(jax.random.PRNGKey(2), (config.train.batch_size,
