@@ -9,7 +9,13 @@ import os
 
 import pytest
 
-from tests import helpers
+from bdiff_jax import xla_flags
+
+# The same XLA flags as main.py, before any test starts JAX's backend: in-process and
+# subprocess runs must compute identically (e.g. resume tests compare losses bit for bit).
+xla_flags.apply_default_flags()
+
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_configure(config):
