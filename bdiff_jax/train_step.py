@@ -7,12 +7,12 @@ key (times, masks), the dropout key and the update rule's key, so a resumed run 
 what an uninterrupted run would.
 """
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from jax.sharding import Mesh
 
-from bdiff_jax import mesh as mesh_lib
+from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.train_state import TrainState
 
 
@@ -31,8 +31,14 @@ def loss_fn(params, objective, network, tokens, key, *, train: bool = True):
 
 
 def make_train_step(objective, network, update_rule, *, ema_decay: float,
-                    mesh: Optional[Mesh] = None) -> Callable:
-  """Returns a jitted `step(state, batch) -> (state, metrics)` with the state donated."""
+                    mesh: Optional[Mesh] = None, state_shardings: Any = None) -> Callable:
+  """Returns a jitted `step(state, batch) -> (state, metrics)` with the state donated.
+
+  With a `mesh`, the batch comes in split over its devices (`sharding.batch_sharding`) and the
+  state in and out with `state_shardings` (a pytree of shardings matching the state, e.g.
+  `sharding.state_shardings(abstract_state, mesh)`; None: replicated); metrics are replicated.
+  Without a mesh, placement is left to JAX.
+  """
   ema_decay = float(ema_decay)
 
   def step(state: TrainState, batch):
@@ -52,7 +58,8 @@ def make_train_step(objective, network, update_rule, *, ema_decay: float,
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
-  replicated = mesh_lib.replicated_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  state_in = replicated if state_shardings is None else state_shardings
   return jax.jit(step, donate_argnums=0,
-                 in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated))
+                 in_shardings=(state_in, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(state_in, replicated))

@@ -16,7 +16,7 @@ import numpy as np
 from bdiff_jax import checkpointing, config_compat, configuration, experiment, interrupt
 from bdiff_jax import metrics_log, platform_info, plotting
 from bdiff_jax import workdir as workdir_lib
-from bdiff_jax import mesh as mesh_lib
+from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import CheckpointError, NonFiniteLossError
 from bdiff_jax.modes import evaluate as evaluate_mode
@@ -117,16 +117,21 @@ class MetricsBuffer:
 
 def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
                    batches: pipeline.TrainBatches, log: metrics_log.MetricsLog,
-                   reporter: Reporter):
+                   reporter: Reporter, shardings=None):
   """(state, first step): the latest checkpoint of the workdir, or a fresh state at step 0.
 
+  With `shardings` (a pytree matching the state) the state is created, or restored by orbax,
+  directly in that layout: a checkpoint saved on any mesh restores onto this one.
   metrics.jsonl keeps only the records up to that step (a crashed run's later records would
   otherwise appear twice)."""
   start = ckpt.latest_step()
   if start is None:
     log.truncate_after(0)
-    return exp.init_state(), 0
-  state, meta, desc = ckpt.restore("latest", exp.abstract_state())
+    return exp.init_state(shardings), 0
+  target = exp.abstract_state()
+  if shardings is not None:
+    target = sharding_lib.with_shardings(target, shardings)
+  state, meta, desc = ckpt.restore("latest", target)
   position = {k: int(v) for k, v in batches.position(start).items()}
   if int(state.step) != start or meta.get("position") != position:
     raise CheckpointError(  # never silently continue from an inconsistent checkpoint
@@ -176,8 +181,8 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
         changes = []
       exp = experiment.build(config, workdir)
       tc = config.train
-      mesh = mesh_lib.make_mesh()
-      mesh_lib.check_batch_divisible(tc.batch_size, mesh)
+      mesh = sharding_lib.make_mesh(config.mesh)
+      sharding_lib.check_batch_divisible(tc.batch_size, mesh)
       batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
                                       config.seed)
       log = metrics_log.MetricsLog(workdir)
@@ -192,7 +197,7 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   step = start
   status = FINISHED if start >= rules.num_steps else STOPPED_AT_STEP
   while step < rules.stop_step:
-    state, metrics = step_fn(state, mesh_lib.shard_batch(batches.batch(step), mesh))
+    state, metrics = step_fn(state, _global_batch(batches, step, mesh))
     step += 1
     buffer.add(step, metrics)
     bar.update(1)
@@ -229,25 +234,34 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   return step, status, state
 
 
+def _global_batch(batches: pipeline.TrainBatches, step: int, mesh):
+  """Step `step`'s batch on the mesh; this process reads only the rows its devices hold."""
+  return sharding_lib.global_batch(mesh, (batches.batch_size, batches.seq_len),
+                                   lambda start, stop: batches.rows(step, start, stop))
+
+
 def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   config, workdir, tc = exp.config, exp.workdir, exp.config.train
   if config.preset:
     reporter.info(f"preset: {config.preset} ({config.preset_reason})")
   reporter.info(f"model: {config.model.backbone} backbone, {config.model.block} block, "
                 f"{exp.objective.name}; {exp.num_params():,} parameters; "
-                f"{mesh.devices.size} {jax.default_backend()} device(s)")
-  state, start = resume_or_init(exp, ckpt, batches, log, reporter)
+                f"{mesh.devices.size} {jax.default_backend()} device(s)" +
+                (f", mesh data={mesh.devices.shape[0]} x fsdp={mesh.devices.shape[1]}"
+                 if mesh.devices.size > 1 else ""))
+  shardings = sharding_lib.state_shardings(exp.abstract_state(), mesh)
+  state, start = resume_or_init(exp, ckpt, batches, log, reporter, shardings)
   for field, old, new in changes:
     reporter.info(f"note: resuming with {field} changed from {old!r} to {new!r}; from step "
                   f"{start} on the run follows the new schedule")
     log.write("config_change", start, field=field, saved=old, current=new)
   config_compat.write_config_atomically(config, workdir)
-  state = mesh_lib.replicate(state, mesh)
+  state = jax.device_put(state, shardings)  # a no-op when created / restored in place
   rules = StopRules.from_config(tc)
   step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
-                            ema_decay=tc.ema_decay, mesh=mesh)
+                            ema_decay=tc.ema_decay, mesh=mesh, state_shardings=shardings)
   if start < rules.stop_step:  # compile ahead: refuse a step that cannot fit, before training
-    step_fn = step_fn.lower(state, mesh_lib.shard_batch(batches.batch(start), mesh)).compile()
+    step_fn = step_fn.lower(state, _global_batch(batches, start, mesh)).compile()
     platform_info.check_step_fits(
         platform_info.memory_stats(step_fn), platform_info.detect(),
         what=f"the train step of this config (preset {config.preset or 'custom'})",
