@@ -91,7 +91,7 @@ def run(rule_name, fsdp, steps, save_after=None, ckpt_dir=None):
     if save_after is not None and i + 1 == save_after:
       with checkpointing.Checkpointer(ckpt_dir) as ckpt:
         ckpt.save(i + 1, state, {"step": i + 1})
-  shard_shapes = {jax.tree_util.keystr(k): list(v.sharding.shard_shape(v.shape))
+  shard_shapes = {jax.tree_util.keystr(k): [list(v.shape), list(v.sharding.shard_shape(v.shape))]
                   for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
   return dict(losses=losses, after_save=after_save, args=compiled.memory_analysis().argument_size_in_bytes,
               params=[np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(state.params)],
@@ -108,9 +108,14 @@ def maxdiff(a, b):
              for x, y in zip(a, b))
 
 
+ckpt_dir = sys.argv[1]
 for rule_name in ("adamw", "mezo"):
-  rep = run(rule_name, 1, 2)
-  fsdp = run(rule_name, 8, 2)
+  steps, save_after = (4, 2) if rule_name == "adamw" else (2, None)
+  rep = run(rule_name, 1, steps)
+  fsdp = run(rule_name, 8, steps, save_after=save_after, ckpt_dir=ckpt_dir)
+  if rule_name == "adamw":  # the checkpoint of step 2 and the 8-device continuation after it
+    out["continuation"] = fsdp["after_save"]
+    fsdp["losses"] += fsdp["after_save"]
   out[rule_name] = {
       "losses": [rep["losses"], fsdp["losses"]],
       "params": maxdiff(rep["params"], fsdp["params"]),
@@ -120,9 +125,6 @@ for rule_name in ("adamw", "mezo"):
       "state_bytes": [rep["state_bytes"], fsdp["sharded_state_bytes"]],
       "shard_shapes": fsdp["shard_shapes"]}
 
-ckpt_dir = sys.argv[1]
-cont = run("adamw", 8, 4, save_after=2, ckpt_dir=ckpt_dir)
-out["continuation"] = cont["after_save"]
 print(json.dumps(out))
 """
 
@@ -164,8 +166,11 @@ def eight_device_run(tmp_path_factory):
 
 # float32 tolerances: sharded and replicated steps reduce in different orders (the gradient
 # reduce-scatter vs all-reduce, sharded matmuls), so they agree to float32 rounding, not bits.
+# Losses over 4 steps agree to 1e-5 relative. Parameters (values ~0.1, learning rate 1e-2)
+# to 1e-4 absolute, 1% of one AdamW step: Adam divides by sqrt(v), so a gradient entry near zero
+# turns its rounding difference into a visible, but bounded (<= lr), update difference.
 LOSS_RTOL = 1e-5
-STATE_ATOL = 2e-5
+STATE_ATOL = 1e-4
 
 
 @pytest.mark.slow
@@ -178,10 +183,17 @@ def test_fsdp_step_equals_replicated_step(eight_device_run, rule):
   replicated, sharded = out["losses"]
   np.testing.assert_allclose(sharded, replicated, rtol=LOSS_RTOL)
   assert out["params"] <= STATE_ATOL and out["opt"] <= STATE_ATOL and out["ema"] <= STATE_ATOL
-  # The layout really is sharded: the stacked MLP kernels [2, 32, 64] are split 8 ways on 64.
-  shapes = out["shard_shapes"]
-  mlp = [s for k, s in shapes.items() if "kernel" in k and 64 in s or 8 in s and len(s) == 3]
-  assert mlp and all(8 in s for s in mlp), shapes
+  # The layout really is the rule's: each device holds 1/8 of a >= 2-D leaf's largest dimension
+  # divisible by 8 (e.g. [2, 32, 64] MLP kernels -> [2, 32, 8]); vectors stay whole.
+  num_sharded = 0
+  for name, (shape, shard) in out["shard_shapes"].items():
+    spec = sharding.leaf_spec(shape, 8)
+    expected = [d // 8 if i < len(spec) and spec[i] == "fsdp" else d for i, d in enumerate(shape)]
+    assert shard == expected, (name, shape, shard)
+    num_sharded += shard != shape
+    if len(shape) >= 2 and max(shape) % 8 == 0:
+      assert shard != shape, name
+  assert num_sharded >= 10, out["shard_shapes"]
 
 
 @pytest.mark.slow
