@@ -59,6 +59,12 @@ RESERVE_NAME = ".checkpoint_space_reserve"
 RESERVE_BYTES = 1 << 20
 
 
+def _reserve_name() -> str:
+  """The reserve file of this process (processes of a multi-process run save together)."""
+  index = jax.process_index()
+  return RESERVE_NAME if index == 0 else f"{RESERVE_NAME}.{index}"
+
+
 class CheckpointCorruptError(CheckpointError):
   """A checkpoint whose files do not match their digest manifest (or lack one they need)."""
 
@@ -211,11 +217,13 @@ class Checkpointer:
       DiskFullError / StorageError: writing failed (disk full, quota, read-only, permission);
         earlier checkpoints are untouched.
     """
-    state = jax.device_get(state)
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(state)):
+      state = jax.device_get(state)
+    # else: a multi-process run; orbax writes each process's shards (a collective save).
     step = int(step)
     written = []
     marker = {MARKER_KEY: MANIFEST_FORMAT}
-    reserve = os.path.join(self.workdir, RESERVE_NAME)
+    reserve = os.path.join(self.workdir, _reserve_name())
     with _held_absl_logs() as held:
       try:
         try:
@@ -237,7 +245,7 @@ class Checkpointer:
         finally:
           if os.path.exists(reserve):
             os.unlink(reserve)
-        for manager in written:
+        for manager in written if jax.process_index() == 0 else ():
           # The best manager may already have dropped a step no better than its best.
           if step in manager.all_steps() and os.path.isdir(self.step_dir(manager, step)):
             write_manifest(self.step_dir(manager, step), step)
@@ -261,7 +269,7 @@ class Checkpointer:
       self._muted = _HoldRecords()
       logging.getLogger("absl").addFilter(self._muted)
     self.wait()
-    for manager in (self.latest, self.best):
+    for manager in (self.latest, self.best) if jax.process_index() == 0 else ():
       step_dir = self.step_dir(manager, step)
       if step in manager.all_steps() and os.path.isdir(step_dir):
         try:

@@ -114,16 +114,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
 
-  # Multi-process runs (bdiff_jax/distributed.py). initialize: "auto" starts JAX's distributed
-  # runtime when a coordinator address is given (here or in $JAX_COORDINATOR_ADDRESS) or a
-  # cluster is detected (SLURM with several tasks, a multi-host TPU slice); "on" always (JAX
-  # auto-detects the cluster); "off" never.
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"
-  c.distributed.coordinator_address = ""  # host:port of process 0
-  c.distributed.num_processes = 0  # 0: from the environment / cluster
-  c.distributed.process_id = -1  # -1: from the environment / cluster
-
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   c.eval.num_time_samples = 1  # K time draws per sequence for the diffusion bound
@@ -221,10 +211,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.mesh.data != -1:
     _positive("mesh.data", c.mesh.data)
   _positive("mesh.fsdp", c.mesh.fsdp)
-  _choice("distributed.initialize", c.distributed.initialize, ("auto", "on", "off"))
-  _positive("distributed.num_processes", c.distributed.num_processes, allow_zero=True)
-  if c.distributed.process_id != -1:
-    _positive("distributed.process_id", c.distributed.process_id, allow_zero=True)
   e = c.eval
   _positive("eval.batch_size", e.batch_size)
   _positive("eval.num_time_samples", e.num_time_samples)

@@ -42,9 +42,7 @@ def test_mesh_shape_fills_data_and_refuses_bad_sizes():
 def test_mesh_config_fields_validated_and_resumable():
   c = configuration.base_config()
   assert (c.mesh.data, c.mesh.fsdp) == (-1, 1)
-  for field in ("mesh.data", "mesh.fsdp", "distributed.initialize",
-                "distributed.coordinator_address", "distributed.num_processes",
-                "distributed.process_id"):
+  for field in ("mesh.data", "mesh.fsdp"):
     assert field in config_compat.RESUMABLE_FIELDS
   c.mesh.fsdp = 0
   with pytest.raises(ConfigError, match="mesh.fsdp"):

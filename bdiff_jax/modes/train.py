@@ -6,14 +6,17 @@ The loop is a few named pieces: `resume_or_init` (the state and the first step),
 returns a `TrainResult` in every path.
 """
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from bdiff_jax import checkpointing, config_compat, configuration, experiment, interrupt
+from bdiff_jax import checkpointing, config_compat, configuration, distributed, experiment
+from bdiff_jax import interrupt
 from bdiff_jax import metrics_log, platform_info, plotting
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax import sharding as sharding_lib
@@ -167,11 +170,20 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   Order: the workdir is checked writable and locked for the whole run; the config is checked
   against the workdir's config.json before anything is restored or written; config.json is
   (re)written only after a successful start.
+
+  Multi-process (`bdiff_jax.distributed`): every process trains (one SPMD step over the global
+  mesh, checkpoints saved and restored collectively) and reads only its rows of each batch;
+  process 0 alone holds the lock and writes config.json, metrics, plots and samples, and the
+  others report nothing. Evaluation (periodic and final) and sampling are skipped in a
+  multi-process run: run `--mode=eval` / `--mode=sample` afterwards in one process.
   """
   del unused
   configuration.validate(config)
   workdir = workdir_lib.prepare_writable_workdir(workdir)
-  with workdir_lib.WorkdirLock(workdir):
+  main = distributed.is_main_process()
+  if not main:
+    reporter = Reporter(verbose=False)
+  with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
     saved = config_compat.load_saved_config(workdir)
     with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints) as ckpt:
       if ckpt.latest_step() is not None and saved is not None:
@@ -185,7 +197,7 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
       sharding_lib.check_batch_divisible(tc.batch_size, mesh)
       batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
                                       config.seed)
-      log = metrics_log.MetricsLog(workdir)
+      log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
       return _train(exp, mesh, batches, log, ckpt, reporter, changes)
 
 
@@ -206,8 +218,10 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
       bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
       if not tc.progress_bar:
         reporter.info(_log_line(step, last))
-    out_of_time = rules.out_of_time(time.time() - t_begin)
-    if rules.is_eval_step(step):
+    out_of_time, interrupted, due = _agreed(rules.out_of_time(time.time() - t_begin),
+                                            stop.stop_requested(),
+                                            rules.checkpoint_is_due(time.time() - t_saved))
+    if rules.is_eval_step(step) and jax.process_count() == 1:
       buffer.flush(step)
       best, v = _periodic_eval(exp, state, step, log)
       reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
@@ -215,12 +229,12 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
                     f"{v['num_tokens']} tokens)")
       save(step, state, best_metrics=best)
       t_saved = time.time()
-    elif (rules.is_checkpoint_step(step) or out_of_time or stop.stop_requested() or
-          rules.checkpoint_is_due(time.time() - t_saved)):
+    elif (rules.is_checkpoint_step(step) or rules.is_eval_step(step) or out_of_time or
+          interrupted or due):
       buffer.flush(step)
       save(step, state)
       t_saved = time.time()
-    if stop.stop_requested():
+    if interrupted:
       reporter.info(stop.message(step))
       status = INTERRUPTED
       break
@@ -232,6 +246,15 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   else:
     status = FINISHED if step >= rules.num_steps else STOPPED_AT_STEP
   return step, status, state
+
+
+def _agreed(*flags: bool) -> tuple[bool, ...]:
+  """Process 0's values of the wall-clock and signal `flags` in every process: the processes of
+  a multi-process run must save (a collective) and stop at the same step."""
+  if jax.process_count() == 1:
+    return tuple(bool(f) for f in flags)
+  agreed = multihost_utils.broadcast_one_to_all(np.asarray(flags, dtype=np.int32))
+  return tuple(bool(f) for f in np.asarray(agreed))
 
 
 def _global_batch(batches: pipeline.TrainBatches, step: int, mesh):
@@ -255,7 +278,8 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
     reporter.info(f"note: resuming with {field} changed from {old!r} to {new!r}; from step "
                   f"{start} on the run follows the new schedule")
     log.write("config_change", start, field=field, saved=old, current=new)
-  config_compat.write_config_atomically(config, workdir)
+  if distributed.is_main_process():
+    config_compat.write_config_atomically(config, workdir)
   state = jax.device_put(state, shardings)  # a no-op when created / restored in place
   rules = StopRules.from_config(tc)
   step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
@@ -309,6 +333,10 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   if status == STOPPED_AT_STEP:
     reporter.info(f"stopped at train.stop_at_step={rules.stop_step}; rerun with the same config "
                   "to continue.")
+    return result
+  if jax.process_count() > 1:
+    reporter.info(f"{jax.process_count()} processes: no evaluation or samples here; run "
+                  "--mode=eval and --mode=sample on this workdir in one process.")
     return result
   # Finished, or out of wall-clock budget: evaluate what we have, exactly as --mode=eval does.
   params, meta, desc = experiment.restore_params(exp)
