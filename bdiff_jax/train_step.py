@@ -41,10 +41,23 @@ def make_train_step(objective, network, update_rule, *, ema_decay: float,
   """
   ema_decay = float(ema_decay)
 
+  gather = None
+  if mesh is not None and state_shardings is not None and (
+      sharding_lib.axis_size(mesh, sharding_lib.FSDP_AXIS) > 1):
+    gather = sharding_lib.replicated(mesh)
+
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     loss_key, rule_key = jax.random.split(key)
-    bound_loss = lambda params: loss_fn(params, objective, network, batch, loss_key)
+
+    def bound_loss(params):
+      if gather is not None:
+        # FSDP: the forward/backward pass uses whole (all-gathered) weights on batch-sharded
+        # activations; gradients are reduce-scattered back onto the parameter shards. Without
+        # this XLA may instead keep weights split and replicate the activations (4x the
+        # temporaries of the replicated step in scripts/scaleout_memory.py).
+        params = jax.lax.with_sharding_constraint(params, gather)
+      return loss_fn(params, objective, network, batch, loss_key)
     params, opt_state, metrics = update_rule.update(bound_loss, state.params, state.opt_state,
                                                     rule_key, state.step)
     if ema_decay > 0:
