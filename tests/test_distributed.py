@@ -48,7 +48,7 @@ from bdiff_jax import checkpointing, sharding, train_step
 from tests import helpers
 
 ckpt_dir, mode = sys.argv[1], sys.argv[2]
-c = helpers.tiny_config(backbone="reversible", dropout_rate=0.1)
+c = helpers.tiny_config(dropout_rate=0.1)  # the reversible backbone: test_sharding.py
 objective, net, rule, state, _ = helpers.train_setup(c)
 mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 2}))
 abstract = jax.eval_shape(lambda: state)
@@ -93,6 +93,11 @@ if started:
 """
 
 
+# Compiling is most of this test's time (three processes); XLA's CPU backend optimisations are
+# off in all of them alike.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -112,7 +117,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   procs = []
   for index in range(2):
     env = helpers.subprocess_env(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=address,
+        XLA_FLAGS=_FAST_COMPILE + "2", JAX_COORDINATOR_ADDRESS=address,
         JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=index)
     procs.append(subprocess.Popen([sys.executable, "-c", _TRAIN, ckpt_dir, "train"],
                                   cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
@@ -128,7 +133,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     assert p.returncode == 0, stderr[-3000:]
     outs.append(_result(stdout))
   one = helpers.run_python(_TRAIN.replace("sys.argv[1], sys.argv[2]", f"{ckpt_dir!r}, 'one'"),
-                           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                           env_extra={"XLA_FLAGS": _FAST_COMPILE + "4"})
   helpers.assert_ok(one)
   single = _result(one.stdout)
   print(f"2 processes: losses {outs[0]['losses']}; 1 process: {single['losses']}; resumed "
