@@ -8,8 +8,9 @@ and batch within it), the step, and any evaluation metrics, so that a resumed ru
 exactly the batch an uninterrupted run would have seen.
 
 Integrity (manifests: `checkpoint_digests`). `save` waits until orbax has committed the step
-directory, then writes `<step_dir>/bdiff_digests.json`: the step, and the size and SHA-256 of every other file of the
-directory (process 0 of a multi-process run writes it; orbax saves collectively). The manifest lives inside the step directory, so orbax's step listing (directories
+directory, then writes `<step_dir>/bdiff_digests.json`: the step, and the size and SHA-256 of
+every other file of the directory (process 0 of a multi-process run writes it; orbax saves
+collectively). The manifest lives inside the step directory, so orbax's step listing (directories
 named by step) ignores it and orbax's garbage collection removes it together with its step; no
 manifest can outlive its checkpoint. Every save also records `{"bdiff_digests": 1}` in orbax's
 own step metadata, committed atomically with the checkpoint, so a step written by this code is
