@@ -55,11 +55,25 @@ def _last_line(text: str) -> str:
   return lines[-1] if lines else str(text)
 
 
+def _start_distributed() -> None:
+  """Starts JAX's distributed runtime for a multi-process run (settings from the environment:
+  see bdiff_jax/distributed.py), before the config file can touch a JAX backend."""
+  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def _parse_flags(argv):
   """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
   # Before anything can start JAX's backend (the config file's automatic preset looks at the
   # devices): XLA reads XLA_FLAGS once. User flags win; BDIFF_XLA_FLAGS=none disables ours.
   xla_flags.apply_default_flags()
+  if not any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+    _start_distributed()
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:

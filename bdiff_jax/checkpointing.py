@@ -1,5 +1,8 @@
 """Checkpoints with orbax's `CheckpointManager` (current `ocp.args` API), with integrity digests.
 
+(Longer than 400 lines because orbax's failure modes, a full disk, a closed event loop, late
+logs of a failed save, are contained here, next to the saves and restores they affect.)
+
 Two managers under the workdir:
   checkpoints/       the latest `keep` checkpoints, saved every `train.checkpoint_every` steps;
   checkpoints_best/  the single best checkpoint by the validation bound (lower is better).
@@ -8,8 +11,9 @@ and batch within it), the step, and any evaluation metrics, so that a resumed ru
 exactly the batch an uninterrupted run would have seen.
 
 Integrity (manifests: `checkpoint_digests`). `save` waits until orbax has committed the step
-directory, then writes `<step_dir>/bdiff_digests.json`: the step, and the size and SHA-256 of every other file of the
-directory. The manifest lives inside the step directory, so orbax's step listing (directories
+directory, then writes `<step_dir>/bdiff_digests.json`: the step, and the size and SHA-256 of
+every other file of the directory (process 0 of a multi-process run writes it; orbax saves
+collectively). The manifest lives inside the step directory, so orbax's step listing (directories
 named by step) ignores it and orbax's garbage collection removes it together with its step; no
 manifest can outlive its checkpoint. Every save also records `{"bdiff_digests": 1}` in orbax's
 own step metadata, committed atomically with the checkpoint, so a step written by this code is
@@ -57,6 +61,12 @@ BEST_METRIC = "valid_nll_per_token"
 # manifest (which would make it unverifiable). Manifests take ~150 bytes per file.
 RESERVE_NAME = ".checkpoint_space_reserve"
 RESERVE_BYTES = 1 << 20
+
+
+def _reserve_name() -> str:
+  """The reserve file of this process (processes of a multi-process run save together)."""
+  index = jax.process_index()
+  return RESERVE_NAME if index == 0 else f"{RESERVE_NAME}.{index}"
 
 
 class CheckpointCorruptError(CheckpointError):
@@ -211,11 +221,13 @@ class Checkpointer:
       DiskFullError / StorageError: writing failed (disk full, quota, read-only, permission);
         earlier checkpoints are untouched.
     """
-    state = jax.device_get(state)
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(state)):
+      state = jax.device_get(state)
+    # else: a multi-process run; orbax writes each process's shards (a collective save).
     step = int(step)
     written = []
     marker = {MARKER_KEY: MANIFEST_FORMAT}
-    reserve = os.path.join(self.workdir, RESERVE_NAME)
+    reserve = os.path.join(self.workdir, _reserve_name())
     with _held_absl_logs() as held:
       try:
         try:
@@ -237,7 +249,7 @@ class Checkpointer:
         finally:
           if os.path.exists(reserve):
             os.unlink(reserve)
-        for manager in written:
+        for manager in written if jax.process_index() == 0 else ():
           # The best manager may already have dropped a step no better than its best.
           if step in manager.all_steps() and os.path.isdir(self.step_dir(manager, step)):
             write_manifest(self.step_dir(manager, step), step)
@@ -261,7 +273,7 @@ class Checkpointer:
       self._muted = _HoldRecords()
       logging.getLogger("absl").addFilter(self._muted)
     self.wait()
-    for manager in (self.latest, self.best):
+    for manager in (self.latest, self.best) if jax.process_index() == 0 else ():
       step_dir = self.step_dir(manager, step)
       if step in manager.all_steps() and os.path.isdir(step_dir):
         try:

@@ -40,6 +40,8 @@ RESUMABLE_FIELDS: may differ from run to run in one workdir: where the data and 
     train.max_wall_seconds, train.stop_at_step, train.progress_bar,
     train.checkpoint_every_minutes, preset, preset_reason, diffusion.masked_head and
     diffusion.head_chunk_rows (the same loss computed with less work or memory),
+    mesh.data, mesh.fsdp (where the state lives: a checkpoint restores onto any mesh, since
+    orbax restores with the target shardings),
     eval.* (batch_size, num_time_samples, seeds, max_tokens, during_training_max_tokens, use_ema,
     checkpoint), sample.* (num_samples, length, num_steps, grid, temperature, top_k, top_p,
     prompt, seed).
@@ -105,6 +107,7 @@ RESUMABLE_FIELDS = frozenset({
     "train.max_wall_seconds", "train.stop_at_step", "train.progress_bar",
     "train.checkpoint_every_minutes", "preset", "preset_reason",
     "diffusion.masked_head", "diffusion.head_chunk_rows",
+    "mesh.data", "mesh.fsdp",
     "eval.batch_size", "eval.num_time_samples", "eval.seeds", "eval.max_tokens",
     "eval.during_training_max_tokens", "eval.use_ema", "eval.checkpoint",
     "sample.num_samples", "sample.length", "sample.num_steps", "sample.grid",

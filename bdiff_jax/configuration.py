@@ -113,6 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_at_step = 0
   c.train.progress_bar = True
 
+  # The device mesh (bdiff_jax/sharding.py): `data` x `fsdp` devices over all processes.
+  # fsdp=1 replicates the state on every device (data parallelism); fsdp=k splits each state
+  # leaf with >= 2 dims k ways along its largest dim divisible by k. data=-1: all remaining.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   c.eval.num_time_samples = 1  # K time draws per sequence for the diffusion bound
@@ -208,6 +215,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _in_unit("train.b1", t.b1, closed_high=False)
   _in_unit("train.b2", t.b2, closed_high=False)
   _in_unit("train.ema_decay", t.ema_decay, closed_high=False)
+  if c.mesh.data != -1:
+    _positive("mesh.data", c.mesh.data)
+  _positive("mesh.fsdp", c.mesh.fsdp)
   e = c.eval
   _positive("eval.batch_size", e.batch_size)
   _positive("eval.num_time_samples", e.num_time_samples)

@@ -40,9 +40,11 @@ class Experiment:
     return train_state.init_train_state(self.network, self.update_rule, seed=self.config.seed,
                                         seq_len=self.config.data.seq_len, head_bias=head_bias)
 
-  def init_state(self) -> train_state.TrainState:
+  def init_state(self, shardings: Any = None) -> train_state.TrainState:
+    """The initial state; with `shardings` (a pytree matching the state) created directly in
+    that layout, so a sharded state never exists whole on one device."""
     # One compiled program instead of hundreds of small op-by-op initialiser dispatches.
-    return jax.jit(self._init_state)()
+    return jax.jit(self._init_state, out_shardings=shardings)()
 
   def abstract_state(self):
     return jax.eval_shape(self._init_state)

@@ -126,3 +126,20 @@ def read(path: str) -> list[dict]:
   for i, r in enumerate(records):
     last[(r.get("kind"), r.get("step"))] = i
   return [r for i, r in enumerate(records) if last[(r.get("kind"), r.get("step"))] == i]
+
+
+class NullMetricsLog:
+  """A `MetricsLog` that writes nothing: the log of the processes other than process 0 of a
+  multi-process run (process 0 writes the run's one metrics.jsonl)."""
+
+  path = None
+
+  def write(self, kind: str, step: int, **values) -> None:
+    del kind, step, values
+
+  def read(self) -> list[dict]:
+    return []
+
+  def truncate_after(self, step: int) -> int:
+    del step
+    return 0

@@ -7,12 +7,12 @@ key (times, masks), the dropout key and the update rule's key, so a resumed run 
 what an uninterrupted run would.
 """
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from jax.sharding import Mesh
 
-from bdiff_jax import mesh as mesh_lib
+from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.train_state import TrainState
 
 
@@ -31,14 +31,33 @@ def loss_fn(params, objective, network, tokens, key, *, train: bool = True):
 
 
 def make_train_step(objective, network, update_rule, *, ema_decay: float,
-                    mesh: Optional[Mesh] = None) -> Callable:
-  """Returns a jitted `step(state, batch) -> (state, metrics)` with the state donated."""
+                    mesh: Optional[Mesh] = None, state_shardings: Any = None) -> Callable:
+  """Returns a jitted `step(state, batch) -> (state, metrics)` with the state donated.
+
+  With a `mesh`, the batch comes in split over its devices (`sharding.batch_sharding`) and the
+  state in and out with `state_shardings` (a pytree of shardings matching the state, e.g.
+  `sharding.state_shardings(abstract_state, mesh)`; None: replicated); metrics are replicated.
+  Without a mesh, placement is left to JAX.
+  """
   ema_decay = float(ema_decay)
+
+  gather = None
+  if mesh is not None and state_shardings is not None and (
+      sharding_lib.axis_size(mesh, sharding_lib.FSDP_AXIS) > 1):
+    gather = sharding_lib.replicated(mesh)
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     loss_key, rule_key = jax.random.split(key)
-    bound_loss = lambda params: loss_fn(params, objective, network, batch, loss_key)
+
+    def bound_loss(params):
+      if gather is not None:
+        # FSDP: the forward/backward pass uses whole (all-gathered) weights on batch-sharded
+        # activations; gradients are reduce-scattered back onto the parameter shards. Without
+        # this XLA may instead keep weights split and replicate the activations (4x the
+        # temporaries of the replicated step in scripts/scaleout_memory.py).
+        params = jax.lax.with_sharding_constraint(params, gather)
+      return loss_fn(params, objective, network, batch, loss_key)
     params, opt_state, metrics = update_rule.update(bound_loss, state.params, state.opt_state,
                                                     rule_key, state.step)
     if ema_decay > 0:
@@ -52,7 +71,8 @@ def make_train_step(objective, network, update_rule, *, ema_decay: float,
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
-  replicated = mesh_lib.replicated_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  state_in = replicated if state_shardings is None else state_shardings
   return jax.jit(step, donate_argnums=0,
-                 in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated))
+                 in_shardings=(state_in, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(state_in, replicated))

@@ -340,7 +340,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from bdiff_jax import configuration, train_state, train_step, update_rule
-    from bdiff_jax import mesh as mesh_lib
+    from bdiff_jax import sharding as mesh_lib
     from bdiff_jax.models import init_params
     from bdiff_jax.objective import build_objective
     from tests.helpers import network
@@ -369,13 +369,14 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
                     in_shardings=(replicated, sharded, replicated))
     batch0 = mesh_lib.shard_batch(tokens[0], mesh)
     assert len(batch0.sharding.device_set) == 4
-    g = grads(mesh_lib.replicate(params, mesh), batch0, rng)
+    g = grads(jax.device_put(params, mesh_lib.replicated(mesh)), batch0, rng)
 
     # Two steps of the real data-parallel train step.
     states, losses = {}, {}
     for backward, net in nets.items():
       fresh = jax.tree_util.tree_map(jnp.copy, (params, rng))  # the step donates its state
-      state = mesh_lib.replicate(train_state.create_train_state(*fresh[:1], opt, fresh[1]), mesh)
+      state = jax.device_put(train_state.create_train_state(*fresh[:1], opt, fresh[1]),
+                             mesh_lib.replicated(mesh))
       step = train_step.make_train_step(objective, net, opt, ema_decay=c.train.ema_decay,
                                         mesh=mesh)
       losses[backward] = []

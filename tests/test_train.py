@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bdiff_jax import mesh as mesh_lib
+from bdiff_jax import sharding as mesh_lib
 from bdiff_jax import train_step, update_rule
 from tests import helpers
 
@@ -71,13 +71,13 @@ def test_indivisible_batch_is_a_config_error():
   if mesh.devices.size == 1:
     mesh_lib.check_batch_divisible(7, mesh)  # one device: anything goes
   with pytest.raises(ConfigError):
-    mesh_lib.check_batch_divisible(7, mesh_lib.make_mesh(np.array(jax.devices() * 2)))
+    mesh_lib.check_batch_divisible(7, mesh_lib.make_mesh(devices=jax.devices() * 2))
 
 
 _DP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from tests.test_train import tiny_config, setup, make_step
-    from bdiff_jax import mesh as mesh_lib
+    from bdiff_jax import sharding as mesh_lib
     assert jax.local_device_count() == 4, jax.devices()
     results = {}
     for backbone in ("standard", "reversible"):
@@ -85,9 +85,9 @@ _DP_SCRIPT = textwrap.dedent("""
       per_mesh = []
       for devices in (jax.devices()[:1], jax.devices()):
         obj, net, opt, state, batch = setup(c)
-        mesh = mesh_lib.make_mesh(devices)
+        mesh = mesh_lib.make_mesh(devices=devices)
         step = make_step(c, obj, net, opt, mesh)
-        state = mesh_lib.replicate(state, mesh)
+        state = jax.device_put(state, mesh_lib.replicated(mesh))
         losses = []
         for _ in range(3):
           state, m = step(state, mesh_lib.shard_batch(batch, mesh))

@@ -382,6 +382,12 @@ class TrainBatches:
     rows = self.permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
     return self._blocks[rows]
 
+  def rows(self, step: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of `batch(step)`, reading only those blocks (a process's slice)."""
+    epoch, index = divmod(self._check_step(step), self.batches_per_epoch)
+    first = index * self.batch_size
+    return self._blocks[self.permutation(epoch)[first + start:first + min(stop, self.batch_size)]]
+
   def __call__(self, step: int) -> np.ndarray:
     return self.batch(step)
 

@@ -6,17 +6,20 @@ The loop is a few named pieces: `resume_or_init` (the state and the first step),
 returns a `TrainResult` in every path.
 """
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from bdiff_jax import checkpointing, config_compat, configuration, experiment, interrupt
+from bdiff_jax import checkpointing, config_compat, configuration, distributed, experiment
+from bdiff_jax import interrupt
 from bdiff_jax import metrics_log, platform_info, plotting
 from bdiff_jax import workdir as workdir_lib
-from bdiff_jax import mesh as mesh_lib
+from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import CheckpointError, NonFiniteLossError
 from bdiff_jax.modes import evaluate as evaluate_mode
@@ -117,16 +120,21 @@ class MetricsBuffer:
 
 def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
                    batches: pipeline.TrainBatches, log: metrics_log.MetricsLog,
-                   reporter: Reporter):
+                   reporter: Reporter, shardings=None):
   """(state, first step): the latest checkpoint of the workdir, or a fresh state at step 0.
 
+  With `shardings` (a pytree matching the state) the state is created, or restored by orbax,
+  directly in that layout: a checkpoint saved on any mesh restores onto this one.
   metrics.jsonl keeps only the records up to that step (a crashed run's later records would
   otherwise appear twice)."""
   start = ckpt.latest_step()
   if start is None:
     log.truncate_after(0)
-    return exp.init_state(), 0
-  state, meta, desc = ckpt.restore("latest", exp.abstract_state())
+    return exp.init_state(shardings), 0
+  target = exp.abstract_state()
+  if shardings is not None:
+    target = sharding_lib.with_shardings(target, shardings)
+  state, meta, desc = ckpt.restore("latest", target)
   position = {k: int(v) for k, v in batches.position(start).items()}
   if int(state.step) != start or meta.get("position") != position:
     raise CheckpointError(  # never silently continue from an inconsistent checkpoint
@@ -162,11 +170,20 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   Order: the workdir is checked writable and locked for the whole run; the config is checked
   against the workdir's config.json before anything is restored or written; config.json is
   (re)written only after a successful start.
+
+  Multi-process (`bdiff_jax.distributed`): every process trains (one SPMD step over the global
+  mesh, checkpoints saved and restored collectively) and reads only its rows of each batch;
+  process 0 alone holds the lock and writes config.json, metrics, plots and samples, and the
+  others report nothing. Evaluation (periodic and final) and sampling are skipped in a
+  multi-process run: run `--mode=eval` / `--mode=sample` afterwards in one process.
   """
   del unused
   configuration.validate(config)
   workdir = workdir_lib.prepare_writable_workdir(workdir)
-  with workdir_lib.WorkdirLock(workdir):
+  main = distributed.is_main_process()
+  if not main:
+    reporter = Reporter(verbose=False)
+  with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
     saved = config_compat.load_saved_config(workdir)
     with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints) as ckpt:
       if ckpt.latest_step() is not None and saved is not None:
@@ -176,11 +193,11 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
         changes = []
       exp = experiment.build(config, workdir)
       tc = config.train
-      mesh = mesh_lib.make_mesh()
-      mesh_lib.check_batch_divisible(tc.batch_size, mesh)
+      mesh = sharding_lib.make_mesh(config.mesh)
+      sharding_lib.check_batch_divisible(tc.batch_size, mesh)
       batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
                                       config.seed)
-      log = metrics_log.MetricsLog(workdir)
+      log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
       return _train(exp, mesh, batches, log, ckpt, reporter, changes)
 
 
@@ -192,7 +209,7 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   step = start
   status = FINISHED if start >= rules.num_steps else STOPPED_AT_STEP
   while step < rules.stop_step:
-    state, metrics = step_fn(state, mesh_lib.shard_batch(batches.batch(step), mesh))
+    state, metrics = step_fn(state, _global_batch(batches, step, mesh))
     step += 1
     buffer.add(step, metrics)
     bar.update(1)
@@ -201,8 +218,10 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
       bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
       if not tc.progress_bar:
         reporter.info(_log_line(step, last))
-    out_of_time = rules.out_of_time(time.time() - t_begin)
-    if rules.is_eval_step(step):
+    out_of_time, interrupted, due = _agreed(rules.out_of_time(time.time() - t_begin),
+                                            stop.stop_requested(),
+                                            rules.checkpoint_is_due(time.time() - t_saved))
+    if rules.is_eval_step(step) and jax.process_count() == 1:
       buffer.flush(step)
       best, v = _periodic_eval(exp, state, step, log)
       reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
@@ -210,12 +229,12 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
                     f"{v['num_tokens']} tokens)")
       save(step, state, best_metrics=best)
       t_saved = time.time()
-    elif (rules.is_checkpoint_step(step) or out_of_time or stop.stop_requested() or
-          rules.checkpoint_is_due(time.time() - t_saved)):
+    elif (rules.is_checkpoint_step(step) or rules.is_eval_step(step) or out_of_time or
+          interrupted or due):
       buffer.flush(step)
       save(step, state)
       t_saved = time.time()
-    if stop.stop_requested():
+    if interrupted:
       reporter.info(stop.message(step))
       status = INTERRUPTED
       break
@@ -229,25 +248,44 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   return step, status, state
 
 
+def _agreed(*flags: bool) -> tuple[bool, ...]:
+  """Process 0's values of the wall-clock and signal `flags` in every process: the processes of
+  a multi-process run must save (a collective) and stop at the same step."""
+  if jax.process_count() == 1:
+    return tuple(bool(f) for f in flags)
+  agreed = multihost_utils.broadcast_one_to_all(np.asarray(flags, dtype=np.int32))
+  return tuple(bool(f) for f in np.asarray(agreed))
+
+
+def _global_batch(batches: pipeline.TrainBatches, step: int, mesh):
+  """Step `step`'s batch on the mesh; this process reads only the rows its devices hold."""
+  return sharding_lib.global_batch(mesh, (batches.batch_size, batches.seq_len),
+                                   lambda start, stop: batches.rows(step, start, stop))
+
+
 def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   config, workdir, tc = exp.config, exp.workdir, exp.config.train
   if config.preset:
     reporter.info(f"preset: {config.preset} ({config.preset_reason})")
   reporter.info(f"model: {config.model.backbone} backbone, {config.model.block} block, "
                 f"{exp.objective.name}; {exp.num_params():,} parameters; "
-                f"{mesh.devices.size} {jax.default_backend()} device(s)")
-  state, start = resume_or_init(exp, ckpt, batches, log, reporter)
+                f"{mesh.devices.size} {jax.default_backend()} device(s)" +
+                (f", mesh data={mesh.devices.shape[0]} x fsdp={mesh.devices.shape[1]}"
+                 if mesh.devices.size > 1 else ""))
+  shardings = sharding_lib.state_shardings(exp.abstract_state(), mesh)
+  state, start = resume_or_init(exp, ckpt, batches, log, reporter, shardings)
   for field, old, new in changes:
     reporter.info(f"note: resuming with {field} changed from {old!r} to {new!r}; from step "
                   f"{start} on the run follows the new schedule")
     log.write("config_change", start, field=field, saved=old, current=new)
-  config_compat.write_config_atomically(config, workdir)
-  state = mesh_lib.replicate(state, mesh)
+  if distributed.is_main_process():
+    config_compat.write_config_atomically(config, workdir)
+  state = jax.device_put(state, shardings)  # a no-op when created / restored in place
   rules = StopRules.from_config(tc)
   step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
-                            ema_decay=tc.ema_decay, mesh=mesh)
+                            ema_decay=tc.ema_decay, mesh=mesh, state_shardings=shardings)
   if start < rules.stop_step:  # compile ahead: refuse a step that cannot fit, before training
-    step_fn = step_fn.lower(state, mesh_lib.shard_batch(batches.batch(start), mesh)).compile()
+    step_fn = step_fn.lower(state, _global_batch(batches, start, mesh)).compile()
     platform_info.check_step_fits(
         platform_info.memory_stats(step_fn), platform_info.detect(),
         what=f"the train step of this config (preset {config.preset or 'custom'})",
@@ -295,6 +333,10 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   if status == STOPPED_AT_STEP:
     reporter.info(f"stopped at train.stop_at_step={rules.stop_step}; rerun with the same config "
                   "to continue.")
+    return result
+  if jax.process_count() > 1:
+    reporter.info(f"{jax.process_count()} processes: no evaluation or samples here; run "
+                  "--mode=eval and --mode=sample on this workdir in one process.")
     return result
   # Finished, or out of wall-clock budget: evaluate what we have, exactly as --mode=eval does.
   params, meta, desc = experiment.restore_params(exp)
