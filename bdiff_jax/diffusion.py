@@ -175,6 +175,21 @@ def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic,
   return loss, aux
 
 
+def _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows, *,
+                       antithetic: bool):
+  """(noisy, t, masked) -> per-sequence masked NLL sums, the head only at masked positions
+  (`masked_head.masked_nll_sums`); capacity None: `masked_capacity` for this batch shape."""
+  batch_size, length = tokens.shape
+  if capacity is None:
+    capacity = masked_capacity(schedule, batch_size, length, antithetic=antithetic)
+
+  def nll_sums(noisy, t, masked):
+    return masked_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, capacity=capacity,
+                           chunk_rows=chunk_rows)
+
+  return nll_sums
+
+
 def diffusion_loss_gathered(hidden_fn: HiddenFn,
                             head_fn: HeadFn,
                             tokens: jnp.ndarray,
@@ -207,15 +222,9 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
   Returns:
     (loss, aux) exactly as `diffusion_loss`.
   """
-  batch_size, length = jnp.shape(tokens)
-  if capacity is None:
-    capacity = masked_capacity(schedule, batch_size, length, antithetic=antithetic)
   tokens = jnp.asarray(tokens, jnp.int32)
-
-  def nll_sums(noisy, t, masked):
-    return masked_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, capacity=capacity,
-                           chunk_rows=chunk_rows)
-
+  nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
+                                antithetic=antithetic)
   return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                              antithetic=antithetic, corruption=corruption,
                              uniform_fraction=uniform_fraction)
@@ -313,14 +322,9 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
   Returns:
     float32[B] (float64 for float64 logits), per-sequence bounds in nats.
   """
-  batch_size, length = jnp.shape(tokens)
-  if capacity is None:
-    capacity = masked_capacity(schedule, batch_size, length, antithetic=False)
   tokens = jnp.asarray(tokens, jnp.int32)
-
-  def draw_nll_sums(noisy, t, masked):
-    return masked_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, capacity=capacity,
-                           chunk_rows=chunk_rows)
-
+  # Within one draw the sequences' times are independent: the iid capacity.
+  draw_nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
+                                     antithetic=False)
   return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                               num_samples=num_samples, valid=valid)
