@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, objectives, sampling, schedules
+from bdiff_jax import ar_sampling, sampling, schedules
 from bdiff_jax.errors import UserError
 from bdiff_jax.models import build_network, init_params
+from bdiff_jax.objective import objective_class
 
 WIKITEXT2_VOCAB = 33_278
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,7 +87,8 @@ def full_forward_ar_sample(network, params, key, *, length, num_samples, bos_id)
   tokens = jnp.full((num_samples, length), bos_id, jnp.int32)
 
   def body(i, tokens):
-    logits = network.apply({"params": params}, objectives.ar_inputs(tokens, bos_id), train=False)
+    inputs = jnp.concatenate([jnp.full((num_samples, 1), bos_id, jnp.int32), tokens[:, :-1]], 1)
+    logits = network.apply({"params": params}, inputs, train=False)
     logits = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
     draw = sampling.categorical(jax.random.fold_in(key, i), sampling.filter_logits(logits))
     return tokens.at[:, i].set(draw)
@@ -120,7 +122,8 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
   for conditioning in ("adaln", "none"):
     m = cpu_model_config()
     m.time_conditioning = conditioning
-    net = build_network(m, vocab_size=vocab, max_len=length)
+    net = build_network(m, vocab_size=vocab, max_len=length,
+                        causal=objective_class(m.objective).causal)
     params = jax.jit(lambda k, net=net: init_params(net, k, seq_len=length))(jax.random.key(1))
     full = lambda z, t, net=net, params=params: net.apply({"params": params}, z, t)
     at = lambda z, t, pos, net=net, params=params: net.apply({"params": params}, z, t,
@@ -148,7 +151,8 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
 
   m = cpu_model_config()
   m.objective, m.time_conditioning = "autoregressive", "none"
-  ar_net = build_network(m, vocab_size=vocab, max_len=length)
+  ar_net = build_network(m, vocab_size=vocab, max_len=length,
+                         causal=objective_class(m.objective).causal)
   ar_params = jax.jit(lambda k: init_params(ar_net, k, seq_len=length))(jax.random.key(2))
   ar_common = dict(length=length, num_samples=samples, bos_id=vocab)
   ar_old = jax.jit(functools.partial(full_forward_ar_sample, ar_net, **ar_common))
