@@ -26,7 +26,9 @@ from bdiff_jax.data import pipeline
 _LAMBDAS = np.linspace(0.05, 0.95, 19)
 
 
-def _unigram_logp(train: np.ndarray, vocab_size: int) -> np.ndarray:
+def unigram_log_probs(train: np.ndarray, vocab_size: int) -> np.ndarray:
+  """Add-one smoothed log frequencies of `train`, float64 [vocab_size] (the unigram baseline;
+  also the initial output bias of the simple block, `train_state.init_train_state`)."""
   counts = np.bincount(train, minlength=vocab_size)[:vocab_size].astype(np.float64) + 1.0
   return np.log(counts / counts.sum())
 
@@ -79,7 +81,7 @@ def _nll(uni: np.ndarray, bigram: _Bigram, lam: float, tokens: np.ndarray,
 def _choose_lambda(train: np.ndarray, vocab_size: int, seq_len: int) -> float:
   cut = int(train.size * 0.9)
   fit, held = train[:cut], train[cut:]
-  uni, bigram = _unigram_logp(fit, vocab_size), _Bigram(fit, vocab_size)
+  uni, bigram = unigram_log_probs(fit, vocab_size), _Bigram(fit, vocab_size)
   scores = [_nll(uni, bigram, lam, held, seq_len) for lam in _LAMBDAS]
   return float(_LAMBDAS[int(np.argmin(scores))])
 
@@ -96,7 +98,7 @@ def compute(splits, *, seq_len: int, max_tokens: int = 0, split_names=("valid", 
   (a `pipeline.Splits`: train/valid/test token arrays and the tokenizer)."""
   train = np.asarray(splits.train)
   vocab_size = int(splits.tokenizer.vocab_size)
-  uni = _unigram_logp(train, vocab_size)
+  uni = unigram_log_probs(train, vocab_size)
   lam = _choose_lambda(train, vocab_size, seq_len)
   bigram = _Bigram(train, vocab_size)
   counter = count_words or getattr(splits.tokenizer, "count_words", None)

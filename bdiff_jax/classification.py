@@ -9,7 +9,7 @@ Three ways to turn a network into a classifier, as objects with one interface:
 
 `batch` is a dict of fixed-shape arrays built by `bdiff_jax.data.glue_encoding` (one compilation
 per shape); `apply(tokens, t=None, *, padding_mask=None)` is the network with its parameters
-bound, as for the LM objectives (`train_step.bind_network`), so the ONE train step
+bound, as for the LM objectives (`models.bind`), so the ONE train step
 (`train_step.make_train_step`) trains these objectives with any update rule.
 
 CausalPrompt   (MeZO / LM-BFF protocol for causal LMs: OPT, an autoregressive bdiff model)

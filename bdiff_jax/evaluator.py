@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdiff_jax import models
 from bdiff_jax.data import pipeline
 
 SPLITS = ("valid", "test")
@@ -78,8 +79,7 @@ class Evaluator:
     self.num_time_samples = int(num_time_samples)
 
     def nll(params, tokens, valid, key):
-      apply = lambda *a, **kw: network.apply({"params": params}, *a, train=False, **kw)
-      return objective.sequence_nll(apply, tokens, valid, key,
+      return objective.sequence_nll(models.bind(network, params, train=False), tokens, valid, key,
                                     num_samples=self.num_time_samples)
 
     self._nll = jax.jit(nll)

@@ -20,13 +20,13 @@ The `[MASK]` id (which doubles as the AR model's BOS) has one source: the tokeni
 """
 
 import abc
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, diffusion, sampling, schedules
+from bdiff_jax import ar_sampling, diffusion, models, sampling, schedules
 from bdiff_jax.errors import ConfigError
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
@@ -117,7 +117,7 @@ class MaskedDiffusion(Objective):
     """The exact event-driven ancestral sampler (`sampling.sample`): the network is called only
     at steps that reveal something, its head only at the positions being revealed."""
     c = sample_config
-    apply = lambda z, t, **kw: network.apply({"params": params}, z, t, train=False, **kw)
+    apply = models.bind(network, params, train=False)
     return sampling.sample(
         apply, key, length=c.length, num_steps=c.num_steps,
         mask_id=self.mask_id, batch_size=c.num_samples,
@@ -141,7 +141,6 @@ class Autoregressive(Objective):
           "config.model.time_conditioning must be 'none' for the autoregressive objective "
           "(there is no diffusion time).",
           "pass --config.model.time_conditioning=none.")
-    self.learned_positions = config.model.positional == "learned"
 
   def inputs(self, tokens: jax.Array) -> jax.Array:
     """The model's input: the block shifted right behind a BOS token (the `[MASK]` id)."""
@@ -167,10 +166,8 @@ class Autoregressive(Objective):
   def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
     """Left-to-right sampling with a key/value cache (`ar_sampling`): one token per network
     call; position i draws with fold_in(key, i)."""
+    del max_len  # ar_sampling checks the length against the network's learned positions
     c = sample_config
-    if int(c.length) > max_len and self.learned_positions:
-      raise ConfigError(f"config.sample.length={c.length} exceeds the learned positions "
-                        f"({max_len}).", "sample at most data.seq_len tokens.")
     return ar_sampling.sample_autoregressive(
         network, params, key, length=c.length, num_samples=c.num_samples, bos_id=self.mask_id,
         prompt_ids=prompt_ids, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
@@ -196,11 +193,3 @@ def build_objective(config, *, mask_id: int) -> Objective:
   """The objective of `config.model.objective`; the one place that reads that name."""
   return objective_class(config.model.objective)(config, mask_id=mask_id)
 
-
-def network_flags(config) -> dict[str, Any]:
-  """The network settings the configured objective implies ({'causal': bool}).
-
-  For building networks without a tokenizer at hand (e.g. shape-only benchmarks): the mask id
-  does not affect the flags.
-  """
-  return {"causal": build_objective(config, mask_id=1).causal}

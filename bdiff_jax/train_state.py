@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import models
+from bdiff_jax import baselines, models
 
 
 @flax.struct.dataclass
@@ -32,9 +32,8 @@ def create_train_state(params, update_rule, key) -> TrainState:
 
 
 def unigram_log_probs(tokens, vocab_size: int) -> jnp.ndarray:
-  """Add-one smoothed log frequencies of `tokens`, float32 [vocab_size]."""
-  counts = np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size] + 1.0
-  return jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
+  """The unigram baseline's add-one log frequencies of `tokens`, float32 [vocab_size]."""
+  return jnp.asarray(baselines.unigram_log_probs(np.asarray(tokens), vocab_size), jnp.float32)
 
 
 def init_train_state(network, update_rule, *, seed: int, seq_len: int,

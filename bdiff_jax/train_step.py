@@ -12,21 +12,15 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh
 
-from bdiff_jax import sharding as sharding_lib
+from bdiff_jax import models, sharding as sharding_lib
 from bdiff_jax.train_state import TrainState
-
-
-def bind_network(network, params, *, train: bool, dropout_key=None):
-  """`apply(tokens, t=None, *, padding_mask=None) -> logits` with the parameters bound."""
-  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
-  return lambda *a, **kw: network.apply({"params": params}, *a, train=train, rngs=rngs, **kw)
 
 
 def loss_fn(params, objective, network, tokens, key, *, train: bool = True):
   """The objective's training loss of one batch -> (loss, aux); `key` is split for noise and
   dropout."""
   noise_key, dropout_key = jax.random.split(key)
-  apply = bind_network(network, params, train=train, dropout_key=dropout_key)
+  apply = models.bind(network, params, train=train, dropout_key=dropout_key)
   return objective.loss(apply, tokens, noise_key)
 
 

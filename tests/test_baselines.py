@@ -30,7 +30,7 @@ def test_bigram_is_normalised_and_uses_block_context_only():
   rng = np.random.default_rng(0)
   train = rng.integers(0, 5, 400)
   s = _splits(train, train[:50], train[:50], 5)
-  uni = baselines._unigram_logp(train, 5)  # pylint: disable=protected-access
+  uni = baselines.unigram_log_probs(train, 5)
   bigram = baselines._Bigram(train, 5)  # pylint: disable=protected-access
   for prev in range(5):
     ml, seen = bigram.ml(np.full(5, prev), np.arange(5))

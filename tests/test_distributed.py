@@ -8,7 +8,6 @@ restoring the 2-process checkpoint on 1 process must continue with the 2-process
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -18,7 +18,8 @@ from bdiff_jax.models.hf_checkpoint import load_opt
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.modes import glue as glue_mode
 from bdiff_jax.train_state import create_train_state
-from bdiff_jax.train_step import bind_network, make_train_step
+from bdiff_jax.models import bind
+from bdiff_jax.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers
 
@@ -48,7 +49,7 @@ def test_causal_score_is_mean_label_logprob_under_left_padding(sst2):
   tok = load_bpe_tokenizer(OPT_DIR)
   enc = glue_encoding.encode_split(split, glue_encoding.BPEEncoder(tok), scoring="causal",
                                    seq_len=48)
-  apply = bind_network(OPTLM(cfg), {"opt": params}, train=False)
+  apply = bind(OPTLM(cfg), {"opt": params}, train=False)
   batch = {k: jnp.asarray(v) for k, v in enc.items() if k != "labels"}
   got = np.asarray(classification.CausalPrompt().scores(apply, batch))
   for i in range(len(split)):

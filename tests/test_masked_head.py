@@ -21,7 +21,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from bdiff_jax import configuration, models, schedules, xla_flags
 from bdiff_jax.corruption import corrupt

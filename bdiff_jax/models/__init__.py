@@ -20,9 +20,16 @@ def init_params(network: Network, key, *, seq_len: int):
   return network.init({"params": key}, tokens, t, train=False)["params"]
 
 
+def bind(network: Network, params, *, train: bool, dropout_key=None):
+  """`apply(tokens, t=None, **kw) -> logits` (or, with method="head", hidden -> logits): the
+  network with its parameters and dropout key bound."""
+  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+  return lambda *a, **kw: network.apply({"params": params}, *a, train=train, rngs=rngs, **kw)
+
+
 def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["Network", "ModelSpec", "build_network", "init_params", "count_params",
+__all__ = ["Network", "ModelSpec", "bind", "build_network", "init_params", "count_params",
            "spec_from_config"]

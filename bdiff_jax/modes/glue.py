@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdiff_jax import glue_metrics, glue_models, glue_report, models
-from bdiff_jax.benchmarks.step_memory import memory_stats
+from bdiff_jax.platform_info import memory_stats
 from bdiff_jax.data import glue, glue_encoding, glue_sampling
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
 from bdiff_jax.reporter import Reporter
 from bdiff_jax.train_state import create_train_state
-from bdiff_jax.train_step import bind_network, make_train_step
+from bdiff_jax.train_step import make_train_step
 
 
 def task_splits(task: str, g, seed: int):
@@ -78,7 +78,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter) -> dict:
   primary = glue_metrics.primary_metric(task)
   state = create_train_state(row.params, row.rule, jax.random.PRNGKey(seed))
   step_fn = make_train_step(row.objective, row.network, row.rule, ema_decay=0.0)
-  score_fn = jax.jit(lambda p, b: row.objective.scores(bind_network(row.network, p, train=False),
+  score_fn = jax.jit(lambda p, b: row.objective.scores(models.bind(row.network, p, train=False),
                                                        b))
   bs = int(g.batch_size)
   rng = np.random.default_rng(seed)
