@@ -26,6 +26,9 @@ count only the non-pad tokens, so a LEFT-padded row gets the same positions (and
 positions, the same logits) as the unpadded sequence. Layer norms use eps = 1e-5 and the exact
 two-pass variance. Pad positions produce finite but meaningless outputs.
 
+Generation: `decode=True` runs a few tokens per call through key/value caches (see `OPT`);
+`bdiff_jax.models.opt_network` trains this architecture from scratch in the bdiff trainer.
+
 To get real weights (with network access), download a checkpoint directory and point the loader at
 it, e.g.
 
@@ -172,13 +175,19 @@ class OPTConfig:
 
 
 class OPTAttention(nn.Module):
-  """Causal multi-head self-attention with padding mask: [B, L, D] -> [B, L, D]."""
+  """Causal multi-head self-attention with padding mask: [B, L, D] -> [B, L, D].
+
+  With `decode=True` it keeps a key/value cache in the "cache" collection (`cached_key`,
+  `cached_value` [B, L_max, H, head_dim], `cache_index`): the call that creates it (inside
+  `init`, input [B, L_max, D]) computes as without `decode`; each later call appends its L keys
+  and values at `cache_index` and its queries attend to the filled slots up to their own.
+  """
   config: OPTConfig
   dtype: Any = jnp.float32
   precision: Any = None
 
   @nn.compact
-  def __call__(self, h, visible, deterministic: bool):
+  def __call__(self, h, visible, deterministic: bool, decode: bool = False):
     cfg = self.config
     dense = lambda name: nn.Dense(cfg.hidden_size, use_bias=cfg.enable_bias, dtype=self.dtype,
                                   precision=self.precision, name=name)
@@ -187,6 +196,21 @@ class OPTAttention(nn.Module):
     q = split(dense("q_proj")(h) * (cfg.head_dim ** -0.5))
     k = split(dense("k_proj")(h))
     v = split(dense("v_proj")(h))
+    if decode:
+      stepping = self.has_variable("cache", "cached_key")  # False while the cache is created
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+      if stepping:
+        start = cache_index.value
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), (0, start, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), (0, start, 0, 0))
+        cache_index.value = start + l
+        k, v = cached_key.value, cached_value.value
+        slots = jnp.arange(k.shape[1])
+        visible = (slots[None, :] <= start + jnp.arange(l)[:, None])[None]  # [1, Lq, L_max]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision).astype(jnp.float32)
     scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -208,6 +232,7 @@ class OPTDecoderLayer(nn.Module):
   deterministic: bool = True
   dtype: Any = jnp.float32
   precision: Any = None
+  decode: bool = False
 
   @nn.compact
   def __call__(self, h, visible):
@@ -219,7 +244,7 @@ class OPTDecoderLayer(nn.Module):
 
     x = ln_attn(h) if pre else h
     x = OPTAttention(cfg, self.dtype, self.precision, name="self_attn")(
-        x, visible, self.deterministic)
+        x, visible, self.deterministic, self.decode)
     h = h + drop(x)
     if not pre:
       h = ln_attn(h)
@@ -265,6 +290,12 @@ class OPT(nn.Module):
   (self_attn/{q,k,v,out}_proj, self_attn_layer_norm, fc1, fc2, final_layer_norm) stacked on a
   leading [num_hidden_layers] axis.
 
+  `decode=True` decodes with key/value caches (the "cache" collection, its layer caches stacked
+  like the parameters): the call that creates them (inside `init`, with a [B, L_max] input)
+  computes as without `decode` and sizes the caches for L_max tokens; each later call takes the
+  next L tokens of unpadded sequences (`attention_mask` is ignored) at positions
+  "cache"/"position" onwards, and returns what a full forward returns at those positions.
+
   Raises:
     OPTConfigError: the sequence is longer than max_position_embeddings (checked at trace time).
   """
@@ -274,9 +305,13 @@ class OPT(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, *, deterministic: bool = True,
-               return_hidden: bool = False):
+               return_hidden: bool = False, decode: bool = False):
     cfg = self.config
     length = input_ids.shape[1]
+    stepping = False
+    if decode:  # the next position to decode; see the class docstring
+      stepping = self.has_variable("cache", "position")
+      counter = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
     if length > cfg.max_position_embeddings:
       raise OPTConfigError(
           f"OPT input of length {length} exceeds max_position_embeddings "
@@ -288,17 +323,23 @@ class OPT(nn.Module):
     if cfg.has_projections:
       h = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, precision=self.precision,
                    name="project_in")(h)
-    pos = position_ids(attention_mask) + POSITION_OFFSET
+    if stepping:
+      pos = jnp.broadcast_to(counter.value + jnp.arange(length)[None], input_ids.shape)
+      counter.value = counter.value + length
+    else:
+      pos = position_ids(attention_mask)
+    pos = pos + POSITION_OFFSET
     h = h + nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
                      embedding_init=init, dtype=self.dtype, name="embed_positions")(pos)
 
     keys = attention_mask.astype(bool)[:, None, :]                          # [B, 1, Lk]
     causal = jnp.tril(jnp.ones((length, length), bool))[None]               # [1, Lq, Lk]
     visible = causal & keys                                                 # [B, Lq, Lk]
-    stack = nn.scan(OPTDecoderLayer, variable_axes={"params": 0},
+    stack = nn.scan(OPTDecoderLayer, variable_axes={"params": 0, "cache": 0},
                     split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                     length=cfg.num_hidden_layers)
-    h, _ = stack(cfg, deterministic, self.dtype, self.precision, name="layers")(h, visible)
+    h, _ = stack(cfg, deterministic, self.dtype, self.precision, decode,
+                 name="layers")(h, visible)
 
     if cfg.has_final_layer_norm:
       h = _layer_norm(cfg, "final_layer_norm", self.dtype)(h)
