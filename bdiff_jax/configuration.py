@@ -12,7 +12,7 @@ import ml_collections
 from bdiff_jax import zeroth_order
 from bdiff_jax.errors import ConfigError
 
-BACKBONES = ("standard", "reversible")
+BACKBONES = ("standard", "reversible", "opt")
 BLOCKS = ("simple", "qwen3")
 OBJECTIVES = ("diffusion", "autoregressive")  # bdiff_jax.objective.NAMES (a test checks)
 SCHEDULES = ("linear", "cosine", "polynomial")
@@ -48,7 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.verify_counts = True
 
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = "standard"  # "standard" | "reversible"
+  # "standard" | "reversible" | "opt": OPT's architecture (pre-LN, ReLU, learned positions,
+  # tied head; bdiff_jax/models/opt_network.py), autoregressive objective only.
+  c.model.backbone = "standard"
   c.model.block = "simple"  # "simple" (LayerNorm + GELU MLP) | "qwen3"
   c.model.objective = "diffusion"  # "diffusion" | "autoregressive"
   c.model.num_layers = 4
@@ -167,6 +169,25 @@ def _in_unit(path, value, *, closed_low=True, closed_high=True):
                       f"pass --config.{path}=<a value in {lo}0, 1{hi}>.")
 
 
+def _validate_opt(m) -> None:
+  """What OPT's architecture cannot do (bdiff_jax/models/opt_network.py)."""
+  if m.objective != "autoregressive":
+    raise ConfigError(
+        f"config.model.backbone='opt' is a causal LM; it cannot be trained with "
+        f"objective={m.objective!r}.",
+        "pass --config.model.objective=autoregressive --config.model.time_conditioning=none, "
+        "or another backbone.")
+  if m.emb_dim % m.num_heads:
+    raise ConfigError(f"config.model.emb_dim={m.emb_dim} is not divisible by "
+                      f"config.model.num_heads={m.num_heads} (OPT's head size).",
+                      "choose num_heads dividing emb_dim.")
+  if not m.tie_embeddings or m.attention != "dense":
+    raise ConfigError("backbone 'opt' has a tied LM head and dense attention; "
+                      f"config.model.tie_embeddings={m.tie_embeddings!r}, "
+                      f"attention={m.attention!r} cannot be honoured.",
+                      "pass --config.model.tie_embeddings=true --config.model.attention=dense.")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field."""
   _choice("data.variant", c.data.variant, VARIANTS)
@@ -188,7 +209,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"config.model.num_heads={m.num_heads} is not a multiple of "
         f"config.model.num_kv_heads={m.num_kv_heads}.",
         "choose num_kv_heads dividing num_heads (grouped-query attention).")
-  if m.positional == "rope" and m.head_dim % 2:
+  if m.positional == "rope" and m.head_dim % 2 and m.backbone != "opt":  # OPT: learned
     raise ConfigError(f"config.model.head_dim={m.head_dim} must be even for RoPE.",
                       "use an even head_dim or --config.model.positional=learned.")
   _in_unit("model.dropout_rate", m.dropout_rate, closed_high=False)
@@ -196,6 +217,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive("model.norm_eps", m.norm_eps)
   if m.attention == "candidate":
     _positive("model.candidate_k", m.candidate_k)
+  if m.backbone == "opt":
+    _validate_opt(m)
   d = c.diffusion
   _choice("diffusion.schedule", d.schedule, SCHEDULES)
   _choice("diffusion.corruption", d.corruption, CORRUPTIONS)

@@ -58,9 +58,10 @@ def path_names(path) -> PathNames:
 
 
 def trainable_predicate(freeze_embeddings: bool) -> Predicate:
-  """All parameters, or all but the token embedding (the `embed` module, tied to the head)."""
+  """All parameters, or all but the token embedding (tied to the head): the `embed` module of a
+  bdiff `Network`, `embed_tokens` of OPT."""
   if freeze_embeddings:
-    return lambda names: "embed" not in names
+    return lambda names: "embed" not in names and "embed_tokens" not in names
   return lambda names: True
 
 
@@ -70,8 +71,10 @@ def is_stacked(names: PathNames) -> bool:
 
 
 def kv_targets(names: PathNames) -> bool:
-  """The attention key and value projection kernels (DiZO's default targets)."""
-  return len(names) >= 2 and names[-1] == "kernel" and names[-2] in ("key", "value")
+  """The attention key and value projection kernels (DiZO's default targets): `key`/`value` of
+  a bdiff `Network`, `k_proj`/`v_proj` of OPT."""
+  return len(names) >= 2 and names[-1] == "kernel" and names[-2] in (
+      "key", "value", "k_proj", "v_proj")
 
 
 def kernel_targets(names: PathNames) -> bool:

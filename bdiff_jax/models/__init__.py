@@ -4,13 +4,17 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax.models.network import Network
+from bdiff_jax.models.opt_network import OPTNetwork, opt_spec
 from bdiff_jax.models.spec import ModelSpec, spec_from_config
 
 
-def build_network(model_config, *, vocab_size: int, max_len: int, causal: bool) -> Network:
-  """The network of `config.model`; `causal` comes from the objective (`Objective.causal`)."""
-  return Network(spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len,
-                                  causal=causal))
+def build_network(model_config, *, vocab_size: int, max_len: int, causal: bool):
+  """The network of `config.model` (a `Network`, or an `OPTNetwork` for backbone "opt");
+  `causal` comes from the objective (`Objective.causal`)."""
+  spec = spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len, causal=causal)
+  if spec.backbone == "opt":
+    return OPTNetwork(opt_spec(spec))
+  return Network(spec)
 
 
 def init_params(network: Network, key, *, seq_len: int):
@@ -31,5 +35,5 @@ def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["Network", "ModelSpec", "bind", "build_network", "init_params", "count_params",
+__all__ = ["Network", "ModelSpec", "OPTNetwork", "bind", "build_network", "init_params", "count_params",
            "spec_from_config"]

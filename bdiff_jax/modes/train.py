@@ -267,7 +267,8 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   config, workdir, tc = exp.config, exp.workdir, exp.config.train
   if config.preset:
     reporter.info(f"preset: {config.preset} ({config.preset_reason})")
-  reporter.info(f"model: {config.model.backbone} backbone, {config.model.block} block, "
+  block = "" if config.model.backbone == "opt" else f", {config.model.block} block"
+  reporter.info(f"model: {config.model.backbone} backbone{block}, "
                 f"{exp.objective.name}; {exp.num_params():,} parameters; "
                 f"{mesh.devices.size} {jax.default_backend()} device(s)" +
                 (f", mesh data={mesh.devices.shape[0]} x fsdp={mesh.devices.shape[1]}"

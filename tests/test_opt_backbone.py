@@ -1,0 +1,96 @@
+"""`config.model.backbone = "opt"`: OPT's architecture in the trainer (autoregressive only).
+
+The adapter (`models.opt_network.OPTNetwork`) must compute exactly `models.opt.OPT` (so the
+trainer and the GLUE benchmark, which loads such a workdir as its `opt` model, run one network),
+train with the AR train step, and be refused with the diffusion objective. Decoding through its
+caches is checked against the full forward in test_ar_sampling.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdiff_jax import models, train_state, update_rule, zeroth_order
+from bdiff_jax.errors import ConfigError
+from bdiff_jax.models.opt import OPT
+from bdiff_jax.models.opt_network import OPTNetwork, opt_config
+from bdiff_jax.objective import build_objective
+from bdiff_jax.train_step import make_train_step
+from tests import helpers
+
+VOCAB = 50
+
+
+def opt_config_tiny(**over):
+  """A validated tiny config of the OPT backbone (2 x 32, 2 heads, mlp 64, seq 16; `over`
+  overrides config.model fields)."""
+  return helpers.tiny_config(backbone="opt", objective="autoregressive",
+                             time_conditioning="none", **over)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  """(config, objective, network, update rule, initial state on the host, batch); params from a
+  jitted init (the op-by-op init of the scanned layers takes seconds)."""
+  c = opt_config_tiny(num_layers=1)
+  objective = build_objective(c, mask_id=VOCAB)
+  net = models.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
+                             causal=objective.causal)
+  rule = update_rule.build_update_rule(c.train)
+  state = jax.jit(lambda: train_state.init_train_state(net, rule, seed=0,
+                                                       seq_len=c.data.seq_len))()
+  state = jax.device_get(state)  # host copies: the train step donates what it is given
+  batch = jax.random.randint(jax.random.key(2), (c.train.batch_size, c.data.seq_len), 0, VOCAB)
+  return c, objective, net, rule, state, batch
+
+
+def test_opt_backbone_needs_the_autoregressive_objective():
+  with pytest.raises(ConfigError) as info:
+    helpers.tiny_config(backbone="opt")  # objective diffusion (the default)
+  assert "autoregressive" in str(info.value) and info.value.fix
+  with pytest.raises(ConfigError, match="num_heads"):
+    opt_config_tiny(num_heads=3)
+
+
+def test_adapter_is_opt_with_the_real_token_head():
+  c, _, net, _, state, batch = _setup()
+  assert isinstance(net, OPTNetwork) and net.spec.positional == "learned"
+  p = state.params
+  leaves = [zeroth_order.path_names(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
+  assert ("opt", "embed_tokens", "embedding") in leaves  # OPT's names: the GLUE rules' targets
+  assert sum(map(zeroth_order.kv_targets, leaves)) == 2  # k_proj, v_proj kernels (stacked)
+  assert p["opt"]["embed_tokens"]["embedding"].shape == (VOCAB + 1, c.model.emb_dim)
+  tokens = jnp.asarray(batch[:3])
+  padding = jnp.arange(c.data.seq_len)[None] < jnp.array([[16], [9], [1]])  # right padding
+
+  @jax.jit
+  def run(p):
+    apply = models.bind(net, p, train=False)
+    ref = OPT(opt_config(net.spec))
+    hidden = apply(tokens, padding_mask=padding, return_hidden=True)
+    return (apply(tokens, padding_mask=padding), apply(hidden, method="head"),
+            ref.apply({"params": p["opt"]}, tokens, padding.astype(jnp.int32)),
+            apply(tokens, padding_mask=padding, logit_positions=jnp.array([[0], [8], [0]])))
+
+  logits, from_head, reference, at = jax.device_get(run(p))
+  assert logits.shape == (3, c.data.seq_len, VOCAB) and reference.shape[-1] == VOCAB + 1
+  real = np.asarray(padding)
+  np.testing.assert_allclose(logits[real], reference[..., :VOCAB][real], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(from_head, logits)
+  np.testing.assert_allclose(at[:, 0], logits[np.arange(3), [0, 8, 0]], rtol=1e-6, atol=1e-6)
+
+
+def test_opt_backbone_trains_with_the_ar_step():
+  c, objective, net, rule, state, batch = _setup()
+  step = make_train_step(objective, net, rule, ema_decay=c.train.ema_decay)
+  losses = []
+  for _ in range(6):  # the same batch: the loss must fall
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses))
+  assert abs(losses[0] - np.log(VOCAB)) < 0.3  # tied head at init: near uniform
+  assert losses[-1] < losses[0] - 0.3, losses
+
