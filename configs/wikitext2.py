@@ -3,6 +3,7 @@ r"""Masked-diffusion LM on WikiText-2 (word level).
 Run:
   python main.py --config configs/wikitext2.py --workdir runs/wt2          # picks a preset that fits
   python main.py --config configs/wikitext2.py:cpu --workdir runs/wt2_cpu  # force one: cpu|gpu|tpu|smoke
+  python main.py --config configs/wikitext2.py:cpu_opt --workdir runs/wt2_opt  # OPT, autoregressive
 
 With no preset the config looks at the machine (JAX backend and memory) and picks `tpu` on a TPU,
 `gpu` on a GPU and `cpu` otherwise; the train mode prints the choice and the reason, and refuses
@@ -16,6 +17,12 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
            was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
+  cpu_opt: not the diffusion model: OPT's architecture (models/opt_network.py: pre-LN, ReLU,
+           learned positions, tied head) trained with the autoregressive objective (exact
+           NLL), in the cpu preset's shape (4 x 128, 4 heads, mlp 512, seq 128) and budget
+           (lr 2e-3, 50 warmup steps). It pretrains the `opt` rows of the GLUE benchmark, which
+           cannot download real OPT weights here: `configs/glue.py --config.glue.opt_dir=<this
+           workdir>`. Not yet measured.
 
 Peak train-step memory (XLA memory analysis of the compiled step on CPU, temp + arguments +
 outputs - donated aliases): see README.md ("Presets") for the measured values.
@@ -23,7 +30,7 @@ outputs - donated aliases): see README.md ("Presets") for the measured values.
 
 from bdiff_jax.configuration import base_config
 
-PRESETS = ("auto", "smoke", "cpu", "gpu", "tpu", "default")
+PRESETS = ("auto", "smoke", "cpu", "cpu_opt", "gpu", "tpu", "default")
 # Below this much accelerator memory the gpu preset does not fit; fall back to cpu-sized.
 _GPU_PRESET_MIN_BYTES = 12 * 2**30
 
@@ -78,7 +85,7 @@ def get_config(preset: str = ""):
       c.train.batch_size = 256
       c.train.learning_rate = 1e-3
       c.eval.batch_size = 256
-  elif preset == "cpu":
+  elif preset in ("cpu", "cpu_opt"):
     # About 30 minutes of training on 2 CPU cores (plus the full-split evaluation).
     c.data.seq_len = 128
     c.model.num_layers = 4
@@ -99,6 +106,12 @@ def get_config(preset: str = ""):
     c.eval.batch_size = 64
     c.eval.during_training_max_tokens = 8192
     c.eval.num_time_samples = 1
+    if preset == "cpu_opt":  # the same shape and budget, OPT's architecture, AR objective
+      c.model.backbone = "opt"
+      c.model.objective = "autoregressive"
+      c.model.time_conditioning = "none"
+      c.model.positional = "learned"  # what OPT has (opt_network.opt_spec says so anyway)
+      c.model.head_bias_init = "zeros"  # OPT's tied head has no output bias
   elif preset == "smoke":
     # Wiring check on the real data, well under a minute on CPU; evaluation on a subset.
     c.data.seq_len = 64
