@@ -9,7 +9,12 @@ A row is written `model:rule[:head]` (config `glue.rows`, comma-separated):
                                              set, restored from that bdiff workdir (its
                                              config.json, vocab.json and orbax checkpoint
                                              `glue.init_checkpoint`; the backbone must match).
-         opt                                 OPT from the Hugging Face directory `glue.opt_dir`.
+         opt                                 OPT from `glue.opt_dir`: a Hugging Face OPT
+                                             directory (its weights and BPE tokenizer), or a
+                                             bdiff workdir trained with model.backbone=opt
+                                             (configs/wikitext2.py:cpu_opt; told apart by its
+                                             config.json's `model` section): its word
+                                             vocabulary and checkpoint `glue.init_checkpoint`.
   rule   adamw (first order, `glue.adamw`) | mezo | dizo (zeroth order, `glue.zo`, `glue.dizo`).
   head   a pooled linear head (the non-prompt baseline) instead of prompt scoring.
 
@@ -122,6 +127,40 @@ def _restore_bdiff(workdir: str, which: str):
   return cfg, tok, objective, network, params, f"{workdir} ({desc})"
 
 
+def _workdir_model(directory: str):
+  """The `model` section of a bdiff workdir's config.json, or None for anything else (e.g. a
+  Hugging Face checkpoint directory, whose config.json has no such section)."""
+  try:
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None  # the Hugging Face loader reports a missing or unreadable config.json
+  model = saved.get("model") if isinstance(saved, dict) else None
+  return model if isinstance(model, dict) else None
+
+
+def _opt(glue):
+  """(network, params, encoder, init) of an `opt` row: a Hugging Face OPT checkpoint, or a
+  bdiff workdir trained with backbone "opt" (the same architecture, a word vocabulary)."""
+  model = _workdir_model(glue.opt_dir)
+  if model is None:
+    opt_config, opt_params = load_opt(glue.opt_dir)
+    encoder = glue_encoding.BPEEncoder(load_bpe_tokenizer(glue.opt_dir))
+    return OPTLM(opt_config), {"opt": opt_params}, encoder, f"OPT {glue.opt_dir}"
+  if model.get("backbone") != "opt":
+    raise ConfigError(f"glue.opt_dir={glue.opt_dir} is a bdiff workdir with backbone "
+                      f"{model.get('backbone')!r}, not an OPT model.",
+                      "point glue.opt_dir at a Hugging Face OPT directory or at a workdir "
+                      "trained with configs/wikitext2.py:cpu_opt (model.backbone=opt).")
+  cfg, tok, _, network, params, where = _restore_bdiff(glue.opt_dir, glue.init_checkpoint)
+  if int(glue.seq_len) > int(cfg.data.seq_len):
+    raise ConfigError(f"glue.seq_len={glue.seq_len} exceeds the {cfg.data.seq_len} learned "
+                      f"positions of the OPT model in {glue.opt_dir}.",
+                      f"set --config.glue.seq_len to at most {cfg.data.seq_len}.")
+  init = f"OPT architecture pretrained on WikiText-2 (autoregressive), {where}"
+  return network, params, glue_encoding.WordEncoder(tok), init
+
+
 def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
   if glue.init_workdir:
     cfg, tok, lm_obj, network, params, init = _restore_bdiff(glue.init_workdir,
@@ -150,10 +189,8 @@ def build_row(spec: RowSpec, glue, train: GlueSplit, *, seed: int, total_steps: 
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
   regression = train.is_regression
   if spec.model == "opt":
-    opt_config, opt_params = load_opt(glue.opt_dir)
-    encoder = glue_encoding.BPEEncoder(load_bpe_tokenizer(glue.opt_dir))
-    network, params, causal, timed = OPTLM(opt_config), {"opt": opt_params}, True, False
-    init, tof = f"OPT {glue.opt_dir}", float
+    network, params, encoder, init = _opt(glue)
+    causal, timed, tof = True, False, float
   else:
     tok, causal, timed, network, params, init, tof = _bdiff(spec, glue, train, key)
     encoder = glue_encoding.WordEncoder(tok)
@@ -179,12 +216,8 @@ def build_row(spec: RowSpec, glue, train: GlueSplit, *, seed: int, total_steps: 
 
 
 def _frozen(names) -> bool:
+  """MeZO's frozen leaves: token and position embeddings (bdiff `embed`, OPT's tables)."""
   return any(n in ("embed", "embed_tokens", "embed_positions") for n in names)
-
-
-def _kv(names) -> bool:
-  return len(names) >= 2 and names[-1] == "kernel" and names[-2] in (
-      "key", "value", "k_proj", "v_proj")
 
 
 def build_rule(name: str, glue, total_steps: int):
@@ -202,7 +235,7 @@ def build_rule(name: str, glue, total_steps: int):
     return zeroth_order.MeZO(lr, **kwargs)
   d = glue.dizo
   return dizo.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
-                           step_size=d.step_size, tau=d.tau, targets=_kv, **kwargs)
+                   step_size=d.step_size, tau=d.tau, targets=zeroth_order.kv_targets, **kwargs)
 
 
 def forward_passes(rule, num_steps: int) -> dict:

@@ -6,6 +6,9 @@ Run:
       --config.glue.glue_dir=<dir with SST-2/train.tsv, dev.tsv>
   python main.py --config configs/glue.py:quick --workdir runs/glue_quick --mode=glue \
       --config.glue.init_workdir=runs/wt2_qwen3   # a bdiff WikiText-2 workdir (Qwen3 block)
+  python main.py --config configs/glue.py:quick --workdir runs/glue_quick_opt --mode=glue \
+      --config.glue.rows=opt:mezo,opt:dizo,opt:adamw \
+      --config.glue.opt_dir=runs/wt2_opt   # OPT pretrained here: configs/wikitext2.py:cpu_opt
   python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full --mode=glue \
       --config.glue.opt_dir=/data/opt-1.3b
 
@@ -20,8 +23,11 @@ out-of-vocabulary rate.
   quick: SST-2 from ../shared/data/glue, k=16 per class, 500 held-out selection examples, dev
          (872); bdiff rows initialised from `glue.init_workdir` (a WikiText-2 workdir whose
          model matches the row's backbone; '' = from scratch); OPT from `glue.opt_dir` (default:
-         the tiny fixture: set it to a real checkpoint). Minutes per row on CPU. Not yet
-         measured.
+         the tiny fixture). Point opt_dir at a real Hugging Face checkpoint, or, where none
+         can be downloaded, at a WikiText-2 workdir trained with configs/wikitext2.py:cpu_opt
+         (the OPT architecture pretrained autoregressively here; its word vocabulary and
+         checkpoint `glue.init_checkpoint` are used, and glue.seq_len must not exceed its
+         data.seq_len). Minutes per row on CPU. Not yet measured.
   full:  GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
          (16/8), k=16, 1,000 dev examples, 3 seeds, 1,000 steps per row. Not yet measured.
 """

@@ -7,19 +7,25 @@ caches is checked against the full forward in test_ar_sampling.py.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import models, train_state, update_rule, zeroth_order
+from bdiff_jax import checkpointing, config_compat, glue_models, models, train_state
+from bdiff_jax import update_rule, zeroth_order
+from bdiff_jax.data import glue, glue_encoding
+from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
 from bdiff_jax.objective import build_objective
 from bdiff_jax.train_step import make_train_step
+from configs import glue as glue_config
 from tests import helpers
+from tests.test_glue_classification import write_sst2
 
 VOCAB = 50
 
@@ -94,3 +100,53 @@ def test_opt_backbone_trains_with_the_ar_step():
   assert abs(losses[0] - np.log(VOCAB)) < 0.3  # tied head at init: near uniform
   assert losses[-1] < losses[0] - 0.3, losses
 
+
+def _opt_workdir(path, c, state, words):
+  """A bdiff workdir as training leaves it: config.json, vocab.json, a best checkpoint."""
+  os.makedirs(path)
+  config_compat.write_config_atomically(c, path)
+  tokenizer = WordTokenizer.from_corpus(words)
+  assert tokenizer.vocab_size == VOCAB
+  tokenizer.save(os.path.join(path, "vocab.json"))
+  with checkpointing.Checkpointer(str(path)) as ckpt:
+    ckpt.save(3, state, {"step": 3}, best_metrics={checkpointing.BEST_METRIC: 4.0}, force=True)
+
+
+def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
+  c, _, _, _, state, _ = _setup()
+  # VOCAB ids: <eos>, these words, <unk> (the label words are in the vocabulary).
+  words = [" ".join([f"w{i}" for i in range(VOCAB - 4)] + ["great", "terrible"])]
+  _opt_workdir(tmp_path / "wd", c, state, words)
+  g = glue_config.get_config("test").glue
+  g.glue_dir = write_sst2(str(tmp_path / "glue"))
+  g.opt_dir = str(tmp_path / "wd")
+  g.seq_len = c.data.seq_len
+  full = glue.load_split("SST-2", "train", g.glue_dir)
+  row = glue_models.build_row(glue_models.RowSpec("opt", "dizo", False), g, full, seed=0,
+                              total_steps=3)  # DiZO: MeZO's rule (trainable) + its targets
+  assert row.init.startswith(f"OPT architecture pretrained on WikiText-2 (autoregressive), "
+                             f"{tmp_path / 'wd'} (")
+  assert isinstance(row.network, OPTNetwork) and row.scoring == "causal"
+  assert isinstance(row.encoder, glue_encoding.WordEncoder)
+  restored = jax.tree_util.tree_leaves_with_path(row.params)
+  for (path, got), want in zip(restored, jax.tree_util.tree_leaves(state.ema_params)):
+    np.testing.assert_array_equal(got, want)
+    names = zeroth_order.path_names(path)
+    frozen = "embed_tokens" in names or "embed_positions" in names
+    assert row.rule.trainable(names) == (not frozen)  # MeZO's frozen embeddings
+  assert [zeroth_order.path_names(p)[-2] for p, _ in restored
+          if row.rule.targets(zeroth_order.path_names(p))] == ["k_proj", "v_proj"]  # DiZO's
+  enc = glue_encoding.encode_split(full.select([0, 1]), row.encoder, scoring="causal",
+                                   seq_len=g.seq_len)
+  batch = {k: jnp.asarray(v) for k, v in enc.items() if k != "labels"}
+  scores = jax.jit(lambda p: row.objective.scores(models.bind(row.network, p, train=False),
+                                                  batch))(row.params)
+  assert scores.shape == (2, 2) and np.all(np.isfinite(np.asarray(scores)))
+  # A bdiff workdir of another backbone is refused before anything is restored.
+  c2 = helpers.tiny_config()
+  (tmp_path / "std").mkdir()
+  config_compat.write_config_atomically(c2, tmp_path / "std")
+  g.opt_dir = str(tmp_path / "std")
+  with pytest.raises(ConfigError, match="backbone 'standard'"):
+    glue_models.build_row(glue_models.RowSpec("opt", "mezo", False), g, full, seed=0,
+                          total_steps=3)
