@@ -1,7 +1,7 @@
 """The autoregressive sampler with a key/value cache, against the full-forward sampler.
 
-Tiny random causal networks in-process, over both bdiff backbones, both positional encodings
-(RoPE and learned), both blocks, candidate attention, and the OPT backbone (its own caches):
+Tiny random causal networks in-process, over both backbones, both positional encodings (RoPE
+and learned), both blocks and candidate attention:
 
   * decoding one token at a time through the cache gives the logits of the full causal forward
     at every position;
@@ -24,12 +24,10 @@ from tests.helpers import network
 
 VOCAB, LENGTH, BATCH = 13, 8, 3
 
-# (backbone, block, positional, attention): both backbones, blocks and positional encodings,
-# candidate attention (whose decoding ranks the cached keys like the full forward), and OPT
-# (learned positions whatever `positional` says; block is unused).
+# (backbone, block, positional, attention): both backbones, blocks and positional encodings, and
+# candidate attention (whose decoding ranks the cached keys like the full forward).
 CASES = [("standard", "qwen3", "rope", "candidate"),
-         ("reversible", "simple", "learned", "dense"),
-         ("opt", "simple", "rope", "dense")]
+         ("reversible", "simple", "learned", "dense")]
 
 
 def _network(backbone, block, positional, attention, objective="autoregressive"):
