@@ -11,22 +11,34 @@ import pytest
 
 from bdiff_jax import xla_flags
 
+# One persistent XLA compilation cache for the session, shared by the in-process tests, every
+# subprocess and every pytest-xdist worker: identical programs (the smoke preset's steps in many
+# fresh processes, the same tiny model in several tests) compile once. Set before JAX is
+# imported, which reads it then. It lives in .pytest_cache (entries are keyed by the program and
+# the JAX version, so a stale entry is never used).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+    "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
 # The same XLA flags as main.py, before any test starts JAX's backend: in-process and
 # subprocess runs must compute identically (e.g. resume tests compare losses bit for bit).
 xla_flags.apply_default_flags()
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# In this process only (not in subprocesses, which run real training steps): compile without
+# most XLA optimisations. The unit tests' programs are tiny, so compiling dominates them and
+# this roughly halves it; results stay exact where the tests need them to be (the same program
+# twice) and within float tolerance elsewhere. BDIFF_TEST_OPTIMIZE=1 turns it off.
+if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1":
+  jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: integration test (subprocesses, end to end)")
-  # One persistent XLA compilation cache for the session, inherited by every subprocess: the
-  # end-to-end tests compile the same smoke-preset programs in many fresh processes.
-  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    cache = os.path.join(str(config.rootpath), ".pytest_cache", "jax_compilation_cache")
-    os.makedirs(cache, exist_ok=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -64,11 +64,20 @@ def _better(a: float, b: float) -> bool:
   return not np.isnan(a) and (np.isnan(b) or a > b)
 
 
-def run_seed(spec, task: str, g, seed: int, reporter: Reporter) -> dict:
-  """Trains and evaluates one row on one task with one seed; returns its record."""
+def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) -> dict:
+  """Trains and evaluates one row on one task with one seed; returns its record.
+
+  `programs` carries the row's compiled step and scorer from one seed to the next (the seeds
+  change the parameters and the data, not the program), so each row compiles once per task.
+  """
   train, selection, dev, full = task_splits(task, g, seed)
   steps = int(g.num_steps)
   row = glue_models.build_row(spec, g, full, seed=seed, total_steps=steps)
+  if "row" in programs:  # the first seed's network, objective and rule: the same program
+    first = programs["row"]
+    row.network, row.objective, row.rule = first.network, first.objective, first.rule
+  else:
+    programs["row"] = row
   enc = lambda split: glue_encoding.encode_split(split, row.encoder, scoring=row.scoring,
                                                  seq_len=int(g.seq_len),
                                                  time_of_fraction=row.time_of_fraction)
@@ -77,9 +86,12 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter) -> dict:
   oov = None if stats is None else stats.oov_rate
   primary = glue_metrics.primary_metric(task)
   state = create_train_state(row.params, row.rule, jax.random.PRNGKey(seed))
-  step_fn = make_train_step(row.objective, row.network, row.rule, ema_decay=0.0)
-  score_fn = jax.jit(lambda p, b: row.objective.scores(models.bind(row.network, p, train=False),
-                                                       b))
+  if "score_fn" not in programs:
+    network, objective = row.network, row.objective
+    programs["step_fn"] = make_train_step(objective, network, row.rule, ema_decay=0.0)
+    programs["score_fn"] = jax.jit(
+        lambda p, b: objective.scores(models.bind(network, p, train=False), b))
+  step_fn, score_fn = programs["step_fn"], programs["score_fn"]
   bs = int(g.batch_size)
   rng = np.random.default_rng(seed)
   order = np.zeros(0, np.int64)
@@ -92,7 +104,9 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter) -> dict:
     return jax.tree_util.tree_map(jnp.asarray, _take(arrays["train"], idx))
 
   batch = next_batch()
-  compiled = step_fn.lower(state, batch).compile()
+  if "compiled" not in programs:
+    programs["compiled"] = step_fn.lower(state, batch).compile()
+  compiled = programs["compiled"]
   mem = memory_stats(compiled)
   best, best_params = float("nan"), row.params
   best_step, seconds = 0, 0.0
@@ -137,7 +151,8 @@ def run(config, workdir: str, reporter: Reporter) -> dict:
   for task in tasks:
     spec = glue.task_spec(task)
     for row_spec in specs:
-      recs = [run_seed(row_spec, spec.name, g, int(s), reporter) for s in g.seeds]
+      programs = {}
+      recs = [run_seed(row_spec, spec.name, g, int(s), reporter, programs) for s in g.seeds]
       records += recs
       _, _, dev, full = task_splits(spec.name, g, int(g.seeds[0]))
       majority = glue_metrics.majority_baseline(spec.name, full.labels, dev.labels)
