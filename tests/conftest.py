@@ -39,6 +39,23 @@ if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1":
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: integration test (subprocesses, end to end)")
+  # pytest-xdist (`-n 2 --dist loadgroup`, the README's command) spreads single tests over the
+  # workers; a module whose tests share an expensive module-scoped fixture keeps them together
+  # with `pytestmark = pytest.mark.xdist_group(<module>)`, so the fixture runs once.
+  config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
+
+
+@pytest.fixture
+def xla_optimized():
+  """This test compiles with every XLA optimisation (as subprocesses and users always do): its
+  programs run long enough for optimised code to win, or it compares numbers bit for bit with
+  a subprocess."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="session")

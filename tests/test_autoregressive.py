@@ -28,6 +28,8 @@ from bdiff_jax.objective import build_objective
 from bdiff_jax.reporter import QUIET
 from tests.helpers import REPO, assert_ok, network, run_main, train_losses
 
+pytestmark = pytest.mark.xdist_group("autoregressive")  # shares module-scoped fixtures
+
 SMOKE = "configs/wikitext2.py:smoke"
 AR_ARGS = ("--config.model.objective=autoregressive", "--config.model.time_conditioning=none",
            "--config.model.block=qwen3")
@@ -153,6 +155,7 @@ def test_ar_train_and_eval_in_new_process(ar_run, real_data_dir, shared_tfds_dir
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("xla_optimized")  # bit-identical to the straight run, a subprocess
 def test_ar_resume_identical(ar_run, tmp_path, real_data_dir, shared_tfds_dir):
   straight, _ = ar_run
   split = tmp_path / "split"

@@ -402,7 +402,8 @@ def test_data_parallel_train_step_recompute_equals_autodiff():
   """float64, dropout on, batch sharded over a 4-device mesh (fresh process for the flags)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
              "--xla_backend_optimization_level=0",
-             JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1", PYTHONPATH=REPO)
+             JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1", PYTHONPATH=REPO,
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -113,6 +113,7 @@ def test_exponential_tails_have_correct_conditional_rates(hi):
     assert _binomial_z(count, n, p) < 5, (x, count, n * p)
 
 
+@pytest.mark.usefixtures("xla_optimized")  # 2^27 / many draws: runtime, not compile
 def test_gumbel_distribution_and_tail_beyond_float32_cap():
   # 2^27 draws: about 8 should exceed the single-float32 cap of ~16.64 nats. The same draws
   # check the bulk of the distribution (moments and CDF at a few points).
@@ -453,6 +454,7 @@ def test_categorical_blocked_frequencies(vocab):
     assert counts[4] > 250  # the 1e-3 token (expected ~400) is really drawn
 
 
+@pytest.mark.usefixtures("xla_optimized")  # 2^27 / many draws: runtime, not compile
 def test_reveal_steps_law():
   # P(step = i) = r_i prod_{j<i} (1 - r_j), the last step takes the rest; tiny, zero and
   # certain reveal probabilities included.

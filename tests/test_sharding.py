@@ -132,6 +132,8 @@ import jax, numpy as np
 from bdiff_jax import checkpointing, sharding, train_state, train_step
 from tests import helpers
 
+pytestmark = pytest.mark.xdist_group("sharding")  # shares module-scoped fixtures
+
 c = helpers.tiny_config(backbone="reversible", dropout_rate=0.1)
 objective, net, rule, state, _ = helpers.train_setup(c)
 mesh = sharding.make_mesh(None)
@@ -158,7 +160,8 @@ def eight_device_run(tmp_path_factory):
   proc = helpers.run_python(
       _EIGHT_DEVICES.replace("sys.argv[1]", repr(ckpt_dir)),
       env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                                    "--xla_force_host_platform_device_count=8"})
+                                    "--xla_force_host_platform_device_count=8",
+                 "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
   helpers.assert_ok(proc)
   return json.loads(proc.stdout.strip().splitlines()[-1]), ckpt_dir
 
@@ -213,7 +216,8 @@ def test_fsdp_per_device_argument_bytes_drop_by_the_sharding_factor(eight_device
 def test_checkpoint_from_eight_device_fsdp_mesh_resumes_on_one_device(eight_device_run):
   out, ckpt_dir = eight_device_run
   proc = helpers.run_python(_ONE_DEVICE_RESUME.replace("sys.argv[1]", repr(ckpt_dir)),
-                            env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0"})
+                            env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0",
+                                       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
   helpers.assert_ok(proc)
   one = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"continuation after step 2: 8-device fsdp {out['continuation']}, 1 device "
