@@ -5,10 +5,12 @@ A row is written `model:rule[:head]` (config `glue.rows`, comma-separated):
   model  reversible_qwen3 | standard_qwen3   a bdiff network with the Qwen3 block, from scratch
                                              (shape `glue.bdiff.model`, objective
                                              `glue.bdiff.model.objective`, word vocabulary of the
-                                             task's train text) or, when `glue.init_workdir` is
-                                             set, restored from that bdiff workdir (its
-                                             config.json, vocab.json and orbax checkpoint
-                                             `glue.init_checkpoint`; the backbone must match).
+                                             task's train text) or restored from a bdiff
+                                             workdir: `glue.init_workdir_reversible` /
+                                             `glue.init_workdir_standard` (else
+                                             `glue.init_workdir`): its config.json, vocab.json
+                                             and orbax checkpoint `glue.init_checkpoint`; the
+                                             backbone must match.
          opt                                 OPT from `glue.opt_dir`: a Hugging Face OPT
                                              directory (its weights and BPE tokenizer), or a
                                              bdiff workdir trained with model.backbone=opt
@@ -161,13 +163,20 @@ def _opt(glue):
   return network, params, glue_encoding.WordEncoder(tok), init
 
 
+def init_workdir(glue, model: str) -> str:
+  """The bdiff workdir the row `model` starts from: `glue.init_workdir_<backbone>` when set,
+  else `glue.init_workdir` ('' = from scratch)."""
+  return str(glue.get(f"init_workdir_{BDIFF_MODELS[model]}", "") or glue.init_workdir)
+
+
 def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
-  if glue.init_workdir:
-    cfg, tok, lm_obj, network, params, init = _restore_bdiff(glue.init_workdir,
-                                                             glue.init_checkpoint)
+  workdir = init_workdir(glue, spec.model)
+  if workdir:
+    cfg, tok, lm_obj, network, params, init = _restore_bdiff(workdir, glue.init_checkpoint)
     if cfg.model.backbone != BDIFF_MODELS[spec.model] or cfg.model.block != "qwen3":
-      raise ConfigError(f"{glue.init_workdir} holds a {cfg.model.backbone}/{cfg.model.block} "
-                        f"model, not {spec.model}.", "drop that row or use a matching workdir.")
+      raise ConfigError(f"{workdir} holds a {cfg.model.backbone}/{cfg.model.block} "
+                        f"model, not {spec.model}.", "drop that row or use a matching workdir "
+                        f"(glue.init_workdir_{BDIFF_MODELS[spec.model]}).")
   else:
     cfg = ml_collections.ConfigDict(glue.bdiff.to_dict())
     cfg.model.backbone = BDIFF_MODELS[spec.model]

@@ -5,7 +5,10 @@ Run:
   python main.py --config configs/glue.py:test --workdir /tmp/glue_test --mode=glue \
       --config.glue.glue_dir=<dir with SST-2/train.tsv, dev.tsv>
   python main.py --config configs/glue.py:quick --workdir runs/glue_quick --mode=glue \
-      --config.glue.init_workdir=runs/wt2_qwen3   # a bdiff WikiText-2 workdir (Qwen3 block)
+      --config.glue.init_workdir_reversible=runs/wt2_reversible_qwen3 \
+      --config.glue.init_workdir_standard=runs/wt2_standard_qwen3 --config.glue.opt_dir=runs/wt2_opt
+      # WikiText-2 workdirs: configs/wikitext2.py:cpu with --config.model.block=qwen3 and
+      # --config.model.backbone=reversible|standard, and configs/wikitext2.py:cpu_opt
   python main.py --config configs/glue.py:quick --workdir runs/glue_quick_opt --mode=glue \
       --config.glue.rows=opt:mezo,opt:dizo,opt:adamw \
       --config.glue.opt_dir=runs/wt2_opt   # OPT pretrained here: configs/wikitext2.py:cpu_opt
@@ -21,8 +24,9 @@ out-of-vocabulary rate.
   test:  tiny from-scratch bdiff models + the tiny OPT fixture on a tiny SST-2-layout TSV, a few
          steps, 2 seeds: a wiring check (accuracies near chance; rows flagged). < 1 min on CPU.
   quick: SST-2 from ../shared/data/glue, k=16 per class, 500 held-out selection examples, dev
-         (872); bdiff rows initialised from `glue.init_workdir` (a WikiText-2 workdir whose
-         model matches the row's backbone; '' = from scratch); OPT from `glue.opt_dir` (default:
+         (872); bdiff rows initialised from `glue.init_workdir_reversible` /
+         `glue.init_workdir_standard` (WikiText-2 workdirs whose model matches the row's
+         backbone; '' = from scratch); OPT from `glue.opt_dir` (default:
          the tiny fixture). Point opt_dir at a real Hugging Face checkpoint, or, where none
          can be downloaded, at a WikiText-2 workdir trained with configs/wikitext2.py:cpu_opt
          (the OPT architecture pretrained autoregressively here; its word vocabulary and
@@ -81,7 +85,9 @@ def get_config(arg: str = "test"):
   g.num_steps = 100
   g.eval_every = 25
   g.opt_dir = os.path.join(_REPO, "tests", "fixtures", "tiny_opt")
-  g.init_workdir = ""
+  g.init_workdir = ""  # the bdiff rows' start: a WikiText-2 workdir ('' = from scratch)...
+  g.init_workdir_reversible = ""  # ...or one per backbone (reversible_qwen3 / standard_qwen3)
+  g.init_workdir_standard = ""
   g.init_checkpoint = "best"
   g.bdiff = _bdiff(2, 64, 4, 2)
   g.adamw = base_config().train
