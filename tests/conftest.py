@@ -39,10 +39,6 @@ if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1":
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: integration test (subprocesses, end to end)")
-  # pytest-xdist (`-n 2 --dist loadgroup`, the README's command) spreads single tests over the
-  # workers; a module whose tests share an expensive module-scoped fixture keeps them together
-  # with `pytestmark = pytest.mark.xdist_group(<module>)`, so the fixture runs once.
-  config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
 
 
 @pytest.fixture

@@ -28,8 +28,6 @@ from bdiff_jax.objective import build_objective
 from bdiff_jax.reporter import QUIET
 from tests.helpers import REPO, assert_ok, network, run_main, train_losses
 
-pytestmark = pytest.mark.xdist_group("autoregressive")  # shares module-scoped fixtures
-
 SMOKE = "configs/wikitext2.py:smoke"
 AR_ARGS = ("--config.model.objective=autoregressive", "--config.model.time_conditioning=none",
            "--config.model.block=qwen3")

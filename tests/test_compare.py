@@ -24,8 +24,6 @@ from bdiff_jax.errors import ConfigError, NonFiniteLossError
 from bdiff_jax.reporter import QUIET, Reporter
 from tests import helpers
 
-pytestmark = pytest.mark.xdist_group("compare")  # shares module-scoped fixtures
-
 OUTPUTS = (compare.JSON_FILE, compare.MARKDOWN_FILE, compare.PLOT_FILE)
 
 

@@ -16,8 +16,6 @@ from bdiff_jax.data import wikitext2
 from bdiff_jax.errors import DataError, VocabularyError
 from tests import helpers
 
-pytestmark = pytest.mark.xdist_group("data")  # shares module-scoped fixtures
-
 REPO = helpers.REPO
 
 

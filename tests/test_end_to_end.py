@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import assert_ok, run_main, train_losses
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("end_to_end")]  # every test here runs main.py in new processes
+pytestmark = pytest.mark.slow  # every test here runs main.py in new processes
 
 CONFIG = "configs/wikitext2.py:smoke"
 

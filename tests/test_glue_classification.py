@@ -23,8 +23,6 @@ from bdiff_jax.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers
 
-pytestmark = pytest.mark.xdist_group("glue_classification")  # shares module-scoped fixtures
-
 OPT_DIR = os.path.join(helpers.REPO, "tests", "fixtures", "tiny_opt")
 SENTENCES = ["a great movie", "a terrible film", "truly wonderful acting", "boring and dull"]
 

@@ -17,8 +17,6 @@ from bdiff_jax.data import glue_download
 from bdiff_jax.data import glue_sampling
 from bdiff_jax.errors import ConfigError, DataError
 
-pytestmark = pytest.mark.xdist_group("glue_data")  # shares module-scoped fixtures
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.helpers import REPO, assert_ok, run_main, subprocess_env, train_losses
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reliability")]  # every test here runs main.py in new processes
+pytestmark = pytest.mark.slow  # every test here runs main.py in new processes
 
 STEPS = 8
 

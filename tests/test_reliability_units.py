@@ -31,8 +31,6 @@ from bdiff_jax.data import pipeline, wikitext2
 from bdiff_jax.errors import (CheckpointError, ConfigMismatchError, DiskFullError, StorageError,
                               UserError, WorkdirBusyError, WorkdirError)
 
-pytestmark = pytest.mark.xdist_group("reliability_units")  # shares module-scoped fixtures
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -132,8 +132,6 @@ import jax, numpy as np
 from bdiff_jax import checkpointing, sharding, train_state, train_step
 from tests import helpers
 
-pytestmark = pytest.mark.xdist_group("sharding")  # shares module-scoped fixtures
-
 c = helpers.tiny_config(backbone="reversible", dropout_rate=0.1)
 objective, net, rule, state, _ = helpers.train_setup(c)
 mesh = sharding.make_mesh(None)
