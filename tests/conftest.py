@@ -6,6 +6,7 @@ through main.py, subprocesses, multi-device) are marked `slow`; the fast unit la
 """
 
 import os
+import signal
 
 import pytest
 
@@ -20,6 +21,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
     "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+# A suite started in the background by a non-interactive shell (`nohup ... &`, a CI script)
+# inherits SIGINT ignored, and so would every process it starts; the interrupt tests need Ctrl-C
+# to reach this process and its children, as it does from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The same XLA flags as main.py, before any test starts JAX's backend: in-process and
 # subprocess runs must compute identically (e.g. resume tests compare losses bit for bit).
