@@ -73,11 +73,12 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   train, selection, dev, full = task_splits(task, g, seed)
   steps = int(g.num_steps)
   row = glue_models.build_row(spec, g, full, seed=seed, total_steps=steps)
-  if "row" in programs:  # the first seed's network, objective and rule: the same program
-    first = programs["row"]
-    row.network, row.objective, row.rule = first.network, first.objective, first.rule
+  # The first seed's network, objective and rule (not its parameters, which would stay in
+  # memory for the task's remaining seeds): the same program.
+  if "parts" in programs:
+    row.network, row.objective, row.rule = programs["parts"]
   else:
-    programs["row"] = row
+    programs["parts"] = (row.network, row.objective, row.rule)
   enc = lambda split: glue_encoding.encode_split(split, row.encoder, scoring=row.scoring,
                                                  seq_len=int(g.seq_len),
                                                  time_of_fraction=row.time_of_fraction)
