@@ -45,9 +45,9 @@ def test_check_targets_pass_and_fail():
 
 @pytest.mark.slow
 def test_run_memory_benchmark_writes_results(tmp_path, monkeypatch, capsys):
-  # The workers compile without LLVM optimisation: this test checks wiring, not speed.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
-  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  # The workers compile fast (helpers.tiny_compile_env): this test checks wiring, not speed.
+  for name, value in helpers.tiny_compile_env().items():
+    monkeypatch.setenv(name, value)
   config = _benchmark_config("test")
   config.benchmark.backbones = ("standard", "reversible/recompute")
   out = memory.run_memory_benchmark(config, str(tmp_path))

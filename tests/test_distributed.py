@@ -92,9 +92,8 @@ if started:
 """
 
 
-# Compiling is most of this test's time (three processes); XLA's CPU backend optimisations are
-# off in all of them alike.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+# Compiling is most of this test's time (three processes): all of them compile alike, fast
+# (helpers.tiny_compile_env).
 
 
 def _free_port() -> int:
@@ -116,8 +115,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   procs = []
   for index in range(2):
     env = helpers.subprocess_env(
-        XLA_FLAGS=_FAST_COMPILE + "2", JAX_DISABLE_MOST_OPTIMIZATIONS=1,
-        JAX_COORDINATOR_ADDRESS=address,
+        **helpers.tiny_compile_env(devices=2), JAX_COORDINATOR_ADDRESS=address,
         JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=index)
     procs.append(subprocess.Popen([sys.executable, "-c", _TRAIN, ckpt_dir, "train"],
                                   cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
@@ -133,8 +131,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     assert p.returncode == 0, stderr[-3000:]
     outs.append(_result(stdout))
   one = helpers.run_python(_TRAIN.replace("sys.argv[1], sys.argv[2]", f"{ckpt_dir!r}, 'one'"),
-                           env_extra={"XLA_FLAGS": _FAST_COMPILE + "4",
-                                      "JAX_DISABLE_MOST_OPTIMIZATIONS": 1})
+                           env_extra=helpers.tiny_compile_env(devices=4))
   helpers.assert_ok(one)
   single = _result(one.stdout)
   print(f"2 processes: losses {outs[0]['losses']}; 1 process: {single['losses']}; resumed "

@@ -6,7 +6,6 @@ Models are tiny (D=32) and every computation is jitted once per test to keep the
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -400,10 +399,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_data_parallel_train_step_recompute_equals_autodiff():
   """float64, dropout on, batch sharded over a 4-device mesh (fresh process for the flags)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-             "--xla_backend_optimization_level=0",
-             JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1", PYTHONPATH=REPO,
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = helpers.subprocess_env(**helpers.tiny_compile_env(devices=4, JAX_ENABLE_X64="1"))
   proc = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -157,9 +157,7 @@ def eight_device_run(tmp_path_factory):
   ckpt_dir = str(tmp_path_factory.mktemp("fsdp_ckpt"))
   proc = helpers.run_python(
       _EIGHT_DEVICES.replace("sys.argv[1]", repr(ckpt_dir)),
-      env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                                    "--xla_force_host_platform_device_count=8",
-                 "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
+      env_extra=helpers.tiny_compile_env(devices=8))
   helpers.assert_ok(proc)
   return json.loads(proc.stdout.strip().splitlines()[-1]), ckpt_dir
 
@@ -214,8 +212,7 @@ def test_fsdp_per_device_argument_bytes_drop_by_the_sharding_factor(eight_device
 def test_checkpoint_from_eight_device_fsdp_mesh_resumes_on_one_device(eight_device_run):
   out, ckpt_dir = eight_device_run
   proc = helpers.run_python(_ONE_DEVICE_RESUME.replace("sys.argv[1]", repr(ckpt_dir)),
-                            env_extra={"XLA_FLAGS": "--xla_backend_optimization_level=0",
-                                       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
+                            env_extra=helpers.tiny_compile_env())
   helpers.assert_ok(proc)
   one = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"continuation after step 2: 8-device fsdp {out['continuation']}, 1 device "

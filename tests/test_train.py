@@ -1,6 +1,5 @@
 """Train step: optimizer/EMA behaviour, determinism, and data parallelism over 4 CPU devices."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -108,8 +107,7 @@ _DP_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_data_parallel_over_four_devices_matches_one():
   # Tiny models: compiling dominates, so compile without most XLA optimisations.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = helpers.subprocess_env(**helpers.tiny_compile_env(devices=4))
   proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
