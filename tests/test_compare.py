@@ -20,6 +20,8 @@ import os
 import pytest
 
 from bdiff_jax.benchmarks import compare
+from bdiff_jax.benchmarks.compare import measure
+from bdiff_jax.data.tokenizer import load_tokenizer
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
 from bdiff_jax.reporter import QUIET, Reporter
 from tests import helpers
@@ -146,12 +148,12 @@ def test_level(tmp_path_factory, real_data_dir, shared_tfds_dir):
   console = io.StringIO()
   summary = compare.run_comparison(_data_config(real_data_dir, shared_tfds_dir), str(workdir),
                                    Reporter(stream=console))
-  return workdir, summary, console.getvalue()
+  return workdir, summary, console.getvalue(), (real_data_dir, shared_tfds_dir)
 
 
 @pytest.mark.slow
 def test_test_level_outputs(test_level):
-  workdir, summary, console = test_level
+  workdir, summary, console, data_dirs = test_level
   for name in OUTPUTS:
     assert os.path.getsize(os.path.join(workdir, name)) > 100, name
   with open(os.path.join(workdir, compare.PLOT_FILE), "rb") as f:
@@ -170,6 +172,16 @@ def test_test_level_outputs(test_level):
     assert m["ppl_kind"] == ("exact" if m["objective"] == "autoregressive" else "upper bound")
     assert m["model_config"]["block"] == "qwen3"
     assert os.path.exists(os.path.join(m["runs"][0]["workdir"], "eval_latest.json"))
+  # Each model's memory is that of the step its training compiled (recorded, not compiled
+  # again): the same numbers as compiling its train step afresh.
+  sd_run = next(r for r in compare.plan(_data_config(*data_dirs), str(workdir))
+                if r.entry.label == "standard_diffusion")
+  vocab_size = load_tokenizer(os.path.join(sd_run.workdir, "vocab.json")).vocab_size
+  fresh = measure.train_step_memory(sd_run.config, vocab_size)
+  sd = next(m for m in data["models"] if m["model"] == "standard_diffusion")
+  assert {k: sd["memory"][k] for k in measure.MEMORY_FIELDS} == {
+      k: fresh[k] for k in measure.MEMORY_FIELDS}
+  assert sd["runs"][0]["train_step_memory"] == {k: fresh[k] for k in measure.MEMORY_FIELDS}
   # The reversible backbone has the standard one's parameters, the AR model too (no adaLN).
   assert len({m["num_params"] for m in data["models"]}) == 1
   depths = sorted((r["backbone"], r["depth"]) for r in data["memory_vs_depth"])
@@ -211,7 +223,7 @@ def test_failure_inside_one_model_fails_the_run(tmp_path, real_data_dir, shared_
 @pytest.mark.slow
 def test_finished_runs_are_reused_and_foreign_checkpoints_refused(test_level, real_data_dir,
                                                                   shared_tfds_dir):
-  workdir, summary, _ = test_level
+  workdir, summary, _, _ = test_level
   runs = compare.plan(_data_config(real_data_dir, shared_tfds_dir), str(workdir))
   ar = next(r for r in runs if r.entry.label == "autoregressive")
   console = io.StringIO()

@@ -43,6 +43,9 @@ class TrainResult:
   wall_seconds: float
   evaluation: Optional[dict] = None
   exit_code: int = 0  # what main.py exits with (non-zero after an interruption)
+  # XLA's memory analysis (platform_info.memory_stats) of the train step this call compiled;
+  # None when it compiled none (nothing left to train).
+  step_memory: Optional[dict] = None
 
   @property
   def evaluated(self) -> bool:
@@ -285,10 +288,12 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   rules = StopRules.from_config(tc)
   step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
                             ema_decay=tc.ema_decay, mesh=mesh, state_shardings=shardings)
+  step_memory = None
   if start < rules.stop_step:  # compile ahead: refuse a step that cannot fit, before training
     step_fn = step_fn.lower(state, _global_batch(batches, start, mesh)).compile()
+    step_memory = platform_info.memory_stats(step_fn)
     platform_info.check_step_fits(
-        platform_info.memory_stats(step_fn), platform_info.detect(),
+        step_memory, platform_info.detect(),
         what=f"the train step of this config (preset {config.preset or 'custom'})",
         fix="pick a smaller preset (configs/wikitext2.py:cpu or :smoke) or lower "
             "--config.train.batch_size / --config.data.seq_len / the model size.")
@@ -327,7 +332,8 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   reporter.info(f"trained steps {start}..{step} ({trained} steps, "
                 f"{trained * tokens_per_step:,} tokens) in {wall:.1f}s")
   result = TrainResult(status=status, start_step=start, end_step=step,
-                       tokens=trained * tokens_per_step, wall_seconds=wall)
+                       tokens=trained * tokens_per_step, wall_seconds=wall,
+                       step_memory=step_memory)
   if status == INTERRUPTED:
     result.exit_code = stop.exit_code
     return result

@@ -81,7 +81,10 @@ def _train_and_measure(the_plan: ComparisonPlan, num_params: dict, memory: measu
   for run_plan in the_plan.runs:
     entry = run_plan.entry
     try:
-      results[entry].append(execute(run_plan, reporter))
+      result = execute(run_plan, reporter)
+      results[entry].append(result)
+      if "train_step_memory" in result:
+        memory.record(run_plan.config, result["train_step_memory"], num_params[entry])
       if entry not in model_memory:
         mem = memory(run_plan.config)
         if mem["num_params"] != num_params[entry]:

@@ -17,7 +17,10 @@ import statistics
 import time
 from typing import Any, Optional
 
+import jax
+
 from bdiff_jax import checkpointing, metrics_log
+from bdiff_jax.benchmarks.compare.measure import MEMORY_FIELDS
 from bdiff_jax.benchmarks.compare.plan import RunPlan
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import train
@@ -120,6 +123,9 @@ def execute(run: RunPlan, reporter: Optional[Reporter] = None) -> dict[str, Any]
   }
   for split in ("valid", "test"):
     result[split] = _split_record(run, split, out["results"][split])
+  if trained.step_memory is not None and jax.device_count() == 1:
+    # The step it compiled is the one the harness measures (one device, the whole batch).
+    result["train_step_memory"] = {k: int(trained.step_memory[k]) for k in MEMORY_FIELDS}
   with open(record_path, "w", encoding="utf-8") as f:
     json.dump({"config": config_json, "result": result}, f, indent=2)
   return result

@@ -1,5 +1,9 @@
 """Parameters and peak train-step memory of a model, through `benchmarks.step_memory`.
 
+A single-device training run reports the memory analysis of the step it compiled
+(`modes.train.TrainResult.step_memory`): `StepMemory.record` keeps it, so that the harness does
+not compile that step a second time (the numbers are identical; tests/test_compare.py checks).
+
 The memory is that of the real train step (`train_step.make_train_step`: loss, backward,
 clipping, AdamW, EMA, donated state) compiled for the run's batch of
 `train.batch_size x data.seq_len` tokens, read from XLA's compiled memory analysis — the same
@@ -46,6 +50,15 @@ class StepMemory:
     c = copy.deepcopy(config)
     c.seed = 0
     return c.to_json(sort_keys=True)
+
+  def record(self, config: ml_collections.ConfigDict, stats: dict[str, Any],
+             num_params: int) -> dict[str, Any]:
+    """Stores (and returns) the measurement of config's step that its training compiled: the
+    same program, so measuring it again would only compile it a second time."""
+    key = self._key(config)
+    self._cache[key] = {**{k: int(stats[k]) for k in MEMORY_FIELDS},
+                        "num_params": int(num_params)}
+    return self._cache[key]
 
   def __call__(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
     key = self._key(config)
