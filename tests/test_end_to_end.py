@@ -14,7 +14,8 @@ import pytest
 
 from tests.helpers import assert_ok, run_main, train_losses
 
-pytestmark = pytest.mark.slow  # every test here runs main.py in new processes
+# Every test here runs main.py in new processes; they compile fast (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_compile_children")]
 
 CONFIG = "configs/wikitext2.py:smoke"
 

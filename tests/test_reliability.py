@@ -27,7 +27,8 @@ import pytest
 
 from tests.helpers import REPO, assert_ok, run_main, subprocess_env, train_losses
 
-pytestmark = pytest.mark.slow  # every test here runs main.py in new processes
+# Every test here runs main.py in new processes; they compile fast (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_compile_children")]
 
 STEPS = 8
 
