@@ -100,6 +100,11 @@ class Evaluator:
                split_names=SPLITS) -> dict[str, Any]:
     """Metrics for each split: mean and std over seeds. Deterministic for fixed seeds."""
     seeds = tuple(seeds)
+    # One placement for every call: parameters restored from a checkpoint live on one device,
+    # a training state's on the run's mesh; as they are, the two would compile `nll` twice
+    # (the placement is part of the compiled program) and could differ in rounding. Every
+    # evaluation (periodic, final, --mode=eval) runs the same single-device program.
+    params = jax.device_put(params, jax.local_devices()[0])
     results = {}
     for split_index, name in enumerate(split_names):
       full = getattr(splits, name)

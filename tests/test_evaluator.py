@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bdiff_jax import evaluator as evaluator_lib
+from bdiff_jax import sharding
 from bdiff_jax.models import init_params
 from bdiff_jax.objective import build_objective
 from tests import helpers
@@ -56,10 +57,18 @@ def test_evaluation_compiles_once_across_evaluations():
     n_first = len(compiles)
     second = ev.evaluate(params, _splits(53, 64), seeds=(2,))
     n_second = len(compiles) - n_first
+    # Training evaluates its state's parameters, placed on the run's mesh; the final
+    # evaluation, parameters restored from a checkpoint onto one device. Same program.
+    mesh = sharding.make_mesh(None)
+    on_mesh = sharding.place_state(params, mesh)[0]
+    third = ev.evaluate(on_mesh, _splits(70, 37), seeds=(0, 1))
+    n_third = len(compiles) - n_first - n_second
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert n_first >= 1  # the listener sees compilations at all (not a vacuous count)
   assert n_second == 0, f"{n_second} recompilations in the second evaluation"
+  assert n_third == 0, f"{n_third} recompilations for parameters placed on a mesh"
+  assert third == first
   assert first["valid"]["num_tokens"] == 70 and second["test"]["num_tokens"] == 64
 
 
