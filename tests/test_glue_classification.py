@@ -49,17 +49,17 @@ def test_causal_score_is_mean_label_logprob_under_left_padding(sst2):
   tok = load_bpe_tokenizer(OPT_DIR)
   enc = glue_encoding.encode_split(split, glue_encoding.BPEEncoder(tok), scoring="causal",
                                    seq_len=48)
-  apply = bind(OPTLM(cfg), {"opt": params}, train=False)
   batch = {k: jnp.asarray(v) for k, v in enc.items() if k != "labels"}
-  got = np.asarray(classification.CausalPrompt().scores(apply, batch))
+  got = np.asarray(jax.jit(lambda p, b: classification.CausalPrompt().scores(
+      bind(OPTLM(cfg), {"opt": p}, train=False), b))(params, batch))
+  log_probs = jax.jit(lambda p, ids: jax.nn.log_softmax(
+      OPT(cfg).apply({"params": p}, ids, jnp.ones_like(ids))[0], axis=-1))
   for i in range(len(split)):
     parts = glue_prompts.render("SST-2", split[i])
     for c in range(2):
       ctx = tok.encode(parts.context)  # BOS + context, unpadded
       cont = tok.encode(parts.continuation(c))[1:]
-      ids = jnp.asarray([ctx + cont])
-      logits = OPT(cfg).apply({"params": params}, ids, jnp.ones_like(ids))
-      logp = jax.nn.log_softmax(logits[0], axis=-1)
+      logp = np.asarray(log_probs(params, jnp.asarray([ctx + cont])))
       want = np.mean([float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)])
       np.testing.assert_allclose(got[i, c], want, rtol=1e-4, atol=1e-4)
 

@@ -601,8 +601,9 @@ def test_network_logit_positions_in_sampler():
   m.num_layers, m.emb_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 1, 16, 2, 2, 8, 32
   net = network(m, vocab_size=V, max_len=10)
   params = jax.jit(lambda k: init_params(net, k, seq_len=10))(jax.random.key(0))
-  full = lambda z, t: net.apply({"params": params}, z, t)
-  at = lambda z, t, pos: net.apply({"params": params}, z, t, logit_positions=pos)
+  apply = jax.jit(lambda p, z, t, pos=None: net.apply({"params": p}, z, t, logit_positions=pos))
+  full = lambda z, t: apply(params, z, t)
+  at = lambda z, t, pos: apply(params, z, t, pos)
   z = jax.random.randint(jax.random.key(1), (2, 10), 0, V + 1)
   t = jnp.array([0.3, 0.8])
   pos = jnp.array([[9, 0, 4], [2, 2, 7]])
