@@ -45,6 +45,10 @@ from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-po
 if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1":
   jax.config.update("jax_disable_most_optimizations", True)
 
+# Start the backend now, with the flags above: XLA reads XLA_FLAGS once, when it starts, and
+# fixtures such as `tiny_compile_children` change the environment for child processes only.
+jax.devices()
+
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: integration test (subprocesses, end to end)")
@@ -84,9 +88,11 @@ def xla_optimized():
 def tiny_compile_children():
   """Child processes started by this module's tests compile fast (helpers.tiny_compile_env):
   for end-to-end modules whose processes compare numbers only with each other (resume, eval in
-  a new process), where compiling is most of each process's time (a cold smoke run: 23.7 s
-  -> 17.9 s). Modules that compare a child's numbers with this process's, or that stand for
-  what users run as is (test_autoregressive, test_notebook, test_presets), do not use it."""
+  a new process) or only check an error path, where compiling is most of each process's time
+  (a cold smoke run: 23.7 s -> 17.9 s). Tests that compare a child's numbers with this
+  process's, or that stand for what users run as is (test_autoregressive, test_notebook), do
+  not use it."""
+  # (This process's backend started with the default flags when conftest.py was imported.)
   with pytest.MonkeyPatch.context() as mp:
     for name, value in helpers.tiny_compile_env().items():
       mp.setenv(name, value)

@@ -48,6 +48,7 @@ def test_memory_limit_environment_variable(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tiny_compile_children")  # only the refusal is tested, not numbers
 def test_main_refuses_a_step_that_does_not_fit(tmp_path, real_data_dir, shared_tfds_dir):
   workdir = tmp_path / "wd"
   proc = helpers.run_main(
