@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from bdiff_jax import configuration, models, train_state, update_rule
+from bdiff_jax import configuration, models, train_state, update_rule, xla_flags
 from bdiff_jax.objective import build_objective, objective_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +49,20 @@ def subprocess_env(**extra) -> dict:
 # optimisation and with XLA:CPU's older elemental fusion emitters. Measured on a tiny
 # reversible train step: 3.5 s -> 1.5 s per compile; the 8-device FSDP script 37 s -> 26 s.
 # Never for processes whose numbers are compared bit for bit with the test process or with a
-# main.py run: the emitters differ in rounding (e.g. normal noise drawn inside a fusion).
+# main.py run that compiles otherwise: without optimisations the emitters differ in rounding
+# (e.g. normal noise drawn inside a fusion).
 # Use with JAX_DISABLE_MOST_OPTIMIZATIONS=1 (see `tiny_compile_env`).
-TINY_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+ELEMENTAL_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def pinned_jaxlib() -> bool:
+  """Whether this is the jaxlib whose XLA flags bdiff_jax.xla_flags verified (another one may
+  not know ELEMENTAL_EMITTERS_FLAG, and XLA aborts on a flag it does not know)."""
+  return xla_flags.default_flags({}) == xla_flags.DEFAULT_FLAGS
+
+
+TINY_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
+    " " + ELEMENTAL_EMITTERS_FLAG if pinned_jaxlib() else "")
 
 
 def tiny_compile_env(devices: int = 0, **extra) -> dict:
