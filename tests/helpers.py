@@ -67,11 +67,14 @@ TINY_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
 
 def tiny_compile_env(devices: int = 0, **extra) -> dict:
   """Environment entries (for `subprocess_env(**...)`) of a child that compiles tiny models
-  fast: TINY_COMPILE_XLA_FLAGS, most XLA optimisations off, and `devices` host CPU devices."""
-  flags = TINY_COMPILE_XLA_FLAGS
+  fast: TINY_COMPILE_XLA_FLAGS, most XLA optimisations off (neither with BDIFF_TEST_OPTIMIZE=1),
+  and `devices` host CPU devices."""
+  default = os.environ.get("BDIFF_TEST_OPTIMIZE", "0") == "1"  # XLA's defaults (conftest.py)
+  flags = "" if default else TINY_COMPILE_XLA_FLAGS
   if devices:
     flags += f" --xla_force_host_platform_device_count={devices}"
-  return {"XLA_FLAGS": flags, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **extra}
+  return {"XLA_FLAGS": flags.strip(),
+          "JAX_DISABLE_MOST_OPTIMIZATIONS": "0" if default else "1", **extra}
 
 
 def run_main(args, *, env_extra=None, timeout=600):
