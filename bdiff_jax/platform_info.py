@@ -99,8 +99,12 @@ def memory_stats(compiled) -> dict[str, int]:
   return stats
 
 
+# The share of a device's memory a compiled step may use (the rest: the runtime, fragmentation).
+FIT_HEADROOM = 0.9
+
+
 def check_step_fits(stats: dict, platform: Platform, *, what: str, fix: str,
-                    headroom: float = 0.9) -> None:
+                    headroom: float = FIT_HEADROOM) -> None:
   """Raises ResourceError when a compiled step's memory (`step_memory.memory_stats`: temp +
   argument + output - alias bytes, per device) exceeds `headroom` x the platform's memory."""
   need = int(stats["held_bytes"])

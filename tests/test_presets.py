@@ -9,12 +9,16 @@ from bdiff_jax import platform_info
 from tests import helpers
 
 
-def _wikitext2_config(preset=""):
+def _wikitext2_module():
   spec = importlib.util.spec_from_file_location(
       "wt2_config", os.path.join(helpers.REPO, "configs", "wikitext2.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return module
+
+
+def _wikitext2_config(preset=""):
+  return _wikitext2_module().get_config(preset)
 
 
 def test_auto_preset_on_this_machine_says_why():
@@ -28,6 +32,19 @@ def test_auto_preset_on_this_machine_says_why():
   assert (forced.preset, forced.preset_reason) == ("smoke", "chosen on the command line")
   with pytest.raises(ValueError, match="unknown preset"):
     _wikitext2_config("nosuch")
+
+
+@pytest.mark.parametrize("gib,expected", [(15, "cpu"), (19, "cpu"), (24, "gpu"), (80, "gpu")])
+def test_auto_picks_gpu_only_where_its_step_fits(monkeypatch, gib, expected):
+  module = _wikitext2_module()
+  gpu = platform_info.Platform(backend="gpu", device_kind="NVIDIA test", num_devices=1,
+                               memory_bytes=gib * 2**30, cpu_count=8)
+  monkeypatch.setattr(platform_info, "detect", lambda: gpu)
+  c = module.get_config()
+  assert c.preset == expected and "GPU" in c.preset_reason
+  # The threshold leaves the fit check's headroom over the gpu preset's measured step (the
+  # 16,570 MiB in the config's docstring): a GPU that gets the preset can run it.
+  assert 16_570 * 2**20 <= platform_info.FIT_HEADROOM * module.GPU_PRESET_MIN_BYTES
 
 
 def test_step_that_does_not_fit_is_refused():
