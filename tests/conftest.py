@@ -103,7 +103,8 @@ def tiny_compile_children():
   (a cold smoke run: 23.7 s -> 17.9 s). Tests that compare a child's numbers with this
   process's, or that stand for what users run as is (test_autoregressive, test_notebook), do
   not use it."""
-  # (This process's backend started with the default flags when conftest.py was imported.)
+  # (This process's own backend started, with the session's flags, when conftest.py was
+  # imported: what is set here reaches only the children.)
   with pytest.MonkeyPatch.context() as mp:
     for name, value in helpers.tiny_compile_env().items():
       mp.setenv(name, value)
