@@ -35,7 +35,7 @@ SCHEDULE_FIELDS: the optimizer and its schedule. A resume may change them delibe
 RESUMABLE_FIELDS: may differ from run to run in one workdir: where the data and its cache live
   (the data's identity is checked separately: the workdir's vocab.json must match), how often to
   log/evaluate/checkpoint, when to stop, memory-for-compute choices, evaluation and sampling.
-    data.data_dir, data.tfds_dir, data.verify_counts, model.reversible_backward,
+    data.data_dir, data.tfds_dir, data.verify_counts, model.reversible_backward, model.remat,
     train.log_every, train.eval_every, train.checkpoint_every, train.keep_checkpoints,
     train.max_wall_seconds, train.stop_at_step, train.progress_bar,
     train.checkpoint_every_minutes, preset, preset_reason, diffusion.masked_head and
@@ -103,6 +103,7 @@ INCOMPATIBLE_FIELDS = ARCHITECTURE_FIELDS | TRAINING_FIELDS
 
 RESUMABLE_FIELDS = frozenset({
     "data.data_dir", "data.tfds_dir", "data.verify_counts", "model.reversible_backward",
+    "model.remat",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_wall_seconds", "train.stop_at_step", "train.progress_bar",
     "train.checkpoint_every_minutes", "preset", "preset_reason",

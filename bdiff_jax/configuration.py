@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_bias_init = "unigram"  # "unigram" | "zeros"
   c.model.dtype = "float32"  # compute dtype of attention/MLP: float32 | bfloat16 | float64
   c.model.reversible_backward = "recompute"  # "recompute" | "autodiff"
+  # Standard backbone only: recompute each layer's activations in the backward pass
+  # (`nn.remat` around the scanned layer): training keeps one layer's inputs per layer instead
+  # of all its intermediates, for ~1 extra forward pass of compute. Same loss and gradients.
+  c.model.remat = False
   c.model.attention = "dense"  # "dense" | "candidate"
   c.model.candidate_k = 0  # keys kept per query with attention="candidate"
 
@@ -219,6 +223,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive("model.candidate_k", m.candidate_k)
   if m.backbone == "opt":
     _validate_opt(m)
+  if not isinstance(m.remat, bool):
+    raise ConfigError(f"config.model.remat={m.remat!r} must be true or false.",
+                      "pass --config.model.remat=true or false.")
+  if m.remat and m.backbone != "standard":
+    raise ConfigError(
+        f"config.model.remat=True applies to the standard backbone, not {m.backbone!r} (the "
+        "reversible backbone already rebuilds its activations by inversion).",
+        "pass --config.model.remat=false as well (the gpu and tpu presets set it), or use "
+        "--config.model.backbone=standard.")
   d = c.diffusion
   _choice("diffusion.schedule", d.schedule, SCHEDULES)
   _choice("diffusion.corruption", d.corruption, CORRUPTIONS)

@@ -29,6 +29,7 @@ class ModelSpec:
   tie_embeddings: bool = True
   dtype: str = "float32"
   reversible_backward: str = "recompute"
+  remat: bool = False  # standard backbone: recompute each layer in the backward pass
   attention: str = "dense"
   candidate_k: int = 0
 

@@ -7,6 +7,10 @@ depth), the same layout the reversible backbone uses, so the two are drop-in rep
 
 With decode=True (causal models) every layer's attention keeps a key/value cache in the "cache"
 collection, stacked over depth like the parameters (see `layers.Attention`).
+
+With spec.remat the scanned layer is rematerialised (`nn.remat`): the backward pass recomputes
+a layer's intermediates from its input, so training holds [num_layers, B, L, D] layer inputs
+instead of every layer's attention and MLP activations.
 """
 
 import flax.linen as nn
@@ -35,8 +39,12 @@ class StandardBackbone(nn.Module):
 
   @nn.compact
   def __call__(self, h, cond, *, train: bool, padding_mask=None, decode: bool = False):
+    # spec.remat: each layer's intermediates are recomputed in the backward pass (only when
+    # differentiating; the key/value-cache decode path never is).
+    layer = nn.remat(ResidualLayer, prevent_cse=False) if self.spec.remat and not decode else (
+        ResidualLayer)
     stack = nn.scan(
-        ResidualLayer,
+        layer,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
