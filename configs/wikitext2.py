@@ -34,19 +34,22 @@ checks the real one before the first step):
   cpu      1,401 MiB  (5.43M; activations 1,318 MiB)
   cpu_opt  2,903 MiB  (5.07M; the AR loss covers every position, so its head is computed at all
                        of them, not only at the masked ones)
-  gpu     16,570 MiB  (51.6M; activations 15,782 MiB). `auto` picks it only on a GPU with at
-                       least 20 GiB (16.2 GiB / the 0.9 headroom of the fit check ~ 18 GiB):
-                       a 16 GB card gets `cpu` instead of a refusal.
-  tpu     63,802 MiB  for the whole batch of 256 on one device (bfloat16); sharded over the
-                       host's devices along the batch, each holds about 1/N of the activations.
+  gpu      4,940 MiB  (51.6M; activations 4,152 MiB) with model.remat (each layer recomputed in
+                       the backward pass); 16,570 MiB without it, 2,462 MiB with
+                       --config.diffusion.head_chunk_rows=1024 as well. `auto` picks it on a GPU
+                       with at least 8 GiB (4.8 GiB / the 0.9 headroom of the fit check, plus
+                       margin for a GPU compilation's differences); smaller cards get `cpu`.
+  tpu     15,885 MiB  for the whole batch of 256 on one device (bfloat16, remat); sharded over
+                       the host's devices along the batch, each holds about 1/N of the
+                       activations (63,802 MiB without remat).
 """
 
 from bdiff_jax.configuration import base_config
 
 PRESETS = ("auto", "smoke", "cpu", "cpu_opt", "gpu", "tpu", "default")
-# Below this much accelerator memory the gpu preset's step (16.2 GiB, see above) does not fit
+# Below this much accelerator memory the gpu preset's step (4.8 GiB, see above) may not fit
 # with the fit check's headroom; fall back to the cpu-sized preset.
-GPU_PRESET_MIN_BYTES = 20 * 2**30
+GPU_PRESET_MIN_BYTES = 8 * 2**30
 
 
 def _auto() -> tuple[str, str]:
@@ -86,6 +89,9 @@ def get_config(preset: str = ""):
     c.model.head_dim = 64
     c.model.mlp_dim = 2048
     c.model.dropout_rate = 0.1
+    # Recompute each layer in the backward pass: the step needs 4.9 GiB instead of 16.2 GiB
+    # (see above), for about one extra forward pass of compute.
+    c.model.remat = True
     c.train.batch_size = 64
     c.train.num_steps = 50_000
     c.train.learning_rate = 5e-4
