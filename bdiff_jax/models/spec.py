@@ -60,6 +60,8 @@ class ModelSpec:
 def spec_from_config(model_config, *, vocab_size: int, max_len: int, causal: bool) -> ModelSpec:
   """The spec of `config.model`; `causal` comes from the objective (`Objective.causal`)."""
   fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"vocab_size", "max_len", "causal"}
-  values = {k: model_config[k] for k in fields}
+  # A field missing from `model_config` keeps its default: the config.json of a workdir trained
+  # before that field existed (e.g. model.remat) still describes its network.
+  values = {k: model_config[k] for k in fields if k in model_config}
   return ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), causal=bool(causal),
                    **values)
