@@ -43,6 +43,12 @@ def _jaxlib_minor() -> Optional[str]:
   return ".".join(version.split(".")[:2])
 
 
+def verified_jaxlib() -> bool:
+  """Whether the installed jaxlib is one on which this module's flags were verified (on another
+  one XLA may not know a flag, and it aborts the process on a flag it does not know)."""
+  return _jaxlib_minor() in VERIFIED_JAXLIB
+
+
 def default_flags(environ: Optional[MutableMapping[str, str]] = None) -> tuple[str, ...]:
   """The flags `apply_default_flags` would add, before removing those the user set."""
   environ = os.environ if environ is None else environ
@@ -51,7 +57,7 @@ def default_flags(environ: Optional[MutableMapping[str, str]] = None) -> tuple[s
     if override.strip().lower() in ("", "none"):
       return ()
     return tuple(shlex.split(override))
-  if _jaxlib_minor() not in VERIFIED_JAXLIB:
+  if not verified_jaxlib():
     return ()
   return DEFAULT_FLAGS
 

@@ -42,7 +42,7 @@ from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-po
 # the tests need them to be (the same program twice) and within float tolerance elsewhere.
 # Tests whose programs run long, or that compare bits with a subprocess, use `xla_optimized`.
 # BDIFF_TEST_OPTIMIZE=1 turns it off.
-if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1":
+if not helpers.xla_defaults_requested():
   jax.config.update("jax_disable_most_optimizations", True)
 
 # The whole session (this process and every child it starts, main.py runs included) compiles
@@ -52,7 +52,7 @@ if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1":
 # 2 cores), not what they compute: every process of a test compiles alike, so bit-for-bit
 # comparisons between them still hold. BDIFF_TEST_OPTIMIZE=1 runs the suite with XLA's
 # defaults, exactly as users run the program.
-if os.environ.get("BDIFF_TEST_OPTIMIZE", "0") != "1" and helpers.pinned_jaxlib():
+if not helpers.xla_defaults_requested() and xla_flags.verified_jaxlib():
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                              helpers.ELEMENTAL_EMITTERS_FLAG).strip()
 

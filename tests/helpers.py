@@ -55,21 +55,22 @@ def subprocess_env(**extra) -> dict:
 ELEMENTAL_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 
 
-def pinned_jaxlib() -> bool:
-  """Whether this is the jaxlib whose XLA flags bdiff_jax.xla_flags verified (another one may
-  not know ELEMENTAL_EMITTERS_FLAG, and XLA aborts on a flag it does not know)."""
-  return xla_flags.default_flags({}) == xla_flags.DEFAULT_FLAGS
+def xla_defaults_requested() -> bool:
+  """BDIFF_TEST_OPTIMIZE=1: the tests compile with XLA's defaults, as users run the program,
+  instead of the fast-compile settings of conftest.py and `tiny_compile_env`."""
+  return os.environ.get("BDIFF_TEST_OPTIMIZE", "0") == "1"
 
 
+# ELEMENTAL_EMITTERS_FLAG only on the jaxlib bdiff_jax.xla_flags verified its flags on.
 TINY_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
-    " " + ELEMENTAL_EMITTERS_FLAG if pinned_jaxlib() else "")
+    " " + ELEMENTAL_EMITTERS_FLAG if xla_flags.verified_jaxlib() else "")
 
 
 def tiny_compile_env(devices: int = 0, **extra) -> dict:
   """Environment entries (for `subprocess_env(**...)`) of a child that compiles tiny models
   fast: TINY_COMPILE_XLA_FLAGS, most XLA optimisations off (neither with BDIFF_TEST_OPTIMIZE=1),
   and `devices` host CPU devices."""
-  default = os.environ.get("BDIFF_TEST_OPTIMIZE", "0") == "1"  # XLA's defaults (conftest.py)
+  default = xla_defaults_requested()
   flags = "" if default else TINY_COMPILE_XLA_FLAGS
   if devices:
     flags += f" --xla_force_host_platform_device_count={devices}"
