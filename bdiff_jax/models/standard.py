@@ -41,8 +41,9 @@ class StandardBackbone(nn.Module):
   def __call__(self, h, cond, *, train: bool, padding_mask=None, decode: bool = False):
     # spec.remat: each layer's intermediates are recomputed in the backward pass (only when
     # differentiating; the key/value-cache decode path never is).
-    layer = nn.remat(ResidualLayer, prevent_cse=False) if self.spec.remat and not decode else (
-        ResidualLayer)
+    layer = ResidualLayer
+    if self.spec.remat and not decode:
+      layer = nn.remat(ResidualLayer, prevent_cse=False)
     stack = nn.scan(
         layer,
         variable_axes={"params": 0, "cache": 0},

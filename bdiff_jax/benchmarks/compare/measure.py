@@ -52,13 +52,11 @@ class StepMemory:
     return c.to_json(sort_keys=True)
 
   def record(self, config: ml_collections.ConfigDict, stats: dict[str, Any],
-             num_params: int) -> dict[str, Any]:
-    """Stores (and returns) the measurement of config's step that its training compiled: the
-    same program, so measuring it again would only compile it a second time."""
-    key = self._key(config)
-    self._cache[key] = {**{k: int(stats[k]) for k in MEMORY_FIELDS},
-                        "num_params": int(num_params)}
-    return self._cache[key]
+             num_params: int) -> None:
+    """Stores the measurement of config's step that its training compiled: the same program,
+    so measuring it again would only compile it a second time."""
+    self._cache[self._key(config)] = {**{k: int(stats[k]) for k in MEMORY_FIELDS},
+                                      "num_params": int(num_params)}
 
   def __call__(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
     key = self._key(config)
