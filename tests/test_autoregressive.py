@@ -101,7 +101,8 @@ def _args(workdir, data_dir, tfds_dir, *extra):
           f"--config.data.tfds_dir={tfds_dir}", *AR_ARGS, "--config.train.num_steps=8",
           "--config.train.log_every=1", "--config.train.eval_every=4",
           "--config.train.checkpoint_every=4", "--config.eval.max_tokens=128",
-          "--config.eval.during_training_max_tokens=128", "--config.sample.length=12", *extra]
+          "--config.eval.during_training_max_tokens=128", "--config.eval.batch_size=2",
+          "--config.sample.length=12", *extra]  # 128 tokens: one batch of 2 sequences
 
 
 def _config(data_dir, tfds_dir, **train_overrides):
@@ -117,7 +118,7 @@ def _config(data_dir, tfds_dir, **train_overrides):
   c.model.objective, c.model.time_conditioning, c.model.block = "autoregressive", "none", "qwen3"
   c.train.num_steps, c.train.log_every = 8, 1
   c.train.eval_every, c.train.checkpoint_every = 100, 100
-  c.eval.max_tokens, c.eval.during_training_max_tokens = 128, 128
+  c.eval.max_tokens, c.eval.during_training_max_tokens, c.eval.batch_size = 128, 128, 2
   c.sample.length = 12  # training ends with samples: keep them cheap
   for k, v in train_overrides.items():
     c.train[k] = v

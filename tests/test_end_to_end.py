@@ -27,6 +27,7 @@ def _tiny(workdir, data_dir, tfds_dir, *extra):
           "--config.train.num_steps=8", "--config.train.log_every=1",
           "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
           "--config.eval.max_tokens=300", "--config.eval.during_training_max_tokens=128",
+          "--config.eval.batch_size=8",  # 300 tokens are 5 sequences: one batch, little padding
           *extra]
 
 

@@ -41,7 +41,7 @@ def _args(workdir, data_dir, tfds_dir, *extra, config="configs/wikitext2.py:smok
           "--config.data.seq_len=32", "--config.train.batch_size=4",
           f"--config.train.num_steps={STEPS}", "--config.train.warmup_steps=2",
           "--config.train.log_every=1", "--config.train.eval_every=4",
-          "--config.train.checkpoint_every=4", "--config.eval.batch_size=32",
+          "--config.train.checkpoint_every=4", "--config.eval.batch_size=2",
           "--config.eval.max_tokens=64", "--config.eval.during_training_max_tokens=64",
           "--config.eval.seeds=(0,)",
           "--config.sample.num_samples=1", "--config.sample.length=8",
@@ -316,7 +316,7 @@ def test_eval_with_default_config_reproduces_training_eval(trained, tmp_path, re
   proc = assert_ok(run_main(["--config", "configs/wikitext2.py", "--workdir", str(copy),
                              "--mode=eval", f"--config.data.data_dir={real_data_dir}",
                              f"--config.data.tfds_dir={shared_tfds_dir}",
-                             "--config.eval.batch_size=32", "--config.eval.max_tokens=64",
+                             "--config.eval.batch_size=2", "--config.eval.max_tokens=64",
                              "--config.eval.seeds=(0,)"]))
   assert "using the workdir's config.json" in proc.stdout and "model.emb_dim=32" in proc.stdout
   with open(copy / "eval_best.json") as f:
