@@ -20,8 +20,9 @@ Systems measured (each a persistent worker process, so that its compiled step st
                         at a time, for memory) or "full" (head at every position);
                         <flags> = XLA_FLAGS for the worker, default: `xla_flags.apply_default_flags()`,
                         "none": no flags of ours.
-  base                  ours as built from another checkout (`--baseline_src DIR`, e.g. a
-                        `git worktree` of the commit before a change), full head, no flags.
+  base[:<loss>[@<flags>]]  ours as built from another checkout (`--baseline_src DIR`, e.g. a
+                        `git worktree` of the commit before a change): an A/B of a code change
+                        in one run. Plain `base`: full head, no flags; with <loss>, as jax:.
   torch_eager, torch_compile   the PyTorch step (needs torch: requirements-bench.txt).
 Rounds run the systems one after another (A B C A B C ..., the order rotated each round), never
 two at once; each reports the median step time over all its timed steps, tokens/s =
@@ -324,11 +325,12 @@ def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   """(worker args, source dir) for one --systems entry."""
   if spec in ("torch_eager", "torch_compile"):
     return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile"}, _REPO
-  if spec == "base":
+  if spec == "base" or spec.startswith("base:"):
     if not opts.baseline_src:
-      raise SystemExit("system 'base' needs --baseline_src DIR")
-    return ({"kind": "jax", "shape": shape, "loss": "full", "flags": "none"},
-            os.path.abspath(opts.baseline_src))
+      raise SystemExit(f"system {spec!r} needs --baseline_src DIR")
+    loss, _, flags = spec[5:].partition("@")
+    return ({"kind": "jax", "shape": shape, "loss": loss or "full",
+             "flags": (flags or None) if loss else "none"}, os.path.abspath(opts.baseline_src))
   if spec.startswith("jax:"):
     loss, _, flags = spec[4:].partition("@")
     if loss.partition(":")[0] not in ("masked", "full"):

@@ -1,0 +1,72 @@
+"""The throughput benchmark (bdiff_jax/benchmarks/throughput.py): its system specs, its FLOP
+count, and one tiny interleaved run of two of our workers (an A/B of the same code). PyTorch is
+not needed (it is a bench-only requirement); the numbers themselves are not tested."""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bdiff_jax.benchmarks import throughput
+from tests import helpers
+
+
+def _opts(**kw):
+  return argparse.Namespace(**{"baseline_src": "", **kw})
+
+
+def test_system_specs():
+  shape = throughput.get_shape("reference")
+  parse = lambda spec, **kw: throughput._parse_system(spec, shape, _opts(**kw))  # pylint: disable=protected-access
+  args, src = parse("jax:masked")
+  assert (args["kind"], args["loss"], args["flags"], src) == ("jax", "masked", None,
+                                                              throughput._REPO)  # pylint: disable=protected-access
+  args, _ = parse("jax:masked:512@none")
+  assert (args["loss"], args["flags"]) == ("masked:512", "none")
+  args, src = parse("base", baseline_src="/tmp/other")
+  assert (args["loss"], args["flags"], src) == ("full", "none", "/tmp/other")
+  args, src = parse("base:masked", baseline_src="/tmp/other")
+  assert (args["loss"], args["flags"], src) == ("masked", None, "/tmp/other")
+  assert parse("torch_compile")[0] == {"kind": "torch", "shape": shape, "compile": True}
+  for bad, needle in (("base:masked", "baseline_src"), ("jax:partial", "unknown loss"),
+                      ("tf", "unknown system")):
+    with pytest.raises(SystemExit, match=needle):
+      parse(bad)
+
+
+def test_matmul_flops_by_hand():
+  shape = dict(d=4, layers=1, heads=1, seq=3, batch=2, vocab=10)
+  n = 6  # tokens
+  forward = (2 * n * 4 * 12 + 2 * n * 4 * 4 + 2 * (2 * n * 4 * 16)  # qkv, out, MLP up and down
+             + 2 * 2 * n * 3 * 4  # scores and values: every token attends to 3
+             + 2 * 5 * 4 * 10)  # the head on 5 rows
+  assert throughput.step_matmul_flops(shape, head_rows=5) == 3 * forward
+
+
+@pytest.mark.slow
+def test_interleaved_run_of_the_same_code_twice(tmp_path):
+  """jax:masked and base:masked built from this same checkout: both report timings from every
+  round, the same loss bits (the same program on the same batch), the GEMM peak, the JSON."""
+  out = tmp_path / "throughput.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "bdiff_jax.benchmarks.throughput", "--shape", "smoke",
+       "--systems", "jax:masked,base:masked", "--baseline_src", helpers.REPO, "--rounds", "2",
+       "--steps", "1", "--out", str(out)],
+      cwd=helpers.REPO, env=helpers.subprocess_env(**helpers.tiny_compile_env()),
+      capture_output=True, text=True, timeout=600)
+  helpers.assert_ok(proc)
+  result = json.loads(out.read_text())
+  assert result["shape"] == throughput.shape_from_preset("smoke")
+  assert result["gemm_peak_gflops_per_s"] > 0 and len(result["gemm_gflops_per_round"]) == 2
+  a, b = result["systems"]["jax:masked"], result["systems"]["base:masked"]
+  for s in (a, b):
+    assert len(s["step_times_s"]) == 2 and s["tokens_per_s"] > 0
+    assert s["memory"]["temp"] > 0 and s["xla_flops"] > 0
+  assert math.isfinite(a["loss"]) and a["loss"] == b["loss"]
+  assert "ratio_to_torch_compile" not in a  # no PyTorch system was run
+  assert "jax:masked" in proc.stdout and "tokens/s" in proc.stdout
+  assert os.path.exists(out)
