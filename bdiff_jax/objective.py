@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, diffusion, models, sampling, schedules
+from bdiff_jax import ar_sampling, diffusion, masked_head, models, sampling, schedules
 from bdiff_jax.errors import ConfigError
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
@@ -150,8 +150,11 @@ class Autoregressive(Objective):
   def token_nll(self, apply: Apply, tokens: jax.Array) -> jax.Array:
     """-log p(x_i | x_<i) for every position, float32[B, L]."""
     logits = apply(self.inputs(tokens)).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    # -log_softmax(logits)[token] through masked_head.token_nll: the same value, and its
+    # backward is one elementwise pass instead of a scatter into a zero-filled [B, L, V] array
+    # (autodiff of the gather), which made this step ~2x slower than the diffusion one.
+    flat = masked_head.token_nll(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    return flat.reshape(tokens.shape)
 
   def loss(self, apply, tokens, key):
     del key  # deterministic given the batch (dropout has its own key inside `apply`)
