@@ -19,12 +19,13 @@ def _opts(**kw):
   return argparse.Namespace(**{"baseline_src": "", **kw})
 
 
+# pylint: disable=protected-access
 def test_system_specs():
   shape = throughput.get_shape("reference")
-  parse = lambda spec, **kw: throughput._parse_system(spec, shape, _opts(**kw))  # pylint: disable=protected-access
+  parse = lambda spec, **kw: throughput._parse_system(spec, shape, _opts(**kw))
   args, src = parse("jax:masked")
-  assert (args["kind"], args["loss"], args["flags"], src) == ("jax", "masked", None,
-                                                              throughput._REPO)  # pylint: disable=protected-access
+  assert (args["kind"], args["loss"], args["flags"]) == ("jax", "masked", None)
+  assert src == throughput._REPO
   args, _ = parse("jax:masked:512@none")
   assert (args["loss"], args["flags"]) == ("masked:512", "none")
   args, src = parse("base", baseline_src="/tmp/other")
@@ -36,6 +37,7 @@ def test_system_specs():
                       ("tf", "unknown system")):
     with pytest.raises(SystemExit, match=needle):
       parse(bad)
+# pylint: enable=protected-access
 
 
 def test_matmul_flops_by_hand():

@@ -38,9 +38,9 @@ def test_notebook_runs_with_the_smoke_preset(tmp_path, real_data_dir, shared_tfd
       "'valid': evaluation['results']['valid']['word_ppl'], 'samples': samples, "
       "'fig_axes': len(fig.axes), 'train_points': len(train_records)}))\n")
   overrides = {"train.num_steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
-               "train.log_every": 2, "eval.seeds": [0], "eval.max_tokens": 512, "eval.batch_size": 8,
-               "eval.during_training_max_tokens": 256, "data.tfds_dir": shared_tfds_dir,
-               "sample.num_steps": 4}
+               "train.log_every": 2, "eval.seeds": [0], "eval.max_tokens": 512,
+               "eval.batch_size": 8, "eval.during_training_max_tokens": 256,
+               "data.tfds_dir": shared_tfds_dir, "sample.num_steps": 4}
   proc = helpers.run_python(script, env_extra={
       "BDIFF_NOTEBOOK_PRESET": "smoke", "BDIFF_NOTEBOOK_OVERRIDES": json.dumps(overrides),
       "BDIFF_NOTEBOOK_WORKDIR": workdir, "BDIFF_DATA_DIR": real_data_dir, "MPLBACKEND": "Agg",
