@@ -72,7 +72,7 @@ def pytest_configure(config):
 _SLOW_MODULES_FIRST = ("test_end_to_end", "test_reliability", "test_reversible",
                        "test_autoregressive", "test_sampling", "test_train", "test_compare",
                        "test_sharding", "test_glue_classification", "test_notebook",
-                       "test_benchmark_memory", "test_distributed")
+                       "test_benchmark_memory", "test_distributed", "test_benchmark_throughput")
 
 
 def pytest_collection_modifyitems(config, items):
