@@ -69,20 +69,28 @@ def _block_pairs(tokens: np.ndarray, seq_len: int):
   return cat(firsts), cat(prevs), cat(nexts)
 
 
-def _nll(uni: np.ndarray, bigram: _Bigram, lam: float, tokens: np.ndarray,
-         seq_len: int) -> float:
-  firsts, prev, nxt = _block_pairs(tokens, seq_len)
-  ml, seen = bigram.ml(prev, nxt)
-  lam_eff = np.where(seen, lam, 0.0)
-  p = lam_eff * ml + (1.0 - lam_eff) * np.exp(uni[nxt])
-  return float(-uni[firsts].sum() - np.log(p).sum())
+class _BigramScorer:
+  """The interpolated bigram's NLL of one token stream for any lam: the lookups (block pairs,
+  bigram and unigram probabilities) are done once, each lam costs one vectorised pass."""
+
+  def __init__(self, uni: np.ndarray, bigram: _Bigram, tokens: np.ndarray, seq_len: int):
+    firsts, prev, nxt = _block_pairs(tokens, seq_len)
+    self.first_nll = -uni[firsts].sum()  # a block's first token has no context: unigram
+    self.ml, self.seen = bigram.ml(prev, nxt)
+    self.p_uni = np.exp(uni[nxt])
+
+  def nll(self, lam: float) -> float:
+    lam_eff = np.where(self.seen, lam, 0.0)
+    p = lam_eff * self.ml + (1.0 - lam_eff) * self.p_uni
+    return float(self.first_nll - np.log(p).sum())
 
 
 def _choose_lambda(train: np.ndarray, vocab_size: int, seq_len: int) -> float:
   cut = int(train.size * 0.9)
   fit, held = train[:cut], train[cut:]
-  uni, bigram = unigram_log_probs(fit, vocab_size), _Bigram(fit, vocab_size)
-  scores = [_nll(uni, bigram, lam, held, seq_len) for lam in _LAMBDAS]
+  scorer = _BigramScorer(unigram_log_probs(fit, vocab_size), _Bigram(fit, vocab_size), held,
+                         seq_len)
+  scores = [scorer.nll(lam) for lam in _LAMBDAS]
   return float(_LAMBDAS[int(np.argmin(scores))])
 
 
@@ -113,7 +121,8 @@ def compute(splits, *, seq_len: int, max_tokens: int = 0, split_names=("valid", 
     del blocks, tail
     uni_nll = float(-uni[firsts].sum() - uni[nxt].sum())
     out["unigram"][name] = _metrics(uni_nll, tokens.size, words)
-    out["bigram"][name] = _metrics(_nll(uni, bigram, lam, tokens, seq_len), tokens.size, words)
+    out["bigram"][name] = _metrics(_BigramScorer(uni, bigram, tokens, seq_len).nll(lam),
+                                   tokens.size, words)
   return out
 
 
