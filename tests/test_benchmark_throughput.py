@@ -33,9 +33,11 @@ def test_system_specs():
   assert (args["loss"], args["flags"], src) == ("masked", None, "/tmp/other")
   assert parse("torch_compile")[0] == {"kind": "torch", "shape": shape, "compile": True}
   for bad, needle in (("base:masked", "baseline_src"), ("jax:partial", "unknown loss"),
-                      ("tf", "unknown system")):
+                      ("tf", "unknown system"), ("jax", "unknown system")):
     with pytest.raises(SystemExit, match=needle):
       parse(bad)
+  with pytest.raises(SystemExit, match="unknown loss"):
+    parse("base:partial", baseline_src="/tmp/other")
 # pylint: enable=protected-access
 
 

@@ -325,18 +325,20 @@ def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   """(worker args, source dir) for one --systems entry."""
   if spec in ("torch_eager", "torch_compile"):
     return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile"}, _REPO
-  if spec == "base" or spec.startswith("base:"):
+  name, _, rest = spec.partition(":")
+  if name not in ("jax", "base") or (name == "jax" and not rest):
+    raise SystemExit(f"unknown system {spec!r}")
+  src = _REPO
+  if name == "base":
     if not opts.baseline_src:
       raise SystemExit(f"system {spec!r} needs --baseline_src DIR")
-    loss, _, flags = spec[5:].partition("@")
-    return ({"kind": "jax", "shape": shape, "loss": loss or "full",
-             "flags": (flags or None) if loss else "none"}, os.path.abspath(opts.baseline_src))
-  if spec.startswith("jax:"):
-    loss, _, flags = spec[4:].partition("@")
-    if loss.partition(":")[0] not in ("masked", "full"):
-      raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
-    return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, _REPO
-  raise SystemExit(f"unknown system {spec!r}")
+    src = os.path.abspath(opts.baseline_src)
+    if not rest:  # plain `base`: the full head, no flags of ours
+      return {"kind": "jax", "shape": shape, "loss": "full", "flags": "none"}, src
+  loss, _, flags = rest.partition("@")
+  if loss.partition(":")[0] not in ("masked", "full"):
+    raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
+  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, src
 
 
 def _load() -> float:
