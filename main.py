@@ -21,6 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bdiff_jax import host_allocator
 from bdiff_jax import xla_flags
 
 # --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use, so that
@@ -69,6 +70,14 @@ def _start_distributed() -> None:
 
 def _parse_flags(argv):
   """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
+  # First, before any thread allocates: keep freed host memory for reuse instead of
+  # page-faulting every step's buffers in again (bdiff_jax/host_allocator.py;
+  # BDIFF_HOST_ALLOCATOR=system disables it).
+  try:
+    host_allocator.configure()
+  except ValueError as e:
+    _fail(f"{e}.", f"unset {host_allocator.ENV_VAR} or set it to one of "
+          f"{', '.join(host_allocator.MODES)}.")
   # Before anything can start JAX's backend (the config file's automatic preset looks at the
   # devices): XLA reads XLA_FLAGS once. User flags win; BDIFF_XLA_FLAGS=none disables ours.
   xla_flags.apply_default_flags()

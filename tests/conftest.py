@@ -10,7 +10,12 @@ import signal
 
 import pytest
 
+from bdiff_jax import host_allocator
 from bdiff_jax import xla_flags
+
+# As main.py does first thing (every child it starts does it too): freed host memory is kept for
+# reuse, so each step's large buffers are not page-faulted in again (bdiff_jax/host_allocator.py).
+host_allocator.configure()
 
 # One persistent XLA compilation cache for the session, shared by the in-process tests, every
 # subprocess and every pytest-xdist worker: identical programs (the smoke preset's steps in many

@@ -15,7 +15,8 @@ from tests import helpers
 
 
 def _opts(**kw):
-  return argparse.Namespace(**{"baseline_src": "", **kw})
+  return argparse.Namespace(**{"baseline_src": "", "allocator": "retain",
+                                "torch_allocator": "system", **kw})
 
 
 # pylint: disable=protected-access
@@ -31,7 +32,14 @@ def test_system_specs():
   assert (args["loss"], args["flags"], src) == ("full", "none", "/tmp/other")
   args, src = parse("base:masked", baseline_src="/tmp/other")
   assert (args["loss"], args["flags"], src) == ("masked", None, "/tmp/other")
-  assert parse("torch_compile")[0] == {"kind": "torch", "shape": shape, "compile": True}
+  assert parse("torch_compile")[0] == {"kind": "torch", "shape": shape, "compile": True,
+                                       "allocator": "system"}
+  # Our workers get the project's malloc settings by default, PyTorch's glibc's; either can
+  # be switched.
+  assert parse("jax:masked")[0]["allocator"] == "retain"
+  assert parse("base", baseline_src="/tmp/other")[0]["allocator"] == "retain"
+  assert parse("jax:full", allocator="system")[0]["allocator"] == "system"
+  assert parse("torch_eager", torch_allocator="retain")[0]["allocator"] == "retain"
   for bad, needle in (("base:masked", "baseline_src"), ("jax:partial", "unknown loss"),
                       ("tf", "unknown system"), ("jax", "unknown system")):
     with pytest.raises(SystemExit, match=needle):
@@ -53,12 +61,13 @@ def test_matmul_flops_by_hand():
 @pytest.mark.slow
 def test_interleaved_run_of_the_same_code_twice(tmp_path):
   """jax:masked and base:masked built from this same checkout: both report timings from every
-  round, the same loss bits (the same program on the same batch), the GEMM peak, the JSON."""
+  round, the same loss bits (the same program on the same batch), the GEMM peak, the JSON,
+  and which host allocator settings each ran with (base: glibc's, from --allocator)."""
   out = tmp_path / "throughput.json"
   proc = subprocess.run(
       [sys.executable, "-m", "bdiff_jax.benchmarks.throughput", "--shape", "smoke",
        "--systems", "jax:masked,base:masked", "--baseline_src", helpers.REPO, "--rounds", "2",
-       "--steps", "1", "--out", str(out)],
+       "--steps", "1", "--allocator", "system", "--out", str(out)],
       cwd=helpers.REPO, env=helpers.subprocess_env(**helpers.tiny_compile_env()),
       capture_output=True, text=True, timeout=600)
   helpers.assert_ok(proc)
@@ -68,7 +77,8 @@ def test_interleaved_run_of_the_same_code_twice(tmp_path):
   a, b = result["systems"]["jax:masked"], result["systems"]["base:masked"]
   for s in (a, b):
     assert len(s["step_times_s"]) == 2 and s["tokens_per_s"] > 0
-    assert s["memory"]["temp"] > 0 and s["xla_flops"] > 0
+    assert s["memory"]["temp"] > 0 and s["xla_flops"] > 0 and s["max_rss_mib"] > 0
   assert math.isfinite(a["loss"]) and a["loss"] == b["loss"]
+  assert a["allocator"] == b["allocator"] == "system: BDIFF_HOST_ALLOCATOR=system"
   assert "ratio_to_torch_compile" not in a  # no PyTorch system was run
   assert "jax:masked" in proc.stdout and "tokens/s" in proc.stdout

@@ -24,6 +24,11 @@ Systems measured (each a persistent worker process, so that its compiled step st
                         `git worktree` of the commit before a change): an A/B of a code change
                         in one run. Plain `base`: full head, no flags; with <loss>, as jax:.
   torch_eager, torch_compile   the PyTorch step (needs torch: requirements-bench.txt).
+Host allocator (bdiff_jax/host_allocator.py): our workers apply the project's malloc settings,
+as main.py does (`--allocator system` leaves glibc's defaults); the PyTorch workers run with
+glibc's defaults, as the reference script does (`--torch_allocator retain` gives them ours:
+PyTorch's CPU allocator also gets its large buffers from malloc). Each system's JSON records
+what was applied ("allocator").
 Rounds run the systems one after another (A B C A B C ..., the order rotated each round), never
 two at once; each reports the median step time over all its timed steps, tokens/s =
 batch * seq / median, and the ratios to the PyTorch systems. The machine load (1-minute load
@@ -154,7 +159,7 @@ def _jax_worker(args: dict[str, Any], reply) -> None:
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   info = {"compile_s": time.perf_counter() - t0, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "jax": jax.__version__}
+          "jax": jax.__version__, "allocator": args["allocator_applied"]}
   mem = compiled.memory_analysis()
   info["memory"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
                     ("temp", "argument", "output", "alias")}
@@ -179,7 +184,7 @@ def _jax_worker(args: dict[str, Any], reply) -> None:
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-      reply({"times": times, "loss": float(metrics["loss"])})
+      reply({"times": times, "loss": float(metrics["loss"]), "max_rss_mib": _max_rss_mib()})
     elif cmd["cmd"] == "gemm":
       times = []
       for _ in range(3):
@@ -259,7 +264,7 @@ def _torch_worker(args: dict[str, Any], reply) -> None:
   for _ in range(3):  # compile / warm up
     step(tokens)
   reply({"compile_s": time.perf_counter() - t0, "torch": torch.__version__,
-         "threads": torch.get_num_threads()})
+         "threads": torch.get_num_threads(), "allocator": args["allocator_applied"]})
   for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["cmd"] != "steps":
@@ -269,11 +274,30 @@ def _torch_worker(args: dict[str, Any], reply) -> None:
       t0 = time.perf_counter()
       loss = float(step(tokens).detach())
       times.append(time.perf_counter() - t0)
-    reply({"times": times, "loss": loss})
+    reply({"times": times, "loss": loss, "max_rss_mib": _max_rss_mib()})
+
+
+def _max_rss_mib() -> float:
+  """This process's peak resident memory so far (the host allocator keeps what it frees)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _apply_allocator(mode: str) -> str:
+  """host_allocator.configure in `mode`, loaded from this checkout by path (a base system's
+  checkout may predate the module), before the worker imports JAX or PyTorch."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "host_allocator.py")
+  spec = importlib.util.spec_from_file_location("_bdiff_host_allocator", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.configure(dict(os.environ, **{module.ENV_VAR: mode}))
 
 
 def _worker_main(payload: str) -> None:
   args = json.loads(payload)
+  args["allocator_applied"] = _apply_allocator(args.get("allocator", "system"))
   out = os.fdopen(os.dup(1), "w")  # the protocol channel; anything else printed goes to stderr
   os.dup2(2, 1)
 
@@ -299,6 +323,7 @@ class Worker:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = None
     self.times: list[float] = []
+    self.max_rss_mib = None
 
   def read(self) -> dict[str, Any]:
     line = self.proc.stdout.readline()
@@ -324,7 +349,8 @@ class Worker:
 def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   """(worker args, source dir) for one --systems entry."""
   if spec in ("torch_eager", "torch_compile"):
-    return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile"}, _REPO
+    return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile",
+            "allocator": opts.torch_allocator}, _REPO
   name, _, rest = spec.partition(":")
   if name not in ("jax", "base") or (name == "jax" and not rest):
     raise SystemExit(f"unknown system {spec!r}")
@@ -334,11 +360,13 @@ def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
       raise SystemExit(f"system {spec!r} needs --baseline_src DIR")
     src = os.path.abspath(opts.baseline_src)
     if not rest:  # plain `base`: the full head, no flags of ours
-      return {"kind": "jax", "shape": shape, "loss": "full", "flags": "none"}, src
+      return {"kind": "jax", "shape": shape, "loss": "full", "flags": "none",
+              "allocator": opts.allocator}, src
   loss, _, flags = rest.partition("@")
   if loss.partition(":")[0] not in ("masked", "full"):
     raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
-  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, src
+  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None,
+          "allocator": opts.allocator}, src
 
 
 def _load() -> float:
@@ -364,6 +392,7 @@ def run(opts) -> dict[str, Any]:
       for w in order:
         res = w.send({"cmd": "steps", "n": opts.steps})
         w.times += res["times"]
+        w.max_rss_mib = res["max_rss_mib"]
         if w is gemm_worker:
           gemm.append(w.send({"cmd": "gemm"})["gflops"])
       print(f"round {r + 1}/{opts.rounds}: " + ", ".join(
@@ -380,7 +409,8 @@ def run(opts) -> dict[str, Any]:
     med = statistics.median(w.times)
     systems[w.name] = {
         "median_step_s": med, "min_step_s": min(w.times), "tokens_per_s": tokens / med,
-        "step_times_s": w.times, "gflops_per_s": useful / med / 1e9,
+        "step_times_s": w.times, "max_rss_mib": w.max_rss_mib,
+        "gflops_per_s": useful / med / 1e9,
         "fraction_of_gemm_peak": (useful / med / 1e9 / peak) if peak else None, **w.info}
   for name, sys_ in systems.items():
     for ref in ("torch_eager", "torch_compile"):
@@ -440,6 +470,11 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=3, help="timed steps per system per round")
   p.add_argument("--baseline_src", default="", help="checkout for the 'base' system")
   p.add_argument("--torch_python", default="", help="python with torch (default: this one)")
+  p.add_argument("--allocator", default="retain", choices=("retain", "system"),
+                 help="host malloc settings of our workers (bdiff_jax/host_allocator.py)")
+  p.add_argument("--torch_allocator", default="system", choices=("retain", "system"),
+                 help="host malloc settings of the PyTorch workers (default: glibc's, as the "
+                 "reference script runs)")
   p.add_argument("--memory_preset", default="", help="only XLA memory analysis of this preset")
   p.add_argument("--set", action="append", default=[],
                  help="memory mode: config override for our step, e.g. model.backbone=reversible")
