@@ -40,6 +40,11 @@ def test_system_specs():
   assert parse("base", baseline_src="/tmp/other")[0]["allocator"] == "retain"
   assert parse("jax:full", allocator="system")[0]["allocator"] == "system"
   assert parse("torch_eager", torch_allocator="retain")[0]["allocator"] == "retain"
+  assert parse("torch_eager%retain")[0]["allocator"] == "retain"
+  args, _ = parse("jax:masked@none%system")
+  assert (args["loss"], args["flags"], args["allocator"]) == ("masked", "none", "system")
+  with pytest.raises(SystemExit, match="unknown allocator"):
+    parse("jax:masked%fast")
   for bad, needle in (("base:masked", "baseline_src"), ("jax:partial", "unknown loss"),
                       ("tf", "unknown system"), ("jax", "unknown system")):
     with pytest.raises(SystemExit, match=needle):

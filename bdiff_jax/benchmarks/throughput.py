@@ -27,8 +27,9 @@ Systems measured (each a persistent worker process, so that its compiled step st
 Host allocator (bdiff_jax/host_allocator.py): our workers apply the project's malloc settings,
 as main.py does (`--allocator system` leaves glibc's defaults); the PyTorch workers run with
 glibc's defaults, as the reference script does (`--torch_allocator retain` gives them ours:
-PyTorch's CPU allocator also gets its large buffers from malloc). Each system's JSON records
-what was applied ("allocator").
+PyTorch's CPU allocator also gets its large buffers from malloc). A `%retain` or `%system`
+suffix sets it for one system (`--systems jax:masked,jax:masked%system,torch_compile`). Each
+system's JSON records what was applied ("allocator") and its peak resident memory.
 Rounds run the systems one after another (A B C A B C ..., the order rotated each round), never
 two at once; each reports the median step time over all its timed steps, tokens/s =
 batch * seq / median, and the ratios to the PyTorch systems. The machine load (1-minute load
@@ -348,6 +349,16 @@ class Worker:
 
 def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   """(worker args, source dir) for one --systems entry."""
+  spec, _, allocator = spec.partition("%")
+  if allocator and allocator not in ("retain", "system"):
+    raise SystemExit(f"unknown allocator {allocator!r} in {spec}%{allocator}: use retain or system")
+  args, src = _parse_system_name(spec, shape, opts)
+  if allocator:
+    args["allocator"] = allocator
+  return args, src
+
+
+def _parse_system_name(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   if spec in ("torch_eager", "torch_compile"):
     return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile",
             "allocator": opts.torch_allocator}, _REPO
