@@ -1,15 +1,17 @@
 """What machine we run on: the JAX backend, its devices and how much memory a step may use.
 
 Used to pick a config preset that fits (`configs/wikitext2.py` with no preset) and to refuse,
-before training, a train step whose compiled memory would not fit (`check_step_fits`).
+before training, a train step whose compiled memory would not fit (`check_step_fits`), or
+that fits only if freed host memory is returned to the kernel (`check_host_memory`).
 """
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
+from bdiff_jax import host_allocator
 from bdiff_jax.errors import UserError
 
 
@@ -114,3 +116,22 @@ def check_step_fits(stats: dict, platform: Platform, *, what: str, fix: str,
         f"{what} needs {need / 2**30:.1f} GiB per device (XLA memory analysis of the compiled "
         f"train step) but this machine has {platform.memory_bytes / 2**30:.1f} GiB "
         f"({platform.describe()}); it would be killed for lack of memory.", fix)
+
+
+def check_host_memory(stats: dict, platform: Platform, *, headroom: float = FIT_HEADROOM,
+                      libc: Any = "auto") -> Optional[str]:
+  """On CPU, while `host_allocator` keeps freed memory for reuse: if the step (which fits,
+  `check_step_fits`) plus RETAINED_TEMP_COPIES more copies of its temporary buffers would not,
+  goes back to glibc's default allocation (`host_allocator.release`) and returns a note for the
+  user; otherwise None."""
+  if platform.backend != "cpu" or not platform.memory_bytes or not host_allocator.retaining():
+    return None
+  need = int(stats["held_bytes"] + host_allocator.RETAINED_TEMP_COPIES * stats["temp_bytes"])
+  if need <= int(platform.memory_bytes * headroom):
+    return None
+  host_allocator.release(libc)
+  return (f"host memory: keeping freed memory for reuse could take the step to "
+          f"{need / 2**30:.1f} GiB, more than this machine's "
+          f"{platform.memory_bytes / 2**30:.1f} GiB allow; using glibc's default allocation "
+          f"instead (slower on CPU: each step's buffers are page-faulted in again; "
+          f"bdiff_jax/host_allocator.py)")

@@ -1,5 +1,8 @@
 """bdiff_jax/host_allocator.py: what it sets, when it stands back, and that it works.
 
+* `release` restores glibc's defaults only after `configure` applied ours, and the train mode's
+  `platform_info.check_host_memory` calls it (with a note) for a CPU step that fits only without
+  retention.
 * `configure` makes exactly the three mallopt calls, in order, and none at all when the user
   opted out (BDIFF_HOST_ALLOCATOR=system), configured malloc themselves (GLIBC_TUNABLES,
   MALLOC_*_), or the C library is not glibc; an unknown mode is an error, and main.py turns it
@@ -10,6 +13,7 @@
   `configure()` (getrusage's minor faults: a count, not a time), and computes the same bits.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,6 +21,7 @@ import sys
 import pytest
 
 from bdiff_jax import host_allocator
+from bdiff_jax import platform_info
 from tests import helpers
 
 
@@ -111,3 +116,33 @@ def test_freed_buffers_are_not_page_faulted_in_again():
   assert counts["system"] > pages // 2, counts  # each call touches fresh memory
   assert counts["retain"] < pages // 20, counts  # the freed buffer is reused
   assert values["retain"] == values["system"]  # where buffers live changes no bit
+
+
+def test_release_undoes_only_what_configure_did(monkeypatch):
+  monkeypatch.setattr(host_allocator, "_retaining", False)
+  libc = _FakeLibc()
+  assert not host_allocator.release(libc) and not libc.calls  # nothing of ours to undo
+  assert host_allocator.configure({"BDIFF_HOST_ALLOCATOR": "system"}, libc).startswith("system")
+  assert not host_allocator.retaining() and not host_allocator.release(libc)
+  assert host_allocator.configure({}, libc) == "retain" and host_allocator.retaining()
+  libc.calls.clear()
+  assert host_allocator.release(libc)
+  assert libc.calls == [(-4, 65536), (-1, 128 * 1024)]  # glibc's defaults again
+  assert not host_allocator.retaining() and not host_allocator.release(libc)
+
+
+def test_a_step_that_fits_only_without_retention_releases_with_a_note(monkeypatch):
+  gib = 2**30
+  stats = {"held_bytes": 3 * gib, "temp_bytes": 2 * gib}  # retained: up to 3 + 2 * 2 = 7 GiB
+  cpu = lambda mem: platform_info.Platform(backend="cpu", device_kind="cpu", num_devices=1,
+                                           memory_bytes=int(mem * gib), cpu_count=2)
+  monkeypatch.setattr(host_allocator, "_retaining", True)
+  libc = _FakeLibc()
+  assert platform_info.check_host_memory(stats, cpu(8), libc=libc) is None  # 7 <= 0.9 * 8
+  assert host_allocator.retaining() and not libc.calls
+  gpu = dataclasses.replace(cpu(4), backend="gpu")
+  assert platform_info.check_host_memory(stats, gpu, libc=libc) is None  # device memory
+  note = platform_info.check_host_memory(stats, cpu(6), libc=libc)  # 7 > 5.4: release
+  assert "7.0 GiB" in note and "6.0 GiB" in note and "default allocation" in note
+  assert not host_allocator.retaining() and libc.calls == [(-4, 65536), (-1, 128 * 1024)]
+  assert platform_info.check_host_memory(stats, cpu(6), libc=libc) is None  # nothing to undo

@@ -297,6 +297,9 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
         what=f"the train step of this config (preset {config.preset or 'custom'})",
         fix="pick a smaller preset (configs/wikitext2.py:cpu or :smoke) or lower "
             "--config.train.batch_size / --config.data.seq_len / the model size.")
+    note = platform_info.check_host_memory(step_memory, platform_info.detect())
+    if note:
+      reporter.info(f"note: {note}")
   tokens_per_step = tc.batch_size * config.data.seq_len
 
   def nonfinite(step, loss):
