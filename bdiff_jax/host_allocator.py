@@ -18,10 +18,12 @@ What `configure()` sets, through glibc's `mallopt` (the documented run-time equi
                           the heap, and a freed one is reused by the next step;
   M_TRIM_THRESHOLD = -1   freed heap memory is never returned to the kernel.
 
-The cost: the process keeps what it frees until it exits, and one arena fragments: the worker
-of the throughput benchmark peaked at 4.1 GiB resident at the `cpu` preset's shape (a step with
-1.3 GiB of temporary buffers) against 2.0 GiB with glibc's defaults, i.e. up to ~1.6 more copies
-of the step's temporary buffers. `release()` goes back to glibc's defaults for large allocations
+The cost: the process keeps what it frees until it exits, and one arena fragments. At the
+`cpu` preset's shape (a step holding 1.4 GiB, 1.3 GiB of it temporary buffers) the throughput
+benchmark's worker peaked at 4.1 GiB resident against 2.0 GiB with glibc's defaults, and the
+whole main command (training with periodic evaluations and checkpoints, the full-split
+evaluation, sampling) at 8.0 GiB against 2.8 GiB: ~5 more copies of the step's temporary
+buffers. `release()` goes back to glibc's defaults for large allocations
 (the train mode calls it, with a note, when a CPU step fits the machine only without this cost:
 `platform_info.check_host_memory`). Threads share one arena lock (XLA's threads allocate
 rarely; user CPU time per step went down, not up). Nothing computed changes: only where
@@ -54,8 +56,8 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # glibc's defaults for the two that decide whether freed memory is kept (<malloc.h>, mallopt(3)).
 RELEASE_SETTINGS = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024))
 # Extra copies of a step's temporary buffers the process may hold while retaining (measured up to
-# ~1.6; see the module docstring).
-RETAINED_TEMP_COPIES = 2.0
+# ~5 over a whole main command; see the module docstring).
+RETAINED_TEMP_COPIES = 6.0
 
 # Whether this process's malloc currently runs with SETTINGS: process-wide state of the C
 # library, mirrored here so that `release` never touches settings it did not make.

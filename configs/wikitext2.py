@@ -12,12 +12,14 @@ With no preset the config looks at the machine (JAX backend and memory) and pick
 Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 eval seeds):
   smoke:   ~45 s on 2 CPU cores; bound ~1.4e3 valid / ~650 test on the first 2,048 tokens of
            each split (a wiring check: the output bias starts at the unigram model).
-  cpu:     1,600 steps (6.55M tokens), 29 min of training on 2 idle CPU cores, then the full
-           splits (~33 min end to end): bound 558 ± 23 valid / 542 ± 25 test word-ppl
-           (unigram 968 / 914, bigram 328 / 305; README.md). train.max_wall_seconds=1800
-           stops a slower machine early. The same shape trained autoregressively for the same
-           30 minutes (--config.model.objective=autoregressive
-           --config.model.time_conditioning=none --config.train.num_steps=700): 377 / 346 exact.
+  cpu:     3,000 steps (12.3M tokens), 26 min of training on 2 idle CPU cores (~7,900
+           tokens/s), then the full splits (~27 min end to end): bound 452 valid / 437 test
+           word-ppl (unigram 968 / 914, bigram 328 / 305; README.md). train.max_wall_seconds=1800
+           stops a slower machine early. Its earlier 1,600-step schedule (before the
+           host-allocator settings made the step ~1.6x faster), over 3 training seeds: 597 ± 45 /
+           582 ± 46; the same shape trained autoregressively for the same 30 minutes
+           (--config.model.objective=autoregressive --config.model.time_conditioning=none
+           --config.train.num_steps=700, 3 seeds): 376.5 / 345.7 exact.
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
            was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
@@ -117,10 +119,11 @@ def get_config(preset: str = ""):
     c.model.head_dim = 32
     c.model.mlp_dim = 512
     c.train.batch_size = 32
-    # The step runs ~3,900 tokens/s on 2 idle cores (masked head): ~1,700 steps of 4,096
-    # tokens in 30 minutes. The schedule ends at 1,600 so that it decays fully within the
-    # wall-clock budget, periodic evaluations included; max_wall_seconds stops a slower machine.
-    c.train.num_steps = 1600
+    # The step runs ~7,900 tokens/s on 2 idle cores (masked head, host-allocator settings):
+    # ~3,300 steps of 4,096 tokens in 30 minutes. The schedule ends at 3,000 so that it decays
+    # fully within the wall-clock budget, periodic evaluations included; max_wall_seconds stops
+    # a slower machine.
+    c.train.num_steps = 3000
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 50
     c.train.log_every = 10

@@ -133,16 +133,16 @@ def test_release_undoes_only_what_configure_did(monkeypatch):
 
 def test_a_step_that_fits_only_without_retention_releases_with_a_note(monkeypatch):
   gib = 2**30
-  stats = {"held_bytes": 3 * gib, "temp_bytes": 2 * gib}  # retained: up to 3 + 2 * 2 = 7 GiB
+  stats = {"held_bytes": 3 * gib, "temp_bytes": 2 * gib}  # retained: up to 3 + 6 * 2 = 15 GiB
   cpu = lambda mem: platform_info.Platform(backend="cpu", device_kind="cpu", num_devices=1,
                                            memory_bytes=int(mem * gib), cpu_count=2)
   monkeypatch.setattr(host_allocator, "_retaining", True)
   libc = _FakeLibc()
-  assert platform_info.check_host_memory(stats, cpu(8), libc=libc) is None  # 7 <= 0.9 * 8
+  assert platform_info.check_host_memory(stats, cpu(17), libc=libc) is None  # 15 <= 0.9 * 17
   assert host_allocator.retaining() and not libc.calls
   gpu = dataclasses.replace(cpu(4), backend="gpu")
   assert platform_info.check_host_memory(stats, gpu, libc=libc) is None  # device memory
-  note = platform_info.check_host_memory(stats, cpu(6), libc=libc)  # 7 > 5.4: release
-  assert "7.0 GiB" in note and "6.0 GiB" in note and "default allocation" in note
+  note = platform_info.check_host_memory(stats, cpu(16), libc=libc)  # 15 > 14.4: release
+  assert "15.0 GiB" in note and "16.0 GiB" in note and "default allocation" in note
   assert not host_allocator.retaining() and libc.calls == [(-4, 65536), (-1, 128 * 1024)]
-  assert platform_info.check_host_memory(stats, cpu(6), libc=libc) is None  # nothing to undo
+  assert platform_info.check_host_memory(stats, cpu(16), libc=libc) is None  # nothing to undo
