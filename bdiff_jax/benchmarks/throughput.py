@@ -47,6 +47,7 @@ Writes JSON (`--out`, default throughput_<shape>.json in the current directory).
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -284,15 +285,22 @@ def _max_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _apply_allocator(mode: str) -> str:
-  """host_allocator.configure in `mode`, loaded from this checkout by path (a base system's
-  checkout may predate the module), before the worker imports JAX or PyTorch."""
+@functools.cache
+def _host_allocator():
+  """This checkout's bdiff_jax/host_allocator.py, loaded by path: a base system's worker runs
+  this file with another checkout first on its path, which may predate the module."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "host_allocator.py")
   spec = importlib.util.spec_from_file_location("_bdiff_host_allocator", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def _apply_allocator(mode: str) -> str:
+  """host_allocator.configure in `mode`, before the worker imports JAX or PyTorch."""
+  module = _host_allocator()
   return module.configure(dict(os.environ, **{module.ENV_VAR: mode}))
 
 
@@ -350,18 +358,18 @@ class Worker:
 def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   """(worker args, source dir) for one --systems entry."""
   spec, _, allocator = spec.partition("%")
-  if allocator and allocator not in ("retain", "system"):
-    raise SystemExit(f"unknown allocator {allocator!r} in {spec}%{allocator}: use retain or system")
+  if allocator and allocator not in _host_allocator().MODES:
+    raise SystemExit(f"unknown allocator {allocator!r} in {spec}%{allocator}: use one of "
+                     f"{', '.join(_host_allocator().MODES)}")
   args, src = _parse_system_name(spec, shape, opts)
-  if allocator:
-    args["allocator"] = allocator
+  default = opts.torch_allocator if args["kind"] == "torch" else opts.allocator
+  args["allocator"] = allocator or default
   return args, src
 
 
 def _parse_system_name(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   if spec in ("torch_eager", "torch_compile"):
-    return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile",
-            "allocator": opts.torch_allocator}, _REPO
+    return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile"}, _REPO
   name, _, rest = spec.partition(":")
   if name not in ("jax", "base") or (name == "jax" and not rest):
     raise SystemExit(f"unknown system {spec!r}")
@@ -371,13 +379,11 @@ def _parse_system_name(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
       raise SystemExit(f"system {spec!r} needs --baseline_src DIR")
     src = os.path.abspath(opts.baseline_src)
     if not rest:  # plain `base`: the full head, no flags of ours
-      return {"kind": "jax", "shape": shape, "loss": "full", "flags": "none",
-              "allocator": opts.allocator}, src
+      return {"kind": "jax", "shape": shape, "loss": "full", "flags": "none"}, src
   loss, _, flags = rest.partition("@")
   if loss.partition(":")[0] not in ("masked", "full"):
     raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
-  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None,
-          "allocator": opts.allocator}, src
+  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, src
 
 
 def _load() -> float:
@@ -481,9 +487,9 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=3, help="timed steps per system per round")
   p.add_argument("--baseline_src", default="", help="checkout for the 'base' system")
   p.add_argument("--torch_python", default="", help="python with torch (default: this one)")
-  p.add_argument("--allocator", default="retain", choices=("retain", "system"),
+  p.add_argument("--allocator", default="retain", choices=_host_allocator().MODES,
                  help="host malloc settings of our workers (bdiff_jax/host_allocator.py)")
-  p.add_argument("--torch_allocator", default="system", choices=("retain", "system"),
+  p.add_argument("--torch_allocator", default="system", choices=_host_allocator().MODES,
                  help="host malloc settings of the PyTorch workers (default: glibc's, as the "
                  "reference script runs)")
   p.add_argument("--memory_preset", default="", help="only XLA memory analysis of this preset")
