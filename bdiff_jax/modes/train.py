@@ -292,12 +292,13 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
   if start < rules.stop_step:  # compile ahead: refuse a step that cannot fit, before training
     step_fn = step_fn.lower(state, _global_batch(batches, start, mesh)).compile()
     step_memory = platform_info.memory_stats(step_fn)
+    platform = platform_info.detect()
     platform_info.check_step_fits(
-        step_memory, platform_info.detect(),
+        step_memory, platform,
         what=f"the train step of this config (preset {config.preset or 'custom'})",
         fix="pick a smaller preset (configs/wikitext2.py:cpu or :smoke) or lower "
             "--config.train.batch_size / --config.data.seq_len / the model size.")
-    note = platform_info.check_host_memory(step_memory, platform_info.detect())
+    note = platform_info.check_host_memory(step_memory, platform)
     if note:
       reporter.info(f"note: {note}")
   tokens_per_step = tc.batch_size * config.data.seq_len
