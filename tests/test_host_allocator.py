@@ -7,10 +7,13 @@
   opted out (BDIFF_HOST_ALLOCATOR=system), configured malloc themselves (GLIBC_TUNABLES,
   MALLOC_*_), or the C library is not glibc; an unknown mode is an error, and main.py turns it
   into one `error:` line.
-* Slow: in a fresh process running a jitted gradient with 128 MiB of temporary buffers, a
-  typical call after the first two (the median of 6) page-faults ~32k pages in again with
-  glibc's defaults and (almost) none after
-  `configure()` (getrusage's minor faults: a count, not a time), and computes the same bits.
+* Slow: in a fresh process running a jitted gradient with 128 MiB of temporary buffers 24 times,
+  every call page-faults ~32k pages in again with glibc's defaults, and after `configure()`
+  only the few calls in which the retained heap still grows do (getrusage's minor faults: a
+  count, not a time); both compute the same bits. XLA's threads free and allocate in an order
+  that varies from run to run, so the heap may still grow in a few calls (seen in 30 runs:
+  1 to 4 of the 23 calls, as late as the 22nd call); a statistic over the first few calls only
+  would be flaky (CI once saw the median of calls 3-8 fault in).
 """
 
 import dataclasses
@@ -89,20 +92,20 @@ b = jax.random.normal(jax.random.PRNGKey(1), (256, 16384), jnp.float32) / 16
 # A gradient through a [2048, 16384] softmax: 128 MiB of temporary buffers, a 2 MiB result.
 f = jax.jit(jax.grad(lambda a, b: jax.nn.logsumexp(a @ b, axis=-1).sum()))
 faults = []
-for i in range(8):
+for i in range(24):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   g = f(a, b).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(jnp.sum(g * g).item().hex())
-# After the first call: the heap may still grow once or twice while it finds its layout.
-print(sorted(faults[2:])[3])
+print(*faults[1:])  # the first call compiles and lays out the heap
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_freed_buffers_are_not_page_faulted_in_again():
-  counts, values = {}, {}
+  faulting, values = {}, {}
+  pages = 128 * 2**20 // 4096
   for mode in ("system", "retain"):
     proc = subprocess.run([sys.executable, "-c", _FAULTS], cwd=helpers.REPO, capture_output=True,
                           text=True, timeout=300,
@@ -111,10 +114,11 @@ def test_freed_buffers_are_not_page_faulted_in_again():
     applied, values[mode], faults = proc.stdout.strip().splitlines()[-3:]
     if mode == "retain" and applied != "retain":
       pytest.skip(f"the allocator settings were not applied here ({applied})")
-    counts[mode] = int(faults)
-  pages = 128 * 2**20 // 4096
-  assert counts["system"] > pages // 2, counts  # each call touches fresh memory
-  assert counts["retain"] < pages // 20, counts  # the freed buffer is reused
+    faults = [int(n) for n in faults.split()]
+    assert len(faults) == 23
+    faulting[mode] = [n for n in faults if n > pages // 2]
+  assert len(faulting["system"]) >= 20, faulting  # each call touches fresh memory
+  assert len(faulting["retain"]) <= 8, faulting  # freed buffers are reused once the heap fits
   assert values["retain"] == values["system"]  # where buffers live changes no bit
 
 
