@@ -7,6 +7,7 @@ that fits only if freed host memory is returned to the kernel (`check_host_memor
 
 import dataclasses
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -47,6 +48,29 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
     return 0
+
+
+def host_resident_mib() -> dict[str, float]:
+  """This process's resident host memory now and at its peak, in MiB ({} where unknown).
+
+  Now: /proc/self/statm (Linux). Peak: getrusage's ru_maxrss (KiB on Linux, bytes on macOS).
+  Logged with the train metrics, so a run shows what the process holds as it goes (on CPU,
+  host_allocator's retention; anywhere, the host side of data and checkpoints)."""
+  out = {}
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      out["host_rss_mib"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["host_peak_rss_mib"] = peak / (2**20 if sys.platform == "darwin" else 2**10)
+  except (ImportError, OSError):
+    pass
+  if len(out) == 2:  # the kernel updates ru_maxrss lazily: it can trail statm by a few pages
+    out["host_peak_rss_mib"] = max(out.values())
+  return out
 
 
 def _device_memory(device) -> Optional[int]:

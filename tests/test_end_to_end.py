@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -71,6 +72,11 @@ def test_train_eval_restore_identical(trained, real_data_dir, shared_tfds_dir):
     assert 1.0 < r["word_ppl"] < 1e6
   for f in ("metrics.jsonl", "training_curves.png", "vocab.json", "config.json"):
     assert os.path.exists(os.path.join(workdir, f)), f
+  if sys.platform.startswith("linux"):  # each train record says what the process holds
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      train = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    assert train and all(0 < r["host_rss_mib"] <= r["host_peak_rss_mib"] for r in train), train
+    assert all(a["host_peak_rss_mib"] <= b["host_peak_rss_mib"] for a, b in zip(train, train[1:]))
   # A new process restores the same checkpoint and reproduces the numbers exactly.
   assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, "--mode=eval")))
   with open(os.path.join(workdir, "eval_best.json")) as f:

@@ -115,6 +115,7 @@ class MetricsBuffer:
     last["learning_rate"] = float(fetched[-1]["learning_rate"])
     last["tokens_per_sec"] = ((step_now - self._step_last) * self._tokens_per_step /
                               max(now - self._t_last, 1e-9))
+    last.update(platform_info.host_resident_mib())
     self._log.write("train", step_now, **last)
     self._t_last, self._step_last = now, step_now
     self._pending = []
