@@ -37,6 +37,18 @@ import statistics
 import sys
 import time
 
+if __name__ == "__main__":
+  # As main.py does, before JAX starts a thread: the host allocator's settings and our XLA
+  # flags (bdiff_jax/host_allocator.py, bdiff_jax/xla_flags.py), so the samplers are timed as
+  # the program runs them.
+  from bdiff_jax import host_allocator, xla_flags  # pylint: disable=g-import-not-at-top
+  try:
+    host_allocator.configure()
+  except ValueError as _e:
+    sys.exit(f"error: {_e}. Fix: unset {host_allocator.ENV_VAR} or set it to one of "
+             f"{', '.join(host_allocator.MODES)}.")
+  xla_flags.apply_default_flags()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,10 +192,15 @@ def main(argv=None) -> dict:
   parser.add_argument("--vocab", type=int, default=WIKITEXT2_VOCAB)
   parser.add_argument("--out", default="sampling_speed.json")
   args = parser.parse_args(argv)
+  from bdiff_jax import host_allocator  # pylint: disable=g-import-not-at-top
+  settings = {"host_allocator": "retain" if host_allocator.retaining() else "system",
+              "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  print(f"host allocator: {settings['host_allocator']}; XLA_FLAGS: {settings['xla_flags']!r}")
   if os.path.exists(args.out):
     raise OutputExistsError(f"{args.out} exists already.", "pass --out with a new file name.")
   results = run(reps=args.reps, length=args.length, steps=args.steps, samples=args.samples,
                 vocab=args.vocab)
+  results.update(settings)
   print(f"{results['shape']}")
   for name, t in results["times"].items():
     speedup = results["speedups"].get(name)
