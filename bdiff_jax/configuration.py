@@ -131,7 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_time_samples = 1  # K time draws per sequence for the diffusion bound
   c.eval.seeds = (0, 1, 2)  # spread of the bound over evaluation seeds
   c.eval.max_tokens = 0  # evaluate only the first N tokens of each split; 0 = the whole split
-  c.eval.during_training_max_tokens = 0  # subset used for periodic evals; 0 = whole split
+  # Periodic evals score about this many tokens in blocks spread evenly over the validation
+  # split (pipeline.spread_blocks; a prefix is not representative); 0 = the whole split.
+  c.eval.during_training_max_tokens = 0
   c.eval.use_ema = True
   c.eval.checkpoint = "best"  # for --mode=eval/sample: "best" | "latest" | a step number
 

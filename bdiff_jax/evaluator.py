@@ -96,9 +96,13 @@ class Evaluator:
       count += int(valid.sum())
     return total, count
 
-  def evaluate(self, params, splits, *, seeds, max_tokens: int = 0,
+  def evaluate(self, params, splits, *, seeds, max_tokens: int = 0, spread: bool = False,
                split_names=SPLITS) -> dict[str, Any]:
-    """Metrics for each split: mean and std over seeds. Deterministic for fixed seeds."""
+    """Metrics for each split: mean and std over seeds. Deterministic for fixed seeds.
+
+    max_tokens: 0 scores the whole split; otherwise its first `max_tokens` tokens, or with
+    `spread` about as many tokens in blocks spread evenly over the split
+    (`pipeline.spread_blocks`: the periodic evaluation during training)."""
     seeds = tuple(seeds)
     # One placement for every call: parameters restored from a checkpoint live on one device,
     # a training state's on the run's mesh; as they are, the two would compile `nll` twice
@@ -108,7 +112,14 @@ class Evaluator:
     results = {}
     for split_index, name in enumerate(split_names):
       full = getattr(splits, name)
-      tokens = full[:max_tokens] if max_tokens else full
+      if spread:
+        tokens = pipeline.spread_blocks(full, self.seq_len, max_tokens)
+      else:
+        tokens = full[:max_tokens] if max_tokens else full
+      full_split = int(tokens.size) == int(full.size)
+      subset = ("" if full_split else
+                f"{tokens.size // self.seq_len} blocks spread over the split" if spread else
+                f"first {tokens.size} tokens")
       words = _count_words(splits.tokenizer, tokens)
       per_seed = []
       for seed in seeds:
@@ -128,7 +139,8 @@ class Evaluator:
           "word_ppl_per_seed": [float(np.exp(v)) for v in per_word],
           "num_tokens": int(tokens.size),
           "num_words": words,
-          "full_split": int(tokens.size) == int(full.size),
+          "full_split": full_split,
+          "subset": subset,
           "seeds": list(seeds),
           "num_time_samples": self.num_time_samples,
           "upper_bound": bool(self.objective.is_upper_bound),
@@ -142,7 +154,7 @@ class Evaluator:
     if self.objective.is_upper_bound:
       lines.append("Diffusion numbers are UPPER BOUNDS on the true NLL / perplexity.")
     for name, r in results.items():
-      subset = "" if r["full_split"] else f" [SUBSET: first {r['num_tokens']} tokens]"
+      subset = "" if r["full_split"] else f" [SUBSET: {r['subset']}]"
       lines.append(
           f"  {name:5s}: nll/token {r['nll_per_token']:.4f} ± {r['nll_per_token_std']:.4f} nats"
           f" | bits/token {r['bits_per_token']:.4f} | token ppl {r['token_ppl']:.2f}"

@@ -570,6 +570,20 @@ def test_eval_blocks_small():
   assert blocks.shape == (0, 5) and tail.tolist() == [0, 1, 2]
 
 
+def test_spread_blocks_are_evenly_spaced_whole_blocks():
+  # 23 tokens in blocks of 5: 4 full blocks (0-4, 5-9, 10-14, 15-19) and a tail.
+  assert pipeline.spread_blocks(_stream(23), 5, 10).tolist() == [*range(0, 5), *range(10, 15)]
+  assert pipeline.spread_blocks(_stream(23), 5, 7).tolist() == list(range(5))  # 1 block
+  assert pipeline.spread_blocks(_stream(23), 5, 15).tolist() == [  # floor(i * 4 / 3)
+      *range(0, 5), *range(5, 10), *range(10, 15)]
+  for max_tokens in (0, 20, 1000):  # the whole split, tail included
+    assert pipeline.spread_blocks(_stream(23), 5, max_tokens).tolist() == list(range(23))
+  # The blocks reach the end of a long split (a prefix would not).
+  picked = pipeline.spread_blocks(_stream(10_000), 100, 1_000).reshape(10, 100)
+  assert picked[:, 0].tolist() == list(range(0, 10_000, 1_000))
+  assert (np.diff(picked, axis=1) == 1).all()
+
+
 def test_synthetic_corpus_is_deterministic(tmp_path):
   a = wikitext2.write_synthetic_corpus(tmp_path / "a", seed=5)
   b = wikitext2.write_synthetic_corpus(tmp_path / "b", seed=5)

@@ -72,6 +72,23 @@ def test_evaluation_compiles_once_across_evaluations():
   assert first["valid"]["num_tokens"] == 70 and second["test"]["num_tokens"] == 64
 
 
+def test_spread_subset_scores_exactly_the_picked_blocks():
+  _, _, params, ev = _setup("autoregressive")  # exact NLL: equal sums, not only in expectation
+  splits = _splits(16 * SEQ + 3, SEQ)
+  r = ev.evaluate(params, splits, seeds=(0,), max_tokens=4 * SEQ, spread=True,
+                  split_names=("valid",))["valid"]
+  picked = splits.valid[:16 * SEQ].reshape(16, SEQ)[[0, 4, 8, 12]].reshape(-1)
+  direct = ev.evaluate(params, types.SimpleNamespace(valid=picked, tokenizer=splits.tokenizer),
+                       seeds=(0,), split_names=("valid",))["valid"]
+  assert r["num_tokens"] == 4 * SEQ and not r["full_split"]
+  assert r["subset"] == "4 blocks spread over the split" and direct["subset"] == ""
+  assert r["nll_per_token"] == pytest.approx(direct["nll_per_token"], rel=1e-6)
+  prefix = ev.evaluate(params, splits, seeds=(0,), max_tokens=4 * SEQ,
+                       split_names=("valid",))["valid"]
+  assert prefix["subset"] == f"first {4 * SEQ} tokens"
+  assert "[SUBSET: 4 blocks spread over the split]" in ev.format_results({"valid": r})
+
+
 @pytest.mark.parametrize("name", ["diffusion", "autoregressive"])
 def test_padding_does_not_change_the_valid_tokens(name):
   objective, net, params, _ = _setup(name)

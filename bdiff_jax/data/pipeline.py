@@ -420,3 +420,21 @@ def eval_blocks(tokens: np.ndarray, seq_len: int,
   blocks = tokens[:n * seq_len].reshape(n, seq_len)
   tail = tokens[n * seq_len:] if tokens.size % seq_len else None
   return blocks, tail
+
+
+def spread_blocks(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
+  """About `max_tokens` tokens of a split for a quick evaluation, spread over the whole split.
+
+  K = max(1, max_tokens // seq_len) of the split's full blocks (the blocks `eval_blocks` cuts)
+  at evenly spaced block indices floor(i * N / K), i < K, concatenated in stream order: the same
+  blocks the full evaluation scores, so a block-aligned 1-D stream. A prefix of the split would
+  be cheaper to pick but is not representative: on WikiText-2's validation split the first
+  8,192 tokens gave a bound of 296 where the whole split gave 422 (the same parameters). With
+  `max_tokens` 0, or at least as many blocks as the split has, the whole split is returned.
+  """
+  blocks, _ = eval_blocks(tokens, seq_len)
+  k = max(1, int(max_tokens) // seq_len)
+  if not max_tokens or k >= blocks.shape[0]:
+    return np.asarray(tokens).astype(np.int32, copy=False)
+  index = (np.arange(k) * blocks.shape[0]) // k
+  return blocks[index].reshape(-1)

@@ -160,7 +160,7 @@ def _periodic_eval(exp: experiment.Experiment, state, step: int, log: metrics_lo
   config = exp.config
   params = state.ema_params if config.eval.use_ema else state.params
   v = exp.evaluator.evaluate(params, exp.splits, seeds=tuple(config.eval.seeds)[:1],
-                             max_tokens=config.eval.during_training_max_tokens,
+                             max_tokens=config.eval.during_training_max_tokens, spread=True,
                              split_names=("valid",))["valid"]
   log.write("eval", step, valid_nll_per_token=v["nll_per_token"], valid_word_ppl=v["word_ppl"],
             valid_tokens=v["num_tokens"])
@@ -230,7 +230,7 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
       best, v = _periodic_eval(exp, state, step, log)
       reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
                     f"({'bound, ' if exp.objective.is_upper_bound else ''}"
-                    f"{v['num_tokens']} tokens)")
+                    f"{v['num_tokens']} tokens{', ' + v['subset'] if v['subset'] else ''})")
       save(step, state, best_metrics=best)
       t_saved = time.time()
     elif (rules.is_checkpoint_step(step) or rules.is_eval_step(step) or out_of_time or
