@@ -14,7 +14,7 @@ ARCHITECTURE_FIELDS: what the parameters are and what function they compute: the
     model.positional, model.rope_theta, model.norm_eps, model.tie_embeddings, model.attention,
     model.candidate_k,
     diffusion.schedule, diffusion.schedule_exponent, diffusion.corruption,
-    diffusion.uniform_fraction.
+    diffusion.uniform_fraction, diffusion.estimator.
 
 TRAINING_FIELDS: the data stream and the training noise: the data order and position (seed,
   batch size), dropout, initialisation, the numerics, the training-time time draws. A resumed run
@@ -79,7 +79,7 @@ ARCHITECTURE_FIELDS = frozenset({
     "model.time_conditioning", "model.positional", "model.rope_theta", "model.norm_eps",
     "model.tie_embeddings", "model.attention", "model.candidate_k",
     "diffusion.schedule", "diffusion.schedule_exponent", "diffusion.corruption",
-    "diffusion.uniform_fraction",
+    "diffusion.uniform_fraction", "diffusion.estimator",
 })
 
 TRAINING_FIELDS = frozenset({

@@ -9,7 +9,7 @@ import os
 
 import ml_collections
 
-from bdiff_jax import zeroth_order
+from bdiff_jax import corruption, zeroth_order
 from bdiff_jax.errors import ConfigError
 
 BACKBONES = ("standard", "reversible", "opt")
@@ -17,6 +17,7 @@ BLOCKS = ("simple", "qwen3")
 OBJECTIVES = ("diffusion", "autoregressive")  # bdiff_jax.objective.NAMES (a test checks)
 SCHEDULES = ("linear", "cosine", "polynomial")
 CORRUPTIONS = ("absorbing", "prototype_mix")
+ESTIMATORS = corruption.ESTIMATORS
 TIME_CONDITIONING = ("none", "adaln")
 POSITIONAL = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -83,6 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.corruption = "absorbing"  # "absorbing" | "prototype_mix"
   c.diffusion.uniform_fraction = 0.1  # share of corrupted tokens substituted, "prototype_mix" only
   c.diffusion.antithetic = True
+  # The Monte Carlo estimator of the ELBO, in training and evaluation (bdiff_jax/diffusion.py):
+  # "time": t ~ U(0, 1], Bernoulli masks, weight w(t); "count": k ~ U{1..L} masked tokens
+  # exactly, weight L / k, the network conditioned on k / L. The same bound in expectation for
+  # a denoiser of z alone; "count" has bounded weights and far lower variance.
+  c.diffusion.estimator = "time"
   # Output head + cross-entropy only at masked positions (exactly the same loss and bound; a
   # fixed-size gather with an exact fallback). False: the head at every position.
   c.diffusion.masked_head = True
@@ -237,6 +243,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   d = c.diffusion
   _choice("diffusion.schedule", d.schedule, SCHEDULES)
   _choice("diffusion.corruption", d.corruption, CORRUPTIONS)
+  _choice("diffusion.estimator", d.estimator, ESTIMATORS)
+  corruption.check_estimator(d.estimator, d.corruption)
   _positive("diffusion.schedule_exponent", d.schedule_exponent)
   _positive("diffusion.head_chunk_rows", d.head_chunk_rows, allow_zero=True)
   _in_unit("diffusion.uniform_fraction", d.uniform_fraction)

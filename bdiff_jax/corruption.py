@@ -8,6 +8,9 @@ Two modes:
 
 * "absorbing": the process above. It is the only one for which `bdiff_jax.diffusion` computes a
   valid upper bound on the negative log-likelihood.
+* "absorbing" with an exact count (`corrupt_count`): exactly k of the L positions, a uniformly
+  random set of them, are [MASK]. Given |M| = k, the mask set of the process above is such a
+  set too; `bdiff_jax.diffusion`'s "count" estimator draws k instead of t.
 * "prototype_mix": reproduces the corruption of the older PyTorch prototype, kept only for
   comparison. Of the corrupted positions, a `uniform_fraction` share shows a uniformly random real
   token (which may coincide with the original one) instead of [MASK]. This is NOT the absorbing
@@ -24,6 +27,8 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.schedules import Schedule
 
 CORRUPTION_MODES = ("absorbing", "prototype_mix")
+# How `bdiff_jax.diffusion` draws masks: per-token at a time t, or an exact count k.
+ESTIMATORS = ("time", "count")
 
 
 def check_corruption_args(mode: str, uniform_fraction: float) -> None:
@@ -34,6 +39,18 @@ def check_corruption_args(mode: str, uniform_fraction: float) -> None:
   if mode == "prototype_mix" and not 0.0 <= float(uniform_fraction) <= 1.0:
     raise ConfigError(f"uniform_fraction {uniform_fraction} must lie in [0, 1].",
                       "pass --config.diffusion.uniform_fraction=<number in [0, 1]>.")
+
+
+def check_estimator(estimator: str, corruption: str = "absorbing") -> None:
+  """Raises ConfigError for an unknown estimator, or "count" with a non-absorbing corruption."""
+  if estimator not in ESTIMATORS:
+    raise ConfigError(f"unknown ELBO estimator {estimator!r}.",
+                      "use --config.diffusion.estimator=time or count.")
+  if estimator == "count" and corruption != "absorbing":
+    raise ConfigError(
+        f"config.diffusion.estimator='count' masks exactly k tokens of the absorbing process; "
+        f"it cannot be combined with corruption={corruption!r}.",
+        "pass --config.diffusion.corruption=absorbing, or --config.diffusion.estimator=time.")
 
 
 def corrupt(key: jax.Array,
@@ -83,3 +100,48 @@ def corrupt(key: jax.Array,
     random_tokens = jax.random.randint(key_tok, tokens.shape, 0, vocab_size, jnp.int32)
     noisy = jnp.where(substitute, random_tokens, noisy)
   return noisy, masked
+
+
+def counts_from_uniform(s: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
+  """k = ceil(s * L) in {1, ..., L} for s in (0, 1] (0 where L = 0): uniform on {1..L} when s is
+  uniform on (0, 1].
+
+  Args:
+    s: float[...] in (0, 1].
+    lengths: int[...] (broadcast against s), L >= 0.
+
+  Returns:
+    int32 counts, the shape of s and lengths broadcast.
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  k = jnp.ceil(jnp.asarray(s, jnp.float32) * lengths.astype(jnp.float32)).astype(jnp.int32)
+  return jnp.clip(k, jnp.minimum(lengths, 1), lengths)  # float rounding cannot leave {1..L}
+
+
+def corrupt_count(key: jax.Array, tokens: jnp.ndarray, counts: jnp.ndarray, *, mask_id: int,
+                  valid: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Masks a uniformly random set of exactly counts[b] valid positions of each row b.
+
+  The positions are ranked by a random permutation (a sort on 64 random bits per position, with
+  the padding last), and the first counts[b] are masked: every set of that size is equally
+  likely (a tie of the 64-bit keys, probability ~ L^2 / 2^65, would favour the earlier position).
+
+  Args:
+    key: PRNG key; consumed.
+    tokens: int[B, L] clean tokens.
+    counts: int[B], 0 <= counts[b] <= number of valid positions of row b.
+    mask_id: id of [MASK].
+    valid: optional bool[B, L]; padding (False) is never masked. None: all valid.
+
+  Returns:
+    (noisy int32[B, L], masked bool[B, L]) as `corruption.corrupt`.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  b, l = tokens.shape
+  bits = jax.random.bits(key, (2, b, l), jnp.uint32)
+  pad = jnp.zeros((b, l), jnp.uint32) if valid is None else (~valid).astype(jnp.uint32)
+  iota = jax.lax.broadcasted_iota(jnp.int32, (b, l), 1)
+  order = jax.lax.sort((pad, bits[0], bits[1], iota), dimension=1, num_keys=3)[-1]
+  _, rank = jax.lax.sort((order, iota), dimension=1, num_keys=1)  # rank of each position
+  masked = rank < jnp.asarray(counts, jnp.int32)[:, None]
+  return jnp.where(masked, jnp.int32(mask_id), tokens), masked

@@ -13,6 +13,20 @@ All estimators here draw t in (0, 1] (never exactly 0) uniformly, so they are un
 the integral; nothing is clipped away. Near t = 0 the weight w(t) is large but the expected number
 of masked tokens is proportionally small; a draw with no masked token contributes exactly 0.
 
+Two Monte Carlo estimators of the bound (`corruption.ESTIMATORS`, `config.diffusion.estimator`):
+* "time" (default): t ~ U(0, 1] (stratified), each token masked with probability 1 - alpha(t),
+  the masked cross-entropies weighted by w(t); the network sees t.
+* "count": k ~ U{1, ..., L} (stratified), exactly k positions masked (a uniform k-subset,
+  `corruption.corrupt_count`), weighted by L / k; the network sees t = k / L, the masked fraction
+  of its own input. For a denoiser of z alone both have the same expectation for every schedule:
+  given |M| = k the mask set is a uniform k-subset under either, and with m = 1 - alpha(t),
+  integral w(t) P(|M| = k | t) dt = integral_0^1 C(L, k) m^(k-1) (1 - m)^(L-k) dm = 1 / k, so
+    -log p(x) <= E_{k ~ U{1..L}} [ (L / k) E_{|M| = k} sum_{i in M} -log p(x_i | x_{-M}) ],
+  the any-order autoregressive bound (Hoogeboom et al. 2022; Ou et al. 2024), valid for any
+  denoiser of z and k. Its weights are at most L; the time estimator's w(t) = 1/t makes a draw
+  with one masked token at a tiny t arbitrarily heavy (for the linear schedule a draw exceeds x
+  with probability ~ 1/x^2: infinite variance), so its gradients and bounds are far noisier.
+
 A model is passed as `logits_fn(noisy: int32[B, L], t: float32[B]) -> float[B, L, V]` over the V
 real tokens (no [MASK] column). Logits are cast to float32 before the log-softmax.
 
@@ -28,8 +42,12 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax.corruption import check_corruption_args
+from bdiff_jax.corruption import check_estimator
 from bdiff_jax.corruption import corrupt
+from bdiff_jax.corruption import corrupt_count
+from bdiff_jax.corruption import counts_from_uniform
 from bdiff_jax.masked_head import HeadFn
+from bdiff_jax.masked_head import count_capacity
 from bdiff_jax.masked_head import masked_capacity
 from bdiff_jax.masked_head import masked_nll_sums
 from bdiff_jax.schedules import Schedule
@@ -72,6 +90,12 @@ def sample_times(key: jax.Array, batch_size: int, *, antithetic: bool = True) ->
     u = jax.random.uniform(key, (), jnp.float32)
     return stratified_times(u, batch_size)
   return 1.0 - jax.random.uniform(key, (batch_size,), jnp.float32)
+
+
+def _count_weight(counts: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
+  """float32[B]: L_b / k_b, or 0 where k_b = 0 (nothing masked, nothing to weight)."""
+  counts = jnp.asarray(counts, jnp.float32)
+  return jnp.where(counts > 0, jnp.asarray(lengths, jnp.float32) / jnp.maximum(counts, 1.0), 0.0)
 
 
 def _masked_nll_sum(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
@@ -120,12 +144,14 @@ def diffusion_loss(logits_fn: LogitsFn,
                    mask_id: int,
                    antithetic: bool = True,
                    corruption: str = "absorbing",
-                   uniform_fraction: float = 0.1) -> tuple[jnp.ndarray, dict[str, Any]]:
+                   uniform_fraction: float = 0.1,
+                   estimator: str = "time") -> tuple[jnp.ndarray, dict[str, Any]]:
   """One-sample Monte Carlo estimate of the diffusion ELBO, in nats per token.
 
   loss = mean_b [ w(t_b) * sum_{i masked} -log p(x_{b,i} | z_{t_b}) ] / L, with one time t_b per
-  sequence (stratified across the batch if `antithetic`). For corruption="absorbing" this is an
-  unbiased estimate of the upper bound on -log p(x) / L averaged over the batch.
+  sequence (stratified across the batch if `antithetic`); with estimator="count" the weight is
+  L / k_b for exactly k_b masked tokens (see the module docstring). For corruption="absorbing"
+  this is an unbiased estimate of the upper bound on -log p(x) / L averaged over the batch.
 
   Args:
     logits_fn: (noisy int32[B, L], t float32[B]) -> logits float[B, L, V].
@@ -138,6 +164,7 @@ def diffusion_loss(logits_fn: LogitsFn,
     corruption: "absorbing", or "prototype_mix" to reproduce the old prototype's objective (the
       same formula on its corruption; NOT a likelihood bound).
     uniform_fraction: "prototype_mix" only, see `bdiff_jax.corruption.corrupt`.
+    estimator: "time" or "count" (`corruption.ESTIMATORS`; "count" needs corruption="absorbing").
 
   Returns:
     (loss, aux): loss float32 scalar; aux a dict of float32 scalars: 'masked_fraction' (share of
@@ -149,21 +176,30 @@ def diffusion_loss(logits_fn: LogitsFn,
 
   return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                              antithetic=antithetic, corruption=corruption,
-                             uniform_fraction=uniform_fraction)
+                             uniform_fraction=uniform_fraction, estimator=estimator)
 
 
 def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic, corruption,
-                        uniform_fraction):
+                        uniform_fraction, estimator):
   """diffusion_loss with the per-sequence masked NLL sums computed by nll_sums(noisy, t, masked)."""
   check_corruption_args(corruption, uniform_fraction)
+  check_estimator(estimator, corruption)
   tokens = jnp.asarray(tokens, jnp.int32)
   batch_size, length = tokens.shape
   key_t, key_c = jax.random.split(key)
-  t = sample_times(key_t, batch_size, antithetic=antithetic)
-  noisy, masked = corrupt(key_c, tokens, t, schedule=schedule, mask_id=mask_id, mode=corruption,
-                          uniform_fraction=uniform_fraction, vocab_size=mask_id)
+  if estimator == "count":
+    counts = counts_from_uniform(sample_times(key_t, batch_size, antithetic=antithetic), length)
+    noisy, masked = corrupt_count(key_c, tokens, counts, mask_id=mask_id)
+    t = counts.astype(jnp.float32) / length  # the masked fraction
+    weight = _count_weight(counts, length)
+  else:
+    t = sample_times(key_t, batch_size, antithetic=antithetic)
+    noisy, masked = corrupt(key_c, tokens, t, schedule=schedule, mask_id=mask_id,
+                            mode=corruption, uniform_fraction=uniform_fraction,
+                            vocab_size=mask_id)
+    weight = _elbo_weight(t, masked, schedule)
   nll_sum = nll_sums(noisy, t, masked)
-  loss = jnp.mean(_elbo_weight(t, masked, schedule) * nll_sum) / length
+  loss = jnp.mean(weight * nll_sum) / length
 
   num_masked = jnp.sum(masked).astype(jnp.float32)
   aux = {
@@ -176,11 +212,14 @@ def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic,
 
 
 def _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows, *,
-                       antithetic: bool):
+                       antithetic: bool, estimator: str):
   """(noisy, t, masked) -> per-sequence masked NLL sums, the head only at masked positions
-  (`masked_head.masked_nll_sums`); capacity None: `masked_capacity` for this batch shape."""
+  (`masked_head.masked_nll_sums`); capacity None: `masked_capacity` (`count_capacity` for the
+  count estimator) for this batch shape."""
   batch_size, length = tokens.shape
-  if capacity is None:
+  if capacity is None and estimator == "count":
+    capacity = count_capacity(batch_size, length, antithetic=antithetic)
+  elif capacity is None:
     capacity = masked_capacity(schedule, batch_size, length, antithetic=antithetic)
 
   def nll_sums(noisy, t, masked):
@@ -200,6 +239,7 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
                             antithetic: bool = True,
                             corruption: str = "absorbing",
                             uniform_fraction: float = 0.1,
+                            estimator: str = "time",
                             capacity: Optional[int] = None,
                             chunk_rows: Optional[int] = None
                            ) -> tuple[jnp.ndarray, dict[str, Any]]:
@@ -212,10 +252,11 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
   Args:
     hidden_fn: (noisy int32[B, L], t float32[B]) -> hidden states float[B, L, D].
     head_fn: hidden states [..., D] -> logits float[..., V].
-    tokens, key, schedule, mask_id, antithetic, corruption, uniform_fraction: as in
+    tokens, key, schedule, mask_id, antithetic, corruption, uniform_fraction, estimator: as in
       `diffusion_loss`.
     capacity: rows of the masked-position buffer; None: `masked_capacity(schedule, B, L,
-      antithetic=antithetic)`. Batches with more masked positions are computed exactly in chunks.
+      antithetic=antithetic)` (`count_capacity(B, L, antithetic=antithetic)` for the count
+      estimator). Batches with more masked positions are computed exactly in chunks.
     chunk_rows: None, or run the head on this many rows at a time with recomputation in the
       backward (less memory, ~1/3 more head FLOPs); see `masked_head.masked_nll_sums`.
 
@@ -224,10 +265,10 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
   """
   tokens = jnp.asarray(tokens, jnp.int32)
   nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
-                                antithetic=antithetic)
+                                antithetic=antithetic, estimator=estimator)
   return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                              antithetic=antithetic, corruption=corruption,
-                             uniform_fraction=uniform_fraction)
+                             uniform_fraction=uniform_fraction, estimator=estimator)
 
 
 def nll_bound(logits_fn: LogitsFn,
@@ -237,11 +278,14 @@ def nll_bound(logits_fn: LogitsFn,
               schedule: Schedule,
               mask_id: int,
               num_samples: int,
-              valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+              valid: Optional[jnp.ndarray] = None,
+              estimator: str = "time") -> jnp.ndarray:
   """Monte Carlo upper bound on -log p(tokens) per sequence, in nats (summed over positions).
 
   Averages the single-draw bound over `num_samples` times per sequence, stratified over (0, 1]
-  with an independent offset per sequence and an independent mask per draw. The draws run
+  with an independent offset per sequence and an independent mask per draw (estimator="count":
+  as many masked counts k / L_b, stratified the same way, each with a uniform set of exactly k
+  valid positions). The draws run
   sequentially under `lax.scan`, so memory stays at one forward pass. jittable with logits_fn
   closed over (num_samples static).
 
@@ -255,6 +299,7 @@ def nll_bound(logits_fn: LogitsFn,
     valid: optional bool[B, L]; False marks padding, which is never counted as masked (the
       bound is that of the valid tokens alone, provided `logits_fn` keeps padding from
       influencing them, e.g. through an attention padding mask). None: every position is valid.
+    estimator: "time" or "count" (`corruption.ESTIMATORS`).
 
   Returns:
     float32[B] (float64 for float64 logits), an unbiased estimate of the ELBO bound of each
@@ -264,28 +309,36 @@ def nll_bound(logits_fn: LogitsFn,
     return _masked_nll_sum(logits_fn(noisy, t), tokens, masked)
 
   return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
-                              num_samples=num_samples, valid=valid)
+                              num_samples=num_samples, valid=valid, estimator=estimator)
 
 
 def _bound_from_nll_sums(draw_nll_sums, tokens, key, *, schedule, mask_id, num_samples,
-                         valid=None):
+                         valid=None, estimator="time"):
   """nll_bound with each draw's masked NLL sums computed by draw_nll_sums(noisy, t, masked)."""
   num_samples = int(num_samples)
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+  check_estimator(estimator)
   tokens = jnp.asarray(tokens, jnp.int32)
-  batch_size = tokens.shape[0]
+  batch_size, length = tokens.shape
   key_t, key_c = jax.random.split(key)
   u = jax.random.uniform(key_t, (batch_size,), jnp.float32)
   times = stratified_times(u, num_samples).T  # [K, B]
   keys = jax.random.split(key_c, num_samples)
+  lengths = (jnp.full((batch_size,), length, jnp.int32) if valid is None
+             else jnp.sum(valid, axis=-1, dtype=jnp.int32))
 
   def weighted(draw):
-    t, k = draw
-    noisy, masked = corrupt(k, tokens, t, schedule=schedule, mask_id=mask_id)
+    s, k = draw
+    if estimator == "count":  # s stratifies k / L_b over the K draws of each row
+      counts = counts_from_uniform(s, lengths)
+      noisy, masked = corrupt_count(k, tokens, counts, mask_id=mask_id, valid=valid)
+      t = counts.astype(jnp.float32) / jnp.maximum(lengths, 1).astype(jnp.float32)
+      return _count_weight(counts, lengths) * draw_nll_sums(noisy, t, masked)
+    noisy, masked = corrupt(k, tokens, s, schedule=schedule, mask_id=mask_id)
     if valid is not None:
       masked = masked & valid
-    return _elbo_weight(t, masked, schedule) * draw_nll_sums(noisy, t, masked)
+    return _elbo_weight(s, masked, schedule) * draw_nll_sums(noisy, s, masked)
 
   def one_draw(total, draw):
     return total + weighted(draw), None
@@ -306,7 +359,8 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
                        num_samples: int,
                        capacity: Optional[int] = None,
                        chunk_rows: Optional[int] = None,
-                       valid: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                       valid: Optional[jnp.ndarray] = None,
+                       estimator: str = "time") -> jnp.ndarray:
   """`nll_bound` with the head run only at each draw's masked positions.
 
   Same draws and, up to the order of floating-point additions, the same float32[B] as
@@ -314,9 +368,10 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
 
   Args:
     hidden_fn, head_fn: as in `diffusion_loss_gathered`.
-    tokens, key, schedule, mask_id, num_samples, valid: as in `nll_bound`.
+    tokens, key, schedule, mask_id, num_samples, valid, estimator: as in `nll_bound`.
     capacity: rows of each draw's masked-position buffer; None: `masked_capacity(schedule, B, L,
-      antithetic=False)` (within one draw the sequences' times are independent).
+      antithetic=False)` (within one draw the sequences' times are independent), or
+      `count_capacity(B, L, antithetic=False)` for the count estimator.
     chunk_rows: None, or run the head on this many rows at a time (less memory).
 
   Returns:
@@ -325,6 +380,6 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
   tokens = jnp.asarray(tokens, jnp.int32)
   # Within one draw the sequences' times are independent: the iid capacity.
   draw_nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
-                                     antithetic=False)
+                                     antithetic=False, estimator=estimator)
   return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
-                              num_samples=num_samples, valid=valid)
+                              num_samples=num_samples, valid=valid, estimator=estimator)

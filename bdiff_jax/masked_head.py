@@ -84,6 +84,24 @@ def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
   return int(min(cap, n))
 
 
+def count_capacity(batch_size: int, seq_len: int, *, antithetic: bool = True,
+                   num_std: float = DEFAULT_NUM_STD) -> int:
+  """Rows C of the masked-position buffer for the count estimator (`diffusion.sample_counts`).
+
+  Row b masks exactly k_b = ceil(s_b L) positions. With antithetic (stratified) s_b, sum_b s_b
+  <= (B + 1) / 2 for every offset, so M = sum_b k_b < L (B + 1) / 2 + B: C is that bound and a
+  batch never overflows. With iid k_b uniform on {1..L} (`antithetic=False`, and every draw of
+  `nll_bound_gathered`), E[M] = B (L + 1) / 2, Var[M] = B (L^2 - 1) / 12 and C = E[M] + k sd[M]
+  (overflows stay exact, only slower). Rounded up to a multiple of 16 and capped at B * L.
+  """
+  b, l = int(batch_size), int(seq_len)
+  if antithetic:
+    cap = l * (b + 1) / 2 + b
+  else:
+    cap = b * (l + 1) / 2 + num_std * math.sqrt(b * (l * l - 1) / 12)
+  return int(min(_round_up(max(cap, 1.0), 16), b * l))
+
+
 @jax.custom_vjp
 def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
   """-log softmax(logits)[target] per row: logits float[C, V], targets int[C] -> float[C].

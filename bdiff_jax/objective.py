@@ -10,7 +10,8 @@ A network enters as `apply(tokens, t=None, *, padding_mask=None) -> logits [B, L
 with its parameters (and dropout key) bound; `V` real tokens, no `[MASK]` column.
 
 masked diffusion  absorbing masked diffusion; loss = continuous-time ELBO; evaluation gives an
-                  *upper bound* on -log p(x) (Monte Carlo over diffusion times).
+                  *upper bound* on -log p(x) (Monte Carlo over diffusion times, or over the
+                  number of masked tokens: `config.diffusion.estimator`, see `diffusion`).
 autoregressive    causal next-token model; the input is the block shifted right behind a BOS
                   token (the `[MASK]` id, which is no word), so *every* token of a block is scored
                   and -log p(x) is exact — the same quantity the diffusion bound bounds.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, diffusion, masked_head, models, sampling, schedules
+from bdiff_jax import ar_sampling, corruption, diffusion, masked_head, models, sampling, schedules
 from bdiff_jax.errors import ConfigError
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
@@ -85,6 +86,10 @@ class MaskedDiffusion(Objective):
     self.antithetic = bool(d.antithetic)
     self.corruption = str(d.corruption)
     self.uniform_fraction = float(d.uniform_fraction)
+    # "time" or "count" (`corruption.ESTIMATORS`). With "count" the network's time input is the
+    # masked fraction of its input, in training, evaluation and sampling alike.
+    self.estimator = str(d.estimator)
+    corruption.check_estimator(self.estimator, self.corruption)
     # The output head and cross-entropy only at masked positions (a fixed-size gather with an
     # exact fallback to the full head); the loss and bound equal the full computation's.
     self.masked_head = bool(d.masked_head)
@@ -99,7 +104,8 @@ class MaskedDiffusion(Objective):
 
   def loss(self, apply, tokens, key):
     kw = dict(schedule=self.schedule, mask_id=self.mask_id, antithetic=self.antithetic,
-              corruption=self.corruption, uniform_fraction=self.uniform_fraction)
+              corruption=self.corruption, uniform_fraction=self.uniform_fraction,
+              estimator=self.estimator)
     if self.masked_head:
       return diffusion.diffusion_loss_gathered(*self._hidden_and_head(apply), tokens, key,
                                                chunk_rows=self.head_chunk_rows, **kw)
@@ -107,7 +113,7 @@ class MaskedDiffusion(Objective):
 
   def sequence_nll(self, apply, tokens, valid, key, *, num_samples):
     kw = dict(schedule=self.schedule, mask_id=self.mask_id, num_samples=num_samples,
-              valid=valid)
+              valid=valid, estimator=self.estimator)
     if self.masked_head:
       return diffusion.nll_bound_gathered(*self._hidden_and_head(apply, padding_mask=valid),
                                           tokens, key, chunk_rows=self.head_chunk_rows, **kw)
@@ -118,6 +124,12 @@ class MaskedDiffusion(Objective):
     at steps that reveal something, its head only at the positions being revealed."""
     c = sample_config
     apply = models.bind(network, params, train=False)
+    if self.estimator == "count":  # the network was trained on t = the masked fraction
+      bound_apply = apply
+
+      def apply(z, t, **kw):
+        del t
+        return bound_apply(z, jnp.mean((z == self.mask_id).astype(jnp.float32), axis=-1), **kw)
     return sampling.sample(
         apply, key, length=c.length, num_steps=c.num_steps,
         mask_id=self.mask_id, batch_size=c.num_samples,

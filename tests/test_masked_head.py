@@ -21,6 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bdiff_jax import configuration, models, schedules, xla_flags
 from bdiff_jax.corruption import corrupt
@@ -95,9 +96,10 @@ def _toy_head(params, h):
 
 
 @functools.lru_cache(maxsize=None)
-def _losses_fn(corruption: str, variants):
+def _losses_fn(corruption: str, variants, estimator: str = "time"):
   """One jitted function: value_and_grad of the full loss and of each gathered variant."""
-  kw = dict(schedule=SCHED, mask_id=VOCAB, corruption=corruption, uniform_fraction=0.3)
+  kw = dict(schedule=SCHED, mask_id=VOCAB, corruption=corruption, uniform_fraction=0.3,
+            estimator=estimator)
 
   def full(params, tokens, key):
     logits_fn = lambda z, t: _toy_head(params, _toy_hidden(params, z, t))
@@ -115,11 +117,12 @@ def _losses_fn(corruption: str, variants):
   return jax.jit(all_losses)
 
 
-def _compare_losses(dtype, corruption, rtol, atol, variants=VARIANTS):
+def _compare_losses(dtype, corruption, rtol, atol, variants=VARIANTS, estimator="time"):
   params, tokens = _toy_params(dtype), _tokens()
   for seed in range(3):
     key = jax.random.key(10 + seed)
-    ((loss, aux), grads), results = _losses_fn(corruption, variants)(params, tokens, key)
+    ((loss, aux), grads), results = _losses_fn(corruption, variants, estimator)(params, tokens,
+                                                                               key)
     num_masked = float(aux["masked_fraction"]) * BATCH * LENGTH
     assert num_masked > TINY_CAPACITY  # the fallback really runs
     assert float(loss) > 0.5
@@ -209,16 +212,24 @@ def test_gathered_loss_and_grads_equal_full_float64():
     _compare_losses(jnp.float64, "absorbing", 1e-12, 1e-12)
 
 
+def test_gathered_count_loss_and_grads_equal_full_float64():
+  with jax.enable_x64(True):
+    _compare_losses(jnp.float64, "absorbing", 1e-12, 1e-12, estimator="count")
+
+
 def test_gathered_loss_equals_full_float32_prototype_mix():
   _compare_losses(jnp.float32, "prototype_mix", 2e-5, 2e-6, variants=VARIANTS[1:2])
 
 
-def test_gathered_bound_equals_full_bound_float64():
+@pytest.mark.parametrize("estimator", ["time", "count"])
+def test_gathered_bound_equals_full_bound_float64(estimator):
   with jax.enable_x64(True):
     params, tokens, key = _toy_params(jnp.float64), _tokens(), jax.random.key(3)
     hidden_fn = functools.partial(_toy_hidden, params)
     head_fn = functools.partial(_toy_head, params)
-    kw = dict(schedule=SCHED, mask_id=VOCAB, num_samples=3)
+    # Rows of 16, 11 and 1 valid tokens and a full one (the count estimator's k <= L_b).
+    valid = jnp.arange(LENGTH)[None, :] < jnp.asarray([16, 11, 1, 16])[:, None]
+    kw = dict(schedule=SCHED, mask_id=VOCAB, num_samples=3, estimator=estimator, valid=valid)
 
     @jax.jit
     def bounds():
