@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bdiff_jax import checkpointing, classification, models, train_state, update_rule
 from bdiff_jax import dizo, zeroth_order
@@ -89,13 +88,6 @@ class Row:
   rule: Any  # update_rule.UpdateRule
   init: str  # what the parameters were initialised from
   time_of_fraction: Any = float
-
-
-def time_of_fraction_fn(schedule):
-  """f -> the diffusion time t with mask_prob(t) = f under `schedule` (grid interpolation)."""
-  grid = np.linspace(1e-5, 1.0, 20001)
-  probs = np.asarray(schedule.mask_prob(jnp.asarray(grid)), np.float64)
-  return lambda f: float(np.interp(f, probs, grid))
 
 
 def _scratch_vocab(train: GlueSplit) -> tokenizer_lib.WordTokenizer:
@@ -188,8 +180,7 @@ def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
     params = models.init_params(network, key, seq_len=glue.seq_len)
     init = "scratch"
   timed = lm_obj.uses_time and lm_obj.time_conditioned
-  schedule = getattr(lm_obj, "schedule", None)
-  tof = time_of_fraction_fn(schedule) if schedule is not None else float
+  tof = lm_obj.time_of_masked_fraction() if timed else float
   return tok, lm_obj.causal, timed, network, params, init, tof
 
 

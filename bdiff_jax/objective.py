@@ -95,6 +95,20 @@ class MaskedDiffusion(Objective):
     self.masked_head = bool(d.masked_head)
     self.head_chunk_rows = int(d.head_chunk_rows) or None
 
+  def time_of_masked_fraction(self) -> Callable[[float], float]:
+    """f -> the time the network is told when a fraction f of its input is [MASK] (cloze
+    scoring): f itself under the count estimator, else the t with mask_prob(t) = f."""
+    if self.estimator == "count":
+      return float
+    grid = np.linspace(1e-5, 1.0, 20001)
+    probs = np.asarray(self.schedule.mask_prob(jnp.asarray(grid)), np.float64)
+    return lambda f: float(np.interp(f, probs, grid))
+
+  def describe(self) -> str:
+    how = ("exact counts of masked tokens, k ~ U{1..L}" if self.estimator == "count"
+           else "diffusion times t ~ U(0, 1]")
+    return f"{self.metric_kind}, Monte Carlo over {how}"
+
   def _logits_fn(self, apply: Apply, padding_mask=None):
     return lambda z, t: apply(z, t, padding_mask=padding_mask)
 

@@ -83,6 +83,11 @@ def get_config(preset: str = ""):
     reason = "chosen on the command line"
   preset = "gpu" if preset == "default" else preset
   c.preset, c.preset_reason = preset, reason
+  # The count estimator of the ELBO (bdiff_jax/diffusion.py): the same bound as the time
+  # estimator, with bounded weights; at equal steps the cpu preset's model trained with it was
+  # 10% better (valid bound 696 vs 772 after 600 steps) and its bound 2.7x less spread over
+  # evaluation seeds. (Ignored by the autoregressive cpu_opt.)
+  c.diffusion.estimator = "count"
   if preset in ("gpu", "tpu"):
     # Sized for one GPU; also runs (slowly) on CPU.
     c.data.seq_len = 256
