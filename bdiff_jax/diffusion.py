@@ -92,10 +92,6 @@ def sample_times(key: jax.Array, batch_size: int, *, antithetic: bool = True) ->
   return 1.0 - jax.random.uniform(key, (batch_size,), jnp.float32)
 
 
-def _count_weight(counts: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
-  """float32[B]: L_b / k_b, or 0 where k_b = 0 (nothing masked, nothing to weight)."""
-  counts = jnp.asarray(counts, jnp.float32)
-  return jnp.where(counts > 0, jnp.asarray(lengths, jnp.float32) / jnp.maximum(counts, 1.0), 0.0)
 
 
 def _masked_nll_sum(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
@@ -116,6 +112,27 @@ def _elbo_weight(t: jnp.ndarray, masked: jnp.ndarray, schedule: Schedule) -> jnp
   safe_p = jnp.where(p_mask > 0.0, p_mask, 1.0)
   w = jnp.where(any_masked & (p_mask > 0.0), -schedule.dalpha(t) / safe_p, 0.0)
   return w.astype(jnp.float32)
+
+
+def _draw(key, tokens, s, lengths, *, estimator, schedule, mask_id, valid=None,
+          corruption="absorbing", uniform_fraction=0.1):
+  """One draw per sequence at s float32[B] in (0, 1]: (noisy, masked, the time the network is
+  told float32[B], the bound's weight float32[B]).
+
+  "time": s is the time t; tokens masked with probability mask_prob(t), weight w(t).
+  "count": exactly k_b = ceil(s_b L_b) of the L_b valid tokens masked, t = k_b / L_b, weight
+  L_b / k_b (0 for a row with no valid token)."""
+  if estimator == "count":
+    counts = counts_from_uniform(s, lengths)
+    noisy, masked = corrupt_count(key, tokens, counts, mask_id=mask_id, valid=valid)
+    k = counts.astype(jnp.float32)
+    n = jnp.asarray(lengths, jnp.float32)
+    return noisy, masked, k / jnp.maximum(n, 1.0), jnp.where(k > 0, n / jnp.maximum(k, 1.0), 0.0)
+  noisy, masked = corrupt(key, tokens, s, schedule=schedule, mask_id=mask_id, mode=corruption,
+                          uniform_fraction=uniform_fraction, vocab_size=mask_id)
+  if valid is not None:
+    masked = masked & valid
+  return noisy, masked, s, _elbo_weight(s, masked, schedule)
 
 
 def weighted_masked_nll(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray,
@@ -187,17 +204,11 @@ def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic,
   tokens = jnp.asarray(tokens, jnp.int32)
   batch_size, length = tokens.shape
   key_t, key_c = jax.random.split(key)
-  if estimator == "count":
-    counts = counts_from_uniform(sample_times(key_t, batch_size, antithetic=antithetic), length)
-    noisy, masked = corrupt_count(key_c, tokens, counts, mask_id=mask_id)
-    t = counts.astype(jnp.float32) / length  # the masked fraction
-    weight = _count_weight(counts, length)
-  else:
-    t = sample_times(key_t, batch_size, antithetic=antithetic)
-    noisy, masked = corrupt(key_c, tokens, t, schedule=schedule, mask_id=mask_id,
-                            mode=corruption, uniform_fraction=uniform_fraction,
-                            vocab_size=mask_id)
-    weight = _elbo_weight(t, masked, schedule)
+  noisy, masked, t, weight = _draw(key_c, tokens, sample_times(key_t, batch_size,
+                                                               antithetic=antithetic),
+                                   length, estimator=estimator, schedule=schedule,
+                                   mask_id=mask_id, corruption=corruption,
+                                   uniform_fraction=uniform_fraction)
   nll_sum = nll_sums(noisy, t, masked)
   loss = jnp.mean(weight * nll_sum) / length
 
@@ -329,16 +340,10 @@ def _bound_from_nll_sums(draw_nll_sums, tokens, key, *, schedule, mask_id, num_s
              else jnp.sum(valid, axis=-1, dtype=jnp.int32))
 
   def weighted(draw):
-    s, k = draw
-    if estimator == "count":  # s stratifies k / L_b over the K draws of each row
-      counts = counts_from_uniform(s, lengths)
-      noisy, masked = corrupt_count(k, tokens, counts, mask_id=mask_id, valid=valid)
-      t = counts.astype(jnp.float32) / jnp.maximum(lengths, 1).astype(jnp.float32)
-      return _count_weight(counts, lengths) * draw_nll_sums(noisy, t, masked)
-    noisy, masked = corrupt(k, tokens, s, schedule=schedule, mask_id=mask_id)
-    if valid is not None:
-      masked = masked & valid
-    return _elbo_weight(s, masked, schedule) * draw_nll_sums(noisy, s, masked)
+    s, k = draw  # s stratifies t (or k / L_b) over the K draws of each row
+    noisy, masked, t, weight = _draw(k, tokens, s, lengths, estimator=estimator,
+                                     schedule=schedule, mask_id=mask_id, valid=valid)
+    return weight * draw_nll_sums(noisy, t, masked)
 
   def one_draw(total, draw):
     return total + weighted(draw), None
