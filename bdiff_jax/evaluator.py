@@ -150,7 +150,7 @@ class Evaluator:
   def format_results(self, results: dict) -> str:
     lines = [f"Evaluation: {self.objective.describe()}; blocks of {self.seq_len} tokens; "
              f"{len(next(iter(results.values()))['seeds']) if results else 0} seeds x "
-             f"K={self.num_time_samples} time samples."]
+             f"K={self.num_time_samples} Monte Carlo draws per block."]
     if self.objective.is_upper_bound:
       lines.append("Diffusion numbers are UPPER BOUNDS on the true NLL / perplexity.")
     for name, r in results.items():
