@@ -10,14 +10,16 @@ With no preset the config looks at the machine (JAX backend and memory) and pick
 (one `error:` line, before training) a step whose compiled memory does not fit the machine.
 
 Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 eval seeds):
-  smoke:   ~45 s on 2 CPU cores; bound ~1.4e3 valid / ~650 test on the first 2,048 tokens of
+  smoke:   ~30 s on 2 CPU cores; bound ~1.2e3 valid / ~840 test on the first 2,048 tokens of
            each split (a wiring check: the output bias starts at the unigram model).
-  cpu:     3,000 steps (12.3M tokens), 26 min of training on 2 idle CPU cores (~7,900
-           tokens/s), then the full splits (~27 min end to end): bound 452 valid / 437 test
-           word-ppl (unigram 968 / 914, bigram 328 / 305; README.md). train.max_wall_seconds=1800
-           stops a slower machine early. Its earlier 1,600-step schedule (before the
-           host-allocator settings made the step ~1.6x faster), over 3 training seeds: 597 ± 45 /
-           582 ± 46; the same shape trained autoregressively for the same 30 minutes
+  cpu:     3,000 steps of 4,096 tokens, the count estimator. On 2 cores of the slower processor
+           of 2026-12-04 (AMD EPYC, GEMM peak 204 GFLOP/s; ~4,800 tokens/s)
+           train.max_wall_seconds=1800 stopped it at step 2,109 (8.64M tokens), 32 min end to
+           end: bound 412 valid / 382 test word-ppl (unigram 968 / 914, bigram 328 / 305;
+           README.md). On the faster processor of 2026-11-22 (~7,900 tokens/s) the schedule
+           fits in 26 min. With the time estimator there (3,000 steps, 12.3M tokens): 452 /
+           437; its earlier 1,600-step schedule over 3 training seeds: 597 ± 45 / 582 ± 46; the
+           same shape trained autoregressively for the same 30 minutes
            (--config.model.objective=autoregressive --config.model.time_conditioning=none
            --config.train.num_steps=700, 3 seeds): 376.5 / 345.7 exact.
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
@@ -32,26 +34,30 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
 
 Peak train-step memory: XLA's memory analysis of the compiled train step (temp + arguments +
 outputs - donated aliases; the whole batch on one device), compiled on CPU with jaxlib 0.10.2,
-V = 33,278 (measured 2026-11-22; a GPU/TPU compilation may differ somewhat; the train mode
-checks the real one before the first step):
-  smoke      317 MiB  (2.29M parameters)
-  cpu      1,401 MiB  (5.43M; activations 1,318 MiB)
+V = 33,278 (measured 2026-12-04 with the count estimator, whose masked-position buffer is a
+little smaller than the time estimator's: smoke 317, cpu 1,401, gpu 4,940, tpu 15,885 MiB on
+2026-11-22; cpu_opt measured then. A GPU/TPU compilation may differ somewhat; the train mode
+checks the real one before the first step;
+`python -m bdiff_jax.benchmarks.throughput --memory_preset NAME` prints it):
+  smoke      292 MiB  (2.29M parameters)
+  cpu      1,358 MiB  (5.43M; activations 1,275 MiB)
   cpu_opt  2,903 MiB  (5.07M; the AR loss covers every position, so its head is computed at all
                        of them, not only at the masked ones)
-  gpu      4,940 MiB  (51.6M; activations 4,152 MiB) with model.remat (each layer recomputed in
+  gpu      4,859 MiB  (51.6M; activations 4,071 MiB) with model.remat (each layer recomputed in
                        the backward pass); 16,570 MiB without it, 2,462 MiB with
-                       --config.diffusion.head_chunk_rows=1024 as well. `auto` picks it on a GPU
-                       with at least 8 GiB (4.8 GiB / the 0.9 headroom of the fit check, plus
-                       margin for a GPU compilation's differences); smaller cards get `cpu`.
-  tpu     15,885 MiB  for the whole batch of 256 on one device (bfloat16, remat); sharded over
+                       --config.diffusion.head_chunk_rows=1024 as well (both 2026-11-22).
+                       `auto` picks it on a GPU with at least 8 GiB (4.7 GiB / the 0.9
+                       headroom of the fit check, plus margin for a GPU compilation's
+                       differences); smaller cards get `cpu`.
+  tpu     15,779 MiB  for the whole batch of 256 on one device (bfloat16, remat); sharded over
                        the host's devices along the batch, each holds about 1/N of the
-                       activations (63,802 MiB without remat).
+                       activations (63,802 MiB without remat, 2026-11-22).
 """
 
 from bdiff_jax.configuration import base_config
 
 PRESETS = ("auto", "smoke", "cpu", "cpu_opt", "gpu", "tpu", "default")
-# Below this much accelerator memory the gpu preset's step (4.8 GiB, see above) may not fit
+# Below this much accelerator memory the gpu preset's step (4.7 GiB, see above) may not fit
 # with the fit check's headroom; fall back to the cpu-sized preset.
 GPU_PRESET_MIN_BYTES = 8 * 2**30
 
@@ -98,7 +104,7 @@ def get_config(preset: str = ""):
     c.model.head_dim = 64
     c.model.mlp_dim = 2048
     c.model.dropout_rate = 0.1
-    # Recompute each layer in the backward pass: the step needs 4.9 GiB instead of 16.2 GiB
+    # Recompute each layer in the backward pass: the step needs 4.7 GiB instead of 16.2 GiB
     # (see above), for about one extra forward pass of compute.
     c.model.remat = True
     c.train.batch_size = 64
@@ -124,10 +130,11 @@ def get_config(preset: str = ""):
     c.model.head_dim = 32
     c.model.mlp_dim = 512
     c.train.batch_size = 32
-    # The step runs ~7,900 tokens/s on 2 idle cores (masked head, host-allocator settings):
-    # ~3,300 steps of 4,096 tokens in 30 minutes. The schedule ends at 3,000 so that it decays
-    # fully within the wall-clock budget, periodic evaluations included; max_wall_seconds stops
-    # a slower machine.
+    # The step runs ~7,900 tokens/s on 2 idle cores of the faster processor this was tuned on
+    # (masked head, host-allocator settings): ~3,300 steps of 4,096 tokens in 30 minutes. The
+    # schedule ends at 3,000 so that it decays fully within the wall-clock budget, periodic
+    # evaluations included; max_wall_seconds stops a slower machine (~4,800 tokens/s: step
+    # ~2,100, before the decay ends; --config.train.num_steps=2000 fits such a machine).
     c.train.num_steps = 3000
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 50

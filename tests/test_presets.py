@@ -43,8 +43,8 @@ def test_auto_picks_gpu_only_where_its_step_fits(monkeypatch, gib, expected):
   c = module.get_config()
   assert c.preset == expected and "GPU" in c.preset_reason
   # The threshold leaves the fit check's headroom over the gpu preset's measured step (the
-  # 4,940 MiB in the config's docstring): a GPU that gets the preset can run it.
-  assert 4_940 * 2**20 <= platform_info.FIT_HEADROOM * module.GPU_PRESET_MIN_BYTES
+  # 4,859 MiB in the config's docstring): a GPU that gets the preset can run it.
+  assert 4_859 * 2**20 <= platform_info.FIT_HEADROOM * module.GPU_PRESET_MIN_BYTES
 
 
 def test_step_that_does_not_fit_is_refused():
