@@ -92,8 +92,6 @@ def sample_times(key: jax.Array, batch_size: int, *, antithetic: bool = True) ->
   return 1.0 - jax.random.uniform(key, (batch_size,), jnp.float32)
 
 
-
-
 def _masked_nll_sum(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
   """float32[B] (float64 for float64 logits): sum over masked positions of -log softmax[x_i]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)

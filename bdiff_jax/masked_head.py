@@ -86,9 +86,9 @@ def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
 
 def count_capacity(batch_size: int, seq_len: int, *, antithetic: bool = True,
                    num_std: float = DEFAULT_NUM_STD) -> int:
-  """Rows C of the masked-position buffer for the count estimator (`diffusion.sample_counts`).
+  """Rows C of the masked-position buffer for the count estimator of `bdiff_jax.diffusion`.
 
-  Row b masks exactly k_b = ceil(s_b L) positions. With antithetic (stratified) s_b, sum_b s_b
+  Row b masks exactly k_b = ceil(s_b L) positions (`corruption.counts_from_uniform`). With antithetic (stratified) s_b, sum_b s_b
   <= (B + 1) / 2 for every offset, so M = sum_b k_b < L (B + 1) / 2 + B: C is that bound and a
   batch never overflows. With iid k_b uniform on {1..L} (`antithetic=False`, and every draw of
   `nll_bound_gathered`), E[M] = B (L + 1) / 2, Var[M] = B (L^2 - 1) / 12 and C = E[M] + k sd[M]
