@@ -51,45 +51,10 @@ from bdiff_jax.masked_head import count_capacity
 from bdiff_jax.masked_head import masked_capacity
 from bdiff_jax.masked_head import masked_nll_sums
 from bdiff_jax.schedules import Schedule
+from bdiff_jax.time_draws import eval_times, sample_times
 
 LogitsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 HiddenFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (noisy, t) -> [B, L, D]
-
-
-def stratified_times(u: jnp.ndarray, num: int) -> jnp.ndarray:
-  """Stratified times t_k = 1 - ((u + k / num) mod 1), k = 0..num-1, in (0, 1].
-
-  Args:
-    u: float[...] offsets in [0, 1).
-    num: number of strata.
-
-  Returns:
-    float32[..., num]. Each t_k is marginally uniform on (0, 1] when u is uniform on [0, 1), and
-    exactly one t_k falls in each interval ((j - 1) / num, j / num].
-  """
-  u = jnp.asarray(u, jnp.float32)
-  offsets = jnp.arange(num, dtype=jnp.float32) / num
-  t = 1.0 - jnp.mod(u[..., None] + offsets, 1.0)
-  # mod(., 1) is in [0, 1), so t > 0 already; a wrap to 0 is the same point as 1 in any case.
-  return jnp.where(t > 0.0, t, 1.0)
-
-
-def sample_times(key: jax.Array, batch_size: int, *, antithetic: bool = True) -> jnp.ndarray:
-  """Draws diffusion times float32[batch_size] in (0, 1], each marginally uniform.
-
-  Args:
-    key: PRNG key; consumed.
-    batch_size: number of times B.
-    antithetic: if True, the times are stratified: t_i = 1 - ((u + i / B) mod 1) from a single
-      uniform u, so exactly one t lies in each interval ((j - 1) / B, j / B]. Otherwise iid.
-
-  Returns:
-    float32[batch_size].
-  """
-  if antithetic:
-    u = jax.random.uniform(key, (), jnp.float32)
-    return stratified_times(u, batch_size)
-  return 1.0 - jax.random.uniform(key, (batch_size,), jnp.float32)
 
 
 def _masked_nll_sum(logits: jnp.ndarray, tokens: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
@@ -291,10 +256,10 @@ def nll_bound(logits_fn: LogitsFn,
               estimator: str = "time") -> jnp.ndarray:
   """Monte Carlo upper bound on -log p(tokens) per sequence, in nats (summed over positions).
 
-  Averages the single-draw bound over `num_samples` times per sequence, stratified over (0, 1]
-  with an independent offset per sequence and an independent mask per draw (estimator="count":
-  as many masked counts k / L_b, stratified the same way, each with a uniform set of exactly k
-  valid positions). The draws run
+  Averages the single-draw bound over `num_samples` times per sequence (`eval_times`:
+  stratified over the K draws of each sequence and over the B sequences of each draw), with an
+  independent mask per draw (estimator="count": as many masked counts k / L_b, stratified the
+  same way, each with a uniform set of exactly k valid positions). The draws run
   sequentially under `lax.scan`, so memory stays at one forward pass. jittable with logits_fn
   closed over (num_samples static).
 
@@ -331,8 +296,7 @@ def _bound_from_nll_sums(draw_nll_sums, tokens, key, *, schedule, mask_id, num_s
   tokens = jnp.asarray(tokens, jnp.int32)
   batch_size, length = tokens.shape
   key_t, key_c = jax.random.split(key)
-  u = jax.random.uniform(key_t, (batch_size,), jnp.float32)
-  times = stratified_times(u, num_samples).T  # [K, B]
+  times = eval_times(key_t, batch_size, num_samples)  # [K, B]
   keys = jax.random.split(key_c, num_samples)
   lengths = (jnp.full((batch_size,), length, jnp.int32) if valid is None
              else jnp.sum(valid, axis=-1, dtype=jnp.int32))
@@ -372,17 +336,17 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
   Args:
     hidden_fn, head_fn: as in `diffusion_loss_gathered`.
     tokens, key, schedule, mask_id, num_samples, valid, estimator: as in `nll_bound`.
-    capacity: rows of each draw's masked-position buffer; None: `masked_capacity(schedule, B, L,
-      antithetic=False)` (within one draw the sequences' times are independent), or
-      `count_capacity(B, L, antithetic=False)` for the count estimator.
+    capacity: rows of each draw's masked-position buffer; None: `masked_capacity(schedule, B, L)`
+      (each draw's times are stratified across the batch, `eval_times`), or
+      `count_capacity(B, L)` for the count estimator.
     chunk_rows: None, or run the head on this many rows at a time (less memory).
 
   Returns:
     float32[B] (float64 for float64 logits), per-sequence bounds in nats.
   """
   tokens = jnp.asarray(tokens, jnp.int32)
-  # Within one draw the sequences' times are independent: the iid capacity.
+  # Each draw's times are stratified across the batch (eval_times): the stratified capacity.
   draw_nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
-                                     antithetic=False, estimator=estimator)
+                                     antithetic=True, estimator=estimator)
   return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                               num_samples=num_samples, valid=valid, estimator=estimator)

@@ -18,8 +18,9 @@ length L, each position masked independently with probability p(t_b) = 1 - alpha
 With antithetic (stratified) times the t_b are fixed by one offset u, and the multiset of times
 repeats with period 1/B in u, so C = max over a fine grid of u in [0, 1/B) of
 E[M | t(u)] + k * sqrt(Var[M | t(u)]): M then exceeds C with probability about P(Z > k) for a
-standard normal Z (~3e-7 at the default k = 5). With iid times (`antithetic=False`, and every
-draw of `nll_bound_gathered`, whose times are independent across the batch) the t_b vary too:
+standard normal Z (~3e-7 at the default k = 5); every draw of `nll_bound_gathered` is
+stratified the same way (`time_draws.eval_times`). With iid times (`antithetic=False`) the t_b
+vary too:
 E[M] = B L E[p], Var[M] = B (L E[p (1 - p)] + L^2 Var[p]) (law of total variance), and
 C = E[M] + k * sqrt(Var[M]) (a normal approximation; overflows stay exact, only slower). C is
 rounded up to a multiple of 16 (GEMM-friendly, and at most 15 padded rows) and capped at B * L.
@@ -53,7 +54,7 @@ def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
     batch_size: B, sequences per batch.
     seq_len: L, positions per sequence.
     antithetic: whether the batch's times are stratified (`sample_times(antithetic=True)`);
-      False for iid times, including each draw of `nll_bound_gathered`.
+      False for iid times.
     num_std: k, standard deviations of the masked count above its mean.
 
   Returns:
@@ -90,8 +91,9 @@ def count_capacity(batch_size: int, seq_len: int, *, antithetic: bool = True,
 
   Row b masks exactly k_b = ceil(s_b L) positions (`corruption.counts_from_uniform`). With antithetic (stratified) s_b, sum_b s_b
   <= (B + 1) / 2 for every offset, so M = sum_b k_b < L (B + 1) / 2 + B: C is that bound and a
-  batch never overflows. With iid k_b uniform on {1..L} (`antithetic=False`, and every draw of
-  `nll_bound_gathered`), E[M] = B (L + 1) / 2, Var[M] = B (L^2 - 1) / 12 and C = E[M] + k sd[M]
+  batch never overflows (a training batch, and each draw of `nll_bound_gathered`; padded rows
+  mask ceil(s_b L_b) <= ceil(s_b L) positions). With iid k_b uniform on {1..L}
+  (`antithetic=False`), E[M] = B (L + 1) / 2, Var[M] = B (L^2 - 1) / 12 and C = E[M] + k sd[M]
   (overflows stay exact, only slower). Rounded up to a multiple of 16 and capped at B * L.
   """
   b, l = int(batch_size), int(seq_len)

@@ -8,7 +8,8 @@ tokens, weight L / k, the network conditioned on k / L.
 * Monte Carlo: it reproduces the enumerated bound, its spread is a fraction of the time
   estimator's on the same model, and the exact denoiser makes it tight (-log p(x));
 * `corrupt_count` masks exactly k valid positions, never padding, every k-subset equally often;
-* the training loss passes the masked fraction as t, and its capacity never overflows.
+* the training loss passes the masked fraction as t, and its capacity never overflows;
+* the evaluation's draws (`eval_times`) are a Latin design whose draws fit the same buffer.
 """
 
 import itertools
@@ -21,7 +22,8 @@ import pytest
 
 from bdiff_jax import configuration, corruption, schedules
 from bdiff_jax.corruption import corrupt_count, counts_from_uniform
-from bdiff_jax.diffusion import diffusion_loss, nll_bound, sample_times
+from bdiff_jax.diffusion import diffusion_loss, nll_bound
+from bdiff_jax.time_draws import eval_times, sample_times
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.masked_head import count_capacity
 from tests.test_diffusion import EXACT, MASK_ID as TOY_MASK, NEG_LOG_P, SEQUENCES
@@ -196,6 +198,33 @@ def test_training_loss_conditions_on_the_masked_fraction_and_fits_its_capacity()
   assert masked.max() <= cap < masked.max() + batch + 16
   iid = count_capacity(batch, length, antithetic=False)
   assert cap < iid <= batch * length
+
+
+@pytest.mark.parametrize("batch,draws", [(64, 1), (12, 4), (10, 3)])
+def test_eval_times_are_a_latin_design_uniform_and_within_the_stratified_buffer(batch, draws):
+  keys = jax.random.split(jax.random.key(3), 400)
+  s = np.asarray(jax.jit(jax.vmap(lambda k: eval_times(k, batch, draws)))(keys), np.float64)
+  assert s.shape == (400, draws, batch) and s.min() > 0.0 and s.max() <= 1.0
+  # Row b's K values sit in one cell of width 1 / B, shifted by j / K: the cell is pi(b), a
+  # permutation, so every draw has one value per cell of width 1 / B (shifted by j / K) and
+  # every row one value per interval of width 1 / K.
+  x = np.mod(1.0 - s - (np.arange(draws) / draws)[None, :, None], 1.0)
+  cell = np.floor(x * batch + 1e-6).astype(int)
+  assert np.all(cell == cell[:, :1, :])
+  assert np.all(np.sort(cell[:, 0, :], axis=-1) == np.arange(batch))
+  # Marginally uniform: the mean and the deciles of every position's values.
+  flat = s.reshape(400, -1)
+  assert abs(flat.mean() - 0.5) < 0.01
+  hist = np.histogram(flat, bins=10, range=(0, 1))[0] / flat.size
+  np.testing.assert_allclose(hist, 0.1, atol=0.01)
+  assert np.abs(flat.mean(axis=0) - 0.5).max() < 4.5 * math.sqrt(1 / 12 / 400)
+  # A draw of a batch with padded rows masks at most the stratified (training) capacity.
+  length = 128
+  lengths = np.full(batch, length)
+  lengths[-1], lengths[0] = 37, 0
+  counts = np.asarray(counts_from_uniform(jnp.asarray(s, jnp.float32), jnp.asarray(lengths)))
+  assert counts.sum(axis=-1).max() <= count_capacity(batch, length)
+  assert np.all(counts[..., 0] == 0) and counts[..., -1].max() <= 37
 
 
 def test_config_rejects_count_with_a_non_absorbing_corruption():

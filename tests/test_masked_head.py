@@ -26,7 +26,8 @@ import pytest
 from bdiff_jax import configuration, models, schedules, xla_flags
 from bdiff_jax.corruption import corrupt
 from bdiff_jax.diffusion import diffusion_loss, diffusion_loss_gathered, nll_bound
-from bdiff_jax.diffusion import nll_bound_gathered, sample_times
+from bdiff_jax.diffusion import nll_bound_gathered
+from bdiff_jax.time_draws import sample_times
 from bdiff_jax.masked_head import masked_capacity
 from bdiff_jax.models import Network
 from tests.helpers import network
