@@ -28,7 +28,8 @@ SCHEDULE_FIELDS: the optimizer and its schedule. A resume may change them delibe
   prints one line per change and records it in metrics.jsonl (kind "config_change"), because
   the run then follows another schedule than an uninterrupted one. To split one run over several
   jobs without changing anything, use train.stop_at_step.
-    train.num_steps (the length of the cosine decay), train.learning_rate, train.warmup_steps,
+    train.num_steps (the length of the cosine decay), train.fit_steps_to_wall (whether
+    num_steps is fitted to the wall-clock budget), train.learning_rate, train.warmup_steps,
     train.end_learning_rate_fraction, train.weight_decay, train.b1, train.b2, train.grad_clip,
     train.ema_decay, train.zo.* and train.dizo.* except dizo.targets.
 
@@ -91,7 +92,7 @@ TRAINING_FIELDS = frozenset({
 # rate after a loss that turned NaN, or more steps); the trainer says so in one line and records
 # the change in metrics.jsonl, since the run then no longer matches an uninterrupted one.
 SCHEDULE_FIELDS = frozenset({
-    "train.num_steps", "train.learning_rate", "train.warmup_steps",
+    "train.num_steps", "train.fit_steps_to_wall", "train.learning_rate", "train.warmup_steps",
     "train.end_learning_rate_fraction", "train.weight_decay", "train.b1", "train.b2",
     "train.grad_clip", "train.ema_decay",
     "train.zo.learning_rate", "train.zo.schedule", "train.zo.eps", "train.zo.num_perturbations",

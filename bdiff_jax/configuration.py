@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
   # SIGKILL loses little even when checkpoint_every steps take long.
   c.train.checkpoint_every_minutes = 30.0
   c.train.max_wall_seconds = 0.0  # stop (with a checkpoint) after this much time; 0 = no limit
+  # Fit num_steps (then an upper limit) to max_wall_seconds: the trainer times the first steps
+  # (inside the warmup) and picks the longest schedule that ends within the budget, so that the
+  # learning rate decays fully on any machine (bdiff_jax/wall_schedule.py).
+  c.train.fit_steps_to_wall = False
   # Stop (with a checkpoint) at this step without changing the LR schedule, e.g. to split one
   # run of num_steps over several jobs; 0 = run to num_steps.
   c.train.stop_at_step = 0
@@ -258,6 +262,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "checkpoint_every_minutes"):
     _positive(f"train.{f}", t[f], allow_zero=True)
   _in_unit("train.end_learning_rate_fraction", t.end_learning_rate_fraction)
+  if t.fit_steps_to_wall:
+    if not t.max_wall_seconds:
+      raise ConfigError("config.train.fit_steps_to_wall=True needs a wall-clock budget, but "
+                        "train.max_wall_seconds is 0.",
+                        "pass --config.train.max_wall_seconds=SECONDS, or "
+                        "--config.train.fit_steps_to_wall=false.")
+    if t.update_rule != "adamw" or t.warmup_steps < 2:
+      raise ConfigError(
+          "config.train.fit_steps_to_wall=True times steps inside the learning-rate warmup, so "
+          f"it needs train.update_rule='adamw' and train.warmup_steps >= 2 (got "
+          f"{t.update_rule!r}, {t.warmup_steps}).",
+          "pass --config.train.fit_steps_to_wall=false, or use adamw with a warmup.")
   _in_unit("train.b1", t.b1, closed_high=False)
   _in_unit("train.b2", t.b2, closed_high=False)
   _in_unit("train.ema_decay", t.ema_decay, closed_high=False)

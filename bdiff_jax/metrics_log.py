@@ -16,7 +16,12 @@ import logging
 import math
 import os
 import time
+from typing import Any, Optional
 
+import jax
+import numpy as np
+
+from bdiff_jax import platform_info
 from bdiff_jax.workdir import os_error_to_user_error
 
 
@@ -143,3 +148,40 @@ class NullMetricsLog:
   def truncate_after(self, step: int) -> int:
     del step
     return 0
+
+
+class MetricsBuffer:
+  """Device metrics of recent steps; fetched, checked and logged at log boundaries."""
+
+  def __init__(self, log: "MetricsLog", *, tokens_per_step: int, start_step: int,
+               on_nonfinite):
+    self._log = log
+    self._tokens_per_step = tokens_per_step
+    self._on_nonfinite = on_nonfinite  # (step, loss) -> raises
+    self._pending: list[tuple[int, Any]] = []
+    self._t_last, self._step_last = time.time(), start_step
+
+  def add(self, step: int, metrics) -> None:
+    self._pending.append((step, metrics))
+    if len(self._pending) >= 2:  # keep one step in flight, but let the bar show finished steps
+      self._pending[-2][1]["loss"].block_until_ready()
+
+  def flush(self, step_now: int) -> Optional[dict]:
+    """Fetches pending metrics, stops on a non-finite loss, logs means over the interval."""
+    if not self._pending:
+      return None
+    fetched = jax.device_get([m for _, m in self._pending])
+    for (s, _), m in zip(self._pending, fetched):
+      if not np.isfinite(m["loss"]):
+        self._on_nonfinite(s, m["loss"])
+    now = time.time()
+    # Means over the interval (one batch's diffusion loss is very noisy); lr at its end.
+    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    last["learning_rate"] = float(fetched[-1]["learning_rate"])
+    last["tokens_per_sec"] = ((step_now - self._step_last) * self._tokens_per_step /
+                              max(now - self._t_last, 1e-9))
+    last.update(platform_info.host_resident_mib())
+    self._log.write("train", step_now, **last)
+    self._t_last, self._step_last = now, step_now
+    self._pending = []
+    return last

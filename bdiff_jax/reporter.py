@@ -20,6 +20,11 @@ class _NoBar:
   def set_postfix(self, **kwargs) -> None:
     del kwargs
 
+  total = None
+
+  def refresh(self) -> None:
+    pass
+
   def close(self) -> None:
     pass
 

@@ -135,7 +135,8 @@ def get_config(preset: str = ""):
     # schedule ends at 3,000 so that it decays fully within the wall-clock budget, periodic
     # evaluations included; max_wall_seconds stops a slower machine (~4,800 tokens/s: step
     # ~2,100, before the decay ends; --config.train.num_steps=2000 fits such a machine).
-    c.train.num_steps = 3000
+    c.train.num_steps = 4000
+    c.train.fit_steps_to_wall = True
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 50
     c.train.log_every = 10

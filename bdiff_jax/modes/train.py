@@ -1,8 +1,9 @@
 """`--mode=train`: train (resuming from the workdir), then evaluate, sample and plot.
 
-The loop is a few named pieces: `resume_or_init` (the state and the first step), `MetricsBuffer`
-(device metrics fetched lazily, checked for finiteness, averaged over the log interval),
-`StopRules` (when to evaluate, checkpoint and stop), and `run` that strings them together and
+The loop is a few named pieces: `resume_or_init` (the state and the first step),
+`metrics_log.MetricsBuffer` (device metrics fetched lazily, checked for finiteness, averaged over
+the log interval), `StopRules` (when to evaluate, checkpoint and stop), the schedule fitted to the
+wall clock (`wall_schedule`), and `run` that strings them together and
 returns a `TrainResult` in every path.
 """
 
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from bdiff_jax import checkpointing, config_compat, configuration, distributed, experiment
 from bdiff_jax import interrupt
-from bdiff_jax import metrics_log, platform_info, plotting
+from bdiff_jax import metrics_log, platform_info, plotting, update_rule, wall_schedule
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.data import pipeline
@@ -85,43 +86,6 @@ class StopRules:
     return bool(self.max_wall_seconds) and elapsed > self.max_wall_seconds
 
 
-class MetricsBuffer:
-  """Device metrics of recent steps; fetched, checked and logged at log boundaries."""
-
-  def __init__(self, log: metrics_log.MetricsLog, *, tokens_per_step: int, start_step: int,
-               on_nonfinite):
-    self._log = log
-    self._tokens_per_step = tokens_per_step
-    self._on_nonfinite = on_nonfinite  # (step, loss) -> raises
-    self._pending: list[tuple[int, Any]] = []
-    self._t_last, self._step_last = time.time(), start_step
-
-  def add(self, step: int, metrics) -> None:
-    self._pending.append((step, metrics))
-    if len(self._pending) >= 2:  # keep one step in flight, but let the bar show finished steps
-      self._pending[-2][1]["loss"].block_until_ready()
-
-  def flush(self, step_now: int) -> Optional[dict]:
-    """Fetches pending metrics, stops on a non-finite loss, logs means over the interval."""
-    if not self._pending:
-      return None
-    fetched = jax.device_get([m for _, m in self._pending])
-    for (s, _), m in zip(self._pending, fetched):
-      if not np.isfinite(m["loss"]):
-        self._on_nonfinite(s, m["loss"])
-    now = time.time()
-    # Means over the interval (one batch's diffusion loss is very noisy); lr at its end.
-    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-    last["learning_rate"] = float(fetched[-1]["learning_rate"])
-    last["tokens_per_sec"] = ((step_now - self._step_last) * self._tokens_per_step /
-                              max(now - self._t_last, 1e-9))
-    last.update(platform_info.host_resident_mib())
-    self._log.write("train", step_now, **last)
-    self._t_last, self._step_last = now, step_now
-    self._pending = []
-    return last
-
-
 def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
                    batches: pipeline.TrainBatches, log: metrics_log.MetricsLog,
                    reporter: Reporter, shardings=None):
@@ -156,12 +120,17 @@ def _log_line(step, m):
           f" | lr {m['learning_rate']:.2e} | {m['tokens_per_sec']:.0f} tok/s")
 
 
-def _periodic_eval(exp: experiment.Experiment, state, step: int, log: metrics_log.MetricsLog):
+def _valid_subset(exp: experiment.Experiment, state) -> dict:
+  """The periodic evaluation: the bound on blocks spread over the validation split."""
   config = exp.config
   params = state.ema_params if config.eval.use_ema else state.params
-  v = exp.evaluator.evaluate(params, exp.splits, seeds=tuple(config.eval.seeds)[:1],
-                             max_tokens=config.eval.during_training_max_tokens, spread=True,
-                             split_names=("valid",))["valid"]
+  return exp.evaluator.evaluate(params, exp.splits, seeds=tuple(config.eval.seeds)[:1],
+                                max_tokens=config.eval.during_training_max_tokens, spread=True,
+                                split_names=("valid",))["valid"]
+
+
+def _periodic_eval(exp: experiment.Experiment, state, step: int, log: metrics_log.MetricsLog):
+  v = _valid_subset(exp, state)
   log.write("eval", step, valid_nll_per_token=v["nll_per_token"], valid_word_ppl=v["word_ppl"],
             valid_tokens=v["num_tokens"])
   return {checkpointing.BEST_METRIC: v["nll_per_token"]}, v
@@ -190,8 +159,11 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
     saved = config_compat.load_saved_config(workdir)
     with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints) as ckpt:
+      fitted = False
       if ckpt.latest_step() is not None and saved is not None:
         config_compat.check_compatible(saved, config)
+        # A schedule fitted to the wall clock at the start of this run continues as fitted.
+        config, fitted = wall_schedule.adopt(config, wall_schedule.load_record(workdir))
         changes = config_compat.schedule_changes(saved, config)
       else:
         changes = []
@@ -202,12 +174,16 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
       batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
                                       config.seed)
       log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
-      return _train(exp, mesh, batches, log, ckpt, reporter, changes)
+      return _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted)
 
 
 def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buffer, bar, save,
-          stop, log, reporter):
-  """Steps from `start` until a stop rule fires -> (last step, status, state)."""
+          stop, log, reporter, fit=None):
+  """Steps from `start` until a stop rule fires -> (last step, status, state).
+
+  `fit`: None, or (decision step, decide) for `train.fit_steps_to_wall`: at that step the loop
+  evaluates and checkpoints, times both, and continues with the step function (None: the same)
+  and stop rules that `decide` returns for the fitted schedule."""
   tc = exp.config.train
   t_begin = t_saved = time.time()
   step = start
@@ -217,6 +193,10 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
     step += 1
     buffer.add(step, metrics)
     bar.update(1)
+    if fit is not None and step == start + 1:
+      t_timed = time.time()  # the first step (dispatch warm-up) is not timed
+    if fit is not None and step == fit[0]:
+      t_decide = time.time()
     if step % tc.log_every == 0 or step == rules.stop_step:
       last = buffer.flush(step)
       bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
@@ -225,18 +205,29 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
     out_of_time, interrupted, due = _agreed(rules.out_of_time(time.time() - t_begin),
                                             stop.stop_requested(),
                                             rules.checkpoint_is_due(time.time() - t_saved))
-    if rules.is_eval_step(step) and jax.process_count() == 1:
+    deciding = fit is not None and step == fit[0] and not (interrupted or out_of_time)
+    if (rules.is_eval_step(step) or deciding) and jax.process_count() == 1:
       buffer.flush(step)
       best, v = _periodic_eval(exp, state, step, log)
       reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
                     f"({'bound, ' if exp.objective.is_upper_bound else ''}"
                     f"{v['num_tokens']} tokens{', ' + v['subset'] if v['subset'] else ''})")
+      t_save = time.time()
       save(step, state, best_metrics=best)
       t_saved = time.time()
     elif (rules.is_checkpoint_step(step) or rules.is_eval_step(step) or out_of_time or
-          interrupted or due):
+          interrupted or due or deciding):
       buffer.flush(step)
+      t_save = time.time()
       save(step, state)
+      t_saved = time.time()
+    if deciding:
+      fitted_fn, rules = fit[1](state, step, step_seconds=(t_decide - t_timed) /
+                                (step - start - 1), save_seconds=t_saved - t_save,
+                                elapsed=time.time() - t_begin)
+      step_fn = fitted_fn or step_fn
+      bar.total = rules.stop_step
+      bar.refresh()
       t_saved = time.time()
     if interrupted:
       reporter.info(stop.message(step))
@@ -250,6 +241,11 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   else:
     status = FINISHED if step >= rules.num_steps else STOPPED_AT_STEP
   return step, status, state
+
+
+def _agreed_int(value: int) -> int:
+  """Process 0's `value` in every process."""
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, dtype=np.int32)))
 
 
 def _agreed(*flags: bool) -> tuple[bool, ...]:
@@ -267,7 +263,7 @@ def _global_batch(batches: pipeline.TrainBatches, step: int, mesh):
                                    lambda start, stop: batches.rows(step, start, stop))
 
 
-def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
+def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> TrainResult:
   config, workdir, tc = exp.config, exp.workdir, exp.config.train
   if config.preset:
     reporter.info(f"preset: {config.preset} ({config.preset_reason})")
@@ -287,11 +283,17 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
     config_compat.write_config_atomically(config, workdir)
   state = jax.device_put(state, shardings)  # a no-op when created / restored in place
   rules = StopRules.from_config(tc)
-  step_fn = make_train_step(exp.objective, exp.network, exp.update_rule,
-                            ema_decay=tc.ema_decay, mesh=mesh, state_shardings=shardings)
-  step_memory = None
+
+  def compile_step(state, step):
+    fn = make_train_step(exp.objective, exp.network, exp.update_rule,
+                         ema_decay=tc.ema_decay, mesh=mesh, state_shardings=shardings)
+    return fn.lower(state, _global_batch(batches, step, mesh)).compile()
+
+  step_fn, step_memory, compile_seconds = None, None, 0.0
   if start < rules.stop_step:  # compile ahead: refuse a step that cannot fit, before training
-    step_fn = step_fn.lower(state, _global_batch(batches, start, mesh)).compile()
+    t_compile = time.time()
+    step_fn = compile_step(state, start)
+    compile_seconds = time.time() - t_compile
     step_memory = platform_info.memory_stats(step_fn)
     platform = platform_info.detect()
     platform_info.check_step_fits(
@@ -313,7 +315,7 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
         "lower --config.train.learning_rate (or raise warmup_steps / enable grad_clip) and "
         "rerun; training resumes from that checkpoint.")
 
-  buffer = MetricsBuffer(log, tokens_per_step=tokens_per_step, start_step=start,
+  buffer = metrics_log.MetricsBuffer(log, tokens_per_step=tokens_per_step, start_step=start,
                          on_nonfinite=nonfinite)
 
   def save(step_now, state, best_metrics=None):
@@ -321,17 +323,48 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes) -> TrainResult:
     ckpt.save(step_now, state, {"step": step_now, "position": position},
               best_metrics=best_metrics, force=True)
 
+  fit = None
+  if fitted:
+    reporter.info(f"schedule: train.num_steps={tc.num_steps:,}, fitted to the wall clock at the "
+                  f"start of this run ({wall_schedule.RECORD_FILE})")
+  elif tc.fit_steps_to_wall and start < rules.stop_step:
+    at_step = wall_schedule.decision_step(start, tc.warmup_steps)
+    if at_step is None:
+      reporter.info(f"note: train.fit_steps_to_wall: this run resumes at step {start}, past "
+                    f"the warmup steps it times, with no recorded fit; it keeps "
+                    f"train.num_steps={tc.num_steps:,}")
+    elif at_step < rules.stop_step:
+      def decide(state, step, *, step_seconds, save_seconds, elapsed):
+        t = time.time()  # the periodic evaluation of this step compiled it: time a warm one
+        if jax.process_count() == 1:
+          jax.block_until_ready(_valid_subset(exp, state))
+        timing = wall_schedule.Timing(step=step_seconds, event=time.time() - t + save_seconds,
+                                      compile=compile_seconds)
+        fitted = wall_schedule.fit_and_record(
+            exp.config, workdir, at_step=step, timed_from=start + 2, timing=timing,
+            remaining_seconds=tc.max_wall_seconds - elapsed, log=log, reporter=reporter,
+            write=distributed.is_main_process(),
+            agree=_agreed_int if jax.process_count() > 1 else None)
+        if fitted is None:
+          return None, StopRules.from_config(tc)
+        exp.config = fitted  # the same run from here on as one configured with its num_steps
+        exp.update_rule = update_rule.build_update_rule(fitted.train)
+        return compile_step(state, step), StopRules.from_config(fitted.train)
+
+      fit = (at_step, decide)
+
   t_begin = time.time()
   bar = reporter.progress(total=rules.stop_step, initial=start, desc="train",
                           enabled=tc.progress_bar)
   with interrupt.GracefulInterrupt() as stop:
     try:
       step, status, state = _loop(exp, rules, step_fn, state, start, mesh, batches, buffer,
-                                  bar, save, stop, log, reporter)
+                                  bar, save, stop, log, reporter, fit)
     finally:
       reporter.end_progress()
       ckpt.wait()
 
+  rules = StopRules.from_config(exp.config.train)  # the fitted schedule's, after a fit
   wall = time.time() - t_begin
   trained = step - start
   reporter.info(f"trained steps {start}..{step} ({trained} steps, "
