@@ -13,8 +13,8 @@ on the schedule's length, so the fitted run is step for step the run that
 what it was measured from) and to config.json, and a resume with the same config adopts it, so
 an interrupted run continues on the same schedule (`adopt`).
 
-The measurement at the decision step: the wall time per step over the steps after the first one
-(which carries dispatch warm-up), one periodic evaluation after its compilation (the trainer
+The measurement at the decision step: the wall time per step over the last two thirds of the
+calibration window (the first steps are slower: dispatch and allocator warm-up), one periodic evaluation after its compilation (the trainer
 runs the step's evaluation twice and times the second) plus one checkpoint save, and the train
 step's compile time from the start of the run.
 """
@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from bdiff_jax import config_compat
 
 RECORD_FILE = "schedule_fit.json"
-CALIBRATION_STEPS = 20  # the decision is taken at min(this, warmup_steps)
+CALIBRATION_STEPS = 30  # the decision is taken at min(this, warmup_steps)
 SAFETY = 0.98  # plan for this fraction of the remaining budget (step times drift)
 
 
@@ -40,14 +40,17 @@ class Timing:
   compile: float  # compiling the train step once more, for the fitted schedule
 
 
-def decision_step(start: int, warmup_steps: int) -> Optional[int]:
-  """The step after which the fit is decided, or None when this run cannot fit its schedule.
+def calibration(start: int, warmup_steps: int) -> Optional[tuple[int, int]]:
+  """(first timed step, decision step): the steps after `first` up to `decision` are timed,
+  and the fit is decided after step `decision`; None when this run cannot fit its schedule.
 
-  At least one step after the run's first one is timed, and every timed step is inside the
-  warmup. A run resumed past that window (interrupted before a fit was recorded) keeps its
-  configured schedule."""
+  Every timed step is inside the warmup, and the first third of the window (at least the run's
+  first step, which carries dispatch warm-up) is not timed: on 2 CPU cores the first ~10 steps
+  of the cpu preset ran at 60% of the later speed (allocator warm-up). A run resumed past the
+  window (interrupted before a fit was recorded) keeps its configured schedule."""
   d = min(CALIBRATION_STEPS, int(warmup_steps))
-  return d if d >= start + 2 else None
+  first = start + max(1, (d - start) // 3)
+  return (first, d) if d > first else None
 
 
 def events_between(after: int, upto: int, *, eval_every: int, checkpoint_every: int) -> int:

@@ -62,12 +62,13 @@ def test_fit_keeps_the_cap_when_it_fits_and_needs_no_recompile():
   assert wall_schedule.fit_num_steps(cap=100, remaining_seconds=90.0, **kw) == 48
 
 
-def test_decision_step_lies_inside_the_warmup():
-  assert wall_schedule.decision_step(0, 50) == wall_schedule.CALIBRATION_STEPS
-  assert wall_schedule.decision_step(0, 4) == 4
-  assert wall_schedule.decision_step(2, 4) == 4
-  assert wall_schedule.decision_step(3, 4) is None  # one step only: nothing after the first
-  assert wall_schedule.decision_step(30, 50) is None
+def test_calibration_window_lies_inside_the_warmup_after_the_warm_up_steps():
+  assert wall_schedule.calibration(0, 50) == (10, wall_schedule.CALIBRATION_STEPS)
+  assert wall_schedule.calibration(0, 4) == (1, 4)
+  assert wall_schedule.calibration(2, 4) == (3, 4)
+  assert wall_schedule.calibration(3, 4) is None  # one step only: nothing after the first
+  assert wall_schedule.calibration(12, 50) == (18, 30)
+  assert wall_schedule.calibration(30, 50) is None
 
 
 def test_warmup_learning_rates_do_not_depend_on_num_steps():

@@ -181,8 +181,9 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
           stop, log, reporter, fit=None):
   """Steps from `start` until a stop rule fires -> (last step, status, state).
 
-  `fit`: None, or (decision step, decide) for `train.fit_steps_to_wall`: at that step the loop
-  evaluates and checkpoints, times both, and continues with the step function (None: the same)
+  `fit`: None, or (first timed step, decision step, decide) for `train.fit_steps_to_wall`: the
+  loop times the steps in between, evaluates and checkpoints at the decision step, times both,
+  and continues with the step function (None: the same)
   and stop rules that `decide` returns for the fitted schedule."""
   tc = exp.config.train
   t_begin = t_saved = time.time()
@@ -193,9 +194,9 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
     step += 1
     buffer.add(step, metrics)
     bar.update(1)
-    if fit is not None and step == start + 1:
-      t_timed = time.time()  # the first step (dispatch warm-up) is not timed
     if fit is not None and step == fit[0]:
+      t_timed = time.time()  # the steps up to here (warm-up) are not timed
+    if fit is not None and step == fit[1]:
       t_decide = time.time()
     if step % tc.log_every == 0 or step == rules.stop_step:
       last = buffer.flush(step)
@@ -205,7 +206,7 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
     out_of_time, interrupted, due = _agreed(rules.out_of_time(time.time() - t_begin),
                                             stop.stop_requested(),
                                             rules.checkpoint_is_due(time.time() - t_saved))
-    deciding = fit is not None and step == fit[0] and not (interrupted or out_of_time)
+    deciding = fit is not None and step == fit[1] and not (interrupted or out_of_time)
     if (rules.is_eval_step(step) or deciding) and jax.process_count() == 1:
       buffer.flush(step)
       best, v = _periodic_eval(exp, state, step, log)
@@ -222,8 +223,8 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
       save(step, state)
       t_saved = time.time()
     if deciding:
-      fitted_fn, rules = fit[1](state, step, step_seconds=(t_decide - t_timed) /
-                                (step - start - 1), save_seconds=t_saved - t_save,
+      fitted_fn, rules = fit[2](state, step, step_seconds=(t_decide - t_timed) /
+                                (fit[1] - fit[0]), save_seconds=t_saved - t_save,
                                 elapsed=time.time() - t_begin)
       step_fn = fitted_fn or step_fn
       bar.total = rules.stop_step
@@ -328,12 +329,12 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
     reporter.info(f"schedule: train.num_steps={tc.num_steps:,}, fitted to the wall clock at the "
                   f"start of this run ({wall_schedule.RECORD_FILE})")
   elif tc.fit_steps_to_wall and start < rules.stop_step:
-    at_step = wall_schedule.decision_step(start, tc.warmup_steps)
-    if at_step is None:
+    window = wall_schedule.calibration(start, tc.warmup_steps)
+    if window is None:
       reporter.info(f"note: train.fit_steps_to_wall: this run resumes at step {start}, past "
                     f"the warmup steps it times, with no recorded fit; it keeps "
                     f"train.num_steps={tc.num_steps:,}")
-    elif at_step < rules.stop_step:
+    elif window[1] < rules.stop_step:
       def decide(state, step, *, step_seconds, save_seconds, elapsed):
         t = time.time()  # the periodic evaluation of this step compiled it: time a warm one
         if jax.process_count() == 1:
@@ -341,7 +342,7 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
         timing = wall_schedule.Timing(step=step_seconds, event=time.time() - t + save_seconds,
                                       compile=compile_seconds)
         fitted = wall_schedule.fit_and_record(
-            exp.config, workdir, at_step=step, timed_from=start + 2, timing=timing,
+            exp.config, workdir, at_step=step, timed_from=window[0] + 1, timing=timing,
             remaining_seconds=tc.max_wall_seconds - elapsed, log=log, reporter=reporter,
             write=distributed.is_main_process(),
             agree=_agreed_int if jax.process_count() > 1 else None)
@@ -351,7 +352,7 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
         exp.update_rule = update_rule.build_update_rule(fitted.train)
         return compile_step(state, step), StopRules.from_config(fitted.train)
 
-      fit = (at_step, decide)
+      fit = (*window, decide)
 
   t_begin = time.time()
   bar = reporter.progress(total=rules.stop_step, initial=start, desc="train",
