@@ -26,7 +26,7 @@ from bdiff_jax.modes import train as train_mode
 from bdiff_jax.models import init_params
 from bdiff_jax.objective import build_objective
 from bdiff_jax.reporter import QUIET
-from tests.helpers import REPO, assert_ok, network, run_main, train_losses
+from tests.helpers import assert_ok, load_config, network, run_main, train_losses
 
 SMOKE = "configs/wikitext2.py:smoke"
 AR_ARGS = ("--config.model.objective=autoregressive", "--config.model.time_conditioning=none",
@@ -134,12 +134,7 @@ def _args(workdir, data_dir, tfds_dir, *extra):
 def _config(data_dir, tfds_dir, **train_overrides):
   """The run of `_args` as an in-process config, without periodic evaluations (cheaper; they
   change neither the training trajectory nor the final evaluation)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("wt2", os.path.join(REPO, "configs",
-                                                                    "wikitext2.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
+  c = load_config("configs/wikitext2.py", "smoke")
   c.data.data_dir, c.data.tfds_dir = str(data_dir), str(tfds_dir)
   c.model.objective, c.model.time_conditioning, c.model.block = "autoregressive", "none", "qwen3"
   c.train.num_steps, c.train.log_every = 8, 1

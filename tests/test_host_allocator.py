@@ -87,8 +87,8 @@ import resource
 from bdiff_jax import host_allocator
 print(host_allocator.configure())
 import jax, jax.numpy as jnp
-a = jax.random.normal(jax.random.PRNGKey(0), (2048, 256), jnp.float32)
-b = jax.random.normal(jax.random.PRNGKey(1), (256, 16384), jnp.float32) / 16
+a = jax.random.normal(jax.random.PRNGKey(0), (2048, 32), jnp.float32)
+b = jax.random.normal(jax.random.PRNGKey(1), (32, 16384), jnp.float32) / 4
 # A gradient through a [2048, 16384] softmax: 128 MiB of temporary buffers, a 2 MiB result.
 f = jax.jit(jax.grad(lambda a, b: jax.nn.logsumexp(a @ b, axis=-1).sum()))
 faults = []

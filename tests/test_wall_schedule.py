@@ -6,9 +6,7 @@ resume, config validation. Integration (slow): a fitted run, split by a resume, 
 step the run configured with the fitted num_steps.
 """
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from bdiff_jax import configuration, update_rule, wall_schedule
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import train as train_mode
 from bdiff_jax.reporter import QUIET
-from tests.helpers import REPO, train_losses
+from tests.helpers import load_config, train_losses
 
 
 def _brute_events(after, upto, eval_every, checkpoint_every):
@@ -132,11 +130,7 @@ def test_config_validation(change, words):
 
 
 def _smoke(data_dir, tfds_dir, **train):
-  spec = importlib.util.spec_from_file_location("wt2", os.path.join(REPO, "configs",
-                                                                    "wikitext2.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("smoke")
+  c = load_config("configs/wikitext2.py", "smoke")
   c.data.data_dir, c.data.tfds_dir = str(data_dir), str(tfds_dir)
   c.model.emb_dim, c.model.head_dim, c.model.mlp_dim, c.data.seq_len = 32, 16, 64, 32
   c.train.batch_size, c.train.warmup_steps, c.train.log_every = 4, 4, 1
