@@ -16,7 +16,7 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            of 2026-12-04 (AMD EPYC, GEMM peak 204 GFLOP/s; ~4,800 tokens/s)
            train.max_wall_seconds=1800 stopped it at step 2,109 (8.64M tokens), 32 min end to
            end: bound 412 valid / 382 test word-ppl (unigram 968 / 914, bigram 328 / 305;
-           README.md). On the faster processor of 2026-11-22 (~7,900 tokens/s) the schedule
+           README.md); --config.seed=1: 442 / 418 (2,126 steps). On the faster processor of 2026-11-22 (~7,900 tokens/s) the schedule
            fits in 26 min. With the time estimator there (3,000 steps, 12.3M tokens): 452 /
            437; its earlier 1,600-step schedule over 3 training seeds: 597 ± 45 / 582 ± 46; the
            same shape trained autoregressively for the same 30 minutes
