@@ -21,7 +21,8 @@ TRAINING_FIELDS: the data stream and the training noise: the data order and posi
   with another value would match no uninterrupted run, while config.json would claim it does.
     seed, train.batch_size, train.update_rule (the rule's state), train.dizo.targets (which
     tensors DiZO keeps a copy of), model.dropout_rate, model.head_bias_init, model.dtype (the compute
-    dtype), diffusion.antithetic.
+    dtype), diffusion.antithetic, diffusion.train_positions_per_seq (which masked positions
+    training scores).
 
 SCHEDULE_FIELDS: the optimizer and its schedule. A resume may change them deliberately (the fix
   for a loss that turned NaN is a lower learning rate; more steps extend a run); the trainer
@@ -85,7 +86,7 @@ ARCHITECTURE_FIELDS = frozenset({
 
 TRAINING_FIELDS = frozenset({
     "seed", "train.batch_size", "train.update_rule", "train.dizo.targets", "model.dropout_rate", "model.head_bias_init",
-    "model.dtype", "diffusion.antithetic",
+    "model.dtype", "diffusion.antithetic", "diffusion.train_positions_per_seq",
 })
 
 # The optimizer and its schedule: a resume may change them on purpose (e.g. a lower learning

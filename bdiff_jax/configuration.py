@@ -95,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Run the masked head on this many rows at a time (recomputed in the backward): less memory
   # for large vocabularies x batches; 0 = all at once.
   c.diffusion.head_chunk_rows = 0
+  # Training only: score at most this many of each sequence's masked positions (a uniform random
+  # subset, scaled up: an unbiased estimate of the same loss, the head at batch x this many
+  # rows); 0 = all of them. Evaluation always scores every masked position.
+  c.diffusion.train_positions_per_seq = 0
 
   c.train = ml_collections.ConfigDict()
   # How parameters are updated: "adamw" (backpropagation + AdamW), or the zeroth-order rules
@@ -251,6 +255,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   corruption.check_estimator(d.estimator, d.corruption)
   _positive("diffusion.schedule_exponent", d.schedule_exponent)
   _positive("diffusion.head_chunk_rows", d.head_chunk_rows, allow_zero=True)
+  _positive("diffusion.train_positions_per_seq", d.train_positions_per_seq, allow_zero=True)
+  if d.train_positions_per_seq and not d.masked_head:
+    raise ConfigError(
+        f"config.diffusion.train_positions_per_seq={d.train_positions_per_seq} needs the masked "
+        "head (it runs the head at the chosen positions only), but diffusion.masked_head is "
+        "False.",
+        "pass --config.diffusion.masked_head=true, or --config.diffusion.train_positions_per_seq=0.")
   _in_unit("diffusion.uniform_fraction", d.uniform_fraction)
   t = c.train
   _choice("train.update_rule", t.update_rule, ("adamw", "mezo", "dizo"))

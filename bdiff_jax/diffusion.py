@@ -50,6 +50,7 @@ from bdiff_jax.masked_head import HeadFn
 from bdiff_jax.masked_head import count_capacity
 from bdiff_jax.masked_head import masked_capacity
 from bdiff_jax.masked_head import masked_nll_sums
+from bdiff_jax.masked_head import subsampled_nll_sums
 from bdiff_jax.schedules import Schedule
 from bdiff_jax.time_draws import eval_times, sample_times
 
@@ -160,19 +161,22 @@ def diffusion_loss(logits_fn: LogitsFn,
 
 
 def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic, corruption,
-                        uniform_fraction, estimator):
-  """diffusion_loss with the per-sequence masked NLL sums computed by nll_sums(noisy, t, masked)."""
+                        uniform_fraction, estimator, subsets_key=False):
+  """diffusion_loss with the per-sequence masked NLL sums computed by nll_sums(noisy, t, masked),
+  or by nll_sums(noisy, t, masked, key) with a key of its own when `subsets_key`."""
   check_corruption_args(corruption, uniform_fraction)
   check_estimator(estimator, corruption)
   tokens = jnp.asarray(tokens, jnp.int32)
   batch_size, length = tokens.shape
   key_t, key_c = jax.random.split(key)
+  if subsets_key:
+    key_c, key_s = jax.random.split(key_c)
   noisy, masked, t, weight = _draw(key_c, tokens, sample_times(key_t, batch_size,
                                                                antithetic=antithetic),
                                    length, estimator=estimator, schedule=schedule,
                                    mask_id=mask_id, corruption=corruption,
                                    uniform_fraction=uniform_fraction)
-  nll_sum = nll_sums(noisy, t, masked)
+  nll_sum = nll_sums(noisy, t, masked, key_s) if subsets_key else nll_sums(noisy, t, masked)
   loss = jnp.mean(weight * nll_sum) / length
 
   num_masked = jnp.sum(masked).astype(jnp.float32)
@@ -215,7 +219,8 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
                             uniform_fraction: float = 0.1,
                             estimator: str = "time",
                             capacity: Optional[int] = None,
-                            chunk_rows: Optional[int] = None
+                            chunk_rows: Optional[int] = None,
+                            positions_per_row: int = 0
                            ) -> tuple[jnp.ndarray, dict[str, Any]]:
   """`diffusion_loss` with the head run only at the masked positions of the batch.
 
@@ -233,11 +238,30 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
       estimator). Batches with more masked positions are computed exactly in chunks.
     chunk_rows: None, or run the head on this many rows at a time with recomputation in the
       backward (less memory, ~1/3 more head FLOPs); see `masked_head.masked_nll_sums`.
+    positions_per_row: 0 (or >= L): score every masked position, as above. P in [1, L): score a
+      uniform random subset of min(k_b, P) of each row's k_b masked positions, scaled by
+      k_b / min(k_b, P) (`masked_head.subsampled_nll_sums`): an unbiased estimate of the same
+      loss (the same expectation over draws; its gradient is unbiased for the same gradient)
+      with the head at B * P rows. The subsets take a key split off the mask key, so the masks
+      differ from the P = 0 draws of the same key. For training; `nll_bound_gathered` always
+      scores every masked position.
 
   Returns:
-    (loss, aux) exactly as `diffusion_loss`.
+    (loss, aux) as `diffusion_loss`; with P in [1, L) the loss and 'masked_token_nll' are
+    their unbiased subset estimates.
   """
   tokens = jnp.asarray(tokens, jnp.int32)
+  if 0 < int(positions_per_row) < tokens.shape[1]:
+    per_row = int(positions_per_row)
+
+    def subset_sums(noisy, t, masked, key_s):
+      return subsampled_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, key_s,
+                                 per_row=per_row)
+
+    return _loss_from_nll_sums(subset_sums, tokens, key, schedule=schedule, mask_id=mask_id,
+                               antithetic=antithetic, corruption=corruption,
+                               uniform_fraction=uniform_fraction, estimator=estimator,
+                               subsets_key=True)
   nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
                                 antithetic=antithetic, estimator=estimator)
   return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,

@@ -215,3 +215,43 @@ def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
     return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
 
   return jax.lax.cond(count <= capacity, one_buffer, all_masked)
+
+
+def subsampled_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
+                        masked: jnp.ndarray, key: jax.Array, *, per_row: int) -> jnp.ndarray:
+  """An unbiased estimate of `masked_nll_sums`, the head run at <= per_row positions per row.
+
+  Row b with k_b masked positions scores a uniform random subset S_b of m_b = min(k_b, per_row)
+  of them and returns (k_b / m_b) sum_{i in S_b} -log softmax(head_fn(hidden[b, i]))[tokens[b, i]].
+  Each masked position is in S_b with probability m_b / k_b, so the expectation over S_b is the
+  sum over all k_b masked positions; a row with k_b <= per_row is scored exactly (S_b is all of
+  them). The head runs on B * per_row rows: a fixed shape, no capacity and no fallback. For
+  training only (it adds variance; the evaluation bound scores every masked position).
+
+  Args:
+    hidden: float[B, L, D] the head's inputs.
+    head_fn: [..., D] -> logits [..., V].
+    tokens: int[B, L] target tokens in [0, V).
+    masked: bool[B, L] the positions that are scored.
+    key: PRNG key for the subsets; consumed.
+    per_row: positions scored per row at most (>= 1).
+
+  Returns:
+    float[B] (float32, or float64 for float64 logits), in nats.
+  """
+  b, l = masked.shape
+  m_cap = max(1, min(int(per_row), l))
+  # Random keys at the masked positions, +inf elsewhere: the m_cap smallest are a uniform
+  # random subset of the masked positions (all of them when there are at most m_cap).
+  scores = jnp.where(masked, jax.random.uniform(key, (b, l)), jnp.inf)
+  _, pos = jax.lax.top_k(-scores, m_cap)  # [B, m_cap], most negative = smallest key first
+  k = jnp.sum(masked, axis=-1, dtype=jnp.int32)
+  m = jnp.minimum(k, m_cap)
+  chosen = jnp.arange(m_cap, dtype=jnp.int32)[None, :] < m[:, None]  # [B, m_cap]
+  rows = (jnp.arange(b, dtype=jnp.int32)[:, None] * l + pos.astype(jnp.int32)).reshape(-1)
+  h = hidden.reshape(b * l, hidden.shape[-1])
+  y = jnp.asarray(tokens, jnp.int32).reshape(b * l)
+  nll = token_nll(head_fn(h[rows]), y[rows]).reshape(b, m_cap)
+  total = jnp.sum(jnp.where(chosen, nll, 0.0), axis=-1)
+  scale = k.astype(total.dtype) / jnp.maximum(m, 1).astype(total.dtype)
+  return total * scale

@@ -94,6 +94,9 @@ class MaskedDiffusion(Objective):
     # exact fallback to the full head); the loss and bound equal the full computation's.
     self.masked_head = bool(d.masked_head)
     self.head_chunk_rows = int(d.head_chunk_rows) or None
+    # Training scores a random subset of at most this many masked positions per sequence
+    # (an unbiased estimate of the same loss; 0 = all); evaluation scores all of them.
+    self.train_positions_per_seq = int(d.train_positions_per_seq)
 
   def time_of_masked_fraction(self) -> Callable[[float], float]:
     """f -> the time the network is told when a fraction f of its input is [MASK] (cloze
@@ -121,8 +124,9 @@ class MaskedDiffusion(Objective):
               corruption=self.corruption, uniform_fraction=self.uniform_fraction,
               estimator=self.estimator)
     if self.masked_head:
-      return diffusion.diffusion_loss_gathered(*self._hidden_and_head(apply), tokens, key,
-                                               chunk_rows=self.head_chunk_rows, **kw)
+      return diffusion.diffusion_loss_gathered(
+          *self._hidden_and_head(apply), tokens, key, chunk_rows=self.head_chunk_rows,
+          positions_per_row=self.train_positions_per_seq, **kw)
     return diffusion.diffusion_loss(self._logits_fn(apply), tokens, key, **kw)
 
   def sequence_nll(self, apply, tokens, valid, key, *, num_samples):
