@@ -33,7 +33,7 @@ rewritten by a restore.
 
 Failures print one line. A restore that orbax itself rejects raises `CheckpointError`; orbax's
 tensorstore reads that were still in flight when it gave up are kept from printing "Event loop is
-closed" tracebacks (see `_tolerate_closed_event_loops`), and the managers are closed. A save that
+closed" tracebacks (see `_TolerantLoops`), and the managers are closed. A save that
 fails with ENOSPC / EDQUOT / EROFS / EACCES raises the one-line `DiskFullError` / `StorageError`;
 orbax writes into a temporary directory and deletes old steps only after a successful commit, so
 earlier checkpoints stay byte-identical.
@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from typing import Any, Iterator, Optional
 
 import jax
@@ -101,22 +102,47 @@ class _ClosedTolerantPolicy(asyncio.DefaultEventLoopPolicy):
   _loop_factory = _ClosedTolerantLoop
 
 
-@contextlib.contextmanager
-def _tolerate_closed_event_loops() -> Iterator[None]:
-  """Within the block, new asyncio loops (orbax creates one per call) are `_ClosedTolerantLoop`.
+class _TolerantLoops:
+  """Makes every asyncio loop created while held a `_ClosedTolerantLoop`, for the process.
 
-  Only the standard policy is swapped (a custom one such as uvloop's is left alone), and the
-  previous policy is restored on exit; loops created in the block keep the tolerant class.
+  The event-loop policy is process-wide, and orbax creates loops in its own threads at any time
+  while a checkpointer lives: in its background commit threads (which can outlive a failed
+  `save` call and start new loops after it returned) and in its restores. So each `Checkpointer`
+  holds the tolerant policy from before its managers exist until it is closed; holds are counted,
+  and the previous policy comes back when the last one is released. Only the standard policy is
+  swapped (a custom one such as uvloop's is left alone). A checkpointer whose save or restore
+  failed never releases its hold: orbax's threads may still be winding down until the process
+  ends, and a loop they create then must tolerate being closed too.
   """
-  previous = asyncio.get_event_loop_policy()
-  if type(previous) is not asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
-    yield
-    return
-  asyncio.set_event_loop_policy(_ClosedTolerantPolicy())
-  try:
-    yield
-  finally:
-    asyncio.set_event_loop_policy(previous)
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._holds = 0
+    self._previous: Optional[asyncio.AbstractEventLoopPolicy] = None
+
+  def acquire(self) -> bool:
+    """Takes a hold; returns whether it must be released (False: a custom policy is in use)."""
+    with self._lock:
+      if self._holds == 0:
+        previous = asyncio.get_event_loop_policy()
+        if type(previous) is not asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
+          return False
+        self._previous = previous
+        asyncio.set_event_loop_policy(_ClosedTolerantPolicy())
+      self._holds += 1
+      return True
+
+  def release(self) -> None:
+    with self._lock:
+      self._holds -= 1
+      if self._holds == 0:
+        # Only if nobody replaced the tolerant policy since (we would undo their change).
+        if isinstance(asyncio.get_event_loop_policy(), _ClosedTolerantPolicy):
+          asyncio.set_event_loop_policy(self._previous)
+        self._previous = None
+
+
+_TOLERANT_LOOPS = _TolerantLoops()
 
 
 class _HoldRecords(logging.Filter):
@@ -171,8 +197,10 @@ class Checkpointer:
     self.best_dir = os.path.join(self.workdir, "checkpoints_best")
     self._read_only = read_only
     self._closed = False
-    self._failed = False  # a save failed with a reported OS error (see _after_failed_save)
+    # A save failed with a reported OS error (see _after_failed_save), or orbax failed a restore.
+    self._failed = False
     self._muted: Optional[_HoldRecords] = None
+    self._holds_loops = _TOLERANT_LOOPS.acquire()  # before orbax can create a loop
     names = ("state", "meta")
     try:
       self.latest = ocp.CheckpointManager(
@@ -186,7 +214,13 @@ class Checkpointer:
               best_fn=lambda m: m[BEST_METRIC], best_mode="min",
               keep_checkpoints_without_metrics=False))
     except OSError as e:
+      self._release_loops()
       raise os_error_to_user_error(e, f"opening the checkpoints of {self.workdir}") from None
+
+  def _release_loops(self) -> None:
+    if self._holds_loops:
+      self._holds_loops = False
+      _TOLERANT_LOOPS.release()
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -235,17 +269,16 @@ class Checkpointer:
             f.write(bytes(RESERVE_BYTES))
             f.flush()
             os.fsync(f.fileno())
-          with _tolerate_closed_event_loops():
-            if step not in self.latest.all_steps():
-              if self.latest.save(step, args=self._args(state, meta), force=force,
-                                  custom_metadata=marker):
-                written.append(self.latest)
-            if best_metrics is not None and step not in self.best.all_steps():
-              if self.best.save(step, args=self._args(state, dict(meta, **best_metrics)),
-                                metrics=best_metrics, force=True, custom_metadata=marker):
-                written.append(self.best)
-            self.latest.wait_until_finished()
-            self.best.wait_until_finished()
+          if step not in self.latest.all_steps():
+            if self.latest.save(step, args=self._args(state, meta), force=force,
+                                custom_metadata=marker):
+              written.append(self.latest)
+          if best_metrics is not None and step not in self.best.all_steps():
+            if self.best.save(step, args=self._args(state, dict(meta, **best_metrics)),
+                              metrics=best_metrics, force=True, custom_metadata=marker):
+              written.append(self.best)
+          self.latest.wait_until_finished()
+          self.best.wait_until_finished()
         finally:
           if os.path.exists(reserve):
             os.unlink(reserve)
@@ -298,15 +331,16 @@ class Checkpointer:
     try:
       for manager in (self.latest, self.best):
         try:
-          with _tolerate_closed_event_loops():
-            manager.close()
+          manager.close()
         except Exception:  # pylint: disable=broad-except
           if not self._failed:
             raise
-    finally:  # after a failed save orbax's threads may still log it: stay muted
-      if self._muted is not None and not self._failed:
-        logging.getLogger("absl").removeFilter(self._muted)
-        self._muted = None
+    finally:  # after a failed save or restore orbax's threads may still log it or start loops
+      if not self._failed:
+        self._release_loops()
+        if self._muted is not None:
+          logging.getLogger("absl").removeFilter(self._muted)
+          self._muted = None
 
   def all_checkpoints(self) -> list[tuple[ocp.CheckpointManager, int]]:
     """Every (manager, step) of the workdir, latest manager first."""
@@ -390,10 +424,10 @@ class Checkpointer:
       self.verify(manager, step)
       path = self.step_dir(manager, step)
       try:
-        with _tolerate_closed_event_loops():
-          restored = manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
+        self._failed = True  # its in-flight reads may outlive this call (see _TolerantLoops)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(

@@ -318,6 +318,54 @@ def test_disk_full_during_save_is_one_line_and_keeps_earlier_checkpoints(saved_w
   assert not os.path.exists(os.path.join(wd, checkpointing.RESERVE_NAME))
 
 
+
+def test_loops_tolerate_closing_for_a_checkpointers_life_and_after_a_failure(saved_workdir,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+  """Orbax starts loops in its own threads at any time while a checkpointer lives (its commit
+  threads can outlive a failed save): every loop created between a checkpointer's creation and its
+  close drops callbacks posted after it was closed instead of printing a traceback; holds nest;
+  the standard policy is back after the last close, unless a save failed."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  def closed_loop_from_a_thread():
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(loop=asyncio.new_event_loop()))
+    thread.start()
+    thread.join()
+    out["loop"].close()
+    return out["loop"]
+
+  def standard_policy():
+    return type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
+
+  # A fresh count and the standard policy (an earlier failed save in this process keeps its hold).
+  monkeypatch.setattr(checkpointing, "_TOLERANT_LOOPS", checkpointing._TolerantLoops())  # pylint: disable=protected-access
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(None)
+  try:
+    first = checkpointing.Checkpointer(saved_workdir, read_only=True)
+    second = checkpointing.Checkpointer(saved_workdir, read_only=True)
+    first.close()
+    assert closed_loop_from_a_thread().call_soon_threadsafe(lambda: None) is None  # dropped
+    second.close()
+    assert standard_policy()
+    with pytest.raises(RuntimeError, match="Event loop is closed"):  # the control
+      closed_loop_from_a_thread().call_soon_threadsafe(lambda: None)
+
+    ckpt = checkpointing.Checkpointer(_copy(saved_workdir, tmp_path), keep=3)
+    monkeypatch.setattr(ckpt.latest, "save", lambda *a, **kw: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DiskFullError):
+      ckpt.save(4, _state(4), {"step": 4}, force=True)
+    ckpt.close()
+    assert not standard_policy()  # orbax's late threads may still start loops
+    assert closed_loop_from_a_thread().call_soon_threadsafe(lambda: None) is None
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 def test_corrupt_checkpoint_in_a_fresh_process_prints_exactly_one_line(saved_workdir, tmp_path):
   """A truncated checkpoint, with a manifest and without one (legacy: orbax itself fails), in a
   new process as main.py runs it: exactly one `error:` line each, no traceback."""
