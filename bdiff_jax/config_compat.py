@@ -79,7 +79,8 @@ ARCHITECTURE_FIELDS = frozenset({
     "model.backbone", "model.block", "model.objective", "model.num_layers", "model.emb_dim",
     "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.mlp_dim",
     "model.time_conditioning", "model.positional", "model.rope_theta", "model.norm_eps",
-    "model.tie_embeddings", "model.attention", "model.candidate_k",
+    "model.tie_embeddings", "model.attention", "model.candidate_k", "model.head",
+    "model.adaptive_cutoffs", "model.adaptive_shrink",
     "diffusion.schedule", "diffusion.schedule_exponent", "diffusion.corruption",
     "diffusion.uniform_fraction", "diffusion.estimator",
 })
@@ -105,7 +106,7 @@ INCOMPATIBLE_FIELDS = ARCHITECTURE_FIELDS | TRAINING_FIELDS
 
 RESUMABLE_FIELDS = frozenset({
     "data.data_dir", "data.tfds_dir", "data.verify_counts", "model.reversible_backward",
-    "model.remat",
+    "model.remat", "model.adaptive_tail_capacity",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_wall_seconds", "train.stop_at_step", "train.progress_bar",
     "train.checkpoint_every_minutes", "preset", "preset_reason",

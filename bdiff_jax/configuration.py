@@ -10,6 +10,7 @@ import os
 import ml_collections
 
 from bdiff_jax import corruption, zeroth_order
+from bdiff_jax.models import adaptive_head
 from bdiff_jax.errors import ConfigError
 
 BACKBONES = ("standard", "reversible", "opt")
@@ -23,6 +24,7 @@ POSITIONAL = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float64")
 REVERSIBLE_BACKWARD = ("recompute", "autodiff")
 ATTENTION = ("dense", "candidate")
+HEADS = ("full", "adaptive")
 VARIANTS = ("v1", "raw")
 SAMPLING_GRIDS = ("cosine", "uniform")
 
@@ -66,6 +68,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0
   c.model.norm_eps = 1e-6
   c.model.tie_embeddings = True
+  # The output head: "full" (a softmax over all V words) or "adaptive" (the adaptive softmax,
+  # bdiff_jax/models/adaptive_head.py: exact probabilities; a shortlist of the most frequent
+  # words [0, c_0) plus one logit per tail cluster [c_i, c_i+1), whose words are scored from a
+  # projection of width emb_dim / shrink^(i+1), only for rows whose target is in the cluster).
+  c.model.head = "full"
+  c.model.adaptive_cutoffs = (4000, 12000)
+  c.model.adaptive_shrink = 4
+  # Rows of each tail cluster's gathered buffer, as a fraction of the rows scored; a batch with
+  # more targets in a cluster is computed exactly over all rows (slower). Speed only.
+  c.model.adaptive_tail_capacity = 0.15
   # Initial output bias (simple block only): "unigram" = log train-split token frequencies, so
   # training starts at the unigram model instead of spending its first steps learning it.
   c.model.head_bias_init = "unigram"  # "unigram" | "zeros"
@@ -222,6 +234,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("model.reversible_backward", m.reversible_backward, REVERSIBLE_BACKWARD)
   _choice("model.attention", m.attention, ATTENTION)
   _choice("model.head_bias_init", m.head_bias_init, ("unigram", "zeros"))
+  _choice("model.head", m.head, HEADS)
+  if m.head == "adaptive":
+    problem = adaptive_head.layout_problem(None, tuple(m.adaptive_cutoffs), m.emb_dim,
+                                           m.adaptive_shrink)
+    if problem:
+      raise ConfigError(f"config.{problem}.",
+                        "pass e.g. --config.model.adaptive_cutoffs=\"(4000, 12000)\" "
+                        "--config.model.adaptive_shrink=4, or --config.model.head=full.")
+    if m.backbone == "opt":
+      raise ConfigError("config.model.head='adaptive' is not available for backbone 'opt' "
+                        "(OPT's LM head is tied to its full embedding table).",
+                        "pass --config.model.head=full.")
+    _in_unit("model.adaptive_tail_capacity", m.adaptive_tail_capacity, closed_low=False)
   for f in ("num_layers", "emb_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
     _positive(f"model.{f}", m[f])
   if m.num_heads % m.num_kv_heads:

@@ -31,9 +31,11 @@ A model is passed as `logits_fn(noisy: int32[B, L], t: float32[B]) -> float[B, L
 real tokens (no [MASK] column). Logits are cast to float32 before the log-softmax.
 
 `diffusion_loss_gathered` and `nll_bound_gathered` compute the same numbers with the model split in
-two, `hidden_fn(noisy, t) -> [B, L, D]` and `head_fn([..., D]) -> [..., V]`, and run the head only
-at the masked positions of the batch (gathered into a buffer of `masked_capacity` rows), which
-is where nearly all of the work is at a large vocabulary. See `bdiff_jax.masked_head`.
+two, `hidden_fn(noisy, t) -> [B, L, D]` and the head with its cross-entropy, `nll_fn(rows [C, D],
+targets [C]) -> [C]` (`masked_head.head_nll(head_fn)` for a head that returns logits), and run
+the head only at the masked positions of the batch (gathered into a buffer of `masked_capacity`
+rows), which is where nearly all of the work is at a large vocabulary. See
+`bdiff_jax.masked_head`.
 """
 
 from typing import Any, Callable, Optional
@@ -46,7 +48,7 @@ from bdiff_jax.corruption import check_estimator
 from bdiff_jax.corruption import corrupt
 from bdiff_jax.corruption import corrupt_count
 from bdiff_jax.corruption import counts_from_uniform
-from bdiff_jax.masked_head import HeadFn
+from bdiff_jax.masked_head import RowsNllFn
 from bdiff_jax.masked_head import count_capacity
 from bdiff_jax.masked_head import masked_capacity
 from bdiff_jax.masked_head import masked_nll_sums
@@ -189,7 +191,7 @@ def _loss_from_nll_sums(nll_sums, tokens, key, *, schedule, mask_id, antithetic,
   return loss, aux
 
 
-def _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows, *,
+def _gathered_nll_sums(hidden_fn, nll_fn, tokens, schedule, capacity, chunk_rows, *,
                        antithetic: bool, estimator: str):
   """(noisy, t, masked) -> per-sequence masked NLL sums, the head only at masked positions
   (`masked_head.masked_nll_sums`); capacity None: `masked_capacity` (`count_capacity` for the
@@ -201,14 +203,14 @@ def _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_row
     capacity = masked_capacity(schedule, batch_size, length, antithetic=antithetic)
 
   def nll_sums(noisy, t, masked):
-    return masked_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, capacity=capacity,
+    return masked_nll_sums(hidden_fn(noisy, t), nll_fn, tokens, masked, capacity=capacity,
                            chunk_rows=chunk_rows)
 
   return nll_sums
 
 
 def diffusion_loss_gathered(hidden_fn: HiddenFn,
-                            head_fn: HeadFn,
+                            nll_fn: RowsNllFn,
                             tokens: jnp.ndarray,
                             key: jax.Array,
                             *,
@@ -225,12 +227,13 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
   """`diffusion_loss` with the head run only at the masked positions of the batch.
 
   Same draws (times, masks) from the same key, and the same loss and aux metrics as
-  `diffusion_loss(lambda z, t: head_fn(hidden_fn(z, t)), ...)`, up to the order of floating-point
-  additions; the gradients are equal in the same sense. See `bdiff_jax.masked_head`.
+  `diffusion_loss(lambda z, t: head_fn(hidden_fn(z, t)), ...)` when nll_fn is
+  `masked_head.head_nll(head_fn)`, up to the order of floating-point additions; the gradients
+  are equal in the same sense. See `bdiff_jax.masked_head`.
 
   Args:
     hidden_fn: (noisy int32[B, L], t float32[B]) -> hidden states float[B, L, D].
-    head_fn: hidden states [..., D] -> logits float[..., V].
+    nll_fn: (hidden rows [C, D], targets int32[C]) -> -log p(target | row) float[C].
     tokens, key, schedule, mask_id, antithetic, corruption, uniform_fraction, estimator: as in
       `diffusion_loss`.
     capacity: rows of the masked-position buffer; None: `masked_capacity(schedule, B, L,
@@ -255,14 +258,14 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
     per_row = int(positions_per_row)
 
     def subset_sums(noisy, t, masked, key_s):
-      return subsampled_nll_sums(hidden_fn(noisy, t), head_fn, tokens, masked, key_s,
+      return subsampled_nll_sums(hidden_fn(noisy, t), nll_fn, tokens, masked, key_s,
                                  per_row=per_row)
 
     return _loss_from_nll_sums(subset_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                                antithetic=antithetic, corruption=corruption,
                                uniform_fraction=uniform_fraction, estimator=estimator,
                                subsets_key=True)
-  nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
+  nll_sums = _gathered_nll_sums(hidden_fn, nll_fn, tokens, schedule, capacity, chunk_rows,
                                 antithetic=antithetic, estimator=estimator)
   return _loss_from_nll_sums(nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                              antithetic=antithetic, corruption=corruption,
@@ -341,7 +344,7 @@ def _bound_from_nll_sums(draw_nll_sums, tokens, key, *, schedule, mask_id, num_s
 
 
 def nll_bound_gathered(hidden_fn: HiddenFn,
-                       head_fn: HeadFn,
+                       nll_fn: RowsNllFn,
                        tokens: jnp.ndarray,
                        key: jax.Array,
                        *,
@@ -355,10 +358,11 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
   """`nll_bound` with the head run only at each draw's masked positions.
 
   Same draws and, up to the order of floating-point additions, the same float32[B] as
-  `nll_bound(lambda z, t: head_fn(hidden_fn(z, t)), ...)`.
+  `nll_bound(lambda z, t: head_fn(hidden_fn(z, t)), ...)` when nll_fn is
+  `masked_head.head_nll(head_fn)`.
 
   Args:
-    hidden_fn, head_fn: as in `diffusion_loss_gathered`.
+    hidden_fn, nll_fn: as in `diffusion_loss_gathered`.
     tokens, key, schedule, mask_id, num_samples, valid, estimator: as in `nll_bound`.
     capacity: rows of each draw's masked-position buffer; None: `masked_capacity(schedule, B, L)`
       (each draw's times are stratified across the batch, `eval_times`), or
@@ -370,7 +374,7 @@ def nll_bound_gathered(hidden_fn: HiddenFn,
   """
   tokens = jnp.asarray(tokens, jnp.int32)
   # Each draw's times are stratified across the batch (eval_times): the stratified capacity.
-  draw_nll_sums = _gathered_nll_sums(hidden_fn, head_fn, tokens, schedule, capacity, chunk_rows,
+  draw_nll_sums = _gathered_nll_sums(hidden_fn, nll_fn, tokens, schedule, capacity, chunk_rows,
                                      antithetic=True, estimator=estimator)
   return _bound_from_nll_sums(draw_nll_sums, tokens, key, schedule=schedule, mask_id=mask_id,
                               num_samples=num_samples, valid=valid, estimator=estimator)

@@ -8,7 +8,8 @@ the per-sequence sums come back through a one-hot [C, B] product (no scatter). W
 more than C masked positions, a `lax.cond` switches to an exact fallback that runs the same
 computation over all masked positions in chunks of C rows (the chunk body rematerialised, so
 memory stays at one chunk). Either way the result equals the full-head computation up to the
-order of floating-point additions.
+order of floating-point additions. The head is passed as a row NLL function (`RowsNllFn`), so a
+head that need not compute all V logits per row (the adaptive head) runs the same way.
 
 Capacity (`masked_capacity`): with M the number of masked positions of a batch of B sequences of
 length L, each position masked independently with probability p(t_b) = 1 - alpha(t_b),
@@ -33,9 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdiff_jax.models.cross_entropy import token_nll
 from bdiff_jax.schedules import Schedule
 
 HeadFn = Callable[[jnp.ndarray], jnp.ndarray]  # [..., D] -> logits [..., V]
+# (rows [C, D], targets int32[C]) -> -log p(target | row), float[C]: the output head and its
+# cross-entropy in one, so that a head can score rows without computing all V logits
+# (`Network.token_nll`; the adaptive head). `head_nll(head_fn)` makes one from a logits head.
+RowsNllFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 DEFAULT_NUM_STD = 5.0
 _GRID = 256  # offsets u per stratum (antithetic) / time points (iid) in the capacity integrals
@@ -104,49 +110,21 @@ def count_capacity(batch_size: int, seq_len: int, *, antithetic: bool = True,
   return int(min(_round_up(max(cap, 1.0), 16), b * l))
 
 
-@jax.custom_vjp
-def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-  """-log softmax(logits)[target] per row: logits float[C, V], targets int[C] -> float[C].
-
-  Computed in at least float32 exactly as `jax.nn.log_softmax` followed by a gather. The custom
-  backward is one elementwise pass, g * (softmax - onehot(target)) with the one-hot made from an
-  iota compare: no zero-filled [C, V] buffer and no scatter, which autodiff of the gather needs.
-  """
-  return _token_nll_fwd(logits, targets)[0]
+def head_nll(head_fn: HeadFn) -> RowsNllFn:
+  """The row NLL of a head that returns logits: `token_nll(head_fn(rows), targets)`."""
+  return lambda rows, targets: token_nll(head_fn(rows), targets)
 
 
-def _token_nll_fwd(logits, targets):
-  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  row_max = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-  shifted = z - row_max
-  log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-  target_shifted = jnp.take_along_axis(shifted, targets[:, None].astype(jnp.int32), axis=-1)
-  nll = (log_norm - target_shifted)[:, 0]
-  # Only the logits and one constant per row are kept: softmax = exp(z - (max + log_norm)).
-  return nll, (logits, row_max + log_norm, targets)
-
-
-def _token_nll_bwd(residuals, g):
-  logits, log_z, targets = residuals
-  z = logits.astype(log_z.dtype)
-  onehot = jnp.arange(z.shape[-1], dtype=jnp.int32)[None, :] == targets[:, None]
-  grad = g[:, None].astype(z.dtype) * (jnp.exp(z - log_z) - onehot.astype(z.dtype))
-  return grad.astype(logits.dtype), None
-
-
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
-def _rows_nll_sums(h, tokens, idx, valid, head_fn, batch_size: int, seq_len: int):
+def _rows_nll_sums(h, tokens, idx, valid, nll_fn, batch_size: int, seq_len: int):
   """Per-sequence sums [B] of the token NLL of rows idx [C] (valid [C]) of h [B*L, D]."""
-  nll = token_nll(head_fn(h[idx]), tokens[idx])
+  nll = nll_fn(h[idx], tokens[idx])
   nll = jnp.where(valid, nll, 0.0)  # padding rows (index 0) add nothing, not even a NaN
   seq = idx // seq_len
   onehot = (seq[:, None] == jnp.arange(batch_size, dtype=idx.dtype)[None, :]).astype(nll.dtype)
   return nll @ onehot
 
 
-def _chunked_sums(h, y, idx, valid, head_fn, batch_size: int, seq_len: int, rows: int):
+def _chunked_sums(h, y, idx, valid, nll_fn, batch_size: int, seq_len: int, rows: int):
   """`_rows_nll_sums` over idx [K * rows] in K chunks of `rows`, one chunk's head at a time.
 
   The chunk body is rematerialised: the backward keeps only each chunk's indices and recomputes
@@ -156,25 +134,27 @@ def _chunked_sums(h, y, idx, valid, head_fn, batch_size: int, seq_len: int, rows
 
   @jax.checkpoint
   def body(total, chunk):
-    return total + _rows_nll_sums(h, y, chunk[0], chunk[1], head_fn, batch_size, seq_len), None
+    return total + _rows_nll_sums(h, y, chunk[0], chunk[1], nll_fn, batch_size, seq_len), None
 
-  out = jax.eval_shape(lambda: _rows_nll_sums(h, y, idx[:rows], valid[:rows], head_fn,
+  out = jax.eval_shape(lambda: _rows_nll_sums(h, y, idx[:rows], valid[:rows], nll_fn,
                                                batch_size, seq_len))
   total, _ = jax.lax.scan(body, jnp.zeros(out.shape, out.dtype),
                           (idx.reshape(chunks, rows), valid.reshape(chunks, rows)))
   return total
 
 
-def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
+def masked_nll_sums(hidden: jnp.ndarray, nll_fn: RowsNllFn, tokens: jnp.ndarray,
                     masked: jnp.ndarray, *, capacity: int,
                     chunk_rows: Optional[int] = None) -> jnp.ndarray:
-  """sum_{i masked} -log softmax(head_fn(hidden[b, i]))[tokens[b, i]] per sequence.
+  """sum_{i masked} nll_fn(hidden[b, i], tokens[b, i]) per sequence.
 
-  Equal (up to summation order) to the same sums over the full logits head_fn(hidden) [B, L, V].
+  Equal (up to summation order) to the same sums computed at every position: for a logits head
+  (`head_nll(head_fn)`), to the sums of -log softmax(head_fn(hidden))[tokens] over the full
+  logits [B, L, V].
 
   Args:
     hidden: float[B, L, D] the head's inputs (final-normed hidden states).
-    head_fn: [..., D] -> logits [..., V] (cast to at least float32 before the log-softmax).
+    nll_fn: (rows [C, D], targets [C]) -> -log p(target | row) [C] (`RowsNllFn`).
     tokens: int[B, L] target tokens in [0, V).
     masked: bool[B, L] the positions that are scored.
     capacity: C, rows of the gathered buffer (`masked_capacity`); batches with more masked
@@ -204,25 +184,25 @@ def masked_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
   def one_buffer():
     idx, valid = gathered(capacity)
     if rows == capacity:
-      return _rows_nll_sums(h, y, idx, valid, head_fn, b, l)
-    return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
+      return _rows_nll_sums(h, y, idx, valid, nll_fn, b, l)
+    return _chunked_sums(h, y, idx, valid, nll_fn, b, l, rows)
 
   if capacity >= n:
     return one_buffer()
 
   def all_masked():  # exact fallback: every masked position, in chunks of `rows`
     idx, valid = gathered(-(-n // rows) * rows)
-    return _chunked_sums(h, y, idx, valid, head_fn, b, l, rows)
+    return _chunked_sums(h, y, idx, valid, nll_fn, b, l, rows)
 
   return jax.lax.cond(count <= capacity, one_buffer, all_masked)
 
 
-def subsampled_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarray,
+def subsampled_nll_sums(hidden: jnp.ndarray, nll_fn: RowsNllFn, tokens: jnp.ndarray,
                         masked: jnp.ndarray, key: jax.Array, *, per_row: int) -> jnp.ndarray:
   """An unbiased estimate of `masked_nll_sums`, the head run at <= per_row positions per row.
 
   Row b with k_b masked positions scores a uniform random subset S_b of m_b = min(k_b, per_row)
-  of them and returns (k_b / m_b) sum_{i in S_b} -log softmax(head_fn(hidden[b, i]))[tokens[b, i]].
+  of them and returns (k_b / m_b) sum_{i in S_b} nll_fn(hidden[b, i], tokens[b, i]).
   Each masked position is in S_b with probability m_b / k_b, so the expectation over S_b is the
   sum over all k_b masked positions; a row with k_b <= per_row is scored exactly (S_b is all of
   them). The head runs on B * per_row rows: a fixed shape, no capacity and no fallback. For
@@ -230,7 +210,7 @@ def subsampled_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarra
 
   Args:
     hidden: float[B, L, D] the head's inputs.
-    head_fn: [..., D] -> logits [..., V].
+    nll_fn: (rows [C, D], targets [C]) -> -log p(target | row) [C] (`RowsNllFn`).
     tokens: int[B, L] target tokens in [0, V).
     masked: bool[B, L] the positions that are scored.
     key: PRNG key for the subsets; consumed.
@@ -251,7 +231,7 @@ def subsampled_nll_sums(hidden: jnp.ndarray, head_fn: HeadFn, tokens: jnp.ndarra
   rows = (jnp.arange(b, dtype=jnp.int32)[:, None] * l + pos.astype(jnp.int32)).reshape(-1)
   h = hidden.reshape(b * l, hidden.shape[-1])
   y = jnp.asarray(tokens, jnp.int32).reshape(b * l)
-  nll = token_nll(head_fn(h[rows]), y[rows]).reshape(b, m_cap)
+  nll = nll_fn(h[rows], y[rows]).reshape(b, m_cap)
   total = jnp.sum(jnp.where(chosen, nll, 0.0), axis=-1)
   scale = k.astype(total.dtype) / jnp.maximum(m, 1).astype(total.dtype)
   return total * scale

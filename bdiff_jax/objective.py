@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, corruption, diffusion, masked_head, models, sampling, schedules
+from bdiff_jax import ar_sampling, corruption, diffusion, models, sampling, schedules
 from bdiff_jax.errors import ConfigError
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
@@ -115,9 +115,9 @@ class MaskedDiffusion(Objective):
   def _logits_fn(self, apply: Apply, padding_mask=None):
     return lambda z, t: apply(z, t, padding_mask=padding_mask)
 
-  def _hidden_and_head(self, apply: Apply, padding_mask=None):
+  def _hidden_and_nll(self, apply: Apply, padding_mask=None):
     return (lambda z, t: apply(z, t, padding_mask=padding_mask, return_hidden=True),
-            lambda h: apply(h, method="head"))
+            lambda rows, targets: apply(rows, targets, method="token_nll"))
 
   def loss(self, apply, tokens, key):
     kw = dict(schedule=self.schedule, mask_id=self.mask_id, antithetic=self.antithetic,
@@ -125,7 +125,7 @@ class MaskedDiffusion(Objective):
               estimator=self.estimator)
     if self.masked_head:
       return diffusion.diffusion_loss_gathered(
-          *self._hidden_and_head(apply), tokens, key, chunk_rows=self.head_chunk_rows,
+          *self._hidden_and_nll(apply), tokens, key, chunk_rows=self.head_chunk_rows,
           positions_per_row=self.train_positions_per_seq, **kw)
     return diffusion.diffusion_loss(self._logits_fn(apply), tokens, key, **kw)
 
@@ -133,7 +133,7 @@ class MaskedDiffusion(Objective):
     kw = dict(schedule=self.schedule, mask_id=self.mask_id, num_samples=num_samples,
               valid=valid, estimator=self.estimator)
     if self.masked_head:
-      return diffusion.nll_bound_gathered(*self._hidden_and_head(apply, padding_mask=valid),
+      return diffusion.nll_bound_gathered(*self._hidden_and_nll(apply, padding_mask=valid),
                                           tokens, key, chunk_rows=self.head_chunk_rows, **kw)
     return diffusion.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key, **kw)
 
@@ -178,13 +178,14 @@ class Autoregressive(Objective):
     return jnp.concatenate([bos, tokens[:, :-1]], axis=1)
 
   def token_nll(self, apply: Apply, tokens: jax.Array) -> jax.Array:
-    """-log p(x_i | x_<i) for every position, float32[B, L]."""
-    logits = apply(self.inputs(tokens)).astype(jnp.float32)
-    # -log_softmax(logits)[token] through masked_head.token_nll: the same value, and its
-    # backward is one elementwise pass instead of a scatter into a zero-filled [B, L, V] array
-    # (autodiff of the gather): 1,670 instead of 1,250 tokens/s at the cpu preset's shape.
-    flat = masked_head.token_nll(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-    return flat.reshape(tokens.shape)
+    """-log p(x_i | x_<i) for every position, float32[B, L] (float64 for float64 runs)."""
+    hidden = apply(self.inputs(tokens), return_hidden=True)
+    # The network's own row NLL (`Network.token_nll`): for a full head, -log_softmax(logits)
+    # [token] through `cross_entropy.token_nll`, whose backward is one elementwise pass instead
+    # of a scatter into a zero-filled [B, L, V] array (autodiff of the gather: 1,670 instead of
+    # 1,250 tokens/s at the cpu preset's shape); an adaptive head skips the tail clusters'
+    # logits where the target is not in them.
+    return apply(hidden, jnp.asarray(tokens, jnp.int32), method="token_nll")
 
   def loss(self, apply, tokens, key):
     del key  # deterministic given the batch (dropout has its own key inside `apply`)

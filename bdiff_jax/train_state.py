@@ -40,13 +40,17 @@ def init_train_state(network, update_rule, *, seed: int, seq_len: int,
                      head_bias: Optional[jnp.ndarray] = None) -> TrainState:
   """The initial state of a run with `seed` (pure; jit it, or `jax.eval_shape` it for shapes).
 
-  `head_bias`, when given and the network has an output bias, replaces its initial value (e.g.
-  `unigram_log_probs` of the train split).
+  `head_bias`, a distribution over the V words as log-probabilities (e.g. `unigram_log_probs`
+  of the train split), when given and the network has an output bias, sets the initial biases
+  so that the head predicts it when its kernels are zero.
   """
   params_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   params = models.init_params(network, params_key, seq_len=seq_len)
   if head_bias is not None and "head_bias" in params:
-    params = dict(params, head_bias=jnp.asarray(head_bias, params["head_bias"].dtype))
+    # The distribution head_bias [V] as the head's output biases (an adaptive head splits it
+    # into its shortlist-and-clusters bias and each cluster's own).
+    biases = models.output_bias_params(network.spec, head_bias)
+    params = dict(params, **{k: jnp.asarray(v, params[k].dtype) for k, v in biases.items()})
   return create_train_state(params, update_rule, train_key)
 
 

@@ -23,7 +23,7 @@ import pytest
 from bdiff_jax import configuration
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
-from bdiff_jax.models import init_params
+from bdiff_jax.models import cross_entropy, init_params
 from bdiff_jax.objective import build_objective
 from bdiff_jax.reporter import QUIET
 from tests.helpers import assert_ok, load_config, network, run_main, train_losses
@@ -93,8 +93,9 @@ def test_exact_likelihood_normalises():
 
 
 def test_loss_and_gradient_equal_log_softmax_and_gather():
-  """The AR loss runs the cross-entropy through masked_head.token_nll (its own backward, no
-  scatter): value and gradient equal jax.nn.log_softmax + take_along_axis by autodiff."""
+  """The AR loss runs the cross-entropy through the network's `token_nll` method
+  (`cross_entropy.token_nll`: its own backward, no scatter): value and gradient equal
+  jax.nn.log_softmax + take_along_axis by autodiff."""
   vocab, length, batch, dim = 37, 6, 3, 8
   _, config = _ar_network("standard", vocab, length)
   objective = build_objective(config, mask_id=vocab)
@@ -104,8 +105,18 @@ def test_loss_and_gradient_equal_log_softmax_and_gather():
   tokens = jax.random.randint(k[2], (batch, length), 0, vocab)
   logits = lambda p, x: jnp.tanh(p["emb"][x]) @ p["out"]
 
+  def apply_of(p):  # the interface of a bound network (models.bind), as the objective calls it
+    def apply(x, *args, return_hidden=False, method=None):
+      if method == "token_nll":  # as Network.token_nll computes it for a full head
+        h, y = x, args[0]
+        return cross_entropy.token_nll((h @ p["out"]).reshape(-1, vocab),
+                                       y.reshape(-1)).reshape(y.shape)
+      h = jnp.tanh(p["emb"][x])
+      return h if return_hidden else h @ p["out"]
+    return apply
+
   def ours(p):
-    return objective.loss(lambda x: logits(p, x), tokens, None)[0]
+    return objective.loss(apply_of(p), tokens, None)[0]
 
   def reference(p):
     logp = jax.nn.log_softmax(logits(p, objective.inputs(tokens)), axis=-1)

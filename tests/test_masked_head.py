@@ -28,7 +28,7 @@ from bdiff_jax.corruption import corrupt
 from bdiff_jax.diffusion import diffusion_loss, diffusion_loss_gathered, nll_bound
 from bdiff_jax.diffusion import nll_bound_gathered
 from bdiff_jax.time_draws import sample_times
-from bdiff_jax.masked_head import masked_capacity
+from bdiff_jax.masked_head import head_nll, masked_capacity
 from bdiff_jax.models import Network
 from tests.helpers import network
 
@@ -108,7 +108,7 @@ def _losses_fn(corruption: str, variants, estimator: str = "time"):
 
   def gathered(params, tokens, key, capacity, chunk_rows):
     return diffusion_loss_gathered(functools.partial(_toy_hidden, params),
-                                   functools.partial(_toy_head, params), tokens, key,
+                                   head_nll(functools.partial(_toy_head, params)), tokens, key,
                                    capacity=capacity, chunk_rows=chunk_rows, **kw)
 
   def all_losses(params, tokens, key):
@@ -197,7 +197,7 @@ def test_network_adapter_loss_equals_full_loss_with_dropout():
     kw = dict(schedule=SCHED, mask_id=VOCAB)
     full = diffusion_loss(lambda z, t: apply(z, t), tokens, noise_key, **kw)[0]
     gathered = diffusion_loss_gathered(lambda z, t: apply(z, t, return_hidden=True),
-                                       lambda h: apply(h, method=Network.head), tokens,
+                                       lambda h, y: apply(h, y, method=Network.token_nll), tokens,
                                        noise_key, **kw)[0]
     no_dropout = diffusion_loss(lambda z, t: net.apply({"params": params}, z, t), tokens,
                                 noise_key, **kw)[0]
@@ -235,7 +235,7 @@ def test_gathered_bound_equals_full_bound_float64(estimator):
     @jax.jit
     def bounds():
       full = nll_bound(lambda z, t: head_fn(hidden_fn(z, t)), tokens, key, **kw)
-      return full, [nll_bound_gathered(hidden_fn, head_fn, tokens, key, capacity=c,
+      return full, [nll_bound_gathered(hidden_fn, head_nll(head_fn), tokens, key, capacity=c,
                                        chunk_rows=r, **kw) for c, r in VARIANTS]
 
     full, gathered = bounds()

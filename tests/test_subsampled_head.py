@@ -23,7 +23,7 @@ import pytest
 from bdiff_jax import configuration, schedules
 from bdiff_jax.diffusion import diffusion_loss_gathered
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.masked_head import masked_nll_sums, subsampled_nll_sums
+from bdiff_jax.masked_head import head_nll, masked_nll_sums, subsampled_nll_sums
 from bdiff_jax.objective import build_objective
 from tests.helpers import network
 
@@ -45,11 +45,12 @@ def _case(dtype):
 
 
 def _exact(hidden, w, tokens, masked):
-  return masked_nll_sums(hidden, lambda h: h @ w, tokens, masked, capacity=B * L)
+  return masked_nll_sums(hidden, head_nll(lambda h: h @ w), tokens, masked, capacity=B * L)
 
 
 def _subset(hidden, w, tokens, masked, key, per_row=PER_ROW):
-  return subsampled_nll_sums(hidden, lambda h: h @ w, tokens, masked, key, per_row=per_row)
+  return subsampled_nll_sums(hidden, head_nll(lambda h: h @ w), tokens, masked, key,
+                             per_row=per_row)
 
 
 def test_rows_within_the_limit_are_exact_for_every_key():
@@ -144,7 +145,7 @@ def test_diffusion_loss_with_a_subset_has_the_same_expectation():
   head_fn = lambda h: h @ params["out"]
 
   def losses(key):
-    return jnp.stack([diffusion_loss_gathered(hidden_fn, head_fn, tokens, key,
+    return jnp.stack([diffusion_loss_gathered(hidden_fn, head_nll(head_fn), tokens, key,
                                               positions_per_row=p, **kw)[0]
                       for p in (0, 2, L)])
 

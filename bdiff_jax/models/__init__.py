@@ -3,7 +3,9 @@
 import jax
 import jax.numpy as jnp
 
-from bdiff_jax.models.network import Network
+from bdiff_jax.errors import ConfigError
+from bdiff_jax.models import adaptive_head
+from bdiff_jax.models.network import Network, output_bias_params
 from bdiff_jax.models.opt_network import OPTNetwork, opt_spec
 from bdiff_jax.models.spec import ModelSpec, spec_from_config
 
@@ -12,6 +14,12 @@ def build_network(model_config, *, vocab_size: int, max_len: int, causal: bool):
   """The network of `config.model` (a `Network`, or an `OPTNetwork` for backbone "opt");
   `causal` comes from the objective (`Objective.causal`)."""
   spec = spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len, causal=causal)
+  if spec.head == "adaptive":
+    problem = adaptive_head.layout_problem(spec.vocab_size, spec.adaptive_cutoffs,
+                                           spec.emb_dim, spec.adaptive_shrink)
+    if problem:
+      raise ConfigError(f"config.{problem}.",
+                        "choose cutoffs below the vocabulary size, or --config.model.head=full.")
   if spec.backbone == "opt":
     return OPTNetwork(opt_spec(spec))
   return Network(spec)
@@ -36,4 +44,4 @@ def count_params(params) -> int:
 
 
 __all__ = ["Network", "ModelSpec", "OPTNetwork", "bind", "build_network", "init_params", "count_params",
-           "spec_from_config"]
+           "output_bias_params", "spec_from_config"]

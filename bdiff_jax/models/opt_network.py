@@ -7,6 +7,7 @@ the evaluator, the AR sampler and the GLUE benchmark use one network:
     apply(tokens int32[B, L], t=None, *, train, padding_mask=None, decode=False,
           logit_positions=None, return_hidden=False) -> logits float32[B, L or K, V]
     apply(h [..., D], method="head") -> logits [..., V]
+    apply(h [..., D], targets int[...], method="token_nll") -> -log p(target | h) [...]
 
 From `config.model` (`ModelSpec`): num_layers, emb_dim (hidden_size), num_heads, mlp_dim
 (ffn_dim), dropout_rate (residual dropout; OPT's attention dropout is 0) and dtype (compute).
@@ -35,6 +36,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bdiff_jax.models import cross_entropy
 from bdiff_jax.models.opt import OPT, OPTConfig
 from bdiff_jax.models.spec import ModelSpec
 
@@ -88,3 +90,11 @@ class OPTNetwork(nn.Module):
     dtype = self.spec.compute_dtype
     logits = jnp.einsum("...e,ve->...v", h.astype(dtype), table.astype(dtype))
     return logits.astype(jnp.float32)
+
+  def token_nll(self, h: jnp.ndarray, targets: jnp.ndarray, *,
+                train: bool = False) -> jnp.ndarray:
+    """-log p(target | h) per row: the cross-entropy of `head(h)` (`cross_entropy.token_nll`)."""
+    logits = self.head(h, train=train)
+    nll = cross_entropy.token_nll(logits.reshape(-1, logits.shape[-1]),
+                                  jnp.asarray(targets, jnp.int32).reshape(-1))
+    return nll.reshape(targets.shape)

@@ -32,6 +32,10 @@ class ModelSpec:
   remat: bool = False  # standard backbone: recompute each layer in the backward pass
   attention: str = "dense"
   candidate_k: int = 0
+  head: str = "full"  # "full" softmax over V | "adaptive" (models/adaptive_head.py)
+  adaptive_cutoffs: tuple[int, ...] = (4000, 12000)
+  adaptive_shrink: int = 4
+  adaptive_tail_capacity: float = 0.15
 
   @property
   def compute_dtype(self):
@@ -63,5 +67,7 @@ def spec_from_config(model_config, *, vocab_size: int, max_len: int, causal: boo
   # A field missing from `model_config` keeps its default: the config.json of a workdir trained
   # before that field existed (e.g. model.remat) still describes its network.
   values = {k: model_config[k] for k in fields if k in model_config}
+  if "adaptive_cutoffs" in values:  # a list in a saved config.json; the spec must be hashable
+    values["adaptive_cutoffs"] = tuple(int(c) for c in values["adaptive_cutoffs"])
   return ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), causal=bool(causal),
                    **values)
