@@ -117,8 +117,10 @@ def head_nll(head_fn: HeadFn) -> RowsNllFn:
 
 def _rows_nll_sums(h, tokens, idx, valid, nll_fn, batch_size: int, seq_len: int):
   """Per-sequence sums [B] of the token NLL of rows idx [C] (valid [C]) of h [B*L, D]."""
-  nll = nll_fn(h[idx], tokens[idx])
-  nll = jnp.where(valid, nll, 0.0)  # padding rows (index 0) add nothing, not even a NaN
+  # Padding rows (index 0) target word 0: an adaptive head then runs none of its tail clusters
+  # for them (tokens[0] may be a rare word), and they add nothing below, not even a NaN.
+  nll = nll_fn(h[idx], jnp.where(valid, tokens[idx], 0))
+  nll = jnp.where(valid, nll, 0.0)
   seq = idx // seq_len
   onehot = (seq[:, None] == jnp.arange(batch_size, dtype=idx.dtype)[None, :]).astype(nll.dtype)
   return nll @ onehot
