@@ -41,6 +41,13 @@ def test_system_specs():
   assert parse("jax:full", allocator="system")[0]["allocator"] == "system"
   assert parse("torch_eager", torch_allocator="retain")[0]["allocator"] == "retain"
   assert parse("torch_eager%retain")[0]["allocator"] == "retain"
+  args, _ = parse("jax:masked/model.head=adaptive/train.batch_size=8@none")
+  assert (args["loss"], args["flags"]) == ("masked", "none")
+  assert args["overrides"] == ["model.head=adaptive", "train.batch_size=8"]
+  config = throughput.our_config(shape, overrides=args["overrides"])
+  assert (config.model.head, config.train.batch_size) == ("adaptive", 8)
+  with pytest.raises(SystemExit, match="bad override"):
+    parse("jax:masked/head=adaptive")
   args, _ = parse("jax:masked@none%system")
   assert (args["loss"], args["flags"], args["allocator"]) == ("masked", "none", "system")
   with pytest.raises(SystemExit, match="unknown allocator"):

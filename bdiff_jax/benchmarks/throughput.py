@@ -15,9 +15,11 @@ only, AdamW, gradient clipping at 1. Ours is the project's real train step
 conditioning (the PyTorch model adds a linear embedding of t instead), and an EMA of the params.
 
 Systems measured (each a persistent worker process, so that its compiled step stays warm):
-  jax:<loss>[@<flags>]  ours; <loss> = "masked" (head at masked positions only,
-                        `diffusion_loss_gathered`), "masked:<R>" (the same, R rows of the head
-                        at a time, for memory) or "full" (head at every position);
+  jax:<loss>[/<override>...][@<flags>]  ours; <loss> = "masked" (head at masked positions
+                        only, `diffusion_loss_gathered`), "masked:<R>" (the same, R rows of the
+                        head at a time, for memory) or "full" (head at every position);
+                        <override> = a config override "section.field=value" for this system
+                        only, e.g. `jax:masked/model.head=adaptive`;
                         <flags> = XLA_FLAGS for the worker, default: `xla_flags.apply_default_flags()`,
                         "none": no flags of ours.
   base[:<loss>[@<flags>]]  ours as built from another checkout (`--baseline_src DIR`, e.g. a
@@ -150,7 +152,8 @@ def _jax_worker(args: dict[str, Any], reply) -> None:
   from bdiff_jax import models  # pylint: disable=g-import-not-at-top
   from bdiff_jax.objective import objective_class  # pylint: disable=g-import-not-at-top
   shape = args["shape"]
-  config = our_config(shape, preset=args.get("preset", ""), overrides=args.get("set", ()))
+  config = our_config(shape, preset=args.get("preset", ""),
+                      overrides=[*args.get("set", ()), *args.get("overrides", ())])
   network = models.build_network(config.model, vocab_size=shape["vocab"],
                                  max_len=config.data.seq_len,
                                  causal=objective_class(config.model.objective).causal)
@@ -380,10 +383,15 @@ def _parse_system_name(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
     src = os.path.abspath(opts.baseline_src)
     if not rest:  # plain `base`: the full head, no flags of ours
       return {"kind": "jax", "shape": shape, "loss": "full", "flags": "none"}, src
-  loss, _, flags = rest.partition("@")
+  rest, _, flags = rest.partition("@")
+  loss, *overrides = rest.split("/")
   if loss.partition(":")[0] not in ("masked", "full"):
     raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
-  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None}, src
+  for item in overrides:
+    if "=" not in item or "." not in item.partition("=")[0]:
+      raise SystemExit(f"bad override {item!r} in {spec!r}: use section.field=value")
+  return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None,
+          "overrides": overrides}, src
 
 
 def _load() -> float:
