@@ -10,18 +10,19 @@ With no preset the config looks at the machine (JAX backend and memory) and pick
 (one `error:` line, before training) a step whose compiled memory does not fit the machine.
 
 Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 eval seeds):
-  smoke:   ~30 s on 2 CPU cores; bound ~1.2e3 valid / ~840 test on the first 2,048 tokens of
-           each split (a wiring check: the output bias starts at the unigram model).
-  cpu:     3,000 steps of 4,096 tokens, the count estimator. On 2 cores of the slower processor
-           of 2026-12-04 (AMD EPYC, GEMM peak 204 GFLOP/s; ~4,800 tokens/s)
-           train.max_wall_seconds=1800 stopped it at step 2,109 (8.64M tokens), 32 min end to
-           end: bound 412 valid / 382 test word-ppl (unigram 968 / 914, bigram 328 / 305;
-           README.md); --config.seed=1: 442 / 418 (2,126 steps). On the faster processor of 2026-11-22 (~7,900 tokens/s) the schedule
-           fits in 26 min. With the time estimator there (3,000 steps, 12.3M tokens): 452 /
-           437; its earlier 1,600-step schedule over 3 training seeds: 597 ± 45 / 582 ± 46; the
-           same shape trained autoregressively for the same 30 minutes
+  smoke:   ~30-40 s on 2 CPU cores; bound ~1.2e3 valid / ~870 test on the first 2,048 tokens
+           of each split (a wiring check: the output bias starts at the unigram model; the
+           cpu preset's adaptive head).
+  cpu:     3,000 steps of 4,096 tokens, the count estimator, the adaptive softmax head. On 2
+           cores of the Intel Xeon of 2026-12-06 (~6,000 tokens/s) train.max_wall_seconds=1800
+           stopped it at step 2,637 (10.8M tokens), 31.6 min end to end: bound 388 valid / 367
+           test word-ppl (unigram 968 / 914, bigram 328 / 305; README.md). With the full
+           softmax head (--config.model.head=full, the preset until 2026-12-06) on the AMD EPYC
+           of 2026-12-04: 412 / 382 at step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
+           The same shape trained autoregressively for the same 30 minutes
            (--config.model.objective=autoregressive --config.model.time_conditioning=none
-           --config.train.num_steps=700, 3 seeds): 376.5 / 345.7 exact.
+           --config.train.num_steps=2500), 2026-12-06: 218 / 199.5 exact (2,433 steps, 10.0M
+           tokens).
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
            was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
@@ -34,13 +35,14 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
 
 Peak train-step memory: XLA's memory analysis of the compiled train step (temp + arguments +
 outputs - donated aliases; the whole batch on one device), compiled on CPU with jaxlib 0.10.2,
-V = 33,278 (measured 2026-12-04 with the count estimator, whose masked-position buffer is a
-little smaller than the time estimator's: smoke 317, cpu 1,401, gpu 4,940, tpu 15,885 MiB on
-2026-11-22; cpu_opt measured then. A GPU/TPU compilation may differ somewhat; the train mode
-checks the real one before the first step;
+V = 33,278, the count estimator (smoke and cpu measured 2026-12-06 with the adaptive head, the
+others 2026-12-04 with the full head; smoke 292 and cpu 1,358 MiB with the full head). A GPU/TPU
+compilation may differ somewhat; the train mode checks the real one before the first step;
 `python -m bdiff_jax.benchmarks.throughput --memory_preset NAME` prints it):
-  smoke      292 MiB  (2.29M parameters)
-  cpu      1,358 MiB  (5.43M; activations 1,275 MiB)
+  smoke      288 MiB  (2.30M parameters)
+  cpu      1,370 MiB  (5.44M; the trunk's activations dominate, not the head: 1,329 MiB with
+                       model.adaptive_tail_capacity=1.0, which compiles no gather and no
+                       fallback)
   cpu_opt  2,903 MiB  (5.07M; the AR loss covers every position, so its head is computed at all
                        of them, not only at the masked ones)
   gpu      4,859 MiB  (51.6M; activations 4,071 MiB) with model.remat (each layer recomputed in
@@ -122,6 +124,12 @@ def get_config(preset: str = ""):
       c.eval.batch_size = 256
   elif preset in ("cpu", "cpu_opt"):
     # About 30 minutes of training on 2 CPU cores (plus the full-split evaluation).
+    if preset == "cpu":
+      # The adaptive softmax head (README, "The output head"): the same model quality per step
+      # (6-minute screen on 2026-12-06: periodic readings 825 / 771 / 726 at steps 100 / 200 /
+      # 300, against 824 / 771 / 734 with the full head) at 1.63x the steps per second, so the
+      # 30 minutes train 10.8M tokens instead of ~6.6M: bound 388 / 367 against 4xx / 4xx.
+      c.model.head = "adaptive"
     c.data.seq_len = 128
     c.model.num_layers = 4
     c.model.emb_dim = 128
@@ -162,7 +170,9 @@ def get_config(preset: str = ""):
       c.model.positional = "learned"  # what OPT has (opt_network.opt_spec says so anyway)
       c.model.head_bias_init = "zeros"  # OPT's tied head has no output bias
   elif preset == "smoke":
-    # Wiring check on the real data, well under a minute on CPU; evaluation on a subset.
+    # Wiring check on the real data, well under a minute on CPU; evaluation on a subset. The
+    # cpu preset's adaptive head, so that the end-to-end tests run what the main command runs.
+    c.model.head = "adaptive"
     c.data.seq_len = 64
     c.model.num_layers = 2
     c.model.emb_dim = 64
