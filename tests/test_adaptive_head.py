@@ -131,10 +131,11 @@ def test_unigram_initialisation_predicts_the_unigram_model():
                                atol=1e-12)
 
 
-@pytest.mark.parametrize("estimator", ["time", "count"])
-def test_diffusion_loss_and_bound_equal_the_full_computation(estimator):
+def test_diffusion_loss_and_bound_equal_the_full_computation():
   """The objective's gathered loss and bound (the network's token_nll at masked positions)
-  equal `diffusion_loss` / `nll_bound` over the network's full log-probabilities."""
+  equal `diffusion_loss` / `nll_bound` over the network's full log-probabilities (the count
+  estimator of the presets; the head does not depend on the estimator)."""
+  estimator = "count"
   with jax.enable_x64(True):
     config = _config(tie_embeddings=True, adaptive_tail_capacity=0.25)
     config.diffusion.estimator = estimator
