@@ -17,8 +17,9 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            cores of the Intel Xeon of 2026-12-06 (~6,000 tokens/s) train.max_wall_seconds=1800
            stopped it at step 2,637 (10.8M tokens), 31.6 min end to end: bound 388 valid / 367
            test word-ppl (unigram 968 / 914, bigram 328 / 305; README.md). With the full
-           softmax head (--config.model.head=full, the preset until 2026-12-06) on the AMD EPYC
-           of 2026-12-04: 412 / 382 at step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
+           softmax head (--config.model.head=full, the preset until 2026-12-06), the same day:
+           481 / 453 at step 1,416 (5.80M tokens); on the AMD EPYC of 2026-12-04: 412 / 382 at
+           step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
            The same shape trained autoregressively for the same 30 minutes
            (--config.model.objective=autoregressive --config.model.time_conditioning=none
            --config.train.num_steps=2500), 2026-12-06: 218 / 199.5 exact (2,433 steps, 10.0M
@@ -128,7 +129,8 @@ def get_config(preset: str = ""):
       # The adaptive softmax head (README, "The output head"): the same model quality per step
       # (6-minute screen on 2026-12-06: periodic readings 825 / 771 / 726 at steps 100 / 200 /
       # 300, against 824 / 771 / 734 with the full head) at 1.63x the steps per second, so the
-      # 30 minutes train 10.8M tokens instead of ~6.6M: bound 388 / 367 against 4xx / 4xx.
+      # 30 minutes train 10.8M tokens instead of 5.8M: bound 388 / 367 against 481 / 453 with
+      # the full head on the same machine the same day (README, Results).
       c.model.head = "adaptive"
     c.data.seq_len = 128
     c.model.num_layers = 4
