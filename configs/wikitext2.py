@@ -16,14 +16,16 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
   cpu:     3,000 steps of 4,096 tokens, the count estimator, the adaptive softmax head. On 2
            cores of the Intel Xeon of 2026-12-06 (~6,000 tokens/s) train.max_wall_seconds=1800
            stopped it at step 2,637 (10.8M tokens), 31.6 min end to end: bound 388 valid / 367
-           test word-ppl (unigram 968 / 914, bigram 328 / 305; README.md). With the full
-           softmax head (--config.model.head=full, the preset until 2026-12-06), the same day:
-           481 / 453 at step 1,416 (5.80M tokens); on the AMD EPYC of 2026-12-04: 412 / 382 at
-           step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
+           test word-ppl (unigram 968 / 914, bigram 328 / 305; README.md); --config.seed=1:
+           478 / 451 (step 2,542), seed=2: 412 / 388 (step 2,720); 3 seeds 426 ± 38 / 402 ± 35
+           (README, Results: the seed spread is how long a run sits on an early plateau). With
+           the full softmax head (--config.model.head=full, the preset until 2026-12-06), the
+           same day: 481 / 453 at step 1,416 (5.80M tokens); on the AMD EPYC of 2026-12-04:
+           412 / 382 at step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
            The same shape trained autoregressively for the same 30 minutes
            (--config.model.objective=autoregressive --config.model.time_conditioning=none
            --config.train.num_steps=2500), 2026-12-06: 218 / 199.5 exact (2,433 steps, 10.0M
-           tokens).
+           tokens); 3 training seeds 217.0 ± 1.8 / 198.3 ± 1.6, so diffusion / AR = 2.03 (test).
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
            was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
