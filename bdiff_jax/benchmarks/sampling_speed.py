@@ -123,6 +123,19 @@ def _time_interleaved(fns: dict, reps: int) -> dict:
           for name, t in times.items()}
 
 
+def _jit_sampler(net, sampler, *, positions: bool, **kwargs):
+  """jit of (params, key) -> sampler(logits_fn, key, **kwargs) for `net`. The parameters are an
+  argument, as in `--mode=sample`, not constants folded into the compiled sampler."""
+  def run(params, key):
+    logits_fn = lambda z, t: net.apply({"params": params}, z, t)
+    at_fn = {}
+    if positions:
+      at_fn["logits_at_fn"] = lambda z, t, pos: net.apply({"params": params}, z, t,
+                                                          logit_positions=pos)
+    return sampler(logits_fn, key, **kwargs, **at_fn)
+  return jax.jit(run)
+
+
 def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict:
   """Runs every measurement and returns the results (see the module docstring)."""
   results = {"shape": {"length": length, "steps": steps, "samples": samples, "vocab": vocab,
@@ -137,24 +150,19 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
     net = build_network(m, vocab_size=vocab, max_len=length,
                         causal=objective_class(m.objective).causal)
     params = jax.jit(lambda k, net=net: init_params(net, k, seq_len=length))(jax.random.key(1))
-    full = lambda z, t, net=net, params=params: net.apply({"params": params}, z, t)
-    at = lambda z, t, pos, net=net, params=params: net.apply({"params": params}, z, t,
-                                                             logit_positions=pos)
     common = dict(length=length, mask_id=mask_id, batch_size=samples)
-    fast = jax.jit(functools.partial(sampling.sample, full, num_steps=steps, **common))
-    fast_at = jax.jit(functools.partial(sampling.sample, full, logits_at_fn=at, num_steps=steps,
-                                        **common))
-    fns[f"diffusion/fast/{conditioning}"] = functools.partial(fast, key)
-    fns[f"diffusion/fast_positions/{conditioning}"] = functools.partial(fast_at, key)
+    fast = _jit_sampler(net, sampling.sample, positions=False, num_steps=steps, **common)
+    fast_at = _jit_sampler(net, sampling.sample, positions=True, num_steps=steps, **common)
+    fns[f"diffusion/fast/{conditioning}"] = functools.partial(fast, params, key)
+    fns[f"diffusion/fast_positions/{conditioning}"] = functools.partial(fast_at, params, key)
     if conditioning == "adaln":
-      old = jax.jit(functools.partial(stepwise_sample, full, num_steps=steps, **common))
-      fns["diffusion/stepwise/adaln"] = functools.partial(old, key)
+      old = _jit_sampler(net, stepwise_sample, positions=False, num_steps=steps, **common)
+      fns["diffusion/stepwise/adaln"] = functools.partial(old, params, key)
     for num_steps in sorted({steps, 256}):
       for independent in (True, False):
-        stats_fn = jax.jit(functools.partial(
-            sampling.sample, full, logits_at_fn=at, num_steps=num_steps, return_stats=True,
-            independent_rows=independent, **common))
-        stats = [stats_fn(jax.random.key(seed))[1] for seed in range(reps)]
+        stats_fn = _jit_sampler(net, sampling.sample, positions=True, num_steps=num_steps,
+                                return_stats=True, independent_rows=independent, **common)
+        stats = [stats_fn(params, jax.random.key(seed))[1] for seed in range(reps)]
         calls[f"{conditioning}/steps{num_steps}/" + ("own_steps" if independent else
                                                      "shared_steps")] = {
             "network_calls": [int(s.network_calls) for s in stats],
