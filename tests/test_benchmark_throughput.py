@@ -48,6 +48,8 @@ def test_system_specs():
   assert (config.model.head, config.train.batch_size) == ("adaptive", 8)
   with pytest.raises(SystemExit, match="bad override"):
     parse("jax:masked/head=adaptive")
+  with pytest.raises(SystemExit, match="bad override 'foo=bar' in --set"):
+    throughput.main(["--memory_preset", "smoke", "--set", "foo=bar"])
   args, _ = parse("jax:masked@none%system")
   assert (args["loss"], args["flags"], args["allocator"]) == ("masked", "none", "system")
   with pytest.raises(SystemExit, match="unknown allocator"):

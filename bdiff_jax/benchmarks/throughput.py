@@ -370,6 +370,13 @@ def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   return args, src
 
 
+def _check_overrides(items, where: str) -> None:
+  """Exits with one line for an override that `our_config` cannot apply."""
+  for item in items:
+    if "=" not in item or "." not in item.partition("=")[0]:
+      raise SystemExit(f"bad override {item!r} {where}: use section.field=value")
+
+
 def _parse_system_name(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   if spec in ("torch_eager", "torch_compile"):
     return {"kind": "torch", "shape": shape, "compile": spec == "torch_compile"}, _REPO
@@ -387,9 +394,7 @@ def _parse_system_name(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   loss, *overrides = rest.split("/")
   if loss.partition(":")[0] not in ("masked", "full"):
     raise SystemExit(f"unknown loss {loss!r} in {spec!r}: use masked or full")
-  for item in overrides:
-    if "=" not in item or "." not in item.partition("=")[0]:
-      raise SystemExit(f"bad override {item!r} in {spec!r}: use section.field=value")
+  _check_overrides(overrides, f"in {spec!r}")
   return {"kind": "jax", "shape": shape, "loss": loss, "flags": flags or None,
           "overrides": overrides}, src
 
@@ -505,6 +510,7 @@ def main(argv=None) -> None:
                  help="memory mode: config override for our step, e.g. model.backbone=reversible")
   p.add_argument("--out", default="")
   opts = p.parse_args(argv)
+  _check_overrides(opts.set, "in --set")
   if opts.worker:
     _worker_main(opts.worker)
     return
