@@ -2,6 +2,8 @@
 
     python -m venv /tmp/venv_dev && /tmp/venv_dev/bin/pip install -r requirements-dev.txt
     /tmp/venv_dev/bin/python scripts/make_opt_fixture.py [--out tests/fixtures]
+    # only the tokenizer variants (no PyTorch needed: transformers, tokenizers, numpy):
+    /tmp/venv_tf/bin/python scripts/make_opt_fixture.py --tokenizer-only
 
 Makes two randomly initialised (seeded) `OPTForCausalLM`s sharing one tiny GPT-2-style byte-level
 BPE vocabulary trained here on a few sentences:
@@ -24,7 +26,16 @@ final hidden states `hidden` [N, E] (eager attention) at the N non-pad positions
 in row-major order (`logits_full[attention_mask == 1]`). `dtypes.bin` (tiny_opt only) is a
 torch.save of float16 / bfloat16 / non-contiguous tensors with their float32 values in
 `reference.npz` (`dtype_<name>`), for the torch-free pickle reader.
+
+`write_tokenizer_variants` (also run alone by `--tokenizer-only`, which leaves the models as they
+are) writes `tokenizer_variants/`: directories with tiny_opt's vocabulary and the config variants
+whose BOS handling differs (`add_bos_token` true / false / absent with vocab.json + merges.txt,
+and a tokenizer.json whose post-processor adds the BOS or not, with a tokenizer_config.json that
+says the opposite), plus `tokenizer_reference.json`: per directory, the ids transformers'
+`AutoTokenizer` gives for `TOKENIZER_TEXTS`, and the transformers version that made them.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -34,7 +45,6 @@ import tempfile
 
 import numpy as np
 import tokenizers
-import torch
 import transformers
 
 SEED = 20240531
@@ -83,6 +93,54 @@ def train_tokenizer(out_dir: str) -> None:
                                                      "unk_token")}, f, indent=2)
 
 
+TOKENIZER_TEXTS = TEST_TEXT + [
+    "",
+    "Yes",
+    'A cat sat.\nDoes this mean that "A cat." is true? Yes or No?\n',
+]
+BYTE_LEVEL_POST_PROCESSOR = {"type": "ByteLevel", "add_prefix_space": False,
+                             "trim_offsets": False, "use_regex": True}
+
+
+def write_tokenizer_variants(out: str) -> None:
+  """tokenizer_variants/ (see the module docstring), from tiny_opt's and tiny_opt_350m_style's
+  tokenizer files in `out`, with transformers' ids for `TOKENIZER_TEXTS`."""
+  root = os.path.join(out, "tokenizer_variants")
+  shutil.rmtree(root, ignore_errors=True)
+  vocab_dir = os.path.join(out, "tiny_opt")
+  json_dir = os.path.join(out, "tiny_opt_350m_style")
+  with open(os.path.join(json_dir, "tokenizer.json"), encoding="utf-8") as f:
+    template_json = json.load(f)  # its post-processor puts </s> first
+  bytelevel_json = dict(template_json, post_processor=BYTE_LEVEL_POST_PROCESSOR)
+  config = {k: v for k, v in OPT_TOKENIZER_CONFIG.items() if k != "add_bos_token"}
+  variants = {  # name -> (tokenizer.json content or None: vocab + merges, add_bos_token)
+      "bos_true": (None, True), "bos_false": (None, False), "bos_absent": (None, None),
+      "json_template_bos_false": (template_json, False),
+      "json_bytelevel_bos_true": (bytelevel_json, True),
+  }
+  reference = {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+               "texts": TOKENIZER_TEXTS, "variants": {}}
+  for name, (tokenizer_json, add_bos) in variants.items():
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    if tokenizer_json is None:
+      for f in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(vocab_dir, f), d)
+    else:
+      with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_json, f, ensure_ascii=False)
+    cfg = dict(config) if add_bos is None else {"add_bos_token": add_bos, **config}
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    reference["variants"][name] = {
+        "class": type(tok).__name__,
+        "input_ids": [tok(t)["input_ids"] for t in TOKENIZER_TEXTS]}
+  with open(os.path.join(root, "tokenizer_reference.json"), "w") as f:
+    json.dump(reference, f, indent=1)
+  print(f"{root}: {sorted(os.listdir(root))}")
+
+
 def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
   """Redraws every parameter so that biases and layer-norm affines are far from 0 / 1."""
   with torch.no_grad():
@@ -129,7 +187,14 @@ def dtype_fixture(out_dir: str, generator: torch.Generator) -> dict[str, np.ndar
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join("tests", "fixtures"))
+  parser.add_argument("--tokenizer-only", action="store_true",
+                      help="only rewrite tokenizer_variants/ (from the existing tiny_opt*/)")
   args = parser.parse_args()
+  if args.tokenizer_only:
+    write_tokenizer_variants(args.out)
+    return
+  import torch  # pylint: disable=import-outside-toplevel
+  globals()["torch"] = torch  # the model helpers above use it
   torch.manual_seed(SEED)
   generator = torch.Generator().manual_seed(SEED)
   with tempfile.TemporaryDirectory() as tok_dir:
@@ -162,6 +227,7 @@ def main() -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
       reference(model, tokenizer, out_dir, extra)
       print(f"{out_dir}: {sorted(os.listdir(out_dir))}")
+  write_tokenizer_variants(args.out)
 
 
 if __name__ == "__main__":

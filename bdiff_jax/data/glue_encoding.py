@@ -38,20 +38,20 @@ SCORINGS = ("causal", "cloze", "head")
 
 
 class BPEEncoder:
-  """OPT's tokenizer: BOS as the start token, pad id, left padding."""
+  """OPT's tokenizer: its start tokens (BOS when `add_bos_token`), pad id, left padding."""
 
   pad_left = True
   spacing = "natural"
-  head_start = True  # the head baseline's input starts with BOS, as HF tokenizes it
+  head_start = True  # the head baseline's input starts as HF tokenizes it (BOS for OPT)
 
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
-    self.start_id = tokenizer.bos_id
+    self.start_ids = list(tokenizer.start_ids)  # [bos_id] for OPT; [] without add_bos_token
     self.pad_id = tokenizer.pad_id
     self.mask_id = None
 
   def ids(self, text: str) -> list[int]:
-    return self.tokenizer.encode(text)[1:]  # without the BOS `encode` prepends
+    return self.tokenizer.encode_text(text)  # the text alone, no special tokens
 
 
 @dataclasses.dataclass
@@ -76,6 +76,7 @@ class WordEncoder:
     self.tokenizer = tokenizer
     self.mask_id = tokenizer.mask_id
     self.start_id = tokenizer.mask_id  # the autoregressive objective's BOS (objective.py)
+    self.start_ids = [self.start_id]
     self.pad_id = tokenizer.eos_id  # any real id; padding positions are masked out
     self.stats = WordStats()
 
@@ -134,7 +135,7 @@ def _encode_causal(parts, encoder, seq_len):
                           "use label words the tokenizer can encode.")
       # seq = start + ctx + cont; inputs = seq[:-1], targets = seq[1:] (both seq_len long).
       ctx_c = _trim_front(ctx, len(cont), seq_len, "the candidate")
-      seq = [encoder.start_id] + ctx_c + cont
+      seq = encoder.start_ids + ctx_c + cont
       rows.append(seq)
       spans.append((len(ctx_c), len(cont)))
   inputs, padding, offsets = _place([s[:-1] for s in rows], seq_len, encoder.pad_id,
@@ -178,7 +179,7 @@ def _encode_head(split, encoder, seq_len):
   rows = []
   for i in range(len(split)):
     ids = encoder.ids(" ".join(seg[i] for seg in split.texts))
-    start = [encoder.start_id] if encoder.head_start else []
+    start = encoder.start_ids if encoder.head_start else []
     rows.append((start + ids)[:seq_len])
   inputs, padding, _ = _place(rows, seq_len, encoder.pad_id, encoder.pad_left)
   return {"inputs": inputs, "padding": padding, "t": np.zeros(len(rows), np.float32)}
