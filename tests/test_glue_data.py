@@ -109,6 +109,24 @@ SUPERGLUE = {
               "start2": 0, "end2": 1, "label": False, "idx": 0}], ("bank", "s1", "s2"), [0]),
     "SuperGLUE-RTE": ([{"premise": "p", "hypothesis": "h", "label": "not_entailment", "idx": 0}],
                       ("p", "h"), [1]),
+    "WSC": ([{"text": "Mark lied to Pete. He was wrong.", "idx": 0, "label": True,
+              "target": {"span1_text": "Mark", "span1_index": 0, "span2_text": "He",
+                         "span2_index": 4}},
+             {"text": "T", "idx": 1, "label": False,
+              "target": {"span1_text": "a", "span1_index": 0, "span2_text": "b",
+                         "span2_index": 0}}],
+            ("Mark lied to Pete. He was wrong.", "Mark", "He"), [1, 0]),
+    "MultiRC": ([{"idx": 0, "version": 1.1, "passage": {"text": " Force moves things. ", "questions": [
+                     {"question": "What moves things?", "idx": 0, "answers": [
+                         {"text": "Force", "idx": 0, "label": 1},
+                         {"text": "Nothing", "idx": 1, "label": 0}]},
+                     {"question": "Is it fast?", "idx": 1, "answers": [
+                         {"text": "Yes", "idx": 2, "label": 0}]}]}},
+                 {"idx": 1, "version": 1.1, "passage": {"text": "P2", "questions": [
+                     {"question": "Q3", "idx": 2, "answers": [
+                         {"text": "A", "idx": 3, "label": 1},
+                         {"text": "B", "idx": 4, "label": 1}]}]}}],
+                ("Force moves things.", "What moves things?", "Force"), [1, 0, 0, 1, 1]),
 }
 
 
@@ -186,6 +204,83 @@ def test_superglue_jsonl(tmp_path):
     assert dev.path.endswith(os.path.join(glue.TASKS[task].directory, "val.jsonl"))
     assert dev[0].texts == first_texts
     np.testing.assert_array_equal(dev.labels, labels)
+
+
+def test_multirc_is_flattened_per_answer_with_question_groups(tmp_path):
+  _make_superglue(tmp_path, "MultiRC")
+  split = glue.load_split("MultiRC", "train", tmp_path)
+  assert split.segment_names == ("paragraph", "question", "answer")
+  assert split.label_names == ("false", "true") and split.num_labels == 2
+  assert split.texts[2] == ("Force", "Nothing", "Yes", "A", "B")
+  assert split.texts[0] == ("Force moves things.",) * 3 + ("P2",) * 2
+  assert split.texts[1][2:] == ("Is it fast?", "Q3", "Q3")
+  np.testing.assert_array_equal(split.groups, [0, 0, 1, 2, 2])
+  np.testing.assert_array_equal(split.source_rows, np.arange(5))
+  sub = split.select([4, 0, 3])
+  np.testing.assert_array_equal(sub.groups, [2, 0, 2])
+  np.testing.assert_array_equal(sub.labels, [1, 1, 1])
+  assert sub[1].texts == ("Force moves things.", "What moves things?", "Force")
+  # Other tasks carry no groups, also after select.
+  _make_superglue(tmp_path, "WSC")
+  wsc = glue.load_split("WSC", "train", tmp_path)
+  assert wsc.groups is None and wsc.select([1]).groups is None
+  assert wsc[0].segment("span2") == "He" and wsc[0].segment("span1") == "Mark"
+
+
+def test_bad_multirc_and_wsc_rows_name_the_line(tmp_path):
+  def error(task, rows):
+    _make_superglue(tmp_path, task, rows)
+    with pytest.raises(DataError) as info:
+      glue.load_split(task, "train", tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "Fix:" in message
+    return message
+  good = SUPERGLUE["MultiRC"][0][0]
+  path = tmp_path / "MultiRC" / "train.jsonl"
+  answer = lambda **kw: {"passage": {"text": "P", "questions": [
+      {"question": "Q", "answers": [{"text": "A", "label": 0}, kw]}]}}
+  assert f"MultiRC file {path} line 2: question 0 answer 1: label '2' is not one of 0, 1." in (
+      error("MultiRC", [good, answer(text="B", label=2)]))
+  assert "line 2: question 0 answer 1 has no 'label' field" in error(
+      "MultiRC", [good, answer(text="B")])
+  assert "line 2: question 0 answer 1: field 'text' is missing or not a string" in error(
+      "MultiRC", [good, answer(label=1)])
+  assert "line 1: passage: field 'questions' is missing, not a list or empty" in error(
+      "MultiRC", [{"passage": {"text": "P", "questions": []}}])
+  assert "line 1: field 'passage.text' is missing or not a string" in error(
+      "MultiRC", [{"passage": "P"}])
+  assert "line 1: question 0: field 'answers' is missing" in error(
+      "MultiRC", [{"passage": {"text": "P", "questions": [{"question": "Q"}]}}])
+  assert "line 1: question 0 is not a JSON object" in error(
+      "MultiRC", [{"passage": {"text": "P", "questions": ["Q"]}}])
+  assert "line 1: field 'target.span2_text' is missing or not a string" in error(
+      "WSC", [{"text": "T", "label": True, "target": {"span1_text": "a"}}])
+  assert "line 1: label '\"true\"' is not one of false, true" in error(
+      "WSC", [{"text": "T", "label": "true", "target": {"span1_text": "a", "span2_text": "b"}}])
+
+
+@pytest.mark.parametrize("task, questions", [("WSC", None), ("MultiRC", {"train": 5_131,
+                                                                         "dev": 953})])
+def test_real_superglue_files_match_published_counts(task, questions):
+  root = os.environ.get(glue.SUPERGLUE_DIR_ENV) or os.path.join(REPO, "..", "shared", "data",
+                                                                  "superglue")
+  if not os.path.isfile(os.path.join(root, task, "val.jsonl")):
+    pytest.skip(f"{task} not found under {root}; set {glue.SUPERGLUE_DIR_ENV}")
+  for split_name, split in glue.load_task(task, root, verify_counts=True).items():
+    assert len(split) == glue.PUBLISHED_ROWS[task][split_name]
+    if questions:
+      assert np.unique(split.groups).size == questions[split_name]
+      assert np.all(np.diff(split.groups) >= 0)  # questions in file order
+
+
+def test_mnli_mismatched_dev(tmp_path):
+  _make_glue(tmp_path, "MNLI")
+  mismatched = glue.load_split("MNLI", "dev_mismatched", tmp_path)
+  assert mismatched.split == "dev_mismatched" and mismatched.path.endswith("dev_mismatched.tsv")
+  assert mismatched[0].texts == ("c", "d") and mismatched.labels.tolist() == [1]
+  matched = glue.load_split("mnli", "dev_matched", tmp_path)
+  assert matched[0].texts == ("a", "b") and matched.labels.tolist() == [0]
+  assert glue.PUBLISHED_ROWS["MNLI"]["dev_mismatched"] == 9_832
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """GLUE and SuperGLUE readers: one labelled split as a `GlueSplit`, checked row by row.
 
-(Longer than 400 lines because the column layout of each of the 14 tasks is documented here,
-next to the one table-driven reader that uses it.)
+(Longer than 400 lines because the column layout of each of the 16 tasks is documented here,
+next to the table-driven readers that use it.)
 
 GLUE tasks are read from the layout the GLUE benchmark distributes: `<glue_dir>/<TASK>/train.tsv`
 and `dev.tsv` (MNLI: `dev_matched.tsv`, `dev_mismatched.tsv`), UTF-8, one row per line, fields
@@ -32,7 +32,8 @@ follow the Hugging Face `glue` ClassLabel order. MRPC's header may start with a 
 mark, copied from Microsoft's source file by GLUE's download script; it is ignored.)
 
 SuperGLUE "+" tasks are read from `<superglue_dir>/<Task>/train.jsonl` and `val.jsonl` (our split
-name `dev`), one JSON object per line; segments are JSON string fields, `label` maps to class ids:
+name `dev`), one JSON object per line; segments are JSON string fields (`a.b`: field b of the
+object in field a), `label` maps to class ids:
 
   BoolQ          BoolQ/  passage, question; false 0, true 1.
   CB             CB/     premise, hypothesis; "entailment" 0, "contradiction" 1, "neutral" 2.
@@ -40,6 +41,16 @@ name `dev`), one JSON object per line; segments are JSON string fields, `label` 
                          correct choice).
   WiC            WiC/    word, sentence1, sentence2; false 0, true 1.
   SuperGLUE-RTE  RTE/    premise, hypothesis; "entailment" 0, "not_entailment" 1.
+  WSC            WSC/    text, target.span1_text (segment "span1", the noun phrase),
+                         target.span2_text ("span2", the pronoun); false 0, true 1 (the pronoun
+                         refers to the noun phrase).
+  MultiRC        MultiRC/ nested, one passage a line: passage.text, passage.questions[] with
+                         question and answers[] with text and label (0, 1). Flattened to one
+                         binary example per answer, segments ("paragraph", "question",
+                         "answer"); label 0 false, 1 true (the answer is correct).
+                         `GlueSplit.groups` holds each example's question: its 0-based position
+                         among the file's questions, in file order (what MultiRC's exact match
+                         groups by; see glue_metrics.multirc_metrics).
 
 The data root is an argument (`glue_dir`, a config value) or, when empty, the environment:
 `BDIFF_GLUE_DIR` for GLUE tasks and `BDIFF_SUPERGLUE_DIR` for SuperGLUE tasks. With
@@ -69,13 +80,13 @@ class TaskSpec:
 
   Attributes:
     name: canonical task name ("SST-2", "SuperGLUE-RTE", ...).
-    benchmark: "glue" (TSV) or "superglue" (JSONL).
+    benchmark: "glue" (TSV) or "superglue" (JSONL; MultiRC nested, read by `_read_multirc`).
     directory: the task's directory under the data root.
     files: split name -> file name in that directory.
     header: for TSV tasks, the header columns that must be present; None: no header row.
     num_columns: for header-less TSV files, the exact number of fields per row.
     segment_columns: header names (TSV), column indices (header-less TSV) or JSON keys of the
-      text segments, in order.
+      text segments, in order (a tuple of keys: a field of a nested object).
     segment_names: the segments' names in `GlueSplit`/`Example`.
     label_column: header name, column index or JSON key of the label.
     raw_labels: how each class is written in the file (JSON tasks: `json.dumps` of the value);
@@ -122,10 +133,10 @@ def _glue(name, header, segments, segment_names, label, raw, names, files=None, 
                   raw_labels=raw, label_names=names, **kw)
 
 
-def _superglue(name, directory, segments, raw, names):
+def _superglue(name, directory, segments, raw, names, segment_names=None):
   return TaskSpec(name=name, benchmark="superglue", directory=directory, files=dict(_JSONL),
                   header=None, num_columns=None, segment_columns=segments,
-                  segment_names=segments, label_column="label", raw_labels=raw,
+                  segment_names=segment_names or segments, label_column="label", raw_labels=raw,
                   label_names=names)
 
 
@@ -163,6 +174,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
                ("false", "true")),
     _superglue("SuperGLUE-RTE", "RTE", ("premise", "hypothesis"), ('"entailment"',
                                                                    '"not_entailment"'), _NLI2),
+    _superglue("WSC", "WSC", ("text", ("target", "span1_text"), ("target", "span2_text")),
+               ("false", "true"), ("false", "true"), segment_names=("text", "span1", "span2")),
+    _superglue("MultiRC", "MultiRC", (("passage", "text"), "question", "text"), ("0", "1"),
+               ("false", "true"), segment_names=("paragraph", "question", "answer")),
 )}
 
 GLUE_TASKS = tuple(n for n, t in TASKS.items() if t.benchmark == "glue")
@@ -184,6 +199,8 @@ PUBLISHED_ROWS: dict[str, dict[str, int]] = {
     "COPA": {"train": 400, "dev": 100},
     "WiC": {"train": 5_428, "dev": 638},
     "SuperGLUE-RTE": {"train": 2_490, "dev": 277},
+    "WSC": {"train": 554, "dev": 104},
+    "MultiRC": {"train": 27_243, "dev": 4_848},  # answers (456 / 83 passages, 5,131 / 953 questions)
 }
 
 
@@ -213,8 +230,11 @@ class GlueSplit:
     label_names: class id -> name; () for regression.
     segment_names: the segments' names, e.g. ("premise", "hypothesis").
     source_rows: (num_examples,) int64, each example's 0-based position among the data rows of
-      the file (so subsets made by `select` can be traced back to the file).
+      the file (MultiRC: among the file's answers, in file order), so subsets made by `select`
+      can be traced back to the file.
     path: the file read.
+    groups: MultiRC: (num_examples,) int64, each example's question (its 0-based position among
+      the file's questions); the examples of one question share it. None for other tasks.
   """
   task: str
   split: str
@@ -224,6 +244,7 @@ class GlueSplit:
   segment_names: tuple[str, ...]
   source_rows: np.ndarray
   path: str
+  groups: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -250,7 +271,8 @@ class GlueSplit:
       raise IndexError(f"indices out of range for a split of {len(self)} examples")
     return dataclasses.replace(
         self, texts=tuple(tuple(seg[i] for i in idx) for seg in self.texts),
-        labels=self.labels[idx], source_rows=self.source_rows[idx])
+        labels=self.labels[idx], source_rows=self.source_rows[idx],
+        groups=None if self.groups is None else self.groups[idx])
 
 
 def task_spec(task: str) -> TaskSpec:
@@ -369,16 +391,18 @@ def _read_tsv(path, spec, root):
     for seg, i in zip(segments, seg_idx):
       seg.append(fields[i].strip())
     labels.append(_parse_label(spec, fields[label_idx].strip(), where, fix))
-  return segments, labels
+  return segments, labels, None
 
 
-def _read_jsonl(path, spec, root):
-  lines = _read_lines(path, spec, root)
-  fix = (f"repair or re-download {spec.name} (the official SuperGLUE v2 zip, one JSON object "
-         "a line).")
-  segments = [[] for _ in spec.segment_columns]
-  labels = []
-  for n, line in enumerate(lines):
+def _jsonl_fix(spec):
+  return (f"repair or re-download {spec.name} (the official SuperGLUE v2 zip, one JSON object "
+          "a line).")
+
+
+def _json_rows(path, spec, root):
+  """(line number, where, object) of each line of a JSONL file."""
+  fix = _jsonl_fix(spec)
+  for n, line in enumerate(_read_lines(path, spec, root)):
     where = f"{spec.name} file {path} line {n + 1}"
     try:
       row = json.loads(line)
@@ -386,15 +410,69 @@ def _read_jsonl(path, spec, root):
       raise DataError(f"{where} is not valid JSON ({e.msg}).", fix) from None
     if not isinstance(row, dict):
       raise DataError(f"{where} is not a JSON object.", fix)
+    yield where, row
+
+
+def _string_field(row: dict, key, where: str, fix: str) -> str:
+  """`row[key]` (key: a name, or a tuple of names into nested objects), a string, stripped."""
+  value = row
+  for k in key if isinstance(key, tuple) else (key,):
+    value = value.get(k) if isinstance(value, dict) else None
+  if not isinstance(value, str):
+    name = ".".join(key) if isinstance(key, tuple) else key
+    raise DataError(f"{where}: field {name!r} is missing or not a string.", fix)
+  return value.strip()
+
+
+def _label_field(spec, row: dict, where: str, fix: str) -> int | float:
+  if "label" not in row:
+    raise DataError(f"{where} has no 'label' field (test files are unlabelled).", fix)
+  return _parse_label(spec, json.dumps(row["label"]), where, fix)
+
+
+def _read_jsonl(path, spec, root):
+  fix = _jsonl_fix(spec)
+  segments = [[] for _ in spec.segment_columns]
+  labels = []
+  for where, row in _json_rows(path, spec, root):
     for seg, key in zip(segments, spec.segment_columns):
-      value = row.get(key)
-      if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} is missing or not a string.", fix)
-      seg.append(value.strip())
-    if "label" not in row:
-      raise DataError(f"{where} has no 'label' field (test files are unlabelled).", fix)
-    labels.append(_parse_label(spec, json.dumps(row["label"]), where, fix))
-  return segments, labels
+      seg.append(_string_field(row, key, where, fix))
+    labels.append(_label_field(spec, row, where, fix))
+  return segments, labels, None
+
+
+def _json_list(obj: dict, key: str, where: str, fix: str) -> list:
+  value = obj.get(key)
+  if not isinstance(value, list) or not value:
+    raise DataError(f"{where}: field {key!r} is missing, not a list or empty.", fix)
+  return value
+
+
+def _read_multirc(path, spec, root):
+  """MultiRC's passages flattened to one example per answer; groups = question positions."""
+  fix = _jsonl_fix(spec)
+  segments = [[], [], []]
+  labels, groups = [], []
+  question_id = 0
+  for where, row in _json_rows(path, spec, root):
+    paragraph = _string_field(row, ("passage", "text"), where, fix)
+    questions = _json_list(row.get("passage") or {}, "questions", f"{where}: passage", fix)
+    for qn, question in enumerate(questions):
+      q_where = f"{where}: question {qn}"
+      if not isinstance(question, dict):
+        raise DataError(f"{q_where} is not a JSON object.", fix)
+      text = _string_field(question, "question", q_where, fix)
+      for an, answer in enumerate(_json_list(question, "answers", q_where, fix)):
+        a_where = f"{q_where} answer {an}"
+        if not isinstance(answer, dict):
+          raise DataError(f"{a_where} is not a JSON object.", fix)
+        for seg, value in zip(segments, (paragraph, text,
+                                         _string_field(answer, "text", a_where, fix))):
+          seg.append(value)
+        labels.append(_label_field(spec, answer, a_where, fix))
+        groups.append(question_id)
+      question_id += 1
+  return segments, labels, groups
 
 
 def load_split(task: str, split: str, glue_dir: str | os.PathLike | None = None, *,
@@ -420,8 +498,11 @@ def load_split(task: str, split: str, glue_dir: str | os.PathLike | None = None,
   spec = task_spec(task)
   path = split_path(spec.name, split, glue_dir)
   root = os.path.dirname(os.path.dirname(path))
-  reader = _read_tsv if spec.benchmark == "glue" else _read_jsonl
-  segments, labels = reader(path, spec, root)
+  if spec.benchmark == "glue":
+    reader = _read_tsv
+  else:
+    reader = _read_multirc if spec.name == "MultiRC" else _read_jsonl
+  segments, labels, groups = reader(path, spec, root)
   if not labels:
     raise DataError(f"{spec.name} file {path} has no examples.",
                     f"re-download {spec.name}: the file is empty or holds only a header.")
@@ -434,7 +515,8 @@ def load_split(task: str, split: str, glue_dir: str | os.PathLike | None = None,
   return GlueSplit(task=spec.name, split=split, texts=tuple(tuple(s) for s in segments),
                    labels=np.asarray(labels, dtype=dtype), label_names=spec.label_names,
                    segment_names=spec.segment_names,
-                   source_rows=np.arange(len(labels), dtype=np.int64), path=path)
+                   source_rows=np.arange(len(labels), dtype=np.int64), path=path,
+                   groups=None if groups is None else np.asarray(groups, dtype=np.int64))
 
 
 def load_task(task: str, glue_dir: str | os.PathLike | None = None, *,
