@@ -4,11 +4,16 @@
 prompt (`glue_prompts.render`) and returns a dict of numpy arrays with a leading example axis N,
 padded to fixed shapes so that one compiled step serves every batch:
 
-  scoring="causal"  inputs/targets int32[N, C, L], score_mask float32[N, C, L],
+  scoring="causal"  the end-slot prompt (`render(..., slot="end")`: the label word comes after
+                    every segment of the example, so the model reads all of them).
+                    inputs/targets int32[N, C, L], score_mask float32[N, C, L],
                     padding bool[N, C, L]: row (n, c) is `start + context + continuation(c)`
                     shifted by one (logits at i predict targets[i]); score_mask marks the
-                    continuation's tokens (the label tokens after the prompt).
-  scoring="cloze"   inputs int32[N, L] with `mask_id` at the label slot, mask_pos int32[N],
+                    continuation's tokens (the label tokens after the prompt). `start` is the
+                    encoder's `start_ids` (OPT: its BOS, when the tokenizer adds one).
+  scoring="cloze"   the mid-slot prompt (`slot="mid"`, LM-BFF's for the GLUE pair tasks; right
+                    context around the slot).
+                    inputs int32[N, L] with `mask_id` at the label slot, mask_pos int32[N],
                     candidate_ids int32[N, C], padding bool[N, L], t float32[N] (the diffusion
                     time whose masking probability is the row's masked fraction).
   scoring="head"    inputs int32[N, L] (the example's segments joined by spaces, no template),
@@ -198,7 +203,8 @@ def encode_split(split: GlueSplit, encoder, *, scoring: str, seq_len: int,
     out = _encode_head(split, encoder, seq_len)
     out["target"] = _targets(split, split.num_labels, head=True)
   else:
-    parts = [glue_prompts.render(split.task, split[i], spacing=encoder.spacing)
+    slot = "end" if scoring == "causal" else "mid"
+    parts = [glue_prompts.render(split.task, split[i], slot=slot, spacing=encoder.spacing)
              for i in range(len(split))]
     if scoring == "causal":
       out = _encode_causal(parts, encoder, seq_len)

@@ -1,42 +1,68 @@
 r"""Verbalised prompt templates for GLUE / SuperGLUE (LM-BFF / MeZO style), for two kinds of model.
 
-`render(task, example)` returns `PromptParts(prefix, suffix, candidates)`: the full prompt for
-candidate i is `prefix + candidates[i] + suffix` (the prefix carries the separator before the
-label slot, a space or a newline). Use it with
+`render(task, example, slot=...)` returns `PromptParts(prefix, suffix, candidates)`: the full
+prompt for candidate i is `prefix + candidates[i] + suffix` (the prefix carries the separator
+before the label slot, a space or a newline). Two template forms, by where the label slot is:
 
-- a causal LM: score each candidate by log p(`continuation(i)` | `context`): `context` is the
-  prefix without its trailing spaces, `continuation(i)` those spaces plus the candidate (so BPE
-  vocabularies see " great", as MeZO scores it). The suffix is not scored.
-- a masked-diffusion LM: `cloze(mask_token, num_masks)` is the same text with the label slot
-  replaced by mask tokens (one per token of the candidate), so the suffix gives right context;
-  compare the candidates' log-probabilities at the masked positions.
+- `slot="end"` (the default): the label word is the last thing in the prompt (suffix ""), so
+  everything the example says comes before it. For a causal LM (OPT, an autoregressive bdiff):
+  score each candidate by log p(`continuation(i)` | `context`): `context` is the prefix without
+  its trailing spaces, `continuation(i)` those spaces plus the candidate (so BPE vocabularies see
+  " great", as MeZO scores it). A causal model never sees text after the slot, which is why it
+  must use this form: with a mid-sentence slot it would never read the second sentence.
+- `slot="mid"`: LM-BFF's templates for the GLUE pair tasks, with the slot between the two
+  sentences, for a masked-diffusion LM, which sees the right context: `cloze(mask_token,
+  num_masks)` is the text with the slot replaced by mask tokens (one per token of the
+  candidate); compare the candidates' log-probabilities at the masked positions. Tasks without
+  an LM-BFF template (single sentences, SuperGLUE) render the same in both forms.
+
+`glue_encoding.encode_split` uses "end" for causal scoring and "mid" for cloze scoring.
 
 Templates (label words in class-id order; `s1'` = s1 without a final . ? !, `s2l` = s2 with its
-first letter lower-cased). GLUE tasks use LM-BFF's manual templates, which MeZO's RoBERTa
-experiments use; SuperGLUE tasks use MeZO's OPT templates:
+first letter lower-cased). End-slot pair templates are written here in the style of MeZO's OPT
+templates (MeZO's own for SuperGLUE-RTE, used for GLUE RTE too); mid-slot ones are LM-BFF's
+manual templates, which MeZO's RoBERTa experiments use:
 
-  task           template                                         label words (class-id order)
-  SST-2          <s> It was [w].                                  terrible, great
-  CoLA           <s> This is [w].                                 incorrect, correct
-  MRPC, QQP      <s1> [w], <s2l>                                  No, Yes
-  STS-B          <s1> [w], <s2l>                                  No, Yes (regression, below)
-  QNLI, RTE      <s1'>? [w], <s2l>                                Yes, No
-  WNLI           <s1'>? [w], <s2l>                                No, Yes (0 = not_entailment)
-  MNLI           <s1'>? [w], <s2l>                                Yes, Maybe, No
-  BoolQ          <passage> <Question>? [w]                        No, Yes
+  task           slot="end" template                                            label words
+  SST-2          <s> It was [w].   (one form; the "." after the slot is not scored)
+                                                                                 terrible, great
+  CoLA           <s> This is [w].  (one form)                                    incorrect, correct
+  MRPC           <s1>\nDoes "<s2>" say the same thing as the sentence above? Yes or No?\n[w]
+                                                                                 No, Yes
+  QQP            <q1>\nIs "<q2>" the same question as the one above? Yes or No?\n[w]
+                                                                                 No, Yes
+  STS-B          <s1>\nDoes "<s2>" mean the same as the sentence above? Yes or No?\n[w]
+                                                                                 No, Yes (regression)
+  QNLI           <question>\nDoes the sentence "<sentence>" answer the question above? Yes or
+                 No?\n[w]                                                        Yes, No
+  RTE            <s1>\nDoes this mean that "<s2>" is true? Yes or No?\n[w]      Yes, No
+  WNLI           <s1>\nDoes this mean that "<s2>" is true? Yes or No?\n[w]      No, Yes
+  MNLI           <premise>\nDoes this mean that "<hypothesis>" is true? Yes, Maybe, or No?\n[w]
+                                                                                 Yes, Maybe, No
+  BoolQ          <passage> <Question>? [w]                                       No, Yes
   CB             Suppose <premise> Can we infer that "<hypothesis>"? Yes, No, or Maybe?\n[w]
-                                                                  Yes, No, Maybe
-  COPA           <premise'> because [choice]  (effect: "so")      the two choices, first word
-                                                                  lower-cased unless "I"
+                                                                                 Yes, No, Maybe
+  COPA           <premise'> because [choice]  (effect: "so")                     the two choices,
+                                                                   first word lower-cased unless "I"
   WiC            Does the word "<word>" have the same meaning in these two sentences? Yes, No?
-                 \n<s1>\n<s2>\n[w]                                 No, Yes
+                 \n<s1>\n<s2>\n[w]                                                No, Yes
   SuperGLUE-RTE  <premise>\nDoes this mean that "<hypothesis>" is true? Yes or No?\n[w]
-                                                                  Yes, No
+                                                                                 Yes, No
+  WSC            <text>\nIn the passage above, does the pronoun "<span2>" refer to "<span1>"?
+                 Yes or No?\n[w]                                                 No, Yes
+  MultiRC        <paragraph>\nQuestion: <question>\nIs "<answer>" a correct answer to this
+                 question? Yes or No?\n[w]                                       No, Yes
 
-STS-B is regression, which MeZO does not run. We follow LM-BFF: the MRPC-style template with
-label words (No, Yes); the model's probabilities over the two words, renormalised, give the
-prediction `5 * p(Yes)` (`regression_prediction`), and a gold score y is the two-word target
-distribution (1 - y/5, y/5) (`regression_target`), trained with cross-entropy/KL against it.
+  task           slot="mid" template (LM-BFF)       label words: as above
+  MRPC, QQP      <s1> [w], <s2l>
+  STS-B          <s1> [w], <s2l>
+  QNLI, RTE      <s1'>? [w], <s2l>
+  WNLI, MNLI     <s1'>? [w], <s2l>
+
+STS-B is regression, which MeZO does not run. We follow LM-BFF: label words (No, Yes); the
+model's probabilities over the two words, renormalised, give the prediction `5 * p(Yes)`
+(`regression_prediction`), and a gold score y is the two-word target distribution
+(1 - y/5, y/5) (`regression_target`), trained with cross-entropy/KL against it.
 
 Options:
 - `spacing="natural"` (default) writes the template text as LM-BFF/MeZO do (punctuation attached:
@@ -58,6 +84,7 @@ from bdiff_jax.data.glue import Example, task_spec
 from bdiff_jax.errors import ConfigError
 
 SPACINGS = ("natural", "word")
+SLOTS = ("end", "mid")
 STSB_MAX = 5.0
 
 
@@ -156,6 +183,8 @@ WORDS: dict[str, tuple[str, ...]] = {
     "CB": ("Yes", "No", "Maybe"),
     "WiC": ("No", "Yes"),
     "SuperGLUE-RTE": ("Yes", "No"),
+    "WSC": ("No", "Yes"),
+    "MultiRC": ("No", "Yes"),
 }
 
 
@@ -199,17 +228,48 @@ def _wic(x):
            s2, Lit("\n")), (), None)
 
 
-def _sg_rte(x):
-  return ((x[0], Lit('\nDoes this mean that "'), x[1], Lit('" is true? Yes or No?\n')), (),
-          None)
+def _end(before: str, after: str):
+  """The end-slot template `<a>\n{before}"<b>"{after}\n[w]` of a two-segment task."""
+  return lambda x: ((x[0], Lit("\n" + before + '"'), x[1], Lit('"' + after + "\n")), (), None)
 
 
-TEMPLATES: dict[str, _Template] = {
+_MEANS_TRUE = _end("Does this mean that ", " is true? Yes or No?")
+
+
+def _wsc(x):
+  text, span1, span2 = x
+  return ((text, Lit('\nIn the passage above, does the pronoun "'), span2,
+           Lit('" refer to "'), span1, Lit('"? Yes or No?\n')), (), None)
+
+
+def _multirc(x):
+  paragraph, question, answer = x
+  return ((paragraph, Lit("\nQuestion: "), question, Lit('\nIs "'), answer,
+           Lit('" a correct answer to this question? Yes or No?\n')), (), None)
+
+
+# Label slot last: every task; causal scoring needs this form (see the module docstring).
+END_TEMPLATES: dict[str, _Template] = {
     "SST-2": _sentiment("It was"), "CoLA": _sentiment("This is"),
+    "MRPC": _end("Does ", " say the same thing as the sentence above? Yes or No?"),
+    "QQP": _end("Is ", " the same question as the one above? Yes or No?"),
+    "STS-B": _end("Does ", " mean the same as the sentence above? Yes or No?"),
+    "QNLI": _end("Does the sentence ", " answer the question above? Yes or No?"),
+    "RTE": _MEANS_TRUE, "WNLI": _MEANS_TRUE,
+    "MNLI": _end("Does this mean that ", " is true? Yes, Maybe, or No?"),
+    "BoolQ": _boolq, "CB": _cb, "COPA": _copa, "WiC": _wic, "SuperGLUE-RTE": _MEANS_TRUE,
+    "WSC": _wsc, "MultiRC": _multirc,
+}
+
+# LM-BFF's mid-slot templates for the GLUE pair tasks (right context for cloze scoring); the
+# other tasks have one form.
+MID_TEMPLATES: dict[str, _Template] = {
+    **END_TEMPLATES,
     "MRPC": _pair, "QQP": _pair, "STS-B": _pair,
     "QNLI": _nli, "RTE": _nli, "WNLI": _nli, "MNLI": _nli,
-    "BoolQ": _boolq, "CB": _cb, "COPA": _copa, "WiC": _wic, "SuperGLUE-RTE": _sg_rte,
 }
+
+TEMPLATES: dict[str, dict[str, _Template]] = {"end": END_TEMPLATES, "mid": MID_TEMPLATES}
 
 
 def verbalizer(task: str) -> tuple[str, ...]:
@@ -217,13 +277,15 @@ def verbalizer(task: str) -> tuple[str, ...]:
   return WORDS.get(task_spec(task).name, ())
 
 
-def render(task: str, example: Example, *, spacing: str = "natural",
+def render(task: str, example: Example, *, slot: str = "end", spacing: str = "natural",
            lowercase: bool = False) -> PromptParts:
   """The prompt of one example with its label slot and candidates (see module docstring).
 
   Args:
     task: a GLUE/SuperGLUE task name.
     example: an `Example` of that task (`GlueSplit[i]`).
+    slot: "end" (label word last, every segment before it: causal scoring) or "mid" (LM-BFF's
+      slot between the sentences of a pair task: cloze scoring).
     spacing: "natural" (LM-BFF/MeZO text) or "word" (template punctuation space-separated).
     lowercase: lower-case prompt and candidates.
   """
@@ -234,7 +296,11 @@ def render(task: str, example: Example, *, spacing: str = "natural",
   if spacing not in SPACINGS:
     raise ConfigError(f"spacing={spacing!r} is not one of {SPACINGS}.",
                       "pass 'natural' or 'word'.")
-  prefix_pieces, suffix_pieces, candidates = TEMPLATES[spec.name](example.texts)
+  if slot not in SLOTS:
+    raise ConfigError(f"slot={slot!r} is not one of {SLOTS}.", "pass 'end' or 'mid'.")
+  prefix_pieces, suffix_pieces, candidates = TEMPLATES[slot][spec.name](example.texts)
+  if slot == "end" and not all(isinstance(piece, Lit) for piece in suffix_pieces):
+    raise AssertionError(f"the end-slot {spec.name} template puts example text after the slot.")
   candidates = WORDS[spec.name] if candidates is None else candidates
   prefix = _assemble(prefix_pieces, spacing).lstrip(" ")
   suffix = _assemble(suffix_pieces, spacing).rstrip(" ")
