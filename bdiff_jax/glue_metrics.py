@@ -7,7 +7,13 @@
 | MRPC, QQP                    | f1 (of class 1), accuracy          | f1           |
 | STS-B                        | pearson, spearman                  | pearson      |
 | BoolQ, COPA, WiC, SuperGLUE-RTE | accuracy                        | accuracy     |
+| WSC                          | accuracy                           | accuracy     |
 | CB                           | accuracy, macro_f1                 | accuracy     |
+| MultiRC                      | f1a, em, accuracy (needs groups)   | f1a          |
+
+MultiRC is scored per answer-option (`multirc_metrics`): F1a is the F1 of class 1 ("correct")
+over all answer-options, EM the fraction of questions all of whose answer-options are classified
+right; both need each example's question (`GlueSplit.groups`), passed as `groups`.
 
 MNLI is scored on each dev split separately (`mnli_metrics` gives accuracy_matched and
 accuracy_mismatched). Primary metrics follow LM-BFF/MeZO (F1 for MRPC/QQP, Pearson for STS-B,
@@ -30,7 +36,7 @@ from bdiff_jax.errors import ConfigError
 
 ArrayLike = Sequence[float] | np.ndarray
 
-_PRIMARY = {"CoLA": "mcc", "MRPC": "f1", "QQP": "f1", "STS-B": "pearson"}
+_PRIMARY = {"CoLA": "mcc", "MRPC": "f1", "QQP": "f1", "STS-B": "pearson", "MultiRC": "f1a"}
 
 
 def _pair(predictions: ArrayLike, labels: ArrayLike, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -116,13 +122,16 @@ def primary_metric(task: str) -> str:
   return _PRIMARY.get(task_spec(task).name, "accuracy")
 
 
-def task_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+def task_metrics(task: str, predictions: ArrayLike, labels: ArrayLike,
+                 groups: ArrayLike | None = None) -> dict[str, float]:
   """The task's metrics (see module table) of predictions against labels.
 
   Args:
     task: a GLUE/SuperGLUE task name.
     predictions: (n,) predicted class ids, or scores for STS-B.
     labels: (n,) gold class ids, or gold scores for STS-B.
+    groups: MultiRC only (required there): (n,) each example's question id
+      (`GlueSplit.groups`).
   """
   spec = task_spec(task)
   if spec.is_regression:
@@ -139,7 +148,30 @@ def task_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dict[s
     out["f1"] = f1_score(p, y, positive=1)
   elif spec.name == "CB":
     out["macro_f1"] = macro_f1(p, y, spec.num_labels)
+  elif spec.name == "MultiRC":
+    if groups is None:
+      raise ConfigError("MultiRC metrics need each example's question (groups).",
+                        "pass groups=split.groups of the evaluated split.")
+    out.update(multirc_metrics(p, y, groups))
   return out
+
+
+def multirc_metrics(predictions: ArrayLike, labels: ArrayLike,
+                    groups: ArrayLike) -> dict[str, float]:
+  """MultiRC's metrics over answer-options grouped by question: {"f1a", "em"}.
+
+  f1a: F1 of class 1 (a correct answer) over all answer-options; 0 when no true positive.
+  em: fraction of questions (distinct `groups` values) whose answer-options are all predicted
+    right.
+  """
+  p, y = _pair(predictions, labels, np.int64)
+  g = np.asarray(groups).reshape(-1)
+  if g.shape != p.shape:
+    raise ConfigError(f"{g.size} groups for {p.size} predictions.",
+                      "pass one question id per evaluated example (GlueSplit.groups).")
+  _, question = np.unique(g, return_inverse=True)
+  wrong = np.bincount(question.reshape(-1), weights=(p != y).astype(np.float64))
+  return {"f1a": f1_score(p, y, positive=1), "em": float(np.mean(wrong == 0))}
 
 
 def mnli_metrics(pred_matched: ArrayLike, labels_matched: ArrayLike,
@@ -161,9 +193,11 @@ def prediction_distribution(predictions: ArrayLike, num_labels: int) -> list[flo
   return [float(c) / p.size for c in counts]
 
 
-def majority_baseline(task: str, train_labels: ArrayLike,
-                      eval_labels: ArrayLike) -> dict[str, float]:
+def majority_baseline(task: str, train_labels: ArrayLike, eval_labels: ArrayLike,
+                      eval_groups: ArrayLike | None = None) -> dict[str, float]:
   """The metrics of always predicting the train split's majority class (STS-B: its mean score).
+
+  `eval_groups`: MultiRC's question ids of the evaluated examples (required for MultiRC).
 
   Ties between classes go to the smallest class id. The result also holds "prediction": the
   constant predicted (class id, or the mean score). For STS-B, Pearson and Spearman of a constant
@@ -178,6 +212,6 @@ def majority_baseline(task: str, train_labels: ArrayLike,
     constant = float(np.mean(train.astype(np.float64)))
   else:
     constant = int(np.argmax(np.bincount(train.astype(np.int64), minlength=spec.num_labels)))
-  out = task_metrics(spec.name, np.full(n, constant), eval_labels)
+  out = task_metrics(spec.name, np.full(n, constant), eval_labels, groups=eval_groups)
   out["prediction"] = float(constant)
   return out

@@ -110,3 +110,28 @@ def test_majority_baseline():
   stsb = gm.majority_baseline("STS-B", [1.0, 2.0, 3.0], [0.5, 4.0])
   assert stsb["prediction"] == 2.0
   assert math.isnan(stsb["pearson"]) and math.isnan(stsb["spearman"])
+
+
+def test_multirc_metrics_by_hand():
+  # Questions 7 (3 answers), 3 (2 answers), 9 (1 answer); groups need not be sorted or dense.
+  groups = [7, 7, 7, 3, 3, 9]
+  labels = [1, 0, 1, 0, 0, 1]
+  preds = [1, 0, 1, 1, 0, 0]
+  # TP = 2, FP = 1 (index 3), FN = 1 (index 5): F1a = 4 / 6; only question 7 is all right.
+  got = gm.multirc_metrics(preds, labels, groups)
+  assert got["f1a"] == pytest.approx(2 / 3) and got["em"] == pytest.approx(1 / 3)
+  assert gm.multirc_metrics(labels, labels, groups) == {"f1a": 1.0, "em": 1.0}
+  both = gm.task_metrics("MultiRC", preds, labels, groups=np.asarray(groups))
+  assert both == {"accuracy": 4 / 6, "f1a": got["f1a"], "em": got["em"]}
+  assert gm.primary_metric("MultiRC") == "f1a" and gm.primary_metric("WSC") == "accuracy"
+  with pytest.raises(ConfigError, match="need each example's question"):
+    gm.task_metrics("MultiRC", preds, labels)
+  with pytest.raises(ConfigError, match="5 groups for 6 predictions"):
+    gm.multirc_metrics(preds, labels, groups[:5])
+
+
+def test_multirc_majority_baseline():
+  # Train majority 0 (all "incorrect"): F1a 0; EM counts questions without a correct answer.
+  base = gm.majority_baseline("MultiRC", [0, 0, 1], [1, 0, 0, 0], eval_groups=[0, 0, 1, 1])
+  assert base == {"accuracy": 0.75, "f1a": 0.0, "em": 0.5, "prediction": 0.0}
+  assert gm.majority_baseline("WSC", [1, 0, 0], [1, 0]) == {"accuracy": 0.5, "prediction": 0.0}
