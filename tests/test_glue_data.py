@@ -116,7 +116,8 @@ SUPERGLUE = {
               "target": {"span1_text": "a", "span1_index": 0, "span2_text": "b",
                          "span2_index": 0}}],
             ("Mark lied to Pete. He was wrong.", "Mark", "He"), [1, 0]),
-    "MultiRC": ([{"idx": 0, "version": 1.1, "passage": {"text": " Force moves things. ", "questions": [
+    "MultiRC": ([{"idx": 0, "version": 1.1, "passage": {
+                     "text": " Force moves things. ", "questions": [
                      {"question": "What moves things?", "idx": 0, "answers": [
                          {"text": "Force", "idx": 0, "label": 1},
                          {"text": "Nothing", "idx": 1, "label": 0}]},

@@ -265,3 +265,14 @@ def test_cloze_keeps_every_segment_around_the_mask():
   enc = glue_encoding.encode_split(_marked_split("RTE"), encoder, scoring="cloze", seq_len=64)
   text = encoder.tokenizer.decode(enc["inputs"][0][enc["padding"][0]])
   assert text.index("mark0q") < text.index("[MASK]") < text.index("mark1q")
+
+
+def test_end_slot_templates_end_with_the_label():
+  # Only SST-2 and CoLA keep a template "." after the slot (not scored); COPA, WiC, CB, BoolQ,
+  # SuperGLUE-RTE, WSC, MultiRC and the pair tasks end with the label word.
+  for task, spec in glue.TASKS.items():
+    ex = _ex(task, *(["cause" if n == "question" and task == "COPA" else "x y."
+                      for n in spec.segment_names]))
+    for spacing in gp.SPACINGS:
+      parts = gp.render(task, ex, slot="end", spacing=spacing)
+      assert parts.suffix.strip() == ("." if task in ("SST-2", "CoLA") else ""), task

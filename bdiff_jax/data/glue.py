@@ -200,7 +200,8 @@ PUBLISHED_ROWS: dict[str, dict[str, int]] = {
     "WiC": {"train": 5_428, "dev": 638},
     "SuperGLUE-RTE": {"train": 2_490, "dev": 277},
     "WSC": {"train": 554, "dev": 104},
-    "MultiRC": {"train": 27_243, "dev": 4_848},  # answers (456 / 83 passages, 5,131 / 953 questions)
+    # MultiRC: answers (in 456 / 83 passages, 5,131 / 953 questions).
+    "MultiRC": {"train": 27_243, "dev": 4_848},
 }
 
 

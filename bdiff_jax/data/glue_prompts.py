@@ -32,7 +32,7 @@ manual templates, which MeZO's RoBERTa experiments use:
   QQP            <q1>\nIs "<q2>" the same question as the one above? Yes or No?\n[w]
                                                                                  No, Yes
   STS-B          <s1>\nDoes "<s2>" mean the same as the sentence above? Yes or No?\n[w]
-                                                                                 No, Yes (regression)
+                                                                      No, Yes (regression)
   QNLI           <question>\nDoes the sentence "<sentence>" answer the question above? Yes or
                  No?\n[w]                                                        Yes, No
   RTE            <s1>\nDoes this mean that "<s2>" is true? Yes or No?\n[w]      Yes, No
