@@ -518,3 +518,8 @@ def test_build_mrpc_splits_by_dev_ids(tmp_path):
   dev = glue.load_split("MRPC", "dev", tmp_path)
   assert train.texts == (("A.", "E."), ("B.", "F.")) and train.labels.tolist() == [1, 1]
   assert dev.texts == (('C "q".',), ("D.",)) and dev.labels.tolist() == [0]
+
+
+def test_every_task_has_a_download_source():
+  """Each task the readers know can be fetched (WSC and MultiRC had no entry: KeyError)."""
+  assert set(glue_download.ZIP_URLS) | {"MRPC"} == set(glue.TASKS)

@@ -42,6 +42,8 @@ ZIP_URLS: dict[str, tuple[str, str]] = {
     "COPA": (_SUPERGLUE + "COPA.zip", "COPA"),
     "WiC": (_SUPERGLUE + "WiC.zip", "WiC"),
     "SuperGLUE-RTE": (_SUPERGLUE + "RTE.zip", "RTE"),
+    "WSC": (_SUPERGLUE + "WSC.zip", "WSC"),
+    "MultiRC": (_SUPERGLUE + "MultiRC.zip", "MultiRC"),
 }
 MRPC_URLS = {
     "train": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
