@@ -11,10 +11,13 @@ and the network runs with the merged weight
     W' = W + (alpha / r) · (a @ b).reshape(W.shape)
 
 so at initialisation (b = 0) the merged network is the base network exactly. A LoRA row's
-parameters are `{"base": the frozen base parameters, "lora": the factors}`; `LoRANetwork` wraps
+parameters are `{"base": the frozen base parameters, "lora": the factors}`, plus `"full"`: base
+leaves trained in full (e.g. a fresh classifier head; `wrap(..., train_also=...)`), which
+replace the base's (stale) copies at the same paths; `LoRANetwork` wraps
 the network so that `models.bind(LoRANetwork(...), {"base": .., "lora": ..}, train=..)` merges
 before every application, and the update rules train only the leaves under "lora"
-(`update_rule.make_rule(..., peft="lora")`: its trainable predicate is `is_lora`).
+(`update_rule.make_rule(..., peft="lora")`: its trainable predicate is `is_lora`: the leaves
+under "lora" and "full").
 
 The factors are nested like the base parameters, one {"a", "b"} pair under each target
 kernel's path: e.g. lora["opt"]["layers"]["self_attn"]["q_proj"]["kernel"]["a"].
@@ -22,7 +25,7 @@ kernel's path: e.g. lora["opt"]["layers"]["self_attn"]["q_proj"]["kernel"]["a"].
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.zeroth_order import PathNames, Predicate, flat_leaves, is_stacked, path_names
 
-BASE, LORA = "base", "lora"
+BASE, LORA, FULL = "base", "lora", "full"
 
 
 def qv_targets(names: PathNames) -> bool:
@@ -41,8 +44,8 @@ def qv_targets(names: PathNames) -> bool:
 
 
 def is_lora(names: PathNames) -> bool:
-  """The trainable leaves of a LoRA row: everything under params["lora"]."""
-  return bool(names) and names[0] == LORA
+  """The trainable leaves of a LoRA row: everything under params["lora"] and params["full"]."""
+  return bool(names) and names[0] in (LORA, FULL)
 
 
 def _split_shape(shape, stacked: bool):
@@ -107,6 +110,19 @@ def merge(base, lora_params, alpha: float, rank: int):
   return jax.tree_util.tree_map_with_path(one, base)
 
 
+def overlay(base, full):
+  """base with the leaves of `full` (a subtree of base's paths) in place of base's own."""
+  by_name = dict(zip(*flat_leaves(full)[:2]))
+  return jax.tree_util.tree_map_with_path(lambda p, v: by_name.get(path_names(p), v), base)
+
+
+def merged_params(params, alpha: float, rank: int):
+  """The network's parameters of a LoRA row's {"base", "lora"[, "full"]}: the base with the
+  "full" leaves in place and W + (alpha/rank)·a@b at every factored kernel."""
+  base = overlay(params[BASE], params[FULL]) if FULL in params else params[BASE]
+  return merge(base, params[LORA], alpha, rank)
+
+
 def num_params(lora_params) -> int:
   """How many numbers the factors hold (the trainable parameters of a LoRA row)."""
   return int(sum(x.size for x in jax.tree_util.tree_leaves(lora_params)))
@@ -125,9 +141,9 @@ class LoRANetwork:
   alpha: float
 
   def apply(self, variables, *args, **kwargs):
-    params = variables["params"]
-    merged = merge(params[BASE], params[LORA], self.alpha, self.rank)
-    return self.network.apply(dict(variables, params=merged), *args, **kwargs)
+    return self.network.apply(dict(variables, params=merged_params(variables["params"],
+                                                                   self.alpha, self.rank)),
+                              *args, **kwargs)
 
   def __getattr__(self, name):
     if name == "network":  # not yet set (copy/pickle): no recursion
@@ -135,9 +151,29 @@ class LoRANetwork:
     return getattr(self.network, name)
 
 
+def subtree(params, select: Predicate) -> dict:
+  """The leaves of `params` that `select` picks, nested as in params."""
+  out: dict = {}
+  for nm, v in zip(*flat_leaves(params)[:2]):
+    if select(nm):
+      node = out
+      for k in nm[:-1]:
+        node = node.setdefault(k, {})
+      node[nm[-1]] = v
+  return out
+
+
 def wrap(network, base_params, key: jax.Array, *, rank: int = 8, alpha: float = 16.0,
-         targets: Predicate = qv_targets):
+         targets: Predicate = qv_targets, train_also: Optional[Predicate] = None):
   """(LoRANetwork(network), {"base": base_params, "lora": init(key, base_params, rank)}): what a
-  LoRA row trains with; bind the network as any other (`models.bind(net, params, train=..)`)."""
-  return (LoRANetwork(network, int(rank), float(alpha)),
-          {BASE: base_params, LORA: init(key, base_params, rank, targets)})
+  LoRA row trains with; bind the network as any other (`models.bind(net, params, train=..)`).
+
+  train_also(path_names) picks base leaves trained in full besides the factors (e.g. a pooled
+  head's fresh `classifier`): copied into params["full"].
+  """
+  params = {BASE: base_params, LORA: init(key, base_params, rank, targets)}
+  if train_also is not None:
+    full = subtree(base_params, train_also)
+    if full:
+      params[FULL] = jax.tree_util.tree_map(jnp.copy, full)
+  return LoRANetwork(network, int(rank), float(alpha)), params

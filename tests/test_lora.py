@@ -167,3 +167,21 @@ def test_glue_build_rule_takes_peft():
   assert glue_models.forward_passes(rule, 7) == {"forward": 14, "backward": 0}
   adamw = glue_models.build_rule("adamw", g, 7, peft="lora")
   assert glue_models.forward_passes(adamw, 7) == {"forward": 7, "backward": 7}
+
+
+def test_train_also_trains_a_head_in_full_beside_the_factors():
+  # A pooled-head row: the fresh classifier must train too, not stay at its random init.
+  base = dict(_bdiff_like(), classifier={"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)})
+  _, params = lora.wrap(None, base, jax.random.PRNGKey(0), rank=RANK, alpha=ALPHA,
+                        train_also=lambda names: names[0] == "classifier")
+  assert set(params) == {"base", "lora", "full"}
+  rule = update_rule.make_rule("mezo", 10, zo=update_rule.ZOSettings(learning_rate=1e-2),
+                               peft="lora")
+  assert update_rule.trainable_count(rule, params) == lora.num_params(params["lora"]) + 10
+  loss = lambda p: (sum(jnp.mean(jnp.sin(x)) for x in jax.tree_util.tree_leaves(
+      lora.merged_params(p, ALPHA, RANK))), {})
+  new, _, _ = rule.update(loss, params, rule.init(params), jax.random.PRNGKey(1), jnp.int32(0))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, new["base"], base)
+  assert not np.array_equal(new["full"]["classifier"]["kernel"], base["classifier"]["kernel"])
+  merged = lora.merged_params(new, ALPHA, RANK)
+  np.testing.assert_array_equal(merged["classifier"]["kernel"], new["full"]["classifier"]["kernel"])
