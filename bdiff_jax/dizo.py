@@ -12,8 +12,10 @@ with θ0 the pretrained weights and t_l = ||θ_l - θ0_l||:
 
 as in the official implementation (github.com/Skilteee/DiZO: k_proj and v_proj weights only,
 defaults interval 50, 10 iterations, ε_p 0.1, step size 2.0, τ 0.2). Differences: a stacked
-(scanned) tensor [num_layers, ...] gets one γ per layer slice, and all γ iterations use the step's
-batch (the official code draws a new batch per iteration; the update-rule seam binds one batch).
+(scanned) tensor [num_layers, ...] gets one γ per layer slice. With `fresh_batches` (the
+official code's choice) γ iteration `it` evaluates its two losses on batch 1 + it of the step's
+`batches_per_step = 1 + iterations` stacked batches (`loss_fn(params, 1 + it)`), batch 0 being the
+MeZO step's; without, every iteration reuses the step's one batch.
 """
 
 import jax
@@ -80,8 +82,12 @@ def apply_projection(params, theta0, gamma, stacked: Predicate = is_stacked):
 
 
 def search_gamma(loss_fn, params, theta0, key, *, iterations: int = 10, eps_p: float = 0.1,
-                 step_size: float = 2.0, tau: float = 0.2, stacked: Predicate = is_stacked):
+                 step_size: float = 2.0, tau: float = 0.2, stacked: Predicate = is_stacked,
+                 fresh_batches: bool = False):
   """DiZO's zeroth-order search of the projection radii. Returns (gamma, norms, losses).
+
+  fresh_batches: iteration `it` evaluates `loss_fn(params, 1 + it)` (its own batch; `it` is
+  traced), else `loss_fn(params)`.
 
   gamma, norms: nested like theta0, [L] per stacked leaf, scalars otherwise; norms are
   ||θ_l - θ0_l|| and every gamma lies in [(1-τ) norms, (1+τ) norms]. losses: [iterations, 2]
@@ -105,7 +111,9 @@ def search_gamma(loss_fn, params, theta0, key, *, iterations: int = 10, eps_p: f
     u = direction(it)
     sign = jnp.where(s == 0, eps_p, -eps_p)
     probe = jax.tree_util.tree_map(lambda a, b: a + sign * b, gam, u)
-    loss = loss_fn(apply_projection(params, theta0, probe, stacked))[0].astype(jnp.float32)
+    probed = apply_projection(params, theta0, probe, stacked)
+    loss = (loss_fn(probed, 1 + it) if fresh_batches else loss_fn(probed))[0]
+    loss = loss.astype(jnp.float32)
     losses = losses.at[it, s].set(loss)
     g = (losses[it, 0] - loss) / (2.0 * eps_p)
     stepped = jax.tree_util.tree_map(
@@ -126,9 +134,10 @@ class DiZO(MeZO):
 
   def __init__(self, learning_rate: LearningRate, *, interval: int = 50, iterations: int = 10,
                eps_p: float = 0.1, step_size: float = 2.0, tau: float = 0.2,
-               targets: Predicate = kv_targets, **mezo_kwargs):
+               targets: Predicate = kv_targets, fresh_batches: bool = False, **mezo_kwargs):
     """interval κ, iterations, eps_p, step_size and tau as in DiZO; targets(path_names) picks
-    the projected tensors (default: attention key/value kernels). Other arguments: MeZO's."""
+    the projected tensors (default: attention key/value kernels); fresh_batches: a batch of its
+    own for each γ iteration (`batches_per_step` = 1 + iterations). Other arguments: MeZO's."""
     super().__init__(learning_rate, **mezo_kwargs)
     self.interval = int(interval)
     self.iterations = int(iterations)
@@ -136,6 +145,12 @@ class DiZO(MeZO):
     self.step_size = float(step_size)
     self.tau = float(tau)
     self.targets = targets
+    self.fresh_batches = bool(fresh_batches)
+
+  @property
+  def batches_per_step(self) -> int:
+    """1 + iterations with fresh batches (batch 0: the MeZO step's), else 1."""
+    return 1 + self.iterations if self.fresh_batches else 1
 
   def init(self, params) -> dict:
     """{'theta0': a copy of the target leaves of `params` (the pretrained weights)}."""
@@ -151,7 +166,8 @@ class DiZO(MeZO):
     theta0 = rule_state["theta0"]
     gamma, norms, _ = search_gamma(
         loss_fn, params, theta0, key, iterations=self.iterations, eps_p=self.eps_p,
-        step_size=self.step_size, tau=self.tau, stacked=self.stacked)
+        step_size=self.step_size, tau=self.tau, stacked=self.stacked,
+        fresh_batches=self.fresh_batches)
     ratios = jnp.concatenate([jnp.ravel(_ratio(g, t)) for g, t in
                               zip(jax.tree_util.tree_leaves(gamma),
                                   jax.tree_util.tree_leaves(norms))])

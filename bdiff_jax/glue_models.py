@@ -216,26 +216,29 @@ def build_row(spec: RowSpec, glue, train: GlueSplit, *, seed: int, total_steps: 
 
 
 def _frozen(names) -> bool:
-  """MeZO's frozen leaves: token and position embeddings (bdiff `embed`, OPT's tables)."""
-  return any(n in ("embed", "embed_tokens", "embed_positions") for n in names)
+  """The leaves freeze="embeddings" keeps fixed: token and position embeddings (bdiff `embed`,
+  OPT's tables); the same set as the LM train mode's (`update_rule.frozen_embeddings`)."""
+  return update_rule.frozen_embeddings(names)
 
 
-def build_rule(name: str, glue, total_steps: int):
-  """The update rule `name` with the row budget `total_steps` (for LR schedules)."""
+def build_rule(name: str, glue, total_steps: int, *, peft=None):
+  """The update rule `name` with the row budget `total_steps` (for LR schedules): a thin call
+  into `update_rule.make_rule` with the plain values of `glue.adamw` / `glue.zo` / `glue.dizo`.
+
+  Zeroth-order rules freeze by `glue.zo.freeze` ("none" | "embeddings") or the boolean
+  `glue.zo.freeze_embeddings`; AdamW trains every parameter. peft ("none" | "lora"; None:
+  `glue.peft`, default "none") selects LoRA (the row's params must then be lora.wrap's).
+  DiZO draws a fresh batch per γ iteration when `glue.dizo.fresh_batches` (the step then takes
+  `update_rule.batches_per_step(rule)` stacked batches).
+  """
+  peft = str(glue.get("peft", "none") if peft is None else peft)
   if name == "adamw":
-    tc = ml_collections.ConfigDict(glue.adamw.to_dict())
-    tc.num_steps = total_steps
-    return update_rule.FirstOrder(update_rule.make_optimizer(tc),
-                                  update_rule.learning_rate_schedule(tc))
-  z = glue.zo
-  lr = zeroth_order.learning_rate_schedule(z, total_steps)
-  kwargs = dict(eps=z.eps, weight_decay=z.weight_decay, num_perturbations=z.num_perturbations,
-                trainable=(lambda names: not _frozen(names)) if z.freeze_embeddings else None)
-  if name == "mezo":
-    return zeroth_order.MeZO(lr, **kwargs)
-  d = glue.dizo
-  return dizo.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
-                   step_size=d.step_size, tau=d.tau, targets=zeroth_order.kv_targets, **kwargs)
+    return update_rule.make_rule("adamw", total_steps, peft=peft,
+                                 adamw=update_rule.AdamWSettings.from_config(glue.adamw))
+  return update_rule.make_rule(
+      name, total_steps, zo=update_rule.ZOSettings.from_config(glue.zo),
+      dizo_settings=update_rule.DiZOSettings.from_config(glue.dizo),
+      freeze=update_rule.freeze_choice(glue.zo), peft=peft)
 
 
 def forward_passes(rule, num_steps: int) -> dict:
@@ -243,7 +246,9 @@ def forward_passes(rule, num_steps: int) -> dict:
 
   First order: one forward and one backward per step. MeZO: 2 forwards per perturbation per
   step. DiZO: MeZO's plus 2 per gamma iteration at each projection step (step % interval ==
-  interval - 1), as `dizo.DiZO.update` runs them.
+  interval - 1), as `dizo.DiZO.update` runs them, whether each γ iteration has a batch of its
+  own (fresh_batches) or not. LoRA or frozen embeddings change no count (every pass runs the
+  whole network; LoRA's merge is not a pass over the batch).
   """
   n = getattr(rule, "num_perturbations", None)
   if n is None:

@@ -5,6 +5,11 @@ gradients + optax; zeroth order: perturbed forward passes), and the step keeps t
 Randomness: the per-step key `fold_in(state.rng, state.step)` is split into the objective's noise
 key (times, masks), the dropout key and the update rule's key, so a resumed run draws exactly
 what an uninterrupted run would.
+
+The rule's `deterministic` (MeZO/DiZO) binds the network in eval mode (no dropout). A rule with
+`batches_per_step` n > 1 (DiZO with fresh batches) gets a batch of n stacked batches (leading
+axis n) and the loss `loss_fn(params, i=0)` of batch i, whose objective/dropout key is
+fold_in(loss key, i); with n = 1 the step is exactly the single-batch one.
 """
 
 from typing import Any, Callable, Optional
@@ -12,7 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh
 
-from bdiff_jax import models, sharding as sharding_lib
+from bdiff_jax import models, sharding as sharding_lib, update_rule as update_rule_lib
 from bdiff_jax.train_state import TrainState
 
 
@@ -34,6 +39,11 @@ def make_train_step(objective, network, update_rule, *, ema_decay: float,
   Without a mesh, placement is left to JAX.
   """
   ema_decay = float(ema_decay)
+  train = not update_rule_lib.is_deterministic(update_rule)
+  num_batches = update_rule_lib.batches_per_step(update_rule)
+  if num_batches > 1 and mesh is not None:
+    raise ValueError(f"a rule with {num_batches} batches per step runs without a mesh only "
+                     "(the stacked axis would be split over the devices).")
 
   gather = None
   if mesh is not None and state_shardings is not None and (
@@ -51,7 +61,18 @@ def make_train_step(objective, network, update_rule, *, ema_decay: float,
         # this XLA may instead keep weights split and replicate the activations (4x the
         # temporaries of the replicated step in scripts/scaleout_memory.py).
         params = jax.lax.with_sharding_constraint(params, gather)
-      return loss_fn(params, objective, network, batch, loss_key)
+      return loss_fn(params, objective, network, batch, loss_key, train=train)
+
+    if num_batches > 1:
+      for leaf in jax.tree_util.tree_leaves(batch):
+        if leaf.ndim < 1 or leaf.shape[0] != num_batches:
+          raise ValueError(f"the rule takes {num_batches} stacked batches per step; got a "
+                           f"batch leaf of shape {leaf.shape} (stack them on axis 0).")
+
+      def bound_loss(params, i=0):  # pylint: disable=function-redefined
+        one = jax.tree_util.tree_map(lambda x: x[i], batch)
+        return loss_fn(params, objective, network, one, jax.random.fold_in(loss_key, i),
+                       train=train)
     params, opt_state, metrics = update_rule.update(bound_loss, state.params, state.opt_state,
                                                     rule_key, state.step)
     if ema_decay > 0:

@@ -11,15 +11,31 @@ zeroth-order rule (MeZO/DiZO, `bdiff_jax/zeroth_order.py`) evaluates it at pertu
 and keeps no gradient buffer. `key` is this step's own key for the rule's randomness
 (perturbation directions); `step` the 0-based step being taken (traced). Everything runs inside
 one jitted step with the state donated.
+
+Rules may also declare (read with getattr; the defaults are those of AdamW):
+
+    rule.deterministic: bool     the loss is evaluated with the network in eval mode (no
+                                 dropout): MeZO/DiZO, as in MeZO's reference code. Default False.
+    rule.batches_per_step: int   n > 1: the train step's batch is n batches stacked on a leading
+                                 axis, and `loss_fn(params, i=0)` is the loss of batch i (traced i
+                                 allowed); batch 0 is the step's own. DiZO with fresh batches:
+                                 1 + its γ iterations. Default 1 (`loss_fn(params)`).
+    rule.trainable(path_names) -> bool   the leaves the rule perturbs and updates (None: all).
+
+`make_rule` is the one factory (LM training: `build_update_rule`; GLUE rows:
+`glue_models.build_rule`); it takes plain values, among them the freeze choice ("none" |
+"embeddings") and the parameter-efficient variant ("none" | "lora", `bdiff_jax/lora.py`).
 """
 
-from typing import Any, Callable, Protocol
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 import optax
 
-from bdiff_jax import dizo, zeroth_order
+from bdiff_jax import dizo, lora, zeroth_order
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.zeroth_order import Predicate
 
 LossFn = Callable[[Any], tuple[jax.Array, dict]]
 
@@ -60,28 +76,188 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 
 
 class FirstOrder:
-  """Backpropagation + an optax optimizer (AdamW with warmup/cosine and clipping by default)."""
+  """Backpropagation + an optax optimizer (AdamW with warmup/cosine and clipping by default).
+
+  With `trainable`, only those leaves are differentiated and updated (the optimizer state then
+  covers them alone, as a list in tree_leaves order); the others are returned unchanged.
+  """
 
   name = "adamw"
+  deterministic = False
+  batches_per_step = 1
 
-  def __init__(self, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+  def __init__(self, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               trainable: Optional[Predicate] = None):
     self.optimizer = optimizer
     self.schedule = schedule
+    self.trainable = trainable
+
+  def _split(self, params):
+    """(trainable leaves, rebuild(trainable leaves) -> params)."""
+    names, leaves, treedef = zeroth_order.flat_leaves(params)
+    idx = [i for i, nm in enumerate(names) if self.trainable(nm)]
+
+    def rebuild(sub):
+      full = list(leaves)
+      for i, v in zip(idx, sub):
+        full[i] = v
+      return jax.tree_util.tree_unflatten(treedef, full)
+
+    return [leaves[i] for i in idx], rebuild
 
   def init(self, params):
-    return self.optimizer.init(params)
+    if self.trainable is None:
+      return self.optimizer.init(params)
+    sub, _ = self._split(params)
+    if not sub:
+      raise ConfigError("the update rule trains no parameter of this model.",
+                        "check the freeze / peft choice against the model's parameters.")
+    return self.optimizer.init(sub)
 
   def update(self, loss_fn, params, rule_state, key, step):
     del key  # first-order updates are deterministic given the loss
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, rule_state = self.optimizer.update(grads, rule_state, params)
-    params = optax.apply_updates(params, updates)
+    if self.trainable is None:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, rule_state = self.optimizer.update(grads, rule_state, params)
+      params = optax.apply_updates(params, updates)
+    else:
+      sub, rebuild = self._split(params)
+      (loss, aux), grads = jax.value_and_grad(lambda s: loss_fn(rebuild(s)), has_aux=True)(sub)
+      updates, rule_state = self.optimizer.update(grads, rule_state, sub)
+      params = rebuild(optax.apply_updates(sub, updates))
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=self.schedule(step))
     return params, rule_state, metrics
 
 
 RULES = ("adamw", "mezo", "dizo")
+FREEZE = ("none", "embeddings")
+PEFT = ("none", "lora")
+frozen_embeddings = zeroth_order.frozen_embeddings  # what freeze="embeddings" keeps fixed
+
+
+def trainable_predicate(freeze: str = "none", peft: str = "none") -> Optional[Predicate]:
+  """The leaves a rule trains: all (None), all but the embeddings, or the LoRA factors."""
+  if freeze not in FREEZE:
+    raise ConfigError(f"freeze={freeze!r} is not one of {', '.join(map(repr, FREEZE))}.",
+                      "use 'none' (MeZO's all-parameter setting) or 'embeddings'.")
+  if peft not in PEFT:
+    raise ConfigError(f"peft={peft!r} is not one of {', '.join(map(repr, PEFT))}.",
+                      "use 'none' or 'lora'.")
+  if peft == "lora":
+    return lora.is_lora  # the base (embeddings included) is frozen whatever `freeze` says
+  if freeze == "embeddings":
+    return lambda names: not frozen_embeddings(names)
+  return None
+
+
+def freeze_choice(zo_config) -> str:
+  """The freeze choice of a config section: its `freeze` ("none" | "embeddings") when it has
+  one, else the older boolean `freeze_embeddings` (True -> "embeddings"); neither: "none"."""
+  if "freeze" in zo_config:
+    return str(zo_config.freeze)
+  return "embeddings" if zo_config.get("freeze_embeddings", False) else "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWSettings:
+  """AdamW with linear warmup, cosine decay and clipping (`make_optimizer`); num_steps is the
+  schedule's length (make_rule sets it to total_steps)."""
+  learning_rate: float
+  warmup_steps: int = 0
+  end_learning_rate_fraction: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.99
+  grad_clip: float = 1.0
+  num_steps: int = 1
+
+  @classmethod
+  def from_config(cls, section) -> "AdamWSettings":
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ZOSettings:
+  """MeZO's (and DiZO's MeZO part's) settings; see zeroth_order.default_config."""
+  learning_rate: float = 1e-6
+  schedule: str = "constant"
+  eps: float = 1e-3
+  num_perturbations: int = 1
+  weight_decay: float = 0.0
+
+  @classmethod
+  def from_config(cls, section) -> "ZOSettings":
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class DiZOSettings:
+  """DiZO's projection settings; fresh_batches: a new batch per γ iteration (the reference's
+  choice; the train step then takes 1 + iterations stacked batches)."""
+  interval: int = 50
+  iterations: int = 10
+  eps_p: float = 0.1
+  step_size: float = 2.0
+  tau: float = 0.2
+  targets: str = "kv"
+  fresh_batches: bool = False
+
+  @classmethod
+  def from_config(cls, section) -> "DiZOSettings":
+    defaults = cls()
+    return cls(**{f.name: section.get(f.name, getattr(defaults, f.name))
+                  for f in dataclasses.fields(cls)})
+
+
+def make_rule(name: str, total_steps: int, *, adamw: Optional[AdamWSettings] = None,
+              zo: ZOSettings = ZOSettings(), dizo_settings: DiZOSettings = DiZOSettings(),
+              freeze: str = "none", peft: str = "none") -> UpdateRule:
+  """The update rule `name` ("adamw" | "mezo" | "dizo") for a run of `total_steps` steps.
+
+  freeze: "none" (every parameter, MeZO's own setting) | "embeddings" (`frozen_embeddings`
+  fixed). peft: "none" | "lora" (only the LoRA factors under params["lora"] train; see
+  `bdiff_jax/lora.py`). Both apply to every rule; adamw needs `adamw` settings.
+  """
+  if name not in RULES:
+    raise ConfigError(f"unknown update rule {name!r}.",
+                      f"use one of {', '.join(map(repr, RULES))}.")
+  trainable = trainable_predicate(freeze, peft)
+  if name == "adamw":
+    if adamw is None:
+      raise ConfigError("the adamw rule needs its settings.", "pass adamw=AdamWSettings(...).")
+    tc = dataclasses.replace(adamw, num_steps=int(total_steps))
+    return FirstOrder(make_optimizer(tc), learning_rate_schedule(tc), trainable)
+  lr = zeroth_order.learning_rate_schedule(zo, total_steps)
+  kwargs = dict(eps=zo.eps, weight_decay=zo.weight_decay, num_perturbations=zo.num_perturbations,
+                trainable=trainable or (lambda names: True))
+  if name == "mezo":
+    return zeroth_order.MeZO(lr, **kwargs)
+  if peft != "none":
+    raise ConfigError("DiZO's projection acts on full weights, not on LoRA factors.",
+                      "use mezo or adamw with peft='lora'.")
+  d = dizo_settings
+  targets = zeroth_order.kv_targets if d.targets == "kv" else zeroth_order.kernel_targets
+  return dizo.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
+                   step_size=d.step_size, tau=d.tau, targets=targets,
+                   fresh_batches=d.fresh_batches, **kwargs)
+
+
+def batches_per_step(rule) -> int:
+  """How many batches one train step of `rule` takes (stacked on a leading axis when > 1)."""
+  return int(getattr(rule, "batches_per_step", 1))
+
+
+def is_deterministic(rule) -> bool:
+  """Whether `rule` evaluates its loss with the network in eval mode (no dropout)."""
+  return bool(getattr(rule, "deterministic", False))
+
+
+def trainable_count(rule, params) -> int:
+  """How many parameters `rule` trains in `params` (all of them when it has no predicate)."""
+  trainable = getattr(rule, "trainable", None)
+  names, leaves, _ = zeroth_order.flat_leaves(params)
+  return int(sum(v.size for nm, v in zip(names, leaves) if trainable is None or trainable(nm)))
 
 
 def zeroth_order_rule(train_config, total_steps: int, name: str):
@@ -89,16 +265,9 @@ def zeroth_order_rule(train_config, total_steps: int, name: str):
   if name not in ("mezo", "dizo"):
     raise ConfigError(f"unknown zeroth-order update rule {name!r}.", "use 'mezo' or 'dizo'.")
   zeroth_order.validate(train_config)
-  z = train_config.zo
-  kwargs = dict(eps=z.eps, weight_decay=z.weight_decay, num_perturbations=z.num_perturbations,
-                freeze_embeddings=z.freeze_embeddings)
-  lr = zeroth_order.learning_rate_schedule(z, total_steps)
-  if name == "mezo":
-    return zeroth_order.MeZO(lr, **kwargs)
-  d = train_config.dizo
-  targets = zeroth_order.kv_targets if d.targets == "kv" else zeroth_order.kernel_targets
-  return dizo.DiZO(lr, interval=d.interval, iterations=d.iterations, eps_p=d.eps_p,
-                   step_size=d.step_size, tau=d.tau, targets=targets, **kwargs)
+  return make_rule(name, total_steps, zo=ZOSettings.from_config(train_config.zo),
+                   dizo_settings=DiZOSettings.from_config(train_config.dizo),
+                   freeze=freeze_choice(train_config.zo))
 
 
 def build_update_rule(train_config) -> UpdateRule:
@@ -109,4 +278,5 @@ def build_update_rule(train_config) -> UpdateRule:
                       f"{', '.join(map(repr, RULES))}.", "pass one of those values.")
   if name in ("mezo", "dizo"):
     return zeroth_order_rule(train_config, train_config.num_steps, name)
-  return FirstOrder(make_optimizer(train_config), learning_rate_schedule(train_config))
+  return make_rule("adamw", train_config.num_steps,
+                   adamw=AdamWSettings.from_config(train_config))

@@ -57,11 +57,19 @@ def path_names(path) -> PathNames:
   return tuple(names)
 
 
+EMBEDDINGS = ("embed", "embed_tokens", "embed_positions")
+
+
+def frozen_embeddings(names: PathNames) -> bool:
+  """The embedding tables: the token embedding (the `embed` module of a bdiff `Network`, tied
+  to the head; `embed_tokens` of OPT) and OPT's learned positions (`embed_positions`)."""
+  return any(n in EMBEDDINGS for n in names)
+
+
 def trainable_predicate(freeze_embeddings: bool) -> Predicate:
-  """All parameters, or all but the token embedding (tied to the head): the `embed` module of a
-  bdiff `Network`, `embed_tokens` of OPT."""
+  """All parameters, or all but the embedding tables (`frozen_embeddings`)."""
   if freeze_embeddings:
-    return lambda names: "embed" not in names and "embed_tokens" not in names
+    return lambda names: not frozen_embeddings(names)
   return lambda names: True
 
 
@@ -154,6 +162,8 @@ class MeZO:
   """Memory-efficient zeroth-order SGD (n-SPSA, in-place perturbations)."""
 
   name = "mezo"
+  deterministic = True  # losses in eval mode (no dropout), as MeZO's reference evaluates them
+  batches_per_step = 1
 
   def __init__(self, learning_rate: LearningRate, *, eps: float = 1e-3,
                weight_decay: float = 0.0, num_perturbations: int = 1,
@@ -162,8 +172,9 @@ class MeZO:
                stacked: Predicate = is_stacked):
     """learning_rate: η or a schedule step -> η. eps: perturbation scale ε.
 
-    trainable(path_names) picks the leaves that are perturbed and updated (default: all, minus
-    the token embedding when freeze_embeddings); decay(path_names, leaf) the leaves that get
+    trainable(path_names) picks the leaves that are perturbed and updated; when given it wins
+    over freeze_embeddings (default: all, minus the embedding tables when freeze_embeddings;
+    `update_rule.make_rule` always passes it); decay(path_names, leaf) the leaves that get
     weight decay (default: matrices, per layer slice for stacked leaves).
     """
     self.learning_rate = learning_rate
@@ -175,7 +186,11 @@ class MeZO:
     self.decay = decay or (lambda names, leaf: _decays(names, leaf, stacked))
 
   def init(self, params) -> dict:
-    del params
+    names = flat_leaves(params)[0]
+    if not any(self.trainable(nm) for nm in names):
+      raise ConfigError("the zeroth-order rule trains no parameter of this model.",
+                        "check the freeze / peft choice against the model's parameters (a LoRA "
+                        "rule needs {'base': .., 'lora': ..} parameters, lora.wrap).")
     return {}
 
   def lr(self, step) -> jax.Array:

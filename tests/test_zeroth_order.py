@@ -357,3 +357,215 @@ def test_validate_names_the_bad_field(section, field, value):
   train[section][field] = value
   with pytest.raises(ConfigError, match=f"config.train.{section}.{field}="):
     zo.validate(train)
+
+
+# ----------------------------------------------------------- one factory, one freeze choice
+
+
+def _named_params():
+  """The tiny OPT fixture's parameters next to bdiff-named leaves (token embedding `embed`,
+  stacked attention kernels, a bias): every kind of leaf the freeze choice distinguishes."""
+  from bdiff_jax.models.hf_checkpoint import load_opt
+  from tests import helpers
+  _, opt = load_opt(f"{helpers.REPO}/tests/fixtures/tiny_opt")
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return {"opt": opt, "embed": {"embedding": normal(12, 4)},
+          "backbone": {"layers": {"attn": {"query": {"kernel": normal(2, 4, 2, 2)}}}},
+          "final_norm": {"scale": normal(4)}}
+
+
+def _sum_loss(params):
+  return sum(jnp.mean(x * x + x) for x in jax.tree_util.tree_leaves(params)), {}
+
+
+def _glue_config(freeze_embeddings: bool):
+  from tests import helpers
+  g = helpers.load_config("configs/glue.py", "test").glue
+  g.zo.freeze_embeddings = freeze_embeddings
+  g.zo.learning_rate = 1e-2
+  return g
+
+
+def _lm_train_config(freeze_embeddings: bool):
+  train = zo.default_config()
+  train.zo.freeze_embeddings = freeze_embeddings
+  train.zo.learning_rate = 1e-2
+  return train
+
+
+def _embedding_leaf(names) -> bool:
+  return bool({"embed", "embed_tokens", "embed_positions"} & set(names))
+
+
+@pytest.mark.parametrize("factory", ["glue", "lm", "make_rule"])
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_freeze_choice_is_honoured_by_every_factory(factory, freeze):
+  # glue.zo.freeze_embeddings=False used to freeze the token embedding anyway (MeZO's default
+  # won), and the LM factory left OPT's embed_positions trainable: two factories, two sets.
+  params = _named_params()
+  if factory == "glue":
+    from bdiff_jax import glue_models
+    rule = glue_models.build_rule("mezo", _glue_config(freeze), 10)
+  elif factory == "lm":
+    rule = update_rule.zeroth_order_rule(_lm_train_config(freeze), 10, "mezo")
+  else:
+    rule = update_rule.make_rule("mezo", 10, zo=update_rule.ZOSettings(learning_rate=1e-2),
+                                 freeze="embeddings" if freeze else "none")
+  new, _, m = jax.jit(lambda p: rule.update(_sum_loss, p, rule.init(p), jax.random.PRNGKey(0),
+                                            jnp.int32(0)))(params)
+  assert float(m["projected_grad"]) != 0.0
+  names, before, _ = zo.flat_leaves(params)
+  after = jax.tree_util.tree_leaves(new)
+  assert {n[-2] for n in names if _embedding_leaf(n)} >= {"embed", "embed_tokens",
+                                                          "embed_positions"}
+  for nm, b, a in zip(names, before, after):
+    if freeze and _embedding_leaf(nm):
+      np.testing.assert_array_equal(a, b, err_msg=str(nm))  # bit-identical
+    else:
+      assert not np.array_equal(a, b), f"{nm} did not move"
+  frozen = sum(int(np.size(b)) for nm, b in zip(names, before) if _embedding_leaf(nm))
+  total = sum(int(np.size(b)) for b in before)
+  assert update_rule.trainable_count(rule, params) == total - (frozen if freeze else 0)
+
+
+def test_freeze_choice_of_a_config_section_and_bad_values():
+  import ml_collections
+  assert update_rule.freeze_choice(zo.default_config().zo) == "embeddings"  # the LM default
+  assert update_rule.freeze_choice(_glue_config(False).zo) == "none"
+  section = ml_collections.ConfigDict(dict(freeze="none", freeze_embeddings=True))
+  assert update_rule.freeze_choice(section) == "none"  # the explicit choice wins
+  with pytest.raises(ConfigError, match="freeze='all'"):
+    update_rule.make_rule("mezo", 10, freeze="all")
+  with pytest.raises(ConfigError, match="peft='prefix'"):
+    update_rule.make_rule("mezo", 10, peft="prefix")
+  with pytest.raises(ConfigError, match="settings"):
+    update_rule.make_rule("adamw", 10)
+
+
+# ------------------------------------------------------------ deterministic zeroth-order losses
+
+
+def test_zeroth_order_losses_are_evaluated_without_dropout():
+  # MeZO evaluates L(θ ± εz) with the network in eval mode. With ε = 0 both losses are the
+  # loss at θ; with dropout 0.5 that is the eval-mode loss, not a dropped-out one.
+  from bdiff_jax import train_step
+  from bdiff_jax.train_state import create_train_state
+  from tests import helpers
+  c = helpers.tiny_config(dropout_rate=0.5)
+  obj, net, _, state, batch = helpers.train_setup(c)
+  rule = zo.MeZO(0.0, eps=0.0, freeze_embeddings=False)
+  state = create_train_state(state.params, rule, state.rng)
+  loss_key = jax.random.split(jax.random.fold_in(state.rng, state.step))[0]
+  evaluate = jax.jit(lambda p, train: train_step.loss_fn(p, obj, net, batch, loss_key,
+                                                         train=train)[0], static_argnums=1)
+  eval_loss, dropped = float(evaluate(state.params, False)), float(evaluate(state.params, True))
+  assert abs(eval_loss - dropped) > 1e-3, (eval_loss, dropped)  # dropout is active in train mode
+  _, m = train_step.make_train_step(obj, net, rule, ema_decay=0.0)(state, batch)
+  assert float(m["loss_plus"]) == float(m["loss_minus"])
+  np.testing.assert_allclose(float(m["loss_plus"]), eval_loss, rtol=1e-6)
+  assert update_rule.is_deterministic(rule) and not update_rule.is_deterministic(
+      update_rule.build_update_rule(c.train))
+  assert update_rule.is_deterministic(dizo_lib.DiZO(0.0))
+
+
+# -------------------------------------------------------------- DiZO: a fresh batch per γ step
+
+
+def test_gamma_iteration_it_uses_batch_one_plus_it():
+  theta0, params, loss_fn = _stacked_model()
+  state = dizo_lib.DiZO(1e-3).init(theta0)
+  offsets = jnp.asarray([100.0, 10.0, 20.0, 30.0])  # the "batches": a constant added to the loss
+  fresh = lambda p, i=0: (loss_fn(p)[0] + offsets[i], {})
+  search = lambda f, fb: jax.jit(lambda p: dizo_lib.search_gamma(
+      f, p, state["theta0"], jax.random.PRNGKey(7), iterations=3, fresh_batches=fb))(params)
+  g_fresh, _, l_fresh = search(fresh, True)
+  g_same, _, l_same = search(loss_fn, False)
+  # Iteration it saw batch 1 + it (never batch 0); a constant does not change the SPSA steps.
+  np.testing.assert_allclose(np.asarray(l_fresh) - np.asarray(l_same),
+                             np.repeat(np.asarray(offsets[1:])[:, None], 2, 1), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g_fresh), jax.tree_util.tree_leaves(g_same)):
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+class _KV:
+  """A tiny flax network with attention-named dense layers `key` and `value` (DiZO's targets)."""
+
+  def __new__(cls):
+    import flax.linen as nn
+
+    class KV(nn.Module):
+      @nn.compact
+      def __call__(self, x, t=None, *, train: bool = False):
+        del t, train
+        h = jnp.tanh(nn.Dense(4, name="key")(x))
+        return nn.Dense(1, name="value")(h)[..., 0]
+
+    return KV()
+
+
+class _Regression:
+  """Objective: mean squared error of apply(batch["x"]) against batch["y"]; counts the passes."""
+
+  def __init__(self):
+    self.calls = []
+
+  def loss(self, apply, batch, key):
+    del key
+    err = apply(batch["x"]) - batch["y"]
+    jax.debug.callback(lambda e: self.calls.append(1), err[0])
+    return jnp.mean(err ** 2), {}
+
+
+def _regression_batches(n: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return {"x": jnp.asarray(rng.normal(size=(n, 8, 3)), jnp.float32),
+          "y": jnp.asarray(rng.normal(size=(n, 8)), jnp.float32)}
+
+
+def test_dizo_train_step_with_fresh_batches():
+  from bdiff_jax import glue_models, models, train_step
+  from bdiff_jax.train_state import create_train_state
+  net, obj = _KV(), _Regression()
+  params = models.init_params(net, jax.random.PRNGKey(0), seq_len=3)
+  rule = dizo_lib.DiZO(1e-2, interval=1, iterations=2, fresh_batches=True, eps=1e-2,
+                       freeze_embeddings=False)
+  assert update_rule.batches_per_step(rule) == 3
+  assert update_rule.batches_per_step(zo.MeZO(1e-2)) == 1
+  assert update_rule.batches_per_step(dizo_lib.DiZO(1e-2, iterations=2)) == 1  # reuses batch 0
+  step = train_step.make_train_step(obj, net, rule, ema_decay=0.0)
+  fresh = lambda: create_train_state(jax.tree_util.tree_map(jnp.copy, params), rule,
+                                     jax.random.PRNGKey(1))  # (the step donates the state)
+  state = fresh()
+  batch = _regression_batches(3)
+  # The step of a 2-step run moves the parameters with MeZO and projects (interval 1)...
+  new, m = step(state, batch)
+  jax.effects_barrier()
+  assert float(m["projected"]) == 1.0
+  assert len(obj.calls) == glue_models.forward_passes(rule, 1)["forward"] == 2 + 2 * 2
+  # ...and γ iteration 1's batch (batch 2) changes the projection, not the MeZO step's loss.
+  other = dict(batch, y=batch["y"].at[2].multiply(-3.0))
+  new2, m2 = step(fresh(), other)
+  assert float(m2["loss"]) == float(m["loss"])
+  kernel = lambda s, n: np.asarray(s.params[n]["kernel"])
+  assert not np.array_equal(kernel(new2, "value"), kernel(new, "value"))
+  # Batch 1 (iteration 0) too.
+  other = dict(batch, x=batch["x"].at[1].multiply(2.0))
+  new3, _ = step(fresh(), other)
+  assert not np.array_equal(kernel(new3, "value"), kernel(new, "value"))
+  with pytest.raises(ValueError, match="3 stacked batches"):
+    step(fresh(), _regression_batches(4))
+
+
+def test_glue_dizo_fresh_batches_and_forward_passes():
+  from bdiff_jax import glue_models
+  g = _glue_config(False)
+  assert update_rule.batches_per_step(glue_models.build_rule("dizo", g, 10)) == 1
+  g.dizo.fresh_batches = True
+  rule = glue_models.build_rule("dizo", g, 10)
+  assert update_rule.batches_per_step(rule) == 1 + g.dizo.iterations
+  fp = glue_models.forward_passes(rule, 10)
+  assert fp == {"forward": 2 * 10 + 2 * g.dizo.iterations * (10 // g.dizo.interval),
+                "backward": 0}
+  assert glue_models.forward_passes(glue_models.build_rule("adamw", g, 10), 10) == {
+      "forward": 10, "backward": 10}
