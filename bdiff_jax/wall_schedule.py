@@ -18,8 +18,8 @@ calibration window (the first steps are slower: dispatch and allocator warm-up),
 runs the step's evaluation twice and times the second) plus one checkpoint save, and the train
 step's compile time from the start of the run.
 
-Limits, measured on 2 shared CPU cores (README): the window is short (20 steps), so a machine
-whose speed drifts leaves part of the budget unused or has the last steps cut; and a schedule
+Limits, measured on 2 shared CPU cores (docs/results_log.md, ‖): the window is short (20 steps),
+so a machine whose speed drifts leaves part of the budget unused or has the last steps cut; and a schedule
 decayed within a short budget is not always better than a longer one cut before its end (the
 `cpu` preset keeps the latter, which measured better).
 """

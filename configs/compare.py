@@ -15,7 +15,8 @@ The preset string is LEVEL[,scale=SCALE]:
          (64 steps) per model, evaluation on the first 8,192 tokens of valid and of test.
          Expected (2 shared CPU cores, ~6 min per model): word perplexities in the thousands
          (barely trained models); the AR number (exact) below both diffusion bounds; reversible
-         and standard diffusion close to each other. Measured numbers are in README.md.
+         and standard diffusion close to each other. Measured numbers are in README.md
+         (Results) and docs/benchmarks.md.
   full   GPU/TPU, hours per model: the `small` scale by default, seq_len 256, batch 64, 3 seeds,
          327,680,000 tokens per model (20,000 steps), full valid/test splits.
 SCALE (the model shape; every scale uses kv heads = heads / 2 and head_dim 64):

@@ -33,7 +33,7 @@ out-of-vocabulary rate.
          checkpoint `glue.init_checkpoint` are used, and glue.seq_len must not exceed its
          data.seq_len). About 2 minutes per row and seed on 2 CPU cores; the measured
          table (from WikiText-2 models pretrained for minutes: all rows at chance) is in
-         README.md.
+         docs/glue.md.
   full:  GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
          (16/8), k=16, 1,000 dev examples, 3 seeds, 1,000 steps per row. Not yet measured.
 """

@@ -18,7 +18,7 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            stopped it at step 2,637 (10.8M tokens), 31.6 min end to end: bound 388 valid / 367
            test word-ppl (unigram 968 / 914, bigram 328 / 305; README.md); --config.seed=1:
            478 / 451 (step 2,542), seed=2: 412 / 388 (step 2,720); 3 seeds 426 ± 38 / 402 ± 35
-           (README, Results: the seed spread is how long a run sits on an early plateau). With
+           (docs/results_log.md: the seed spread is how long a run sits on an early plateau). With
            the full softmax head (--config.model.head=full, the preset until 2026-12-06), the
            same day: 481 / 453 at step 1,416 (5.80M tokens); on the AMD EPYC of 2026-12-04:
            412 / 382 at step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
@@ -128,11 +128,11 @@ def get_config(preset: str = ""):
   elif preset in ("cpu", "cpu_opt"):
     # About 30 minutes of training on 2 CPU cores (plus the full-split evaluation).
     if preset == "cpu":
-      # The adaptive softmax head (README, "The output head"): the same model quality per step
-      # (6-minute screen on 2026-12-06: periodic readings 825 / 771 / 726 at steps 100 / 200 /
+      # The adaptive softmax head (docs/design.md, "The output head"): the same model quality per
+      # step (6-minute screen on 2026-12-06: periodic readings 825 / 771 / 726 at steps 100 / 200 /
       # 300, against 824 / 771 / 734 with the full head) at 1.63x the steps per second, so the
       # 30 minutes train 10.8M tokens instead of 5.8M: bound 388 / 367 against 481 / 453 with
-      # the full head on the same machine the same day (README, Results).
+      # the full head on the same machine the same day (docs/results_log.md).
       c.model.head = "adaptive"
     c.data.seq_len = 128
     c.model.num_layers = 4
@@ -156,7 +156,7 @@ def get_config(preset: str = ""):
     # ~415), so on this budget the learning rate is better kept high than decayed early.
     # diffusion.train_positions_per_seq stays 0 (every masked position scored): with 16, the
     # step was 1.73x faster and the 30-minute run saw 12.29M tokens over all 3,000 steps, yet
-    # its bound was 489 / 461 against this preset's 412 / 382 (README, Results).
+    # its bound was 489 / 461 against this preset's 412 / 382 (docs/results_log.md, ♦).
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 50
     c.train.log_every = 10
