@@ -50,8 +50,8 @@ class Spy(models.BoundNetwork):
     return super().token_nll(h, targets)
 
 
-def causal_batch(vocab, *, words=None, b=3, c=2, length=LENGTH, pad_left, spans=((1, 1), (2, 3), (4, 2)),
-                 seed=0):
+def causal_batch(vocab, *, words=None, b=3, c=2, length=LENGTH, pad_left,
+                 spans=((1, 1), (2, 3), (4, 2)), seed=0):
   """A causal batch [b, c, length]: row (i, j) has a real length and a scored span of
   spans[(i * c + j) % len(spans)] = (offset from the end of the row's text, tokens). Inputs are
   ids < vocab, targets ids < words (default vocab)."""
