@@ -46,6 +46,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT2_CONFIG = os.path.join(REPO, "configs", "wikitext2.py")
 BUDGET_SECONDS = 1800.0  # the main command's budget (configs/wikitext2.py:cpu)
 NAMES = ("reversible_qwen3", "standard_qwen3", "opt")
+# row model -> the configs/glue.py field its workdir goes to
+GLUE_FIELDS = {"reversible_qwen3": "init_workdir_reversible",
+               "standard_qwen3": "init_workdir_standard", "opt": "opt_dir"}
 LEDGER = "glue_start.json"
 LOG = "pretrain.log"
 
@@ -169,6 +172,12 @@ def _attempt(name: str, workdir: str, argv: list[str], reporter: Reporter, recor
       record["spent_seconds"] = spent_before + time.time() - t0
       _write_ledger(workdir, record)
   return code, last
+
+
+def glue_fields(workdirs: Mapping[str, str]) -> dict[str, str]:
+  """{configs/glue.py field: workdir} for `ensure_starts`' result, e.g.
+  {"init_workdir_reversible": ..., "init_workdir_standard": ..., "opt_dir": ...}."""
+  return {GLUE_FIELDS[name]: w for name, w in workdirs.items()}
 
 
 def ensure_start(name: str, starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,

@@ -49,6 +49,8 @@ def test_commands_are_the_train_mode_of_each_start_model(tmp_path):
       got["standard_qwen3"])
   assert got["opt"][2].endswith("configs/wikitext2.py:cpu_opt") and len(got["opt"]) == 7
   assert glue_starts.workdir_of(str(tmp_path), "opt") == str(tmp_path / "wt2_opt")
+  assert glue_starts.glue_fields({"opt": "/a", "standard_qwen3": "/b"}) == {
+      "opt_dir": "/a", "init_workdir_standard": "/b"}
 
 
 def test_bad_arguments_are_one_config_error(tmp_path):
