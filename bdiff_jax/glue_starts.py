@@ -14,7 +14,8 @@ each with `--config.train.max_wall_seconds` = the budget (the main command's 30 
 default). Each runs as what a user runs, a child process
 
   python main.py --config configs/wikitext2.py:<preset> --workdir <workdir> --mode=train \
-      --config.data.data_dir=<data_dir> --config.train.max_wall_seconds=<seconds> <overrides>
+      --config.train.max_wall_seconds=<seconds> --config.train.progress_bar=false \
+      --config.data.data_dir=<data_dir> <overrides>
 
 whose output goes to the reporter (and to <workdir>/pretrain.log), so a crash stays in the child
 and comes back as one `StartModelError` line.
@@ -89,7 +90,8 @@ def command(name: str, workdir: str, *, data_dir: str, budget_seconds: float,
   preset, overrides = LEVELS[level][name]
   argv = [sys.executable, os.path.join(REPO, "main.py"),
           f"--config={WIKITEXT2_CONFIG}:{preset}", f"--workdir={workdir}", "--mode=train",
-          f"--config.train.max_wall_seconds={float(budget_seconds)!r}"]
+          f"--config.train.max_wall_seconds={float(budget_seconds)!r}",
+          "--config.train.progress_bar=false"]  # log lines instead of a bar's \r updates
   if data_dir:
     argv.append(f"--config.data.data_dir={os.path.abspath(data_dir)}")
   return argv + list(overrides) + list(extra_args)

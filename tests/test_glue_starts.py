@@ -41,13 +41,14 @@ def test_commands_are_the_train_mode_of_each_start_model(tmp_path):
   for argv in got.values():
     assert argv[1] == os.path.join(helpers.REPO, "main.py") and "--mode=train" in argv
     assert "--config.train.max_wall_seconds=1800.0" in argv
+    assert "--config.train.progress_bar=false" in argv
     assert "--config.data.data_dir=/data/wt2" in argv
   assert got["reversible_qwen3"][2].endswith("configs/wikitext2.py:cpu")
   assert {"--config.model.block=qwen3", "--config.model.backbone=reversible"} <= set(
       got["reversible_qwen3"])
   assert {"--config.model.block=qwen3", "--config.model.backbone=standard"} <= set(
       got["standard_qwen3"])
-  assert got["opt"][2].endswith("configs/wikitext2.py:cpu_opt") and len(got["opt"]) == 7
+  assert got["opt"][2].endswith("configs/wikitext2.py:cpu_opt") and len(got["opt"]) == 8
   assert glue_starts.workdir_of(str(tmp_path), "opt") == str(tmp_path / "wt2_opt")
   assert glue_starts.glue_fields({"opt": "/a", "standard_qwen3": "/b"}) == {
       "opt_dir": "/a", "init_workdir_standard": "/b"}
