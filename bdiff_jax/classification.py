@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdiff_jax.data.glue_prompts import STSB_MAX
+from bdiff_jax.errors import ConfigError
 
 
 def soft_cross_entropy(scores: jax.Array, target: jax.Array) -> jax.Array:
@@ -77,26 +78,87 @@ class ClassificationObjective(abc.ABC):
     return np.argmax(scores, axis=-1)
 
 
+DEFAULT_LABEL_TOKENS = 8  # scored (label) tokens per causal row gathered for the output head
+
+
+def scored_tokens(score_mask) -> int:
+  """The most scored (label) tokens of any row of a causal batch: score_mask [..., L] -> int. A
+  `CausalPrompt(max_label_tokens=...)` of at least this runs the head on no other position."""
+  mask = np.asarray(score_mask)
+  return int((mask > 0).sum(axis=-1).max(initial=0))
+
+
+def _gathers_rows(apply) -> bool:
+  """Whether `apply` can return hidden states and score rows of them (`models.BoundNetwork`)."""
+  return callable(getattr(apply, "hidden", None)) and callable(getattr(apply, "token_nll", None))
+
+
 class CausalPrompt(ClassificationObjective):
-  """Mean log-probability of each candidate's label tokens after the prompt (causal LM)."""
+  """Mean log-probability of each candidate's label tokens after the prompt (causal LM).
+
+  With an `apply` from `models.bind` the output head (a [D, V] product and a softmax over V per
+  position) runs only at the scored positions: the network returns its final hidden states,
+  the first `max_label_tokens` positions of each row with score_mask = 1 are gathered (a fixed
+  number, so shapes stay static) and `apply.token_nll` scores the label tokens there (the
+  adaptive head's exact NLL without its tail clusters where the label is not in them). A batch
+  with a row of more scored tokens than that takes an exact fallback (`lax.cond`) that runs the
+  head at every position, as a plain `apply` (logits only) always does. The scores equal the
+  full-logits computation up to the order of floating-point additions.
+  """
 
   name = "causal_prompt"
   causal = True
+
+  def __init__(self, *, regression: bool = False, max_label_tokens: int = DEFAULT_LABEL_TOKENS):
+    super().__init__(regression=regression)
+    if int(max_label_tokens) < 1:
+      raise ConfigError(f"max_label_tokens={max_label_tokens} must be >= 1.",
+                        "pass the most label tokens of a row (classification.scored_tokens).")
+    self.max_label_tokens = int(max_label_tokens)
 
   def scores(self, apply, batch):
     inputs = batch["inputs"]
     b, c, length = inputs.shape
     flat = lambda x: x.reshape(b * c, length)
-    logits = apply(flat(inputs), padding_mask=flat(batch["padding"])).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    token_lp = jnp.take_along_axis(logp, flat(batch["targets"])[..., None], axis=-1)[..., 0]
+    tokens, padding, targets = flat(inputs), flat(batch["padding"]), flat(batch["targets"])
     mask = flat(batch["score_mask"]).astype(jnp.float32)
-    mean_lp = jnp.sum(token_lp * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    if not _gathers_rows(apply):
+      logits = apply(tokens, padding_mask=padding).astype(jnp.float32)
+      logp = jax.nn.log_softmax(logits, axis=-1)
+      token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      sum_lp = jnp.sum(token_lp * mask, axis=-1)
+    else:
+      h = apply.hidden(tokens, padding_mask=padding)  # [B*C, L, D], final-normed
+      k = min(self.max_label_tokens, length)
+
+      def every_position():
+        lp = -apply.token_nll(h, targets).astype(jnp.float32)
+        return jnp.sum(lp * mask, axis=-1)
+
+      def scored_positions():
+        pos = jnp.arange(length, dtype=jnp.int32)[None, :]
+        # The scored positions first, in order; then the others (weight 0).
+        idx = jnp.argsort(jnp.where(mask > 0, pos, pos + length), axis=-1)[:, :k]
+        rows = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B*C, K, D]
+        lp = -apply.token_nll(rows, jnp.take_along_axis(targets, idx, axis=-1))
+        return jnp.sum(lp.astype(jnp.float32) * jnp.take_along_axis(mask, idx, axis=-1), axis=-1)
+
+      if k == length:
+        sum_lp = every_position()
+      else:
+        fits = jnp.max(jnp.sum((mask > 0).astype(jnp.int32), axis=-1)) <= k
+        sum_lp = jax.lax.cond(fits, scored_positions, every_position)
+    mean_lp = sum_lp / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
     return mean_lp.reshape(b, c)
 
 
 class ClozePrompt(ClassificationObjective):
-  """The denoiser's log-probability of each candidate at the [MASK] of the template."""
+  """The denoiser's log-probability of each candidate at the [MASK] of the template.
+
+  With an `apply` from `models.bind` the output head runs only at the mask (the network's
+  `logit_positions`) and scores the C candidates there with `apply.token_nll`; a plain `apply`
+  (logits only) computes the logits at every position and reads the mask's row.
+  """
 
   name = "cloze_prompt"
   causal = False
@@ -107,10 +169,16 @@ class ClozePrompt(ClassificationObjective):
 
   def scores(self, apply, batch):
     t = batch["t"] if self.uses_time else None
+    cands = batch["candidate_ids"]
+    if _gathers_rows(apply):
+      h = apply.hidden(batch["inputs"], t, padding_mask=batch["padding"],
+                       positions=batch["mask_pos"][:, None])  # [B, 1, D]
+      h = jnp.broadcast_to(h, (cands.shape[0], cands.shape[1], h.shape[-1]))
+      return -apply.token_nll(h, cands).astype(jnp.float32)
     logits = apply(batch["inputs"], t, padding_mask=batch["padding"]).astype(jnp.float32)
     at_mask = jnp.take_along_axis(logits, batch["mask_pos"][:, None, None], axis=1)[:, 0]
     logp = jax.nn.log_softmax(at_mask, axis=-1)  # [B, V]
-    return jnp.take_along_axis(logp, batch["candidate_ids"], axis=-1)
+    return jnp.take_along_axis(logp, cands, axis=-1)
 
 
 class PooledHead(ClassificationObjective):

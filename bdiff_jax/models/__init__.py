@@ -32,16 +32,44 @@ def init_params(network: Network, key, *, seq_len: int):
   return network.init({"params": key}, tokens, t, train=False)["params"]
 
 
-def bind(network: Network, params, *, train: bool, dropout_key=None):
+class BoundNetwork:
+  """`bind`'s callable: `apply(tokens, t=None, **kw) -> logits` (or, with method="head",
+  hidden -> logits) is `network.apply` with the parameters and dropout key bound.
+
+  `hidden` and `token_nll` let a loss run the output head only at the positions it reads (the
+  network must take `logit_positions`/`return_hidden` and have a `token_nll` method: `Network`,
+  `OPTNetwork`, `classifier.OPTLM`):
+
+    h = apply.hidden(tokens, t, padding_mask=m, positions=idx)  # [B, K, D] at idx int[B, K]
+    nll = apply.token_nll(h, targets)                            # -log p(targets | h) [B, K]
+  """
+
+  def __init__(self, network, params, *, train: bool, dropout_key=None):
+    self.network, self.params, self.train = network, params, train
+    self.rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+
+  def __call__(self, *a, **kw):
+    return self.network.apply({"params": self.params}, *a, train=self.train, rngs=self.rngs, **kw)
+
+  def hidden(self, tokens, t=None, *, padding_mask=None, positions=None):
+    """Final hidden states [B, L, D] (at `positions` int[B, K] only: [B, K, D])."""
+    return self(tokens, t, padding_mask=padding_mask, logit_positions=positions,
+                return_hidden=True)
+
+  def token_nll(self, h, targets):
+    """-log p(targets | h): h [..., D], targets int[...] -> float [...] (the network's head)."""
+    return self(h, targets, method="token_nll")
+
+
+def bind(network: Network, params, *, train: bool, dropout_key=None) -> BoundNetwork:
   """`apply(tokens, t=None, **kw) -> logits` (or, with method="head", hidden -> logits): the
-  network with its parameters and dropout key bound."""
-  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
-  return lambda *a, **kw: network.apply({"params": params}, *a, train=train, rngs=rngs, **kw)
+  network with its parameters and dropout key bound (a `BoundNetwork`)."""
+  return BoundNetwork(network, params, train=train, dropout_key=dropout_key)
 
 
 def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["Network", "ModelSpec", "OPTNetwork", "bind", "build_network", "init_params", "count_params",
-           "output_bias_params", "spec_from_config"]
+__all__ = ["BoundNetwork", "Network", "ModelSpec", "OPTNetwork", "bind", "build_network",
+           "init_params", "count_params", "output_bias_params", "spec_from_config"]
