@@ -162,10 +162,7 @@ _started: Optional[tuple[str, str]] = None
 
 
 def _x64_enabled() -> bool:
-  try:
-    return bool(jax.config.read("jax_enable_x64"))
-  except (AttributeError, KeyError):
-    return False
+  return bool(jax.config.jax_enable_x64)
 
 
 def start_backend() -> tuple[str, str]:
@@ -185,7 +182,7 @@ def start_backend() -> tuple[str, str]:
   if not metal_plugin_installed():
     _started = (jax.default_backend(), "")
     return _started
-  requested = (jax.config.read("jax_platforms") or "").strip()
+  requested = (jax.config.jax_platforms or "").strip()
   wants_metal = not requested or any(p in requested.split(",") for p in METAL_PLATFORMS)
   note = ""
   if wants_metal and _x64_enabled():

@@ -99,6 +99,16 @@ def _auto() -> tuple[str, str]:
   return "cpu", f"no accelerator: {p.describe()}"
 
 
+def _metal_note() -> str:
+  """Where the Metal plugin is installed, a forced preset starts JAX's backend here too, as
+  `_auto` does, so that a plugin that cannot start means the CPU and a note, not a traceback
+  later; "" (and nothing started) without the plugin."""
+  from bdiff_jax import platform_info  # pylint: disable=g-import-not-at-top
+  if not platform_info.metal_plugin_installed():
+    return ""
+  _, note = platform_info.start_backend()
+  return f"; {note}" if note else ""
+
 
 def get_config(preset: str = ""):
   c = base_config()
@@ -109,7 +119,7 @@ def get_config(preset: str = ""):
   if preset == "auto":
     preset, reason = _auto()
   else:
-    reason = "chosen on the command line"
+    reason = "chosen on the command line" + _metal_note()
   preset = "gpu" if preset == "default" else preset
   c.preset, c.preset_reason = preset, reason
   # The count estimator of the ELBO (bdiff_jax/diffusion.py): the same bound as the time
