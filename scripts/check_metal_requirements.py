@@ -38,9 +38,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = "jax-mps"
 UNREACHABLE = 3
 # pip's words for a registry it could not reach (no network, DNS, proxy, TLS).
-_OFFLINE = re.compile(r"NewConnectionError|Max retries exceeded|Temporary failure in name "
-                      r"resolution|Name or service not known|Network is unreachable|"
-                      r"ConnectTimeout|ReadTimeout|ProxyError|SSLError|Could not fetch URL")
+# (pip prints them as warnings while it retries, so the resolving run is not --quiet.)
+_OFFLINE = re.compile(r"NewConnectionError|NameResolutionError|Max retries exceeded|Temporary "
+                      r"failure in name resolution|Name or service not known|Network is "
+                      r"unreachable|Failed to establish a new connection|ConnectTimeout|"
+                      r"ReadTimeout|ProxyError|SSLError|Could not fetch URL")
 
 
 def target_environment(platform: str, python_version: str) -> dict:
@@ -120,7 +122,7 @@ def resolve(reqs: list[Requirement], platform: str, python_version: str, workdir
   built = []
   while True:
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-           "--quiet", "--disable-pip-version-check", "--target", os.path.join(workdir, "t"),
+           "--disable-pip-version-check", "--target", os.path.join(workdir, "t"),
            "--report", report, "--platform", platform, "--python-version", python_version,
            "--implementation", "cp", "--only-binary=:all:", "--find-links", wheeldir,
            "-r", flat]
