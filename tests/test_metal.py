@@ -9,15 +9,19 @@ file is resolved for macOS arm64 by scripts/check_metal_requirements.py (slow: t
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from bdiff_jax import platform_info
+from bdiff_jax.benchmarks import step_memory
 from bdiff_jax.errors import UserError
+from bdiff_jax.train_step import make_train_step
 from tests import helpers
 
 GIB = 2**30
@@ -105,6 +109,51 @@ def test_start_backend_without_the_plugin_is_plain_jax():
   assert not platform_info.metal_plugin_installed()
   assert platform_info.start_backend() == (jax.default_backend(), "")
   assert platform_info.detect().note == ""
+
+
+# The StableHLO operations jax-mps 0.10.11 executes: the dispatch table of its
+# libpjrt_plugin_mps.dylib (the op names next to its handlers' "[MPS ERROR] <op>: ..." messages;
+# any other op fails at compile time with "Unsupported operation(s): ... The MPS backend does not
+# have a handler for these operations"), and the CHLO ops its legalisation pass rewrites to
+# StableHLO first (the chlo.* names in the binary).
+JAX_MPS_0_10_11_OPS = frozenset("stablehlo." + op for op in """
+    exponential log sqrt rsqrt negate abs floor ceil sine cosine tanh tan logistic sign
+    log_plus_one round_nearest_even is_finite exponential_minus_one real imag add subtract
+    multiply divide maximum minimum power atan2 and or xor shift_left shift_right_logical clamp
+    remainder cbrt not shift_right_arithmetic popcnt compare select round_nearest_afz
+    count_leading_zeros reduce_precision constant convert bitcast_convert reshape
+    broadcast_in_dim concatenate transpose reverse iota slice dynamic_slice dynamic_update_slice
+    pad return gather scatter reduce reduce_window select_and_scatter all_reduce partition_id
+    dot_general convolution cholesky triangular_solve custom_call composite optimization_barrier
+    while case rng_bit_generator create_token after_all sort fft complex""".split()) | frozenset(
+        "chlo." + op for op in """
+    acos acosh asin asinh atan atanh conj cosh digamma erf erf_inv erfc is_inf is_neg_inf
+    is_pos_inf lgamma next_after polygamma sinh square tan top_k zeta""".split())
+
+
+def _ops(lowered) -> set:
+  text = lowered.as_text()
+  ops = set(re.findall(r"\b((?:stablehlo|chlo|mhlo|sdy)\.[a-z_]+)", text))
+  ops -= {"mhlo.num_partitions", "mhlo.num_replicas", "mhlo.frontend_attributes",
+          "mhlo.sharding", "mhlo.layout_mode", "mhlo.memory_kind"}
+  ops |= {"custom_call @" + t for t in re.findall(r"custom_call @([A-Za-z0-9_.]+)", text)}
+  return ops
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu_opt"])  # diffusion (adaptive head); OPT, AR
+def test_train_step_and_sampler_use_only_ops_jax_mps_executes(preset):
+  # Lowered (not compiled) for this machine's backend: the same StableHLO the plugin would get,
+  # except where JAX has Metal-specific lowerings (jax-mps registers its own for GELU,
+  # attention, norms, RoPE, threefry: its mps.* custom calls).
+  c = helpers.load_config("configs/wikitext2.py", preset)
+  parts = step_memory.step_parts(c, 33_278)
+  step = make_train_step(parts.objective, parts.network, parts.rule, ema_decay=c.train.ema_decay)
+  tokens = jax.ShapeDtypeStruct((2, int(c.data.seq_len)), jnp.int32)
+  ops = _ops(step.lower(parts.abstract_state, tokens))
+  sample = jax.jit(lambda p, key: parts.objective.sample(
+      parts.network, p, key, sample_config=c.sample, max_len=int(c.data.seq_len)))
+  ops |= _ops(sample.lower(parts.abstract_state.params, jax.random.PRNGKey(0)))
+  assert ops and ops <= JAX_MPS_0_10_11_OPS, sorted(ops - JAX_MPS_0_10_11_OPS)
 
 
 def _load_checker():
