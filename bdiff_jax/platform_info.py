@@ -61,7 +61,7 @@ class Platform:
   def describe(self) -> str:
     mem = f"{self.memory_bytes / 2**30:.1f} GiB"
     what = ("available host RAM" if self.backend == "cpu" else
-            f"of unified memory ({METAL_MEMORY_SHARE:.0%} of RAM)" if self.metal else
+            "of unified memory for the GPU" if self.metal else
             "memory per device")
     return (f"{self.num_devices} {self.backend} device(s) ({self.device_kind}), {mem} "
             f"{what}, {self.cpu_count} CPU cores")
