@@ -161,6 +161,11 @@ class _PluginFailures(logging.Filter):
 _started: Optional[tuple[str, str]] = None
 
 
+def _requested_platforms() -> str:
+  """JAX_PLATFORMS / jax_platforms: "" where JAX chooses."""
+  return (jax.config.jax_platforms or "").strip()
+
+
 def _x64_enabled() -> bool:
   return bool(jax.config.jax_enable_x64)
 
@@ -173,8 +178,9 @@ def start_backend() -> tuple[str, str]:
   falls back to the CPU; the traceback is kept off stderr), where its backend raises when JAX
   starts it (no Metal device: JAX raises "Unable to initialize backend 'mps'"), or where the
   run enables float64 (JAX_ENABLE_X64; Metal has no float64, and jax-mps would fail or
-  silently downcast). The note is "" where nothing was changed, and always without the plugin:
-  CPU, CUDA and TPU runs start exactly as before.
+  silently downcast; a UserError where the backend had already started on Metal). The note is
+  "" where nothing was changed, and always without the plugin: CPU, CUDA and TPU runs start
+  exactly as before.
   """
   global _started
   if _started is not None:
@@ -182,13 +188,12 @@ def start_backend() -> tuple[str, str]:
   if not metal_plugin_installed():
     _started = (jax.default_backend(), "")
     return _started
-  requested = (jax.config.jax_platforms or "").strip()
+  requested = _requested_platforms()
   wants_metal = not requested or any(p in requested.split(",") for p in METAL_PLATFORMS)
   note = ""
-  if wants_metal and _x64_enabled():
-    jax.config.update("jax_platforms", "cpu")  # before the backend starts: never tried on Metal
-    note = (f"float64 (JAX_ENABLE_X64) is not supported on Metal ({METAL_PLUGIN}); "
-            "running on the CPU")
+  x64 = wants_metal and _x64_enabled()
+  if x64:  # before the backend starts (main.py starts none earlier): Metal is never tried
+    jax.config.update("jax_platforms", "cpu")
   failures = _PluginFailures()
   xla_bridge_log = logging.getLogger("jax._src.xla_bridge")
   xla_bridge_log.addFilter(failures)
@@ -204,7 +209,14 @@ def start_backend() -> tuple[str, str]:
                                          .split(" (you may need")[0]))
   finally:
     xla_bridge_log.removeFilter(failures)
-  if not note and wants_metal and backend not in METAL_PLATFORMS:
+  if x64 and backend in METAL_PLATFORMS:  # it had started already: too late to route
+    raise UserError(f"float64 (JAX_ENABLE_X64) is not supported on Metal ({METAL_PLUGIN}), and "
+                    "JAX's backend had already started there.",
+                    "unset JAX_ENABLE_X64, or run on the CPU: JAX_PLATFORMS=cpu.")
+  if x64:
+    note = (f"float64 (JAX_ENABLE_X64) is not supported on Metal ({METAL_PLUGIN}); "
+            f"running on the {backend}")
+  elif wants_metal and backend not in METAL_PLATFORMS:
     why = failures.failures[-1] if failures.failures else "JAX started no Metal backend"
     note = f"the Metal plugin {METAL_PLUGIN} did not start ({why}); running on the {backend}"
   _started = (backend, note)

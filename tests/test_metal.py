@@ -156,6 +156,41 @@ def test_train_step_and_sampler_use_only_ops_jax_mps_executes(preset):
   assert ops and ops <= JAX_MPS_0_10_11_OPS, sorted(ops - JAX_MPS_0_10_11_OPS)
 
 
+def _installed_plugin(monkeypatch, backend, *, x64=False, requested=""):
+  """start_backend as on a Mac with the plugin, JAX answering `backend` (config updates noted,
+  not made: this process's backend has started already)."""
+  updates = []
+  monkeypatch.setattr(platform_info, "_started", None)
+  monkeypatch.setattr(platform_info, "metal_plugin_installed", lambda: True)
+  monkeypatch.setattr(platform_info, "_x64_enabled", lambda: x64)
+  monkeypatch.setattr(platform_info, "_requested_platforms", lambda: requested)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax.config, "update", lambda *a: updates.append(a))
+  return updates
+
+
+def test_start_backend_on_metal_says_nothing(monkeypatch):
+  assert _installed_plugin(monkeypatch, "mps") == []
+  assert platform_info.start_backend() == ("mps", "")
+
+
+def test_start_backend_notes_a_plugin_that_gave_no_backend(monkeypatch):
+  _installed_plugin(monkeypatch, "cpu")
+  assert platform_info.start_backend() == (
+      "cpu", "the Metal plugin jax-mps did not start (JAX started no Metal backend); running "
+             "on the cpu")
+  _installed_plugin(monkeypatch, "cpu", requested="cpu")  # the user's choice: no note
+  assert platform_info.start_backend() == ("cpu", "")
+
+
+def test_float64_on_metal_too_late_to_route_is_one_line(monkeypatch):
+  updates = _installed_plugin(monkeypatch, "mps", x64=True)
+  with pytest.raises(UserError, match="float64") as e:
+    platform_info.start_backend()
+  assert updates == [("jax_platforms", "cpu")] and "\n" not in str(e.value)
+  assert "Fix: unset JAX_ENABLE_X64" in str(e.value)
+
+
 def _load_checker():
   spec = importlib.util.spec_from_file_location(
       "check_metal_requirements", os.path.join(helpers.REPO, "scripts",
@@ -281,7 +316,7 @@ def test_float64_is_routed_to_the_cpu_before_metal_starts(tmp_path):
   out, called = _run_with_fake_plugin(tmp_path, "backend_raises", JAX_ENABLE_X64="1")
   assert not called  # the Metal backend was never tried
   assert out["note"] == ("float64 (JAX_ENABLE_X64) is not supported on Metal (jax-mps); "
-                         "running on the CPU")
+                         "running on the cpu")
 
 
 @pytest.mark.slow
