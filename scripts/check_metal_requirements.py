@@ -10,8 +10,9 @@ therefore first flattens the file (its `-r` includes too), evaluating each marke
 (CPython 3.11 on macOS arm64), then asks pip to resolve the result as binary wheels for that
 platform (`pip install --dry-run --ignore-installed --report`, into a temporary directory:
 nothing is installed; a dependency published only as a pure-Python source distribution is
-built into a wheel there first, as pip would build it on the Mac), and checks pip's report: every `name==version` pin resolved at exactly
-that version, the Metal plugin included, and every wheel is one a Mac on arm64 can install.
+built into a wheel there first, as pip would build it on the Mac), and checks pip's report:
+every `name==version` pin resolved at exactly that version, the Metal plugin included, and every
+wheel is one a Mac on arm64 can install.
 
 Exit status: 0 resolved; 1 does not resolve or a pin moved (one `error:` line); 3 the package
 registry could not be reached (nothing was checked).
