@@ -171,7 +171,7 @@ def _x64_enabled() -> bool:
 
 
 def start_backend() -> tuple[str, str]:
-  """Starts JAX's backend (once); returns (platform name, note).
+  """Starts JAX's backend; returns (platform name, note), the same on every call.
 
   With the Metal plugin installed (`metal_plugin_installed`), the run goes to the CPU, and the
   note says why in one line, where the plugin's `initialize()` fails (JAX logs a traceback and
@@ -186,8 +186,7 @@ def start_backend() -> tuple[str, str]:
   if _started is not None:
     return _started
   if not metal_plugin_installed():
-    _started = (jax.default_backend(), "")
-    return _started
+    return jax.default_backend(), ""  # as before; not cached
   requested = _requested_platforms()
   wants_metal = not requested or any(p in requested.split(",") for p in METAL_PLATFORMS)
   note = ""
