@@ -78,3 +78,27 @@ def test_main_refuses_a_step_that_does_not_fit(tmp_path, real_data_dir, shared_t
   assert "Traceback" not in proc.stderr
   assert "preset: smoke" in proc.stdout
   assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("gib,expected", [(0, "cpu"), (4, "cpu"), (16, "gpu"), (64, "gpu")])
+def test_auto_on_the_metal_plugin_fits_unified_memory(monkeypatch, gib, expected):
+  # jax-mps registers the platform "mps"; its memory is a share of the RAM (0: unknown).
+  module = _wikitext2_module()
+  mps = platform_info.Platform(backend="mps", device_kind="Apple M3", num_devices=1,
+                               memory_bytes=gib * 2**30, cpu_count=8)
+  monkeypatch.setattr(platform_info, "detect", lambda: mps)
+  c = module.get_config()
+  assert c.preset == expected
+  reason = c.preset_reason
+  assert "\n" not in reason and "mps" in reason and "Metal" in reason
+  assert platform_info.METAL_PLUGIN in reason and "fit check is skipped" in reason
+  assert ("memory unknown" in reason) == (gib == 0)
+
+
+def test_auto_says_when_the_metal_plugin_did_not_start(monkeypatch):
+  note = "the Metal plugin jax-mps did not start (no Metal device); running on the cpu"
+  cpu = platform_info.Platform(backend="cpu", device_kind="cpu", num_devices=1,
+                               memory_bytes=16 * 2**30, cpu_count=8, note=note)
+  monkeypatch.setattr(platform_info, "detect", lambda: cpu)
+  c = _wikitext2_module().get_config()
+  assert c.preset == "cpu" and note in c.preset_reason and "\n" not in c.preset_reason
