@@ -205,3 +205,64 @@ def test_glue_test_level_end_to_end(sst2, tmp_path):
     constant = max(r["prediction_distribution"]) >= glue_report.CONSTANT_FRACTION
     assert ("constant predictor" in r["flags"]) == constant
   assert rows["adamw_reversible_qwen3"]["oov_rate"] == pytest.approx(0.0)  # train-text vocab
+  assert rows["adamw_reversible_qwen3"]["init"].startswith("Qwen3-style (reversible), 0.0 M "
+                                                           "parameters (")
+  for rec in out["records"]:
+    # Every evaluation point of the curve, with its forward passes; step 0 is the zero-shot.
+    assert [p["step"] for p in rec["curve"]] == [0, 2, 3]
+    assert rec["curve"][-1]["forward"] == rec["forward_passes"]["forward"]
+    assert rec["curve"][0]["dev"] == rec["zero_shot"]["dev"]["dev"]["accuracy"]
+    assert rec["selected_step"] in (0, 2, 3) and rec["relative_param_change"] >= 0
+    assert (rec["selected_step"] == 0) == (rec["relative_param_change"] == 0.0)
+    assert rec["sizes"]["selection"] == 8
+  for r in rows.values():
+    assert ("selected step 0 (1/1 seeds)" in r["flags"]) == (r["selected_steps"] == [0])
+    assert r["bow"] == 1.0  # the toy task is separable by its words
+  md = (tmp_path / "glue.md").read_text()
+  assert "DiZO vs MeZO at equal forward passes" in md and "step-0 dev" in md
+  assert os.path.getsize(tmp_path / "glue_curves_SST-2.png") > 0
+
+
+def test_selection_set_is_class_balanced(sst2, tmp_path):
+  # 30 positive, 10 negative train examples: a random 8 would mostly be positive.
+  root = write_sst2(str(tmp_path / "imb"), n_train=40)
+  path = os.path.join(root, "SST-2", "train.tsv")
+  lines = open(path, encoding="utf-8").read().splitlines()
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines[:1] + [ln.rsplit("\t", 1)[0] + "\t" + ("0" if i % 4 == 0 else "1")
+                                    for i, ln in enumerate(lines[1:])]) + "\n")
+  g = _config(root, "opt:mezo").glue
+  for seed in (0, 1):
+    train, selection, devs, _ = glue_mode.task_splits("SST-2", g, seed)
+    assert np.bincount(selection.labels).tolist() == [4, 4]
+    assert np.bincount(train.labels).tolist() == [4, 4]  # k_per_class=4 of the rest
+    assert set(devs) == {"dev"}
+  g.k_per_class = 0  # the full train split minus the selection set
+  train, selection, _, full = glue_mode.task_splits("SST-2", g, 0)
+  assert len(train) == len(full) - 8 and not set(train.source_rows) & set(selection.source_rows)
+  g.train_examples = 10
+  assert len(glue_mode.task_splits("SST-2", g, 0)[0]) == 10
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_steps", 0, "glue.num_steps=0"), ("eval_every", 0, "glue.eval_every"),
+    ("batch_size", 0, "glue.batch_size"), ("seeds", (), "glue.seeds"),
+    ("k_per_class", -1, "glue.k_per_class"), ("tasks", " ", "glue.tasks"),
+    ("selection_fraction", 1.0, "selection_fraction"), ("rows", "opt:sgd", "glue.rows"),
+    ("opt_dir", "", "needs glue.opt_dir, and '' is not given"),
+    ("opt_dir", "/no/such/opt", "not a directory")])
+def test_config_is_validated_up_front(sst2, tmp_path, key, value, match):
+  c = _config(sst2, "opt:mezo")
+  c.glue[key] = value
+  with pytest.raises(UserError, match=match):
+    glue_mode.run(c, str(tmp_path), helpers_reporter())
+  assert not os.listdir(tmp_path)
+
+
+def test_opt_dir_has_no_silent_default():
+  for level in ("quick", "cpu", "full"):
+    g = glue_config.get_config(level).glue
+    assert g.opt_dir == "" and len(g.seeds) >= 3
+    with pytest.raises(UserError, match="needs glue.opt_dir"):
+      glue_mode.validate(g)
+  assert glue_config.get_config("test").glue.opt_dir == OPT_DIR
