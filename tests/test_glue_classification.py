@@ -27,14 +27,15 @@ OPT_DIR = os.path.join(helpers.REPO, "tests", "fixtures", "tiny_opt")
 SENTENCES = ["a great movie", "a terrible film", "truly wonderful acting", "boring and dull"]
 
 
-def write_sst2(root, n_train=40, n_dev=12):
-  """A tiny SST-2-layout TSV pair under root/SST-2."""
+def write_sst2(root, n_train=40, n_dev=12, dev_offset=0):
+  """A tiny SST-2-layout TSV pair under root/SST-2 (dev example i is "... number
+  {i + dev_offset}": with an offset >= n_train no dev sentence is a train sentence)."""
   os.makedirs(os.path.join(root, "SST-2"), exist_ok=True)
-  for split, n in (("train", n_train), ("dev", n_dev)):
+  for split, n, off in (("train", n_train, 0), ("dev", n_dev, dev_offset)):
     with open(os.path.join(root, "SST-2", f"{split}.tsv"), "w", encoding="utf-8") as f:
       f.write("sentence\tlabel\n")
       for i in range(n):
-        f.write(f"{SENTENCES[i % 4]} number {i} \t{int(i % 4 in (0, 2))}\n")
+        f.write(f"{SENTENCES[i % 4]} number {i + off} \t{int(i % 4 in (0, 2))}\n")
   return root
 
 
