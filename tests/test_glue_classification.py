@@ -267,3 +267,24 @@ def test_opt_dir_has_no_silent_default():
     with pytest.raises(UserError, match="needs glue.opt_dir"):
       glue_mode.validate(g)
   assert glue_config.get_config("test").glue.opt_dir == OPT_DIR
+
+
+def test_mnli_reports_matched_and_mismatched(tmp_path):
+  root = tmp_path / "glue" / "MNLI"
+  root.mkdir(parents=True)
+  labels = ("entailment", "neutral", "contradiction")
+  for split, n in (("train", 30), ("dev_matched", 6), ("dev_mismatched", 9)):
+    with open(root / f"{split}.tsv", "w", encoding="utf-8") as f:
+      f.write("sentence1\tsentence2\tgold_label\n")
+      for i in range(n):
+        f.write(f"{SENTENCES[i % 4]} {i}\t{SENTENCES[(i + 1) % 4]}\t{labels[i % 3]}\n")
+  c = _config(str(tmp_path / "glue"), "opt:adamw", tasks="MNLI", seeds=(0,), selection=6)
+  out = glue_mode.run(c, str(tmp_path / "w"), helpers_reporter())
+  assert [r["task"] for r in out["rows"]] == ["MNLI-m", "MNLI-mm"]
+  rec = out["records"][0]
+  assert set(rec["dev_splits"]) == {"dev_matched", "dev_mismatched"}
+  assert rec["sizes"]["dev_matched"] == 6 and rec["sizes"]["dev_mismatched"] == 9
+  assert set(rec["zero_shot"]["dev"]) == {"dev_matched", "dev_mismatched"}
+  for r, split in zip(out["rows"], ("dev_matched", "dev_mismatched")):
+    assert r["values"] == [rec["dev_splits"][split]["accuracy"]]
+    assert set(out["baselines"][0]["bow"]) == {"dev_matched", "dev_mismatched"}

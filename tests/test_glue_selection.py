@@ -76,3 +76,68 @@ def test_bow_ridge_baseline_gives_pearson_for_sts_b():
   train, dev = split.select(np.arange(80)), split.select(np.arange(80, n))
   got = glue_baselines.bow_baseline("STS-B", train, {"dev": dev})["dev"]
   assert got["pearson"] > 0.9 and set(got) == {"pearson", "spearman"}
+
+
+def test_flags_of_a_row_that_cannot_be_told_from_an_untrained_one():
+  from bdiff_jax import glue_report  # pylint: disable=g-import-not-at-top
+  ok = glue_report.flags([0.8, 0.8], 0.5, [[0.5, 0.5]] * 2, selected_steps=[10, 20],
+                         changes=[1e-2, 2e-2], standard_error=0.05)
+  assert ok == []
+  near = glue_report.flags([0.59], 0.5, [[0.5, 0.5]], standard_error=0.05)  # 0.59 < 0.5 + 0.1
+  assert near == ["within 2 standard errors of the majority"]
+  assert glue_report.flags([0.61], 0.5, [[0.5, 0.5]], standard_error=0.05) == []
+  still = glue_report.flags([0.8, 0.8], 0.5, [[0.5, 0.5]] * 2, selected_steps=[0, 20],
+                            changes=[0.0, 1e-9])
+  assert still == ["selected step 0 (1/2 seeds)", "parameters did not move (2/2 seeds)"]
+  # STS-B: the majority's Pearson is NaN and counts as 0.
+  assert glue_report.flags([0.05], float("nan"), [None], standard_error=0.05) == [
+      "within 2 standard errors of the majority"]
+
+
+def _record(row, forwards, devs, seed=0, task="SST-2"):
+  curve = [{"step": i, "forward": f, "selection": d, "dev": d}
+           for i, (f, d) in enumerate(zip(forwards, devs))]
+  return {"task": task, "row": row, "seed": seed, "curve": curve}
+
+
+def test_dizo_and_mezo_are_compared_at_equal_forward_passes():
+  from bdiff_jax import glue_report  # pylint: disable=g-import-not-at-top
+  records = [_record("mezo_opt", [0, 10, 20, 30], [0.5, 0.6, 0.7, 0.8]),
+             _record("mezo_opt", [0, 10, 20, 30], [0.5, 0.6, 0.9, 0.8], seed=1),
+             _record("dizo_opt", [0, 14, 28], [0.5, 0.7, 0.75]),
+             _record("dizo_opt", [0, 14, 28], [0.5, 0.7, 0.85], seed=1),
+             _record("adamw_opt", [0, 10], [0.5, 0.9])]
+  (e,) = glue_report.equal_forward(records)
+  assert e["forward"] == 28 and e["model"] == "opt"
+  assert e["mezo"]["step"] == 2 and e["mezo"]["dev"] == pytest.approx(0.8)  # at 20 <= 28
+  assert e["dizo"]["step"] == 2 and e["dizo"]["dev"] == pytest.approx(0.8)
+
+
+def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
+  from bdiff_jax import glue_models  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.modes import glue as glue_mode  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import QUIET  # pylint: disable=g-import-not-at-top
+  from configs import glue as glue_config  # pylint: disable=g-import-not-at-top
+  g = glue_config.get_config("test").glue
+  g.zo.learning_rates = (1e-4, 1e-3, 1e-2)
+  g.zo.grid_steps = 7
+  g.zo.learning_rate = 5e-5
+  seen = []
+  best = {1e-4: 0.1, 1e-3: 0.6, 1e-2: float("nan")}
+
+  def fake_run_seed(spec, task, trial, seed, reporter, programs):
+    seen.append((trial.zo.learning_rate, trial.zo.num_steps, seed))
+    score = best[trial.zo.learning_rate]
+    return {"selection_best": score, "selected_step": 7, "relative_param_change": 0.1,
+            "curve": [{"selection": score}]}
+
+  monkeypatch.setattr(glue_mode, "run_seed", fake_run_seed)
+  chosen, grid = glue_mode.choose_learning_rate(glue_models.RowSpec("opt", "mezo", False),
+                                                "SST-2", g, QUIET)
+  assert chosen.zo.learning_rate == 1e-3 and g.zo.learning_rate == 5e-5  # g is not changed
+  assert seen == [(1e-4, 7, 0), (1e-3, 7, 0), (1e-2, 7, 0)]
+  assert [c["learning_rate"] for c in grid] == [1e-4, 1e-3, 1e-2]
+  assert chosen.num_steps == g.num_steps and chosen.zo.num_steps == g.zo.num_steps
+  same, none = glue_mode.choose_learning_rate(glue_models.RowSpec("opt", "adamw", False),
+                                              "SST-2", g, QUIET)
+  assert same is g and none is None
