@@ -15,6 +15,7 @@ of forward passes (the smaller of their budgets), read off the recorded curves.
 import json
 import math
 import os
+import warnings
 
 import matplotlib
 
@@ -212,7 +213,8 @@ def plot_curves(records: list[dict], task: str, path: str) -> None:
       y = np.array([[p.get(key, math.nan) for p in r["curve"][:n]] for r in recs], np.float64)
       if np.all(np.isnan(y)):
         continue
-      with np.errstate(all="ignore"):
+      with warnings.catch_warnings():  # points where no seed has a value (dev_curve off)
+        warnings.simplefilter("ignore", RuntimeWarning)
         line, = ax.plot(x, np.nanmean(y, axis=0), marker=".", label=name)
         ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0),
                         color=line.get_color(), alpha=0.2)

@@ -109,8 +109,9 @@ def task_splits(task: str, g, seed: int):
     n = min(n, max(1, int(round(float(g.selection_fraction) * len(full)))))
   rest, selection = glue_sampling.holdout(full, n, seed=seed,
                                           balanced=bool(g.selection_balanced))
-  train = glue_sampling.few_shot(rest, int(g.k_per_class), seed=seed) if int(
-      g.k_per_class) > 0 else rest
+  train = rest  # k_per_class=0: the full train split minus the selection set
+  if int(g.k_per_class) > 0:
+    train = glue_sampling.few_shot(rest, int(g.k_per_class), seed=seed)
   if int(g.train_examples) > 0:
     train = glue_sampling.subsample(train, int(g.train_examples), seed=seed)
   return train, selection, devs, full
