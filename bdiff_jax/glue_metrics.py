@@ -88,9 +88,66 @@ def macro_f1(predictions: ArrayLike, labels: ArrayLike, num_labels: int) -> floa
   return float(np.mean([f1_score(predictions, labels, k) for k in range(num_labels)]))
 
 
+def balanced_accuracy(predictions: ArrayLike, labels: ArrayLike, num_labels: int) -> float:
+  """Mean over the classes present in `labels` of that class's recall."""
+  p, y = _pair(predictions, labels, np.int64)
+  return float(np.mean([np.mean(p[y == k] == k) for k in range(num_labels) if np.any(y == k)]))
+
+
+def informedness(predictions: ArrayLike, labels: ArrayLike, num_labels: int) -> float:
+  """Chance-corrected balanced accuracy: (BA - 1/C) / (1 - 1/C), C = classes present in labels.
+
+  0 for any constant (or label-independent) predictor, whatever the class balance; 1 for a
+  perfect one; binary: Youden's J = TPR - FPR. Model selection (`selection_score`) uses it.
+  """
+  c = len(np.unique(np.asarray(labels, np.int64)))
+  if c < 2:
+    return math.nan
+  return (balanced_accuracy(predictions, labels, num_labels) - 1.0 / c) / (1.0 - 1.0 / c)
+
+
+def selection_score(task: str, predictions: ArrayLike, labels: ArrayLike) -> float:
+  """The model-selection score: `informedness` for classification, Pearson for regression.
+
+  The primary metric is not used to select a checkpoint: accuracy rewards a constant predictor
+  of the majority class and MRPC's F1 a constant predictor of class 1; informedness gives any
+  constant predictor 0. Regression: Pearson (NaN for a constant predictor; `_better` in
+  modes/glue.py ranks NaN below every number).
+  """
+  spec = task_spec(task)
+  if spec.is_regression:
+    return pearson(predictions, labels)
+  return informedness(predictions, labels, spec.num_labels)
+
+
+def standard_error(task: str, predictions: ArrayLike, labels: ArrayLike,
+                   resamples: int = 200) -> float:
+  """The standard error of the task's primary metric on this evaluation set.
+
+  Accuracy: sqrt(p (1 - p) / n). Other metrics (F1, MCC, Pearson): the standard deviation over
+  `resamples` bootstrap resamples of the examples (deterministic: seed 0; NaN resamples dropped).
+  """
+  p = np.asarray(predictions).reshape(-1)
+  y = np.asarray(labels).reshape(-1)
+  primary = primary_metric(task)
+  if primary == "accuracy":
+    acc = task_metrics(task, p, y)["accuracy"]
+    return math.sqrt(acc * (1.0 - acc) / y.size)
+  rng = np.random.default_rng(0)
+  values = []
+  for _ in range(resamples):
+    idx = rng.integers(0, y.size, y.size)
+    values.append(task_metrics(task, p[idx], y[idx])[primary])
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(np.std(values)) if values.size > 1 else math.nan
+
+
 def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
   """Pearson correlation; NaN when either input is constant."""
   p, y = _pair(predictions, labels, np.float64)
+  if np.all(p == p[0]) or np.all(y == y[0]):
+    return math.nan  # exactly: rounding can leave a constant's deviations at +-1e-16
   p, y = p - p.mean(), y - y.mean()
   den = math.sqrt(float(p @ p) * float(y @ y))
   return float(p @ y) / den if den > 0 else math.nan

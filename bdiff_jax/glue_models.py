@@ -140,7 +140,9 @@ def _opt(glue):
   if model is None:
     opt_config, opt_params = load_opt(glue.opt_dir)
     encoder = glue_encoding.BPEEncoder(load_bpe_tokenizer(glue.opt_dir))
-    return OPTLM(opt_config), {"opt": opt_params}, encoder, f"OPT {glue.opt_dir}"
+    n = models.count_params(opt_params)
+    init = f"OPT, {n / 1e6:.1f} M parameters ({n:,}), BPE, {glue.opt_dir}"
+    return OPTLM(opt_config), {"opt": opt_params}, encoder, init
   if model.get("backbone") != "opt":
     raise ConfigError(f"glue.opt_dir={glue.opt_dir} is a bdiff workdir with backbone "
                       f"{model.get('backbone')!r}, not an OPT model.",
@@ -151,7 +153,9 @@ def _opt(glue):
     raise ConfigError(f"glue.seq_len={glue.seq_len} exceeds the {cfg.data.seq_len} learned "
                       f"positions of the OPT model in {glue.opt_dir}.",
                       f"set --config.glue.seq_len to at most {cfg.data.seq_len}.")
-  init = f"OPT architecture pretrained on WikiText-2 (autoregressive), {where}"
+  n = models.count_params(params)
+  init = (f"OPT architecture pretrained on WikiText-2 (autoregressive), {where}, "
+          f"{n / 1e6:.1f} M parameters ({n:,}), word-level")
   return network, params, glue_encoding.WordEncoder(tok), init
 
 
@@ -178,7 +182,10 @@ def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
     network = models.build_network(cfg.model, vocab_size=tok.vocab_size,
                                    max_len=glue.seq_len, causal=lm_obj.causal)
     params = models.init_params(network, key, seq_len=glue.seq_len)
-    init = "scratch"
+    init = "from scratch"
+  n = models.count_params(params)
+  init = (f"Qwen3-style ({BDIFF_MODELS[spec.model]}), {n / 1e6:.1f} M parameters ({n:,}), "
+          f"word-level, {init}")
   timed = lm_obj.uses_time and lm_obj.time_conditioned
   tof = lm_obj.time_of_masked_fraction() if timed else float
   return tok, lm_obj.causal, timed, network, params, init, tof

@@ -1,13 +1,21 @@
 """GLUE benchmark results: per-seed records -> rows with mean ± spread, written as
-glue.json, glue.md and glue.png.
+glue.json, glue.md, glue.png (dev metric per row) and glue_curves_<task>.png (selection score
+and dev metric against forward passes, every row of the task, mean and min-max band over seeds).
 
-A row whose predictions are (almost) constant, or whose metric does not beat the majority-class
-baseline, is flagged, so a constant predictor cannot pass for a result.
+A row is flagged (`flags`) when it cannot be told from an untrained model: its predictions are
+(almost) constant, its dev metric is at or below the majority class or within 2 standard errors
+of it (the dev standard error of the metric, mean over seeds), it selected step 0 (the
+untrained parameters) or its selected parameters did not move (relative change below
+`STATIC_CHANGE`). Beside every row: the step-0 (zero-shot) dev metric and selection
+score, the majority class and the bag-of-words baseline of the row's training examples
+(`glue_baselines`). `equal_forward` compares each DiZO row with its MeZO row at the same number
+of forward passes (the smaller of their budgets), read off the recorded curves.
 """
 
 import json
 import math
 import os
+import warnings
 
 import matplotlib
 
@@ -16,65 +24,160 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 CONSTANT_FRACTION = 0.99  # a seed whose most frequent prediction has this share is "constant"
+STATIC_CHANGE = 1e-6  # a relative parameter change below this: "parameters did not move"
 
 
-def flags(metric_values: list[float], majority: float, distributions: list) -> list[str]:
-  """Warnings for one row: 'constant predictor' and/or 'at or below majority'."""
+def flags(metric_values: list[float], majority: float, distributions: list, *,
+          selected_steps: list[int] | None = None, changes: list[float] | None = None,
+          standard_error: float | None = None, static: float = STATIC_CHANGE) -> list[str]:
+  """Warnings for one row: 'constant predictor', 'at or below majority', 'within 2 standard
+  errors of the majority', 'selected step 0 (k/n seeds)', 'parameters did not move (k/n seeds)'.
+
+  A NaN majority (STS-B: a constant has no correlation) is compared as 0.
+  """
   out = []
   if any(d is not None and max(d) >= CONSTANT_FRACTION for d in distributions):
     out.append("constant predictor")
   mean = float(np.mean(metric_values))
-  if math.isnan(mean) or (not math.isnan(majority) and mean <= majority + 1e-9):
+  ref = 0.0 if math.isnan(majority) else majority
+  if math.isnan(mean) or mean <= ref + 1e-9:
     out.append("at or below majority")
+  elif standard_error is not None and not math.isnan(standard_error) and (
+      mean < ref + 2 * standard_error):
+    out.append("within 2 standard errors of the majority")
+  n = len(metric_values)
+  if selected_steps is not None and any(s == 0 for s in selected_steps):
+    out.append(f"selected step 0 ({sum(s == 0 for s in selected_steps)}/{n} seeds)")
+  if changes is not None and any(c < static for c in changes):
+    out.append(f"parameters did not move ({sum(c < static for c in changes)}/{n} seeds)")
   return out
 
 
-def aggregate(task: str, row_name: str, records: list[dict], majority: dict,
-              primary: str) -> dict:
-  """One row of the table from its per-seed records (see `modes.glue.run_seed`)."""
-  values = [r["dev"][primary] for r in records]
+def task_label(task: str, split: str) -> str:
+  """The table's task name of one dev split: the task, or MNLI-m / MNLI-mm."""
+  return {"dev_matched": f"{task}-m", "dev_mismatched": f"{task}-mm"}.get(split, task)
+
+
+def aggregate(task: str, row_name: str, records: list[dict], baselines: dict, primary: str,
+              split: str = "dev") -> dict:
+  """One row of the table (one dev split) from its per-seed records (`modes.glue.run_seed`)
+  and the task's baselines (`modes.glue.task_baselines`)."""
+  values = [r["dev_splits"][split][primary] for r in records]
   dists = [r["prediction_distribution"] for r in records]
-  maj = float(majority[primary])
+  maj = float(baselines["majority"][split][primary])
+  bow = [float(m[primary]) for m in baselines["bow"][split]]
+  se = float(np.mean([r["dev_standard_error"][split] for r in records]))
+  steps = [int(r["selected_step"]) for r in records]
+  changes = [float(r["relative_param_change"]) for r in records]
   first = records[0]
   return {
-      "task": task, "row": row_name, "metric": primary,
+      "task": task_label(task, split), "split": split, "row": row_name, "metric": primary,
       "mean": float(np.mean(values)), "std": float(np.std(values)),
       "seeds": [r["seed"] for r in records], "values": values,
-      "majority": maj, "flags": flags(values, maj, dists),
+      "standard_error": se,
+      "zero_shot_dev": float(np.mean([r["zero_shot"]["dev"][split][primary] for r in records])),
+      "selection_best": float(np.mean([r["selection_best"] for r in records])),
+      "zero_shot_selection": float(np.mean([r["zero_shot"]["selection"] for r in records])),
+      "selected_steps": steps, "relative_param_change": changes,
+      "majority": maj, "bow": float(np.mean(bow)), "bow_std": float(np.std(bow)),
+      "flags": flags(values, maj, dists, selected_steps=steps, changes=changes,
+                     standard_error=se, static=STATIC_CHANGE),
       "prediction_distribution": [float(x) for x in np.mean(dists, axis=0)]
       if dists[0] is not None else None,
       "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
       "forward_passes": first["forward_passes"], "steps": first["steps"],
       "step_memory_bytes": first["step_memory_bytes"], "params": first["params"],
       "init": first["init"], "scoring": first["scoring"], "rule": first["rule"],
-      "oov_rate": first.get("oov_rate"),
+      "oov_rate": first.get("oov_rate"), "learning_rate": first.get("learning_rate"),
   }
+
+
+def _at_budget(curve: list[dict], budget: int) -> dict:
+  """The last curve point with at most `budget` forward passes."""
+  return [p for p in curve if p["forward"] <= budget][-1]
+
+
+def equal_forward(records: list[dict]) -> list[dict]:
+  """DiZO vs MeZO at equal forward passes, for each task and each model with both rows.
+
+  The budget is the smaller of the two rows' final forward passes; each row's value is its last
+  evaluation point within the budget (selection score and, where recorded, dev metric), mean
+  over seeds.
+  """
+  by_row = {}
+  for r in records:
+    by_row.setdefault((r["task"], r["row"]), []).append(r)
+  out = []
+  for (task, name), mezo in sorted(by_row.items()):
+    if not name.startswith("mezo_") or (task, "dizo_" + name[5:]) not in by_row:
+      continue
+    dizo = by_row[(task, "dizo_" + name[5:])]
+    budget = min(mezo[0]["curve"][-1]["forward"], dizo[0]["curve"][-1]["forward"])
+    entry = {"task": task, "model": name[5:], "forward": int(budget)}
+    for rule, recs in (("mezo", mezo), ("dizo", dizo)):
+      points = [_at_budget(r["curve"], budget) for r in recs]
+      entry[rule] = {"step": points[0]["step"],
+                     "selection": float(np.mean([p["selection"] for p in points])),
+                     "dev": float(np.mean([p.get("dev", math.nan) for p in points]))}
+    out.append(entry)
+  return out
 
 
 def _fmt_bytes(n: int) -> str:
   return f"{n / 2**20:.1f} MiB"
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, records: list[dict] | None = None) -> str:
   lines = [f"# GLUE fine-tuning ({meta['level']})", "",
            f"{meta['description']}", "",
-           "| task | row | init | scoring | metric | dev mean ± std | majority | predictions "
-           "| flags | steps | fwd / bwd passes | train s | step memory | params | OOV |",
-           "|" + "---|" * 15]
+           "| task | row | init | scoring | metric | dev mean ± std | step-0 dev | majority "
+           "| BoW LR | 2 SE | selection: selected / step 0 | selected steps | rel. change "
+           "| predictions | flags | steps | fwd / bwd passes | train s | step memory | params "
+           "| OOV |",
+           "|" + "---|" * 21]
   for r in rows:
     dist = ("/".join(f"{x:.2f}" for x in r["prediction_distribution"])
             if r["prediction_distribution"] is not None else "-")
     fp = r["forward_passes"]
     oov = "-" if r["oov_rate"] is None else f"{100 * r['oov_rate']:.1f}%"
+    change = " ".join(f"{c:.1e}" for c in r["relative_param_change"])
     lines.append(
         f"| {r['task']} | {r['row']} | {r['init']} | {r['scoring']} | {r['metric']} | "
-        f"{r['mean']:.4f} ± {r['std']:.4f} (n={len(r['values'])}) | {r['majority']:.4f} | "
+        f"{r['mean']:.4f} ± {r['std']:.4f} (n={len(r['values'])}) | {r['zero_shot_dev']:.4f} | "
+        f"{r['majority']:.4f} | {r['bow']:.4f} | {2 * r['standard_error']:.4f} | "
+        f"{r['selection_best']:.3f} / {r['zero_shot_selection']:.3f} | "
+        f"{', '.join(map(str, r['selected_steps']))} | {change} | "
         f"{dist} | {', '.join(r['flags']) or 'ok'} | {r['steps']} | "
         f"{fp['forward']} / {fp['backward']} | {r['train_seconds']:.1f} | "
         f"{_fmt_bytes(r['step_memory_bytes'])} | {r['params']:,} | {oov} |")
-  lines += ["", "Spread: population std over seeds. Step memory: XLA's memory analysis of the "
-            "compiled train step (arguments + outputs + temporaries - aliased). OOV: share of "
-            "prompt words the word-level vocabulary maps to <unk> after case mapping."]
+  lines += ["", "Spread: population std over seeds. Step-0 dev: the untrained (zero-shot) "
+            "model. BoW LR: L2-regularised logistic (STS-B: ridge) regression on unigram + "
+            "bigram counts of the same training examples, mean over seeds. 2 SE: twice the dev "
+            "standard error of the metric (mean over seeds). Selection: the chance-corrected "
+            "selection score (informedness = 0 for any constant predictor; STS-B: Pearson) of "
+            "the selected step and of step 0, mean over seeds. Rel. change: ||theta - theta_0|| "
+            "/ ||theta_0|| of the selected parameters, per seed. Step memory: XLA's memory "
+            "analysis of the compiled train step (arguments + outputs + temporaries - aliased). "
+            "OOV: share of prompt words the word-level vocabulary maps to <unk> after case "
+            "mapping."]
+  if records:
+    eq = equal_forward(records)
+    if eq:
+      lines += ["", "## DiZO vs MeZO at equal forward passes", "",
+                "| task | model | forward passes | MeZO step | MeZO selection / dev | DiZO step "
+                "| DiZO selection / dev |", "|" + "---|" * 7]
+      for e in eq:
+        m, d = e["mezo"], e["dizo"]
+        lines.append(f"| {e['task']} | {e['model']} | {e['forward']} | {m['step']} | "
+                     f"{m['selection']:.3f} / {m['dev']:.4f} | {d['step']} | "
+                     f"{d['selection']:.3f} / {d['dev']:.4f} |")
+    grids = {(r["task"], r["row"]): r["lr_grid"] for r in records if r.get("lr_grid")}
+    if grids:
+      lines += ["", "## Learning-rate grids (first seed, selection score)", ""]
+      for (task, row), grid in grids.items():
+        cells = ", ".join(f"{c['learning_rate']:g}: {c['selection_best']:.3f} (step "
+                          f"{c['selected_step']})" for c in grid)
+        lines.append(f"- {task} {row} ({grid[0]['steps']} steps each): {cells}")
   return "\n".join(lines) + "\n"
 
 
@@ -84,22 +187,60 @@ def plot(rows: list[dict], path: str) -> None:
   ax.bar(x, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4)
   ax.scatter(x, [r["majority"] for r in rows], color="red", marker="_", s=400,
              label="majority class", zorder=3)
+  ax.scatter(x, [r["bow"] for r in rows], color="green", marker="_", s=400,
+             label="bag-of-words LR", zorder=3)
+  ax.scatter(x, [r["zero_shot_dev"] for r in rows], color="black", marker="x",
+             label="step 0 (untrained)", zorder=3)
   ax.set_xticks(x)
   ax.set_xticklabels([f"{r['task']}\n{r['row']}" for r in rows], fontsize=7)
   ax.set_ylabel("dev metric (primary)")
-  ax.legend()
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def write(workdir: str, rows: list[dict], records: list[dict], meta: dict) -> dict:
-  """Writes glue.json / glue.md / glue.png into `workdir`; returns their paths."""
+def plot_curves(records: list[dict], task: str, path: str) -> None:
+  """Selection score and dev metric against forward passes, every row of `task` on one figure:
+  the mean over seeds and the min-max band."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  names = list(dict.fromkeys(r["row"] for r in records if r["task"] == task))
+  for name in names:
+    recs = [r for r in records if r["task"] == task and r["row"] == name]
+    n = min(len(r["curve"]) for r in recs)
+    x = np.array([p["forward"] for p in recs[0]["curve"][:n]], np.float64)
+    for ax, key in zip(axes, ("selection", "dev")):
+      y = np.array([[p.get(key, math.nan) for p in r["curve"][:n]] for r in recs], np.float64)
+      if np.all(np.isnan(y)):
+        continue
+      with warnings.catch_warnings():  # points where no seed has a value (dev_curve off)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        line, = ax.plot(x, np.nanmean(y, axis=0), marker=".", label=name)
+        ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0),
+                        color=line.get_color(), alpha=0.2)
+  for ax, what in zip(axes, ("selection score (informedness / Pearson)", "dev metric")):
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel(what)
+    ax.set_title(f"{task}: {what}", fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(workdir: str, rows: list[dict], records: list[dict], meta: dict,
+          baselines: list[dict] | None = None) -> dict:
+  """Writes glue.json / glue.md / glue.png / glue_curves_<task>.png into `workdir`; returns
+  their paths."""
   os.makedirs(workdir, exist_ok=True)
   paths = {k: os.path.join(workdir, f"glue.{k}") for k in ("json", "md", "png")}
   with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "rows": rows, "records": records}, f, indent=2)
+    json.dump({"meta": meta, "rows": rows, "records": records, "baselines": baselines or [],
+               "equal_forward": equal_forward(records)}, f, indent=2)
   with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(markdown(rows, meta))
+    f.write(markdown(rows, meta, records))
   plot(rows, paths["png"])
+  for task in dict.fromkeys(r["task"] for r in records):
+    paths[f"curves_{task}"] = os.path.join(workdir, f"glue_curves_{task}.png")
+    plot_curves(records, task, paths[f"curves_{task}"])
   return paths

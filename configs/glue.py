@@ -1,41 +1,57 @@
-r"""GLUE fine-tuning benchmark: prompt-based (MeZO / LM-BFF) and head fine-tuning of bdiff Qwen3
-models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZO) update rules.
+r"""GLUE fine-tuning benchmark: prompt-based (MeZO / LM-BFF) and head fine-tuning of bdiff
+Qwen3-style models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZO) update rules.
 
-Run:
-  python main.py --config configs/glue.py:test --workdir /tmp/glue_test --mode=glue \
-      --config.glue.glue_dir=<dir with SST-2/train.tsv, dev.tsv>
-  python main.py --config configs/glue.py:quick --workdir runs/glue_quick --mode=glue \
-      --config.glue.init_workdir_reversible=runs/wt2_reversible_qwen3 \
-      --config.glue.init_workdir_standard=runs/wt2_standard_qwen3 --config.glue.opt_dir=runs/wt2_opt
-      # WikiText-2 workdirs: configs/wikitext2.py:cpu with --config.model.block=qwen3 and
-      # --config.model.backbone=reversible|standard, and configs/wikitext2.py:cpu_opt
-  python main.py --config configs/glue.py:quick --workdir runs/glue_quick_opt --mode=glue \
-      --config.glue.rows=opt:mezo,opt:dizo,opt:adamw \
-      --config.glue.opt_dir=runs/wt2_opt   # OPT pretrained here: configs/wikitext2.py:cpu_opt
-  python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full --mode=glue \
-      --config.glue.opt_dir=/data/opt-1.3b
-
-What it gives (glue.md / glue.json / glue.png in the workdir): per task and row, the dev metric
-(mean ± std over seeds), the majority-class baseline, the prediction distribution and flags
-("constant predictor", "at or below majority"), steps, forward/backward passes, train seconds,
-train-step memory, parameters, what the row was initialised from and (word-level models) the
-out-of-vocabulary rate.
-
-  test:  tiny from-scratch bdiff models + the tiny OPT fixture on a tiny SST-2-layout TSV, a few
-         steps, 2 seeds: a wiring check (accuracies near chance; rows flagged). < 1 min on CPU.
-  quick: SST-2 from ../shared/data/glue, k=16 per class, 500 held-out selection examples, dev
-         (872); bdiff rows initialised from `glue.init_workdir_reversible` /
-         `glue.init_workdir_standard` (WikiText-2 workdirs whose model matches the row's
-         backbone; '' = from scratch); OPT from `glue.opt_dir` (default:
-         the tiny fixture). Point opt_dir at a real Hugging Face checkpoint, or, where none
-         can be downloaded, at a WikiText-2 workdir trained with configs/wikitext2.py:cpu_opt
-         (the OPT architecture pretrained autoregressively here; its word vocabulary and
-         checkpoint `glue.init_checkpoint` are used, and glue.seq_len must not exceed its
-         data.seq_len). About 2 minutes per row and seed on 2 CPU cores; the measured
-         table (from WikiText-2 models pretrained for minutes: all rows at chance) is in
-         docs/glue.md.
-  full:  GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
+  test   python main.py --config configs/glue.py:test --workdir /tmp/glue_test --mode=glue \
+             --config.glue.glue_dir=<dir with SST-2/train.tsv, dev.tsv>
+         CI wiring check, < 1 min on CPU: tiny from-scratch bdiff models + the tiny OPT fixture
+         (tests/fixtures/tiny_opt), a few steps, 2 seeds. Gives accuracies near chance, every row
+         flagged ("selected step 0", "within 2 standard errors of the majority", ...): numbers
+         that are not results. The learning tests (tests/test_glue_learning.py) raise the steps
+         on a separable toy task and require >= 0.9.
+  quick  python main.py --config configs/glue.py:quick --workdir runs/glue_quick --mode=glue \
+             --config.glue.init_workdir_reversible=runs/wt2_reversible_qwen3 \
+             --config.glue.init_workdir_standard=runs/wt2_standard_qwen3 \
+             --config.glue.opt_dir=runs/wt2_opt
+         SST-2, k=16 per class, a balanced selection set of 500, dev (872), 3 seeds, 200 steps.
+         WikiText-2 workdirs: configs/wikitext2.py:cpu with --config.model.block=qwen3 and
+         --config.model.backbone=reversible|standard; runs/wt2_opt: configs/wikitext2.py:cpu_opt
+         (the OPT architecture pretrained here; its word vocabulary and checkpoint
+         `glue.init_checkpoint` are used; glue.seq_len must not exceed its data.seq_len), or a
+         Hugging Face OPT directory. About 2 minutes per row and seed on 2 CPU cores. Gives
+         k=16 numbers of CPU-pretrained models: expect chance (flagged) unless the start models
+         are good; compare with the BoW LR column (the data ceiling of k=16: near chance).
+  cpu    python main.py --config configs/glue.py:cpu --workdir runs/glue_cpu --mode=glue \
+             --config.glue.opt_dir=runs/wt2_opt [--config.glue.starts_dir=<start models>]
+         Every task in ../shared/data (GLUE SST-2, MRPC, RTE, WNLI, STS-B; SuperGLUE WiC,
+         COPA), 3 seeds, a balanced selection set of 500 (at most 10% of train), first-order
+         rows on the full train split minus the selection set (4,000 AdamW steps), MeZO/DiZO
+         rows 5,000 steps with the learning rate chosen on the selection set from
+         `glue.zo.learning_rates` (500 steps each on seed 0). Hours on 2 CPU cores; not yet
+         measured. Should give AdamW rows above the majority and near or above the BoW LR
+         column on SST-2/MRPC, and DiZO vs MeZO at equal forward passes.
+  full   python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full \
+             --mode=glue --config.glue.opt_dir=/data/opt-1.3b
+         GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
          (16/8), k=16, 1,000 dev examples, 3 seeds, 1,000 steps per row. Not yet measured.
+
+`glue.opt_dir` is '' by default and every level but `test` refuses to run an opt row without an
+existing one (no silent stand-in); `test` uses the tiny fixture. The bdiff rows are
+"Qwen3-style" networks (the Qwen3 block at the shapes of `glue.bdiff`, word-level vocabulary),
+not Qwen3 checkpoints; each row's `init` says so with its parameter count.
+
+What it gives (glue.md / glue.json / glue.png / glue_curves_<task>.png in the workdir): per task
+(MNLI: MNLI-m and MNLI-mm) and row, the dev metric (mean ± std over seeds) beside the step-0
+(zero-shot) dev metric, the majority class, a bag-of-words logistic regression on the row's
+training examples and twice the dev standard error; the selection score of the selected and of
+step 0, the selected steps, the relative parameter change, the prediction distribution and
+flags; steps, forward/backward passes, seconds, train-step memory, parameters, init, OOV rate;
+DiZO vs MeZO at equal forward passes; the learning-rate grids. glue.json's records hold each
+seed's curve (selection score, dev metric, forward passes, seconds at every evaluation).
+
+Data options (see bdiff_jax/modes/glue.py): `glue.k_per_class` (> 0: k per class of train minus
+the selection set; 0: all of it), `glue.train_examples` (> 0: at most that many of those, drawn
+by the seed), `glue.selection` / `glue.selection_fraction` / `glue.selection_balanced`.
+`glue.starts_dir` ('' = off) is reserved for the cpu level's pretrained start models.
 """
 
 import os
@@ -75,22 +91,28 @@ def get_config(arg: str = "test"):
   g.level = level
   g.tasks = "SST-2"
   g.glue_dir = os.path.join(_REPO, "..", "shared", "data", "glue")
+  g.superglue_dir = os.path.join(_REPO, "..", "shared", "data", "superglue")
   g.rows = ("reversible_qwen3:adamw,standard_qwen3:adamw,opt:mezo,opt:dizo,opt:adamw,"
             "opt:adamw:head")
-  g.seeds = (0, 1)
-  g.k_per_class = 16
-  g.selection = 64
+  g.seeds = (0, 1, 2)
+  g.k_per_class = 16  # > 0: k per class of train minus the selection set; 0: all of it
+  g.train_examples = 0  # > 0: at most this many train examples (drawn by the seed); 0: no cap
+  g.selection = 64  # the selection set's size...
+  g.selection_fraction = 0.0  # ...at most this fraction of train (0 = no cap)
+  g.selection_balanced = True  # stratified per class (STS-B: per score half)
   g.eval_max = 1000
   g.seq_len = 64
   g.batch_size = 8
   g.eval_batch_size = 32
   g.num_steps = 100
   g.eval_every = 25
-  g.opt_dir = os.path.join(_REPO, "tests", "fixtures", "tiny_opt")
+  g.dev_curve = True  # evaluate dev at every evaluation point too (the curves)
+  g.opt_dir = ""  # required by opt rows (no default model); `test`: the tiny fixture
   g.init_workdir = ""  # the bdiff rows' start: a WikiText-2 workdir ('' = from scratch)...
   g.init_workdir_reversible = ""  # ...or one per backbone (reversible_qwen3 / standard_qwen3)
   g.init_workdir_standard = ""
   g.init_checkpoint = "best"
+  g.starts_dir = ""  # the cpu level's pretrained start models ('' = off; wired by the lead)
   g.bdiff = _bdiff(2, 64, 4, 2)
   g.adamw = base_config().train
   g.adamw.learning_rate = 1e-4
@@ -100,10 +122,17 @@ def get_config(arg: str = "test"):
   g.zo = ml_collections.ConfigDict(dict(learning_rate=1e-6, schedule="constant", eps=1e-3,
                                         num_perturbations=1, weight_decay=0.0,
                                         freeze_embeddings=True))
+  # A learning-rate grid for the zeroth-order rows: each candidate trains `grid_steps` steps on
+  # the first seed; the best selection score's rate is used for every seed (() = off).
+  g.zo.learning_rates = ()
+  g.zo.num_steps = 0  # the zeroth-order rows' steps (0 = glue.num_steps)
+  g.zo.grid_steps = 500
   g.dizo = ml_collections.ConfigDict(dict(interval=50, iterations=10, eps_p=0.1, step_size=2.0,
                                           tau=0.2))
   if level == "test":
     g.description = "CI wiring check: tiny models, a few steps; numbers are not results."
+    g.opt_dir = os.path.join(_REPO, "tests", "fixtures", "tiny_opt")
+    g.seeds = (0, 1)
     g.bdiff = _bdiff(1, 32, 2, 1)
     g.seq_len = 40
     g.batch_size = 4
@@ -122,16 +151,31 @@ def get_config(arg: str = "test"):
     g.num_steps = 200
     g.eval_every = 50
     g.adamw.learning_rate = 1e-4
+  elif level == "cpu":
+    g.description = ("GLUE + SuperGLUE tasks of shared/data, full train minus a balanced "
+                     "selection set, 3 seeds, CPU-sized models.")
+    g.tasks = "SST-2,MRPC,RTE,WNLI,STS-B,WiC,COPA"
+    g.k_per_class = 0
+    g.selection = 500
+    g.selection_fraction = 0.1
+    g.eval_max = 1000
+    g.batch_size = 16
+    g.num_steps = 4000
+    g.eval_every = 250
+    g.adamw.learning_rate = 1e-4
+    g.adamw.warmup_steps = 100
+    g.zo.learning_rates = (1e-7, 1e-6, 1e-5, 1e-4)
+    g.zo.grid_steps = 500
+    g.zo.num_steps = 5000
   elif level == "full":
     scale = int(opts.get("scale", 0))
     g.description = f"GPU/TPU, bdiff scale {_SCALES[scale]}."
     g.bdiff = _bdiff(*_SCALES[scale])
-    g.seeds = (0, 1, 2)
     g.selection = 500
     g.seq_len = 128
     g.batch_size = 16
     g.num_steps = 1000
     g.eval_every = 100
   else:
-    raise ValueError(f"unknown glue level {level!r}: use test, quick or full")
+    raise ValueError(f"unknown glue level {level!r}: use test, quick, cpu or full")
   return c

@@ -27,14 +27,15 @@ OPT_DIR = os.path.join(helpers.REPO, "tests", "fixtures", "tiny_opt")
 SENTENCES = ["a great movie", "a terrible film", "truly wonderful acting", "boring and dull"]
 
 
-def write_sst2(root, n_train=40, n_dev=12):
-  """A tiny SST-2-layout TSV pair under root/SST-2."""
+def write_sst2(root, n_train=40, n_dev=12, dev_offset=0):
+  """A tiny SST-2-layout TSV pair under root/SST-2 (dev example i is "... number
+  {i + dev_offset}": with an offset >= n_train no dev sentence is a train sentence)."""
   os.makedirs(os.path.join(root, "SST-2"), exist_ok=True)
-  for split, n in (("train", n_train), ("dev", n_dev)):
+  for split, n, off in (("train", n_train, 0), ("dev", n_dev, dev_offset)):
     with open(os.path.join(root, "SST-2", f"{split}.tsv"), "w", encoding="utf-8") as f:
       f.write("sentence\tlabel\n")
       for i in range(n):
-        f.write(f"{SENTENCES[i % 4]} number {i} \t{int(i % 4 in (0, 2))}\n")
+        f.write(f"{SENTENCES[i % 4]} number {i + off} \t{int(i % 4 in (0, 2))}\n")
   return root
 
 
@@ -205,3 +206,85 @@ def test_glue_test_level_end_to_end(sst2, tmp_path):
     constant = max(r["prediction_distribution"]) >= glue_report.CONSTANT_FRACTION
     assert ("constant predictor" in r["flags"]) == constant
   assert rows["adamw_reversible_qwen3"]["oov_rate"] == pytest.approx(0.0)  # train-text vocab
+  assert rows["adamw_reversible_qwen3"]["init"].startswith("Qwen3-style (reversible), 0.0 M "
+                                                           "parameters (")
+  for rec in out["records"]:
+    # Every evaluation point of the curve, with its forward passes; step 0 is the zero-shot.
+    assert [p["step"] for p in rec["curve"]] == [0, 2, 3]
+    assert rec["curve"][-1]["forward"] == rec["forward_passes"]["forward"]
+    assert rec["curve"][0]["dev"] == rec["zero_shot"]["dev"]["dev"]["accuracy"]
+    assert rec["selected_step"] in (0, 2, 3) and rec["relative_param_change"] >= 0
+    assert (rec["selected_step"] == 0) == (rec["relative_param_change"] == 0.0)
+    assert rec["sizes"]["selection"] == 8
+  for r in rows.values():
+    assert ("selected step 0 (1/1 seeds)" in r["flags"]) == (r["selected_steps"] == [0])
+    assert r["bow"] == 1.0  # the toy task is separable by its words
+  md = (tmp_path / "glue.md").read_text()
+  assert "DiZO vs MeZO at equal forward passes" in md and "step-0 dev" in md
+  assert os.path.getsize(tmp_path / "glue_curves_SST-2.png") > 0
+
+
+def test_selection_set_is_class_balanced(sst2, tmp_path):
+  # 30 positive, 10 negative train examples: a random 8 would mostly be positive.
+  root = write_sst2(str(tmp_path / "imb"), n_train=40)
+  path = os.path.join(root, "SST-2", "train.tsv")
+  lines = open(path, encoding="utf-8").read().splitlines()
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines[:1] + [ln.rsplit("\t", 1)[0] + "\t" + ("0" if i % 4 == 0 else "1")
+                                    for i, ln in enumerate(lines[1:])]) + "\n")
+  g = _config(root, "opt:mezo").glue
+  for seed in (0, 1):
+    train, selection, devs, _ = glue_mode.task_splits("SST-2", g, seed)
+    assert np.bincount(selection.labels).tolist() == [4, 4]
+    assert np.bincount(train.labels).tolist() == [4, 4]  # k_per_class=4 of the rest
+    assert set(devs) == {"dev"}
+  g.k_per_class = 0  # the full train split minus the selection set
+  train, selection, _, full = glue_mode.task_splits("SST-2", g, 0)
+  assert len(train) == len(full) - 8 and not set(train.source_rows) & set(selection.source_rows)
+  g.train_examples = 10
+  assert len(glue_mode.task_splits("SST-2", g, 0)[0]) == 10
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("num_steps", 0, "glue.num_steps=0"), ("eval_every", 0, "glue.eval_every"),
+    ("batch_size", 0, "glue.batch_size"), ("seeds", (), "glue.seeds"),
+    ("k_per_class", -1, "glue.k_per_class"), ("tasks", " ", "glue.tasks"),
+    ("selection_fraction", 1.0, "selection_fraction"), ("rows", "opt:sgd", "glue.rows"),
+    ("opt_dir", "", "needs glue.opt_dir, and '' is not given"),
+    ("opt_dir", "/no/such/opt", "not a directory")])
+def test_config_is_validated_up_front(sst2, tmp_path, key, value, match):
+  c = _config(sst2, "opt:mezo")
+  c.glue[key] = value
+  with pytest.raises(UserError, match=match):
+    glue_mode.run(c, str(tmp_path), helpers_reporter())
+  assert not os.listdir(tmp_path)
+
+
+def test_opt_dir_has_no_silent_default():
+  for level in ("quick", "cpu", "full"):
+    g = glue_config.get_config(level).glue
+    assert g.opt_dir == "" and len(g.seeds) >= 3
+    with pytest.raises(UserError, match="needs glue.opt_dir"):
+      glue_mode.validate(g)
+  assert glue_config.get_config("test").glue.opt_dir == OPT_DIR
+
+
+def test_mnli_reports_matched_and_mismatched(tmp_path):
+  root = tmp_path / "glue" / "MNLI"
+  root.mkdir(parents=True)
+  labels = ("entailment", "neutral", "contradiction")
+  for split, n in (("train", 30), ("dev_matched", 6), ("dev_mismatched", 9)):
+    with open(root / f"{split}.tsv", "w", encoding="utf-8") as f:
+      f.write("sentence1\tsentence2\tgold_label\n")
+      for i in range(n):
+        f.write(f"{SENTENCES[i % 4]} {i}\t{SENTENCES[(i + 1) % 4]}\t{labels[i % 3]}\n")
+  c = _config(str(tmp_path / "glue"), "opt:adamw", tasks="MNLI", seeds=(0,), selection=6)
+  out = glue_mode.run(c, str(tmp_path / "w"), helpers_reporter())
+  assert [r["task"] for r in out["rows"]] == ["MNLI-m", "MNLI-mm"]
+  rec = out["records"][0]
+  assert set(rec["dev_splits"]) == {"dev_matched", "dev_mismatched"}
+  assert rec["sizes"]["dev_matched"] == 6 and rec["sizes"]["dev_mismatched"] == 9
+  assert set(rec["zero_shot"]["dev"]) == {"dev_matched", "dev_mismatched"}
+  for r, split in zip(out["rows"], ("dev_matched", "dev_mismatched")):
+    assert r["values"] == [rec["dev_splits"][split]["accuracy"]]
+    assert set(out["baselines"][0]["bow"]) == {"dev_matched", "dev_mismatched"}

@@ -135,3 +135,35 @@ def test_multirc_majority_baseline():
   base = gm.majority_baseline("MultiRC", [0, 0, 1], [1, 0, 0, 0], eval_groups=[0, 0, 1, 1])
   assert base == {"accuracy": 0.75, "f1a": 0.0, "em": 0.5, "prediction": 0.0}
   assert gm.majority_baseline("WSC", [1, 0, 0], [1, 0]) == {"accuracy": 0.5, "prediction": 0.0}
+
+
+def test_selection_score_gives_every_constant_predictor_zero():
+  # Imbalanced labels (3 of class 1, 1 of class 0): the constant majority predictor has
+  # accuracy 0.75 (and MRPC F1 6/7) but informedness 0; a predictor right on every class has 1.
+  labels = [1, 1, 1, 0]
+  assert gm.accuracy([1, 1, 1, 1], labels) == 0.75
+  for task in ("SST-2", "MRPC", "RTE"):
+    assert gm.selection_score(task, [1, 1, 1, 1], labels) == 0.0
+    assert gm.selection_score(task, [0, 0, 0, 0], labels) == 0.0
+    assert gm.selection_score(task, labels, labels) == 1.0
+  # Binary informedness = TPR - FPR: TPR 2/3, FPR 0 -> 2/3; balanced accuracy (2/3 + 1) / 2.
+  assert gm.balanced_accuracy([1, 1, 0, 0], labels, 2) == pytest.approx(5 / 6)
+  assert gm.selection_score("SST-2", [1, 1, 0, 0], labels) == pytest.approx(2 / 3)
+  # Three classes, recalls (1, 1/2, 0): BA 1/2, chance 1/3 -> (1/2 - 1/3) / (2/3) = 1/4.
+  assert gm.informedness([0, 1, 0, 0, 0], [0, 1, 1, 2, 2], 3) == pytest.approx(0.25)
+  assert gm.selection_score("STS-B", [1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(
+      11 / math.sqrt(130))
+  assert math.isnan(gm.selection_score("STS-B", [2.5] * 4, [2, 4, 5, 9]))
+
+
+def test_standard_error_of_the_primary_metric():
+  # Accuracy 0.75 on 4 examples: sqrt(0.75 * 0.25 / 4).
+  assert gm.standard_error("SST-2", [1, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx(
+      math.sqrt(0.75 * 0.25 / 4))
+  rng = np.random.default_rng(1)
+  y = rng.integers(0, 2, 400)
+  p = np.where(rng.random(400) < 0.8, y, 1 - y)
+  se = gm.standard_error("MRPC", p, y)  # bootstrap; F1 ~ 0.8 on 400 -> roughly 0.02
+  assert 0.005 < se < 0.05 and se == gm.standard_error("MRPC", p, y)  # deterministic
+  # The majority predictor's Pearson is NaN, not a rounding error of 1e-16.
+  assert math.isnan(gm.majority_baseline("STS-B", [1.0, 2.7, 3.0], [0.5, 4.0, 1.0])["pearson"])

@@ -8,6 +8,8 @@ Two protocols from MeZO (Malladi et al. 2023):
   (`STSB_THRESHOLD`), k per half. -> `few_shot`, `few_shot_with_selection`, `subsample`.
 - OPT ("large") experiments sample 1,000 train examples at random, hold out 500 of train for
   model selection, and evaluate on 1,000 sampled dev examples. -> `subsample`, `holdout`.
+  `holdout(..., balanced=True)` stratifies the held-out slice per class (what `--mode=glue`
+  uses), so that a constant predictor cannot win model selection on an imbalanced task.
 
 Model selection always uses a slice of *train*, never dev: dev is the reported test set.
 
@@ -84,8 +86,13 @@ def subsample(split: GlueSplit, n: int = 1000, seed: int = 0) -> GlueSplit:
   return split.select(np.sort(idx))
 
 
-def holdout(train: GlueSplit, n_or_fraction: int | float,
-            seed: int = 0) -> tuple[GlueSplit, GlueSplit]:
+def _balanced_counts(n: int, c: int) -> list[int]:
+  """n split over c strata as evenly as possible (the first strata take the remainder)."""
+  return [n // c + (1 if i < n % c else 0) for i in range(c)]
+
+
+def holdout(train: GlueSplit, n_or_fraction: int | float, seed: int = 0, *,
+            balanced: bool = False) -> tuple[GlueSplit, GlueSplit]:
   """(rest, selection): a random held-out slice of train for model selection, and the rest.
 
   Args:
@@ -93,6 +100,10 @@ def holdout(train: GlueSplit, n_or_fraction: int | float,
     n_or_fraction: an int number of examples (1 <= n < len(train)), or a float fraction in
       (0, 1), rounded to the nearest count and clipped to [1, len(train) - 1].
     seed: the permutation's seed.
+    balanced: stratify the selection slice: n // C examples of each of the C classes (STS-B:
+      of each score half, `strata`), the remainder one each to the lowest classes, each class's
+      share drawn from one seeded permutation. A plain random slice of an imbalanced split lets
+      a constant predictor of the majority class win model selection; a balanced one does not.
 
   Returns:
     Disjoint splits whose union is `train`; `selection` has the requested size.
@@ -109,5 +120,18 @@ def holdout(train: GlueSplit, n_or_fraction: int | float,
   if size < 2 or not 1 <= n < size:
     raise ConfigError(f"cannot hold out {n} of {size} {train.task} examples.",
                       "hold out at least 1 and leave at least 1 for training.")
-  perm = np.random.default_rng(seed).permutation(size)
-  return train.select(np.sort(perm[n:])), train.select(np.sort(perm[:n]))
+  if not balanced:
+    perm = np.random.default_rng(seed).permutation(size)
+    return train.select(np.sort(perm[n:])), train.select(np.sort(perm[:n]))
+  per_class = _per_class_order(train, seed)
+  counts = _balanced_counts(n, len(per_class))
+  short = [(len(p), c, k) for c, (p, k) in enumerate(zip(per_class, counts)) if len(p) <= k]
+  if short:
+    have, c, k = min(short)
+    raise ConfigError(f"a balanced selection of {n} {train.task} examples needs {k} of class "
+                      f"{c} and at least one left to train on; there are {have}.",
+                      "lower glue.selection or set glue.selection_balanced=False.")
+  chosen = np.concatenate([p[:k] for p, k in zip(per_class, counts)])
+  mask = np.zeros(size, bool)
+  mask[chosen] = True
+  return train.select(np.flatnonzero(~mask)), train.select(np.flatnonzero(mask))

@@ -1,21 +1,39 @@
 """`--mode=glue`: the GLUE fine-tuning benchmark (rows x tasks x seeds), see configs/glue.py.
 
-Per task and seed: the dev split (at most `glue.eval_max` examples, the same for every seed) is
-the test set; `glue.selection` examples held out of train (`glue_sampling.holdout`) select the
-checkpoint; the few-shot train set is `glue.k_per_class` examples per class of the rest
-(`glue_sampling.few_shot`). Every row trains `glue.num_steps` steps of batch `glue.batch_size`
-through the one train step (`train_step.make_train_step`) with its update rule; every
-`glue.eval_every` steps (and at step 0) the selection metric is measured and the best params are
-kept; dev is evaluated once, with those. Any exception fails the run (no row is skipped).
+Per task and seed (`task_splits`): the dev split (at most `glue.eval_max` examples, the same for
+every seed; MNLI: dev_matched and dev_mismatched, each reported) is the test set; a selection
+slice of train (`glue.selection` examples, at most `glue.selection_fraction` of train when that
+is > 0), class-balanced when `glue.selection_balanced` (`glue_sampling.holdout`), selects the
+checkpoint; the train set is `glue.k_per_class` examples per class of the rest
+(`glue_sampling.few_shot`), or with k_per_class=0 all of the rest, then at most
+`glue.train_examples` of it (0 = no cap; `glue_sampling.subsample`).
+
+Every row trains `glue.num_steps` steps of batch `glue.batch_size` through the one train step
+(`train_step.make_train_step`) with its update rule. At step 0 and every `glue.eval_every` steps
+(and the last) it measures the selection score (`glue_metrics.selection_score`: informedness,
+which is 0 for any constant predictor, or Pearson for STS-B; the primary metric would let a
+majority-class predictor win) and, with `glue.dev_curve`, the dev metric, and records them with
+the forward passes and seconds so far (the record's `curve`). The params of the best selection
+score (step 0 unless a later step is strictly better) are evaluated on dev. Each record holds the
+step-0 (zero-shot) dev and selection scores, the selected step and the selected params' relative
+change ||theta - theta_0|| / ||theta_0|| (float64, all leaves), so that an untrained model cannot
+pass for a trained one. Zeroth-order rows with `glue.zo.learning_rates` first train each
+candidate learning rate for `glue.zo.grid_steps` steps on the first seed and use the one with the
+best selection score for every seed (the record's `lr_grid`). Beside each task: the majority
+class and a bag-of-words model (`glue_baselines`) trained on each seed's train set. Any exception
+fails the run (no row is skipped); the config is validated before anything runs (`validate`).
 """
 
+import math
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from bdiff_jax import glue_metrics, glue_models, glue_report, models
+from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, models
 from bdiff_jax.platform_info import memory_stats
 from bdiff_jax.data import glue, glue_encoding, glue_sampling
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
@@ -24,15 +42,79 @@ from bdiff_jax.train_state import create_train_state
 from bdiff_jax.train_step import make_train_step
 
 
+def _positive_int(g, key: str, minimum: int = 1, prefix: str = "glue") -> None:
+  v = g[key]
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+    raise ConfigError(f"{prefix}.{key}={v!r} must be an integer >= {minimum}.",
+                      f"set --config.{prefix}.{key} to an integer >= {minimum}.")
+
+
+def validate(g) -> None:
+  """Checks `config.glue` before anything is loaded or trained; raises a one-line ConfigError."""
+  for key in ("num_steps", "eval_every", "batch_size", "eval_batch_size", "eval_max",
+              "seq_len", "selection"):
+    _positive_int(g, key)
+  for key in ("k_per_class", "train_examples"):
+    _positive_int(g, key, 0)
+  seeds = tuple(g.seeds)
+  if not seeds or len(set(seeds)) != len(seeds) or not all(
+      isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+    raise ConfigError(f"glue.seeds={seeds!r} must be distinct integers, at least one.",
+                      "set e.g. --config.glue.seeds='(0,1,2)'.")
+  if not [t for t in str(g.tasks).split(",") if t.strip()]:
+    raise ConfigError("glue.tasks is empty.", "list tasks, e.g. --config.glue.tasks=SST-2,RTE.")
+  for t in str(g.tasks).split(","):
+    if t.strip():
+      glue.task_spec(t.strip())
+  if not 0.0 <= float(g.selection_fraction) < 1.0:
+    raise ConfigError(f"glue.selection_fraction={g.selection_fraction} must be in [0, 1).",
+                      "set it to e.g. 0.1, or 0 for no cap.")
+  lrs = tuple(g.zo.learning_rates)
+  if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 for lr in lrs):
+    raise ConfigError(f"glue.zo.learning_rates={lrs!r} must be positive numbers.",
+                      "set e.g. --config.glue.zo.learning_rates='(1e-7,1e-6,1e-5)', or () for "
+                      "glue.zo.learning_rate alone.")
+  if lrs:
+    _positive_int(g.zo, "grid_steps", prefix="glue.zo")
+  _positive_int(g.zo, "num_steps", 0, prefix="glue.zo")
+  specs = glue_models.parse_rows(g.rows)
+  if any(s.model == "opt" for s in specs):
+    where = str(g.opt_dir)
+    if not where or not os.path.isdir(where):
+      raise ConfigError(f"an opt row needs glue.opt_dir, and {where!r} is "
+                        f"{'not given' if not where else 'not a directory'}.",
+                        "set --config.glue.opt_dir to an OPT checkpoint or a configs/wikitext2.py"
+                        ":cpu_opt workdir, or drop the opt rows from glue.rows.")
+
+
+def _data_dir(spec, g) -> str | None:
+  root = g.superglue_dir if spec.benchmark == "superglue" else g.glue_dir
+  return str(root) or None
+
+
+def dev_splits(task: str) -> tuple[str, ...]:
+  """The task's evaluation splits: ("dev",), or MNLI's ("dev_matched", "dev_mismatched")."""
+  return glue.task_spec(task).splits[1:]
+
+
 def task_splits(task: str, g, seed: int):
-  """(train, selection, dev, full train) of `task` for `seed` (see the module docstring)."""
+  """(train, selection, {dev split: dev}, full train) of `task` for `seed` (module docstring)."""
   spec = glue.task_spec(task)
-  full = glue.load_split(spec.name, "train", g.glue_dir or None)
-  dev = glue.load_split(spec.name, spec.splits[1], g.glue_dir or None)
-  dev = glue_sampling.subsample(dev, g.eval_max, seed=0)
-  rest, selection = glue_sampling.holdout(full, int(g.selection), seed=seed)
-  train = glue_sampling.few_shot(rest, int(g.k_per_class), seed=seed)
-  return train, selection, dev, full
+  root = _data_dir(spec, g)
+  full = glue.load_split(spec.name, "train", root)
+  devs = {name: glue_sampling.subsample(glue.load_split(spec.name, name, root),
+                                        int(g.eval_max), seed=0) for name in dev_splits(task)}
+  n = int(g.selection)
+  if float(g.selection_fraction) > 0:
+    n = min(n, max(1, int(round(float(g.selection_fraction) * len(full)))))
+  rest, selection = glue_sampling.holdout(full, n, seed=seed,
+                                          balanced=bool(g.selection_balanced))
+  train = rest  # k_per_class=0: the full train split minus the selection set
+  if int(g.k_per_class) > 0:
+    train = glue_sampling.few_shot(rest, int(g.k_per_class), seed=seed)
+  if int(g.train_examples) > 0:
+    train = glue_sampling.subsample(train, int(g.train_examples), seed=seed)
+  return train, selection, devs, full
 
 
 def _take(arrays: dict, idx: np.ndarray) -> dict:
@@ -50,6 +132,7 @@ def predict(score_fn, params, arrays: dict, batch_size: int) -> np.ndarray:
 
 
 def evaluate(row, score_fn, params, arrays, task, batch_size):
+  """(task metrics, prediction distribution, predictions) of `params` on one encoded split."""
   scores = predict(score_fn, params, arrays, batch_size)
   preds = row.objective.predict(scores)
   labels = arrays["labels"]
@@ -57,11 +140,31 @@ def evaluate(row, score_fn, params, arrays, task, batch_size):
   spec = glue.task_spec(task)
   dist = (None if spec.is_regression else
           glue_metrics.prediction_distribution(preds, spec.num_labels))
-  return metrics, dist
+  return metrics, dist, preds
 
 
 def _better(a: float, b: float) -> bool:
   return not np.isnan(a) and (np.isnan(b) or a > b)
+
+
+def relative_change(params, initial) -> float:
+  """||params - initial|| / ||initial|| over all leaves, in float64 (inf: initial is all zero)."""
+  num = den = 0.0
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(initial)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    num += float(np.sum(np.square(a - b)))
+    den += float(np.sum(np.square(b)))
+  if den == 0.0:
+    return 0.0 if num == 0.0 else math.inf
+  return math.sqrt(num) / math.sqrt(den)
+
+
+def row_steps(spec, g) -> int:
+  """The row's train steps: `glue.zo.num_steps` for zeroth-order rows when > 0, else
+  `glue.num_steps`."""
+  if spec.rule != "adamw" and int(g.zo.num_steps) > 0:
+    return int(g.zo.num_steps)
+  return int(g.num_steps)
 
 
 def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) -> dict:
@@ -70,8 +173,8 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   `programs` carries the row's compiled step and scorer from one seed to the next (the seeds
   change the parameters and the data, not the program), so each row compiles once per task.
   """
-  train, selection, dev, full = task_splits(task, g, seed)
-  steps = int(g.num_steps)
+  train, selection, devs, full = task_splits(task, g, seed)
+  steps = row_steps(spec, g)
   row = glue_models.build_row(spec, g, full, seed=seed, total_steps=steps)
   # The first seed's network, objective and rule (not its parameters, which would stay in
   # memory for the task's remaining seeds): the same program.
@@ -82,10 +185,14 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   enc = lambda split: glue_encoding.encode_split(split, row.encoder, scoring=row.scoring,
                                                  seq_len=int(g.seq_len),
                                                  time_of_fraction=row.time_of_fraction)
-  arrays = {"train": enc(train), "selection": enc(selection), "dev": enc(dev)}
+  arrays = {"train": enc(train), "selection": enc(selection)}
+  dev_arrays = {name: enc(split) for name, split in devs.items()}
+  first_dev = next(iter(dev_arrays))
   stats = getattr(row.encoder, "stats", None)
   oov = None if stats is None else stats.oov_rate
   primary = glue_metrics.primary_metric(task)
+  # A host copy of the initial parameters (the train step donates and deletes its input's).
+  initial = jax.tree_util.tree_map(np.array, row.params)
   state = create_train_state(row.params, row.rule, jax.random.PRNGKey(seed))
   if "score_fn" not in programs:
     network, objective = row.network, row.objective
@@ -93,7 +200,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     programs["score_fn"] = jax.jit(
         lambda p, b: objective.scores(models.bind(network, p, train=False), b))
   step_fn, score_fn = programs["step_fn"], programs["score_fn"]
-  bs = int(g.batch_size)
+  bs, ebs = int(g.batch_size), int(g.eval_batch_size)
   rng = np.random.default_rng(seed)
   order = np.zeros(0, np.int64)
 
@@ -104,19 +211,34 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     idx, order = order[:bs], order[bs:]
     return jax.tree_util.tree_map(jnp.asarray, _take(arrays["train"], idx))
 
+  def measure(params, split_arrays):
+    metrics, _, preds = evaluate(row, score_fn, params, split_arrays, task, ebs)
+    return metrics, glue_metrics.selection_score(task, preds, split_arrays["labels"])
+
   batch = next_batch()
   if "compiled" not in programs:
     programs["compiled"] = step_fn.lower(state, batch).compile()
   compiled = programs["compiled"]
   mem = memory_stats(compiled)
-  best, best_params = float("nan"), row.params
-  best_step, seconds = 0, 0.0
+  best, best_params = float("nan"), None
+  best_step, seconds, start, curve = 0, 0.0, time.time(), []
+  zero_shot = {}
   for step in range(steps + 1):
     if step % int(g.eval_every) == 0 or step == steps:
       params = state.params
-      sel, _ = evaluate(row, score_fn, params, arrays["selection"], task, int(g.eval_batch_size))
-      if _better(sel[primary], best) or step == 0:
-        best, best_step = sel[primary], step
+      sel, score = measure(params, arrays["selection"])
+      point = {"step": step, "forward": glue_models.forward_passes(row.rule, step)["forward"],
+               "train_seconds": seconds, "wall_seconds": time.time() - start,
+               "selection": score, "selection_metric": sel[primary]}
+      if step == 0:
+        zero_shot = {"selection": score, "selection_metric": sel[primary],
+                     "dev": {name: measure(params, a)[0] for name, a in dev_arrays.items()}}
+        point["dev"] = zero_shot["dev"][first_dev][primary]
+      elif bool(g.dev_curve):
+        point["dev"] = measure(params, dev_arrays[first_dev])[0][primary]
+      curve.append(point)
+      if step == 0 or _better(score, best):
+        best, best_step = score, step
         best_params = jax.tree_util.tree_map(jnp.copy, params)
     if step == steps:
       break
@@ -128,40 +250,108 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
       raise NonFiniteLossError(f"{spec.name} on {task} (seed {seed}): the loss became {loss} "
                                f"at step {step}.", "lower the row's learning rate.")
     batch = next_batch()
-  dev_metrics, dist = evaluate(row, score_fn, best_params, arrays["dev"], task,
-                               int(g.eval_batch_size))
-  reporter.info(f"{task} {spec.name} seed {seed}: dev {primary} {dev_metrics[primary]:.4f} "
-                f"(selected step {best_step}, selection {best:.4f}); {seconds:.1f}s")
-  return {"task": task, "row": spec.name, "seed": seed, "dev": dev_metrics,
+  dev_metrics, dev_se, dist = {}, {}, None
+  for name, a in dev_arrays.items():
+    dev_metrics[name], d, preds = evaluate(row, score_fn, best_params, a, task, ebs)
+    dev_se[name] = glue_metrics.standard_error(task, preds, a["labels"])
+    dist = d if dist is None else dist
+  change = relative_change(best_params, initial)
+  reporter.info(f"{task} {spec.name} seed {seed}: dev {primary} "
+                f"{dev_metrics[first_dev][primary]:.4f} (step 0: "
+                f"{zero_shot['dev'][first_dev][primary]:.4f}); selected step {best_step} "
+                f"(selection {best:.4f}, step 0: {zero_shot['selection']:.4f}); relative "
+                f"parameter change {change:.2e}; {seconds:.1f}s")
+  return {"task": task, "row": spec.name, "seed": seed, "dev": dev_metrics[first_dev],
+          "dev_splits": dev_metrics, "dev_standard_error": dev_se, "zero_shot": zero_shot,
           "selection_best": best, "selected_step": best_step,
+          "relative_param_change": change, "curve": curve,
           "prediction_distribution": dist, "train_seconds": seconds, "steps": steps,
           "forward_passes": glue_models.forward_passes(row.rule, steps),
           "step_memory_bytes": int(mem["held_bytes"]), "params": models.count_params(row.params),
           "init": row.init, "scoring": row.scoring, "rule": spec.rule, "oov_rate": oov,
-          "sizes": {"train": len(train), "selection": len(selection), "dev": len(dev)}}
+          "learning_rate": float(g.zo.learning_rate if spec.rule != "adamw"
+                                 else g.adamw.learning_rate),
+          "sizes": {"train": len(train), "selection": len(selection),
+                    **{name: len(d) for name, d in devs.items()}}}
+
+
+def _with(g, **changes):
+  """A copy of `config.glue` with `changes` ("zo.learning_rate": ...) applied."""
+  out = ml_collections.ConfigDict(g.to_dict())
+  for key, value in changes.items():
+    node, *rest = key.split(".")
+    if rest:
+      out[node][rest[0]] = value
+    else:
+      out[key] = value
+  return out
+
+
+def choose_learning_rate(spec, task: str, g, reporter: Reporter):
+  """(config with the chosen zo.learning_rate, grid results) for a zeroth-order row.
+
+  Each of `glue.zo.learning_rates` trains `glue.zo.grid_steps` steps on the first seed; the best
+  selection score wins (ties: the better final selection score, then the earlier candidate).
+  No grid (or a first-order row): `g` unchanged and None.
+  """
+  lrs = tuple(g.zo.learning_rates)
+  if spec.rule == "adamw" or not lrs:
+    return g, None
+  steps = int(g.zo.grid_steps)
+  grid = []
+  for lr in lrs:
+    trial = _with(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
+                        "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
+    rec = run_seed(spec, task, trial, int(g.seeds[0]), reporter, {})
+    grid.append({"learning_rate": float(lr), "selection_best": rec["selection_best"],
+                 "selection_final": rec["curve"][-1]["selection"],
+                 "selected_step": rec["selected_step"], "steps": steps,
+                 "relative_param_change": rec["relative_param_change"]})
+  key = lambda r: tuple(-math.inf if np.isnan(v) else v
+                        for v in (r["selection_best"], r["selection_final"]))
+  chosen = max(grid, key=key)  # max keeps the first of equal keys
+  reporter.info(f"{task} {spec.name}: learning rate {chosen['learning_rate']:g} chosen from "
+                f"{[r['learning_rate'] for r in grid]} on the selection set")
+  return _with(g, **{"zo.learning_rate": chosen["learning_rate"]}), grid
 
 
 def run(config, workdir: str, reporter: Reporter) -> dict:
   """Runs every task x row x seed of `config.glue`; writes glue.{json,md,png} to `workdir`."""
   g = config.glue
+  validate(g)
   specs = glue_models.parse_rows(g.rows)
-  tasks = [t.strip() for t in str(g.tasks).split(",") if t.strip()]
-  if not tasks or not tuple(g.seeds):
-    raise ConfigError("glue.tasks and glue.seeds must be non-empty.", "set both.")
-  rows, records = [], []
+  tasks = [glue.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
+  rows, records, baselines = [], [], []
   for task in tasks:
-    spec = glue.task_spec(task)
+    primary = glue_metrics.primary_metric(task)
+    base = task_baselines(task, g)
+    baselines.append(base)
     for row_spec in specs:
+      g_row, grid = choose_learning_rate(row_spec, task, g, reporter)
       programs = {}
-      recs = [run_seed(row_spec, spec.name, g, int(s), reporter, programs) for s in g.seeds]
+      recs = [run_seed(row_spec, task, g_row, int(s), reporter, programs) for s in g.seeds]
+      for r in recs:
+        r["lr_grid"] = grid
       records += recs
-      _, _, dev, full = task_splits(spec.name, g, int(g.seeds[0]))
-      majority = glue_metrics.majority_baseline(spec.name, full.labels, dev.labels)
-      rows.append(glue_report.aggregate(spec.name, row_spec.name, recs, majority,
-                                        glue_metrics.primary_metric(spec.name)))
+      for split in dev_splits(task):
+        rows.append(glue_report.aggregate(task, row_spec.name, recs, base, primary, split=split))
   meta = {"level": str(g.level), "description": str(g.description),
           "backend": jax.default_backend(), "config": g.to_dict()}
-  paths = glue_report.write(workdir, rows, records, meta)
-  reporter.info(glue_report.markdown(rows, meta))
+  paths = glue_report.write(workdir, rows, records, meta, baselines)
+  reporter.info(glue_report.markdown(rows, meta, records))
   reporter.info(f"written: {', '.join(paths.values())}")
-  return {"rows": rows, "records": records, "paths": paths}
+  return {"rows": rows, "records": records, "baselines": baselines, "paths": paths}
+
+
+def task_baselines(task: str, g) -> dict:
+  """The majority class (of the full train split) and the bag-of-words model (trained on each
+  seed's train set) on each dev split: {"task", "majority": {split: metrics},
+  "bow": {split: [metrics per seed]}}."""
+  majority, bow = {}, {}
+  for seed in g.seeds:
+    train, _, devs, full = task_splits(task, g, int(seed))
+    for name, dev in devs.items():
+      majority[name] = glue_metrics.majority_baseline(task, full.labels, dev.labels)
+    for name, metrics in glue_baselines.bow_baseline(task, train, devs).items():
+      bow.setdefault(name, []).append(metrics)
+  return {"task": task, "majority": majority, "bow": bow}
