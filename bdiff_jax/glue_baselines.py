@@ -120,5 +120,5 @@ def bow_baseline(task: str, train: GlueSplit, evals: dict[str, GlueSplit], *,
   for name, split in evals.items():
     z = bow.features(split) @ w
     preds = z[:, 0] if train.is_regression else np.argmax(z, axis=1)
-    out[name] = glue_metrics.task_metrics(task, preds, split.labels)
+    out[name] = glue_metrics.task_metrics(task, preds, split.labels, groups=split.groups)
   return out

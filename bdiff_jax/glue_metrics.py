@@ -121,23 +121,26 @@ def selection_score(task: str, predictions: ArrayLike, labels: ArrayLike) -> flo
 
 
 def standard_error(task: str, predictions: ArrayLike, labels: ArrayLike,
-                   resamples: int = 200) -> float:
+                   resamples: int = 200, groups: ArrayLike | None = None) -> float:
   """The standard error of the task's primary metric on this evaluation set.
 
-  Accuracy: sqrt(p (1 - p) / n). Other metrics (F1, MCC, Pearson): the standard deviation over
-  `resamples` bootstrap resamples of the examples (deterministic: seed 0; NaN resamples dropped).
+  Accuracy: sqrt(p (1 - p) / n). Other metrics (F1, MCC, Pearson, MultiRC's F1a): the standard
+  deviation over `resamples` bootstrap resamples of the examples (deterministic: seed 0; NaN
+  resamples dropped). `groups`: MultiRC's question ids (resampled with their examples).
   """
   p = np.asarray(predictions).reshape(-1)
   y = np.asarray(labels).reshape(-1)
+  g = None if groups is None else np.asarray(groups).reshape(-1)
   primary = primary_metric(task)
   if primary == "accuracy":
-    acc = task_metrics(task, p, y)["accuracy"]
+    acc = task_metrics(task, p, y, groups=g)["accuracy"]
     return math.sqrt(acc * (1.0 - acc) / y.size)
   rng = np.random.default_rng(0)
   values = []
   for _ in range(resamples):
     idx = rng.integers(0, y.size, y.size)
-    values.append(task_metrics(task, p[idx], y[idx])[primary])
+    values.append(task_metrics(task, p[idx], y[idx],
+                               groups=None if g is None else g[idx])[primary])
   values = np.asarray(values, np.float64)
   values = values[np.isfinite(values)]
   return float(np.std(values)) if values.size > 1 else math.nan

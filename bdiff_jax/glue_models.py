@@ -1,6 +1,6 @@
 """The rows of the GLUE benchmark: (network, initial params, encoder, objective, update rule).
 
-A row is written `model:rule[:head]` (config `glue.rows`, comma-separated):
+A row is written `model:rule[:head][:lora]` (config `glue.rows`, comma-separated):
 
   model  reversible_qwen3 | standard_qwen3   a bdiff network with the Qwen3 block, from scratch
                                              (shape `glue.bdiff.model`, objective
@@ -19,6 +19,8 @@ A row is written `model:rule[:head]` (config `glue.rows`, comma-separated):
                                              vocabulary and checkpoint `glue.init_checkpoint`.
   rule   adamw (first order, `glue.adamw`) | mezo | dizo (zeroth order, `glue.zo`, `glue.dizo`).
   head   a pooled linear head (the non-prompt baseline) instead of prompt scoring.
+  lora   parameter-efficient (MeZO's LoRA variant): only LoRA factors on the attention
+         query/value kernels train (rank `glue.lora_rank`, alpha `glue.lora_alpha`).
 
 Prompt scoring follows the network: a causal LM (OPT, an autoregressive bdiff model) scores
 candidates causally, a masked-diffusion model at a [MASK] (`classification.py`).
@@ -33,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bdiff_jax import checkpointing, classification, models, train_state, update_rule
-from bdiff_jax import dizo, zeroth_order
+from bdiff_jax import checkpointing, classification, lora, models, train_state, update_rule
 from bdiff_jax.data import glue_encoding, glue_prompts
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
@@ -54,23 +55,37 @@ class RowSpec:
   model: str
   rule: str
   head: bool
+  peft: str = "none"  # "lora": only LoRA factors (and a head's classifier) train
 
   @property
   def name(self) -> str:
-    return f"{self.rule}_{self.model}" + ("_head" if self.head else "")
+    return (f"{self.rule}_{self.model}" + ("_head" if self.head else "") +
+            ("_lora" if self.peft == "lora" else ""))
+
+
+ROW_OPTIONS = ("head", "lora")
 
 
 def parse_rows(text: str) -> list[RowSpec]:
-  """`"opt:mezo,standard_qwen3:adamw:head"` -> RowSpecs; raises ConfigError on a bad entry."""
+  """`"opt:mezo,opt:mezo:lora,standard_qwen3:adamw:head"` -> RowSpecs; raises ConfigError on a
+  bad entry. Options after the rule: `head` (a pooled head instead of prompt scoring), `lora`
+  (parameter-efficient: LoRA factors on the attention query/value kernels, `glue.lora_rank`,
+  `glue.lora_alpha`; not with dizo, whose projection needs the full layer weights)."""
   rows = []
   for item in [s.strip() for s in str(text).split(",") if s.strip()]:
     parts = item.split(":")
-    ok = (len(parts) in (2, 3) and parts[0] in MODELS and parts[1] in RULES and
-          (len(parts) == 2 or parts[2] == "head"))
+    opts = parts[2:]
+    ok = (len(parts) >= 2 and parts[0] in MODELS and parts[1] in RULES and
+          all(o in ROW_OPTIONS for o in opts) and len(set(opts)) == len(opts))
     if not ok:
-      raise ConfigError(f"glue.rows entry {item!r} is not model:rule[:head].",
-                        f"use models {MODELS}, rules {RULES}, e.g. 'opt:mezo'.")
-    rows.append(RowSpec(parts[0], parts[1], len(parts) == 3))
+      raise ConfigError(f"glue.rows entry {item!r} is not model:rule[:head][:lora].",
+                        f"use models {MODELS}, rules {RULES}, options {ROW_OPTIONS}, e.g. "
+                        "'opt:mezo' or 'opt:mezo:lora'.")
+    if parts[1] == "dizo" and "lora" in opts:
+      raise ConfigError(f"glue.rows entry {item!r}: DiZO projects whole layer weights, which "
+                        "a LoRA row does not train.", "use mezo:lora or adamw:lora, or dizo "
+                        "without lora.")
+    rows.append(RowSpec(parts[0], parts[1], "head" in opts, "lora" if "lora" in opts else "none"))
   if not rows:
     raise ConfigError("glue.rows is empty.", "list at least one row, e.g. 'opt:mezo'.")
   return rows
@@ -217,9 +232,15 @@ def build_row(spec: RowSpec, glue, train: GlueSplit, *, seed: int, total_steps: 
   else:
     objective = classification.ClozePrompt(time_conditioned=timed, regression=regression)
     scoring = "cloze"
+  if spec.peft == "lora":
+    train_also = (lambda names: names[0] == "classifier") if spec.head else None
+    network, params = lora.wrap(network, params, jax.random.fold_in(key, 3),
+                                rank=int(glue.lora_rank), alpha=float(glue.lora_alpha),
+                                train_also=train_also)
+    init += f"; LoRA rank {int(glue.lora_rank)}, alpha {float(glue.lora_alpha):g} on q/v"
   return Row(spec=spec, network=network, params=params, encoder=encoder, scoring=scoring,
-             objective=objective, rule=build_rule(spec.rule, glue, total_steps), init=init,
-             time_of_fraction=tof)
+             objective=objective, rule=build_rule(spec.rule, glue, total_steps, peft=spec.peft),
+             init=init, time_of_fraction=tof)
 
 
 def _frozen(names) -> bool:

@@ -145,6 +145,10 @@ class LoRANetwork:
                                                                    self.alpha, self.rank)),
                               *args, **kwargs)
 
+  def effective_params(self, params):
+    """The wrapped network's parameters of `params` (merged): what the model computes with."""
+    return merged_params(params, self.alpha, self.rank)
+
   def __getattr__(self, name):
     if name == "network":  # not yet set (copy/pickle): no recursion
       raise AttributeError(name)

@@ -20,14 +20,18 @@ Qwen3-style models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZ
          Hugging Face OPT directory. About 2 minutes per row and seed on 2 CPU cores. Gives
          k=16 numbers of CPU-pretrained models: expect chance (flagged) unless the start models
          are good; compare with the BoW LR column (the data ceiling of k=16: near chance).
-  cpu    python main.py --config configs/glue.py:cpu --workdir runs/glue_cpu --mode=glue \
-             --config.glue.opt_dir=runs/wt2_opt [--config.glue.starts_dir=<start models>]
-         Every task in ../shared/data (GLUE SST-2, MRPC, RTE, WNLI, STS-B; SuperGLUE WiC,
-         COPA), 3 seeds, a balanced selection set of 500 (at most 10% of train), first-order
-         rows on the full train split minus the selection set (4,000 AdamW steps), MeZO/DiZO
-         rows 5,000 steps with the learning rate chosen on the selection set from
+  cpu    python main.py --config configs/glue.py:cpu --workdir runs/glue_cpu --mode=glue
+         One command: first pretrains on WikiText-2 (or reuses when finished, resumes when
+         interrupted) the three start models under `glue.starts_dir` (runs/glue_starts), 30
+         minutes each on 2 cores: reversible and standard Qwen3-style diffusion
+         (configs/wikitext2.py:cpu with model.block=qwen3) and the OPT architecture trained
+         autoregressively (configs/wikitext2.py:cpu_opt). Then every task in ../shared/data
+         (GLUE SST-2, MRPC, RTE, WNLI, STS-B; SuperGLUE WiC, COPA, WSC, MultiRC), 3 seeds, a
+         balanced selection set of 500 (at most 10% of train); first-order rows on the full
+         train split minus the selection set (4,000 AdamW steps); MeZO (full and LoRA) and
+         DiZO rows 5,000 steps with the learning rate chosen on the selection set from
          `glue.zo.learning_rates` (500 steps each on seed 0). Hours on 2 CPU cores; not yet
-         measured. Should give AdamW rows above the majority and near or above the BoW LR
+         measured end to end. Should give AdamW rows above the majority and near the BoW LR
          column on SST-2/MRPC, and DiZO vs MeZO at equal forward passes.
   full   python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full \
              --mode=glue --config.glue.opt_dir=/data/opt-1.3b
@@ -51,7 +55,7 @@ seed's curve (selection score, dev metric, forward passes, seconds at every eval
 Data options (see bdiff_jax/modes/glue.py): `glue.k_per_class` (> 0: k per class of train minus
 the selection set; 0: all of it), `glue.train_examples` (> 0: at most that many of those, drawn
 by the seed), `glue.selection` / `glue.selection_fraction` / `glue.selection_balanced`.
-`glue.starts_dir` ('' = off) is reserved for the cpu level's pretrained start models.
+`glue.starts_dir` (cpu level: pretrain the start models there first, 30 minutes each, or reuse them).
 """
 
 import os
@@ -112,7 +116,13 @@ def get_config(arg: str = "test"):
   g.init_workdir_reversible = ""  # ...or one per backbone (reversible_qwen3 / standard_qwen3)
   g.init_workdir_standard = ""
   g.init_checkpoint = "best"
-  g.starts_dir = ""  # the cpu level's pretrained start models ('' = off; wired by the lead)
+  # Start models pretrained on WikiText-2 (glue_starts): '' = off; else a directory where the
+  # rows' start models are trained (or reused when finished, resumed when interrupted) for
+  # `starts_budget_seconds` each, and used as init_workdir_* / opt_dir.
+  g.starts_dir = ""
+  g.starts_budget_seconds = 1800.0  # the main command's 30 minutes
+  g.lora_rank = 8  # rows with the `lora` option (MeZO's LoRA setting: r 8, alpha 16)
+  g.lora_alpha = 16.0
   g.bdiff = _bdiff(2, 64, 4, 2)
   g.adamw = base_config().train
   g.adamw.learning_rate = 1e-4
@@ -121,14 +131,16 @@ def get_config(arg: str = "test"):
   g.adamw.ema_decay = 0.0
   g.zo = ml_collections.ConfigDict(dict(learning_rate=1e-6, schedule="constant", eps=1e-3,
                                         num_perturbations=1, weight_decay=0.0,
-                                        freeze_embeddings=True))
+                                        freeze="none"))  # MeZO's setting: every parameter
   # A learning-rate grid for the zeroth-order rows: each candidate trains `grid_steps` steps on
   # the first seed; the best selection score's rate is used for every seed (() = off).
   g.zo.learning_rates = ()
   g.zo.num_steps = 0  # the zeroth-order rows' steps (0 = glue.num_steps)
   g.zo.grid_steps = 500
+  # fresh_batches: each γ iteration of DiZO's projection search draws its own batch, as the
+  # reference does (the step then reads 1 + iterations batches).
   g.dizo = ml_collections.ConfigDict(dict(interval=50, iterations=10, eps_p=0.1, step_size=2.0,
-                                          tau=0.2))
+                                          tau=0.2, fresh_batches=True))
   if level == "test":
     g.description = "CI wiring check: tiny models, a few steps; numbers are not results."
     g.opt_dir = os.path.join(_REPO, "tests", "fixtures", "tiny_opt")
@@ -154,7 +166,11 @@ def get_config(arg: str = "test"):
   elif level == "cpu":
     g.description = ("GLUE + SuperGLUE tasks of shared/data, full train minus a balanced "
                      "selection set, 3 seeds, CPU-sized models.")
-    g.tasks = "SST-2,MRPC,RTE,WNLI,STS-B,WiC,COPA"
+    g.tasks = "SST-2,MRPC,RTE,WNLI,STS-B,WiC,COPA,WSC,MultiRC"
+    g.rows = ("reversible_qwen3:adamw,standard_qwen3:adamw,opt:adamw,opt:mezo,opt:mezo:lora,"
+              "opt:dizo")
+    g.starts_dir = os.path.join("runs", "glue_starts")
+    g.seq_len = 128  # the start models' positions; pair tasks need the room
     g.k_per_class = 0
     g.selection = 500
     g.selection_fraction = 0.1

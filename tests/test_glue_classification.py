@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import classification, glue_models, glue_report
+from bdiff_jax import classification, glue_models, glue_report, update_rule
 from bdiff_jax.data import glue, glue_encoding, glue_prompts
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
 from bdiff_jax.data.tokenizer import WordTokenizer
@@ -164,6 +164,10 @@ def test_update_rule_forward_passes_and_gradients(sst2, rule):
                               total_steps=steps)
   enc = glue_encoding.encode_split(train, row.encoder, scoring=row.scoring, seq_len=g.seq_len)
   batch = {k: jnp.asarray(v[:4]) for k, v in enc.items() if k != "labels"}
+  n = update_rule.batches_per_step(row.rule)  # DiZO: 1 + iterations (a fresh batch each)
+  assert n == (1 + g.dizo.iterations if rule == "dizo" else 1)
+  if n > 1:
+    batch = {k: jnp.stack([v] * n) for k, v in batch.items()}
   counter = []
   step = make_train_step(_Counting(counter), row.network, row.rule, ema_decay=0.0)
   state = create_train_state(row.params, row.rule, jax.random.PRNGKey(0))
@@ -264,6 +268,10 @@ def test_opt_dir_has_no_silent_default():
   for level in ("quick", "cpu", "full"):
     g = glue_config.get_config(level).glue
     assert g.opt_dir == "" and len(g.seeds) >= 3
+    if level == "cpu":  # its opt rows start from the OPT model it pretrains under starts_dir
+      assert g.starts_dir
+      glue_mode.validate(g)
+      g.starts_dir = ""
     with pytest.raises(UserError, match="needs glue.opt_dir"):
       glue_mode.validate(g)
   assert glue_config.get_config("test").glue.opt_dir == OPT_DIR

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, models
+from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, glue_starts
+from bdiff_jax import models, update_rule
 from bdiff_jax.platform_info import memory_stats
 from bdiff_jax.data import glue, glue_encoding, glue_sampling
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
@@ -77,8 +78,14 @@ def validate(g) -> None:
   if lrs:
     _positive_int(g.zo, "grid_steps", prefix="glue.zo")
   _positive_int(g.zo, "num_steps", 0, prefix="glue.zo")
+  _positive_int(g, "lora_rank")
+  if not float(g.lora_alpha) > 0:
+    raise ConfigError(f"glue.lora_alpha={g.lora_alpha} must be > 0.", "set e.g. 16.")
+  if str(g.starts_dir) and not float(g.starts_budget_seconds) > 0:
+    raise ConfigError(f"glue.starts_budget_seconds={g.starts_budget_seconds} must be > 0.",
+                      "set e.g. 1800 (the main command's 30 minutes).")
   specs = glue_models.parse_rows(g.rows)
-  if any(s.model == "opt" for s in specs):
+  if any(s.model == "opt" for s in specs) and not str(g.starts_dir):
     where = str(g.opt_dir)
     if not where or not os.path.isdir(where):
       raise ConfigError(f"an opt row needs glue.opt_dir, and {where!r} is "
@@ -131,12 +138,13 @@ def predict(score_fn, params, arrays: dict, batch_size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-def evaluate(row, score_fn, params, arrays, task, batch_size):
-  """(task metrics, prediction distribution, predictions) of `params` on one encoded split."""
+def evaluate(row, score_fn, params, arrays, task, batch_size, groups=None):
+  """(task metrics, prediction distribution, predictions) of `params` on one encoded split;
+  `groups`: the split's MultiRC question ids (GlueSplit.groups)."""
   scores = predict(score_fn, params, arrays, batch_size)
   preds = row.objective.predict(scores)
   labels = arrays["labels"]
-  metrics = glue_metrics.task_metrics(task, preds, labels)
+  metrics = glue_metrics.task_metrics(task, preds, labels, groups=groups)
   spec = glue.task_spec(task)
   dist = (None if spec.is_regression else
           glue_metrics.prediction_distribution(preds, spec.num_labels))
@@ -187,12 +195,17 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
                                                  time_of_fraction=row.time_of_fraction)
   arrays = {"train": enc(train), "selection": enc(selection)}
   dev_arrays = {name: enc(split) for name, split in devs.items()}
+  groups = {"selection": selection.groups, **{name: d.groups for name, d in devs.items()}}
   first_dev = next(iter(dev_arrays))
   stats = getattr(row.encoder, "stats", None)
   oov = None if stats is None else stats.oov_rate
   primary = glue_metrics.primary_metric(task)
-  # A host copy of the initial parameters (the train step donates and deletes its input's).
-  initial = jax.tree_util.tree_map(np.array, row.params)
+  # A host copy of the initial network parameters (the train step donates and deletes its
+  # input's); a LoRA row's are the merged base + factors.
+  effective = getattr(row.network, "effective_params", lambda p: p)
+  initial = jax.tree_util.tree_map(np.array, effective(row.params))
+  sizes = {"params": models.count_params(initial),
+           "trainable_params": update_rule.trainable_count(row.rule, row.params)}
   state = create_train_state(row.params, row.rule, jax.random.PRNGKey(seed))
   if "score_fn" not in programs:
     network, objective = row.network, row.objective
@@ -203,16 +216,25 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   bs, ebs = int(g.batch_size), int(g.eval_batch_size)
   rng = np.random.default_rng(seed)
   order = np.zeros(0, np.int64)
+  # A rule that reads several batches per step (DiZO with a fresh batch per γ iteration) gets
+  # them stacked on a leading axis: [0] is the step's own, [1 + i] γ iteration i's.
+  per_step = update_rule.batches_per_step(row.rule)
 
-  def next_batch():
+  def draw():
     nonlocal order
     while order.size < bs:
       order = np.concatenate([order, rng.permutation(len(train))])
     idx, order = order[:bs], order[bs:]
-    return jax.tree_util.tree_map(jnp.asarray, _take(arrays["train"], idx))
+    return _take(arrays["train"], idx)
 
-  def measure(params, split_arrays):
-    metrics, _, preds = evaluate(row, score_fn, params, split_arrays, task, ebs)
+  def next_batch():
+    if per_step == 1:
+      return jax.tree_util.tree_map(jnp.asarray, draw())
+    draws = [draw() for _ in range(per_step)]
+    return {k: jnp.asarray(np.stack([d[k] for d in draws])) for k in draws[0]}
+
+  def measure(params, split_arrays, split_groups=None):
+    metrics, _, preds = evaluate(row, score_fn, params, split_arrays, task, ebs, split_groups)
     return metrics, glue_metrics.selection_score(task, preds, split_arrays["labels"])
 
   batch = next_batch()
@@ -226,16 +248,17 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   for step in range(steps + 1):
     if step % int(g.eval_every) == 0 or step == steps:
       params = state.params
-      sel, score = measure(params, arrays["selection"])
+      sel, score = measure(params, arrays["selection"], groups["selection"])
       point = {"step": step, "forward": glue_models.forward_passes(row.rule, step)["forward"],
                "train_seconds": seconds, "wall_seconds": time.time() - start,
                "selection": score, "selection_metric": sel[primary]}
       if step == 0:
         zero_shot = {"selection": score, "selection_metric": sel[primary],
-                     "dev": {name: measure(params, a)[0] for name, a in dev_arrays.items()}}
+                     "dev": {name: measure(params, a, groups[name])[0]
+                             for name, a in dev_arrays.items()}}
         point["dev"] = zero_shot["dev"][first_dev][primary]
       elif bool(g.dev_curve):
-        point["dev"] = measure(params, dev_arrays[first_dev])[0][primary]
+        point["dev"] = measure(params, dev_arrays[first_dev], groups[first_dev])[0][primary]
       curve.append(point)
       if step == 0 or _better(score, best):
         best, best_step = score, step
@@ -252,10 +275,11 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     batch = next_batch()
   dev_metrics, dev_se, dist = {}, {}, None
   for name, a in dev_arrays.items():
-    dev_metrics[name], d, preds = evaluate(row, score_fn, best_params, a, task, ebs)
-    dev_se[name] = glue_metrics.standard_error(task, preds, a["labels"])
+    dev_metrics[name], d, preds = evaluate(row, score_fn, best_params, a, task, ebs,
+                                           groups[name])
+    dev_se[name] = glue_metrics.standard_error(task, preds, a["labels"], groups=groups[name])
     dist = d if dist is None else dist
-  change = relative_change(best_params, initial)
+  change = relative_change(effective(best_params), initial)
   reporter.info(f"{task} {spec.name} seed {seed}: dev {primary} "
                 f"{dev_metrics[first_dev][primary]:.4f} (step 0: "
                 f"{zero_shot['dev'][first_dev][primary]:.4f}); selected step {best_step} "
@@ -267,7 +291,8 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
           "relative_param_change": change, "curve": curve,
           "prediction_distribution": dist, "train_seconds": seconds, "steps": steps,
           "forward_passes": glue_models.forward_passes(row.rule, steps),
-          "step_memory_bytes": int(mem["held_bytes"]), "params": models.count_params(row.params),
+          "step_memory_bytes": int(mem["held_bytes"]),
+          **sizes,
           "init": row.init, "scoring": row.scoring, "rule": spec.rule, "oov_rate": oov,
           "learning_rate": float(g.zo.learning_rate if spec.rule != "adamw"
                                  else g.adamw.learning_rate),
@@ -320,6 +345,8 @@ def run(config, workdir: str, reporter: Reporter) -> dict:
   g = config.glue
   validate(g)
   specs = glue_models.parse_rows(g.rows)
+  if str(g.starts_dir):
+    use_starts(g, specs, reporter)
   tasks = [glue.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
   rows, records, baselines = [], [], []
   for task in tasks:
@@ -343,6 +370,22 @@ def run(config, workdir: str, reporter: Reporter) -> dict:
   return {"rows": rows, "records": records, "baselines": baselines, "paths": paths}
 
 
+def use_starts(g, specs, reporter: Reporter) -> None:
+  """Pretrains (or reuses, or resumes) the WikiText-2 start models of the rows in `specs` under
+  `glue.starts_dir` (`glue_starts.ensure_starts`, `glue.starts_budget_seconds` each) and points
+  the rows at them: glue.init_workdir_reversible / init_workdir_standard / opt_dir."""
+  needed = tuple(n for n in glue_starts.NAMES if n in {s.model for s in specs})
+  if not needed:
+    return
+  dirs = glue_starts.ensure_starts(str(g.starts_dir), reporter=reporter,
+                                   budget_seconds=float(g.starts_budget_seconds),
+                                   data_dir=os.environ.get("BDIFF_DATA_DIR", ""), which=needed)
+  with g.unlocked():
+    for field, workdir in glue_starts.glue_fields(dirs).items():
+      g[field] = workdir
+  reporter.info("start models: " + ", ".join(f"{k} {v}" for k, v in dirs.items()))
+
+
 def task_baselines(task: str, g) -> dict:
   """The majority class (of the full train split) and the bag-of-words model (trained on each
   seed's train set) on each dev split: {"task", "majority": {split: metrics},
@@ -351,7 +394,8 @@ def task_baselines(task: str, g) -> dict:
   for seed in g.seeds:
     train, _, devs, full = task_splits(task, g, int(seed))
     for name, dev in devs.items():
-      majority[name] = glue_metrics.majority_baseline(task, full.labels, dev.labels)
+      majority[name] = glue_metrics.majority_baseline(task, full.labels, dev.labels,
+                                                      eval_groups=dev.groups)
     for name, metrics in glue_baselines.bow_baseline(task, train, devs).items():
       bow.setdefault(name, []).append(metrics)
   return {"task": task, "majority": majority, "bow": bow}
