@@ -76,7 +76,8 @@ def pytest_configure(config):
 # for a long module picked up last. Within a module the order is unchanged.
 _SLOW_MODULES_FIRST = ("test_end_to_end", "test_reliability", "test_reversible",
                        "test_autoregressive", "test_sampling", "test_train", "test_compare",
-                       "test_sharding", "test_glue_classification", "test_notebook",
+                       "test_sharding", "test_glue_learning", "test_glue_classification",
+                       "test_glue_starts", "test_metal", "test_glue_scoring", "test_notebook",
                        "test_benchmark_memory", "test_distributed", "test_benchmark_throughput")
 
 
