@@ -194,7 +194,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   """
   stop = programs.get("stop")
   where = f"{task} {spec.name} seed {seed}"
-  _check_stop(stop, where)
+  _check_stop(stop, f"before {where}")
   train, selection, devs, full = task_splits(task, g, seed)
   if not len(train):
     raise DataError(f"{where}: the train set is empty (train split {len(full)} examples, "
@@ -291,7 +291,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     seconds += time.time() - t0
     if not np.isfinite(loss):
       raise nonfinite_loss_error(f"{spec.name} on {task} (seed {seed})", loss, step, batch)
-    _check_stop(stop, f"{where} after step {step + 1} of {steps}")
+    _check_stop(stop, f"in {where} after step {step + 1} of {steps}")
     batch = next_batch()
   dev_metrics, dev_se, dist = {}, {}, None
   for name, a in dev_arrays.items():
@@ -354,6 +354,8 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, 
     name = unit_name(task, spec.name, seed, lr=float(lr))
     entry = units.load(name, spec, reporter) if units is not None else None
     if entry is None:
+      _check_stop(stop, f"before {task} {spec.name} learning-rate trial {float(lr):g} (seed "
+                  f"{seed})")
       trial = _with(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
                           "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
       rec = run_seed(spec, task, trial, seed, reporter, {} if stop is None else {"stop": stop})
