@@ -282,3 +282,16 @@ def test_sigint_in_a_real_glue_run_resumes(sst2, tmp_path):
   assert lines[0].endswith(f"1 of 2 GLUE units finished and kept in {units}; rerun the same "
                            "command to resume")
   assert len(os.listdir(units)) == 1 and not (w / "glue.json").exists()
+
+
+@pytest.mark.parametrize("key,value", [
+    ("zo.num_perturbations", 0), ("dizo.interval", 0), ("dizo.iterations", -1),
+    ("zo.learning_rate", float("nan")), ("adamw.learning_rate", 0.0), ("zo.eps", -1e-3),
+    ("dizo.eps_p", float("inf")), ("zo.weight_decay", -0.1)])
+def test_rule_settings_are_validated_up_front(sst2, tmp_path, key, value):
+  c = _config(sst2, "opt:dizo,opt:adamw")
+  node, field = key.split(".")
+  c.glue[node][field] = value
+  with pytest.raises(glue_mode.ConfigError, match=f"glue.{key}=") as e:
+    glue_mode.run(c, str(tmp_path / "w"), QUIET)
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")

@@ -83,6 +83,20 @@ def validate(g) -> None:
   if lrs:
     _positive_int(g.zo, "grid_steps", prefix="glue.zo")
   _positive_int(g.zo, "num_steps", 0, prefix="glue.zo")
+  _positive_int(g.zo, "num_perturbations", prefix="glue.zo")
+  _positive_int(g.dizo, "interval", prefix="glue.dizo")
+  _positive_int(g.dizo, "iterations", 0, prefix="glue.dizo")
+  for key, minimum in (("adamw.learning_rate", None), ("zo.learning_rate", None),
+                       ("zo.eps", None), ("dizo.eps_p", None), ("dizo.step_size", None),
+                       ("zo.weight_decay", 0.0), ("adamw.weight_decay", 0.0)):
+    node, field = key.split(".")
+    v = g[node][field]
+    ok = (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+          and math.isfinite(v) and (v > 0 if minimum is None else v >= minimum))
+    if not ok:
+      want = "a finite number > 0" if minimum is None else f"a finite number >= {minimum:g}"
+      raise ConfigError(f"glue.{key}={v!r} must be {want}.",
+                        f"set --config.glue.{key} to {want}.")
   _positive_int(g, "lora_rank")
   if not float(g.lora_alpha) > 0:
     raise ConfigError(f"glue.lora_alpha={g.lora_alpha} must be > 0.", "set e.g. 16.")
