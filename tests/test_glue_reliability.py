@@ -295,3 +295,18 @@ def test_rule_settings_are_validated_up_front(sst2, tmp_path, key, value):
   with pytest.raises(glue_mode.ConfigError, match=f"glue.{key}=") as e:
     glue_mode.run(c, str(tmp_path / "w"), QUIET)
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
+
+
+def test_a_second_signal_aborts_at_once(capsys):
+  aborted = []
+  previous = signal.getsignal(signal.SIGINT)
+  with glue_mode.GlueInterrupt(stream=sys.stderr, abort=aborted.append) as stop:
+    signal.raise_signal(signal.SIGINT)
+    assert stop.stop_requested() and not aborted
+    signal.raise_signal(signal.SIGINT)
+  assert aborted == [130] and signal.getsignal(signal.SIGINT) == previous
+  err = capsys.readouterr().err.splitlines()
+  assert err == ["received SIGINT: stopping after the current step; finished GLUE units are kept "
+                 "(send it again to abort at once)",
+                 "received SIGINT again: aborting now (exit 130); the finished GLUE units are "
+                 "intact; rerun the same command to resume"]

@@ -501,16 +501,20 @@ def _check_stop(stop, where: str) -> None:
 
 
 class GlueInterrupt(interrupt.GracefulInterrupt):
-  """`GracefulInterrupt` whose first notice says what a GLUE run does: it stops at the next step
-  (finished units are already kept; the unit in flight is dropped)."""
+  """`GracefulInterrupt` whose notices say what a GLUE run does: the first signal stops it at the
+  next step (finished units are already kept; the unit in flight is dropped), a second one
+  aborts at once (`abort`, exit 128 + signal number)."""
 
-  def _handle(self, signum: int, frame) -> None:
+  def _handle(self, signum: int, frame) -> None:  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
     if self._signum is None:
       self._signum = signum
-      self._write(f"received {signal.Signals(signum).name}: stopping after the current step; "
-                  "finished GLUE units are kept (send it again to abort at once)")
+      self._write(f"received {name}: stopping after the current step; finished GLUE units are "
+                  "kept (send it again to abort at once)")
       return
-    super()._handle(signum, frame)
+    self._write(f"received {name} again: aborting now (exit {128 + signum}); the finished GLUE "
+                "units are intact; rerun the same command to resume")
+    self._abort(128 + signum)
 
 
 class GlueResult(dict):
