@@ -22,6 +22,14 @@ candidate learning rate for `glue.zo.grid_steps` steps on the first seed and use
 best selection score for every seed (the record's `lr_grid`). Beside each task: the majority
 class and a bag-of-words model (`glue_baselines`) trained on each seed's train set. Any exception
 fails the run (no row is skipped); the config is validated before anything runs (`validate`).
+
+Reliability (`run`, docs/glue.md): the workdir is locked and proven writable first; every
+finished (task, row, seed) record and learning-rate trial is a unit committed atomically to
+<workdir>/glue_units/<unit>__<settings digest>.json and reused by the same command, so a run
+killed (SIGKILL), interrupted (SIGINT) or preempted (SIGTERM: stop at the next step, one line,
+exit 130/143) resumes; glue.* are written atomically and never replaced by a run with other
+settings (those go to glue-<digest>.*); a NaN loss is traced to a non-finite start parameter or
+an empty batch before the learning rate is blamed.
 """
 
 import hashlib
