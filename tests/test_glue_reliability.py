@@ -257,7 +257,7 @@ def test_nonfinite_loss_names_empty_examples_and_step_zero():
 
 
 @pytest.mark.slow
-def test_sigint_in_a_real_glue_run_resumes(sst2, tmp_path):
+def test_sigint_in_a_real_glue_run_keeps_the_finished_units(sst2, tmp_path):
   """A child runs the test level through main.py; Ctrl-C while its second seed trains: it stops
   at the next step, says what was kept in one line and exits 130 with the first seed's unit kept
   (resuming from kept units is tested in-process above)."""
