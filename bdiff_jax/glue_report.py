@@ -196,7 +196,7 @@ def plot(rows: list[dict], path: str) -> None:
   ax.set_ylabel("dev metric (primary)")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")  # `path` may be a temporary name
   plt.close(fig)
 
 
@@ -224,23 +224,52 @@ def plot_curves(records: list[dict], task: str, path: str) -> None:
     ax.set_title(f"{task}: {what}", fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")  # `path` may be a temporary name
   plt.close(fig)
 
 
+def results_stem(workdir: str, digest: str) -> str:
+  """The results' file stem for a run whose settings digest is `digest`: "glue" when the
+  workdir holds no glue.json or one written with the same settings (`meta.settings_digest`),
+  else "glue-<digest>", so that a run with other settings (seeds, tasks, rows, steps, ...)
+  never replaces another's results. An unreadable glue.json, or one without a digest (written
+  before digests), counts as other settings: it is left alone."""
+  path = os.path.join(workdir, "glue.json")
+  if not os.path.exists(path):
+    return "glue"
+  try:
+    with open(path, encoding="utf-8") as f:
+      theirs = json.load(f).get("meta", {}).get("settings_digest")
+  except (OSError, ValueError, AttributeError):
+    theirs = None
+  return "glue" if theirs == digest else f"glue-{digest}"
+
+
 def write(workdir: str, rows: list[dict], records: list[dict], meta: dict,
-          baselines: list[dict] | None = None) -> dict:
-  """Writes glue.json / glue.md / glue.png / glue_curves_<task>.png into `workdir`; returns
-  their paths."""
+          baselines: list[dict] | None = None, *, stem: str = "glue") -> dict:
+  """Writes <stem>.json / <stem>.md / <stem>.png / <stem>_curves_<task>.png into `workdir`;
+  returns their paths.
+
+  Each file is published complete (`workdir.write_atomically`: a private temporary file, then a
+  rename), and the JSON last: a kill or a full disk part-way leaves every earlier file as it
+  was, and a <stem>.json is never torn.
+
+  Raises:
+    StorageError / DiskFullError: a file could not be written (one line).
+  """
+  from bdiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
-  paths = {k: os.path.join(workdir, f"glue.{k}") for k in ("json", "md", "png")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump({"meta": meta, "rows": rows, "records": records, "baselines": baselines or [],
-               "equal_forward": equal_forward(records)}, f, indent=2)
-  with open(paths["md"], "w", encoding="utf-8") as f:
-    f.write(markdown(rows, meta, records))
-  plot(rows, paths["png"])
+  paths = {k: os.path.join(workdir, f"{stem}.{k}") for k in ("json", "md", "png")}
+  text = json.dumps({"meta": meta, "rows": rows, "records": records, "baselines": baselines or [],
+                     "equal_forward": equal_forward(records)}, indent=2)
+  workdir_lib.write_text_atomically(paths["md"], markdown(rows, meta, records),
+                                    f"the GLUE table {stem}.md")
+  workdir_lib.write_atomically(paths["png"], lambda tmp: plot(rows, tmp),
+                               f"the GLUE plot {stem}.png")
   for task in dict.fromkeys(r["task"] for r in records):
-    paths[f"curves_{task}"] = os.path.join(workdir, f"glue_curves_{task}.png")
-    plot_curves(records, task, paths[f"curves_{task}"])
+    paths[f"curves_{task}"] = os.path.join(workdir, f"{stem}_curves_{task}.png")
+    workdir_lib.write_atomically(paths[f"curves_{task}"],
+                                 lambda tmp, t=task: plot_curves(records, t, tmp),
+                                 f"the GLUE curves {stem}_curves_{task}.png")
+  workdir_lib.write_text_atomically(paths["json"], text, f"the GLUE results {stem}.json")
   return paths

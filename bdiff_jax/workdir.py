@@ -295,3 +295,58 @@ def find_os_error(e: BaseException) -> Optional[OSError]:
         return OSError(code, os.strerror(code))
     chain = chain.__cause__ or chain.__context__
   return None
+
+
+def write_atomically(path: str | os.PathLike, write, what: str) -> str:
+  """Publishes a file only complete: `write(tmp)` fills a private temporary file next to `path`,
+  which is flushed to disk and renamed over `path` (`os.replace`). A crash, a kill or a full disk
+  leaves the previous `path` as it was (and no temporary file, except after SIGKILL: a hidden
+  `.<name>.tmp-*` that is never read). Returns `path`.
+
+  Args:
+    path: the file to create or replace.
+    write: called with the temporary file's path; writes the whole content there.
+    what: what is being written, for the error message, e.g. "the GLUE results glue.json".
+
+  Raises:
+    StorageError / DiskFullError: writing or renaming failed; `path` is unchanged.
+  """
+  path = os.fspath(path)
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+  try:
+    try:
+      write(tmp)
+      fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+      os.replace(tmp, path)
+    except BaseException:
+      try:
+        os.unlink(tmp)
+      except OSError:
+        pass
+      raise
+    try:  # the rename itself survives a power loss once the directory is synced
+      dfd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+      try:
+        os.fsync(dfd)
+      finally:
+        os.close(dfd)
+    except OSError:
+      pass  # some file systems cannot sync a directory; the file is complete either way
+  except OSError as e:
+    raise os_error_to_user_error(e, f"writing {what} ({path})") from None
+  return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, what: str) -> str:
+  """`write_atomically` of a UTF-8 text."""
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+
+  return write_atomically(path, write, what)

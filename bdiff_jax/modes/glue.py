@@ -22,10 +22,21 @@ candidate learning rate for `glue.zo.grid_steps` steps on the first seed and use
 best selection score for every seed (the record's `lr_grid`). Beside each task: the majority
 class and a bag-of-words model (`glue_baselines`) trained on each seed's train set. Any exception
 fails the run (no row is skipped); the config is validated before anything runs (`validate`).
+
+Reliability (`run`, docs/glue.md): the workdir is locked and proven writable first; every
+finished (task, row, seed) record and learning-rate trial is a unit committed atomically to
+<workdir>/glue_units/<unit>__<settings digest>.json and reused by the same command, so a run
+killed (SIGKILL), interrupted (SIGINT) or preempted (SIGTERM: stop at the next step, one line,
+exit 130/143) resumes; glue.* are written atomically and never replaced by a run with other
+settings (those go to glue-<digest>.*); a NaN loss is traced to a non-finite start parameter or
+an empty batch before the learning rate is blamed.
 """
 
+import hashlib
+import json
 import math
 import os
+import signal
 import time
 
 import jax
@@ -34,10 +45,12 @@ import ml_collections
 import numpy as np
 
 from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, glue_starts
-from bdiff_jax import models, update_rule
+from bdiff_jax import interrupt, models, update_rule
+from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.platform_info import memory_stats
 from bdiff_jax.data import glue, glue_encoding, glue_sampling
-from bdiff_jax.errors import ConfigError, NonFiniteLossError
+from bdiff_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from bdiff_jax.errors import UserError
 from bdiff_jax.reporter import Reporter
 from bdiff_jax.train_state import create_train_state
 from bdiff_jax.train_step import make_train_step
@@ -78,6 +91,20 @@ def validate(g) -> None:
   if lrs:
     _positive_int(g.zo, "grid_steps", prefix="glue.zo")
   _positive_int(g.zo, "num_steps", 0, prefix="glue.zo")
+  _positive_int(g.zo, "num_perturbations", prefix="glue.zo")
+  _positive_int(g.dizo, "interval", prefix="glue.dizo")
+  _positive_int(g.dizo, "iterations", 0, prefix="glue.dizo")
+  for key, minimum in (("adamw.learning_rate", None), ("zo.learning_rate", None),
+                       ("zo.eps", None), ("dizo.eps_p", None), ("dizo.step_size", None),
+                       ("zo.weight_decay", 0.0), ("adamw.weight_decay", 0.0)):
+    node, field = key.split(".")
+    v = g[node][field]
+    ok = (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+          and math.isfinite(v) and (v > 0 if minimum is None else v >= minimum))
+    if not ok:
+      want = "a finite number > 0" if minimum is None else f"a finite number >= {minimum:g}"
+      raise ConfigError(f"glue.{key}={v!r} must be {want}.",
+                        f"set --config.glue.{key} to {want}.")
   _positive_int(g, "lora_rank")
   if not float(g.lora_alpha) > 0:
     raise ConfigError(f"glue.lora_alpha={g.lora_alpha} must be > 0.", "set e.g. 16.")
@@ -179,11 +206,26 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   """Trains and evaluates one row on one task with one seed; returns its record.
 
   `programs` carries the row's compiled step and scorer from one seed to the next (the seeds
-  change the parameters and the data, not the program), so each row compiles once per task.
+  change the parameters and the data, not the program), so each row compiles once per task;
+  its "stop" (a `GracefulInterrupt`, optional) is checked after every train step: once a
+  signal came, `Interrupted` is raised there.
+
+  Raises:
+    CheckpointError: a start parameter holds NaN/inf (checked before training).
+    NonFiniteLossError: the loss became NaN/inf (`nonfinite_loss_error` names the cause).
   """
+  stop = programs.get("stop")
+  where = f"{task} {spec.name} seed {seed}"
+  _check_stop(stop, f"before {where}")
   train, selection, devs, full = task_splits(task, g, seed)
+  if not len(train):
+    raise DataError(f"{where}: the train set is empty (train split {len(full)} examples, "
+                    f"{len(selection)} of them held out for selection).",
+                    "lower glue.selection / glue.selection_fraction, or use a task with more "
+                    "training examples.")
   steps = row_steps(spec, g)
   row = glue_models.build_row(spec, g, full, seed=seed, total_steps=steps)
+  check_finite_params(row.params, f"{spec.name} on {task}: the start parameters ({row.init})")
   # The first seed's network, objective and rule (not its parameters, which would stay in
   # memory for the task's remaining seeds): the same program.
   if "parts" in programs:
@@ -270,8 +312,8 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     loss = float(metrics["loss"])
     seconds += time.time() - t0
     if not np.isfinite(loss):
-      raise NonFiniteLossError(f"{spec.name} on {task} (seed {seed}): the loss became {loss} "
-                               f"at step {step}.", "lower the row's learning rate.")
+      raise nonfinite_loss_error(f"{spec.name} on {task} (seed {seed})", loss, step, batch)
+    _check_stop(stop, f"in {where} after step {step + 1} of {steps}")
     batch = next_batch()
   dev_metrics, dev_se, dist = {}, {}, None
   for name, a in dev_arrays.items():
@@ -312,26 +354,40 @@ def _with(g, **changes):
   return out
 
 
-def choose_learning_rate(spec, task: str, g, reporter: Reporter):
+def _uses_grid(spec, g) -> bool:
+  return spec.rule != "adamw" and bool(tuple(g.zo.learning_rates))
+
+
+def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, stop=None):
   """(config with the chosen zo.learning_rate, grid results) for a zeroth-order row.
 
   Each of `glue.zo.learning_rates` trains `glue.zo.grid_steps` steps on the first seed; the best
   selection score wins (ties: the better final selection score, then the earlier candidate).
-  No grid (or a first-order row): `g` unchanged and None.
+  No grid (or a first-order row): `g` unchanged and None. With `units` (a `Units`), each trial
+  is a unit: reused when finished before, committed as soon as it finishes.
   """
   lrs = tuple(g.zo.learning_rates)
-  if spec.rule == "adamw" or not lrs:
+  if not _uses_grid(spec, g):
     return g, None
   steps = int(g.zo.grid_steps)
+  seed = int(g.seeds[0])
   grid = []
   for lr in lrs:
-    trial = _with(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
-                        "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
-    rec = run_seed(spec, task, trial, int(g.seeds[0]), reporter, {})
-    grid.append({"learning_rate": float(lr), "selection_best": rec["selection_best"],
-                 "selection_final": rec["curve"][-1]["selection"],
-                 "selected_step": rec["selected_step"], "steps": steps,
-                 "relative_param_change": rec["relative_param_change"]})
+    name = unit_name(task, spec.name, seed, lr=float(lr))
+    entry = units.load(name, spec, reporter) if units is not None else None
+    if entry is None:
+      _check_stop(stop, f"before {task} {spec.name} learning-rate trial {float(lr):g} (seed "
+                  f"{seed})")
+      trial = _with(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
+                          "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
+      rec = run_seed(spec, task, trial, seed, reporter, {} if stop is None else {"stop": stop})
+      entry = {"learning_rate": float(lr), "selection_best": rec["selection_best"],
+               "selection_final": rec["curve"][-1]["selection"],
+               "selected_step": rec["selected_step"], "steps": steps,
+               "relative_param_change": rec["relative_param_change"]}
+      if units is not None:
+        entry = units.save(name, spec, entry)
+    grid.append(entry)
   key = lambda r: tuple(-math.inf if np.isnan(v) else v
                         for v in (r["selection_best"], r["selection_final"]))
   chosen = max(grid, key=key)  # max keeps the first of equal keys
@@ -340,34 +396,261 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter):
   return _with(g, **{"zo.learning_rate": chosen["learning_rate"]}), grid
 
 
-def run(config, workdir: str, reporter: Reporter) -> dict:
-  """Runs every task x row x seed of `config.glue`; writes glue.{json,md,png} to `workdir`."""
+# --- Resumable units, interruption, the results' settings digest ---------------------------------
+
+UNITS_DIR = "glue_units"
+# Fields of `config.glue` that say which units a run has or only label it, not what a unit
+# computes: left out of a unit's digest, so that a run with more seeds, tasks or rows reuses the
+# units it shares with an earlier one.
+UNIT_EXCLUDED = ("seeds", "tasks", "rows", "level", "description")
+
+
+def settings_digest(settings: dict) -> str:
+  """12 hex digits of the SHA-256 of `settings` (a JSON-able dict, keys sorted)."""
+  text = json.dumps(settings, sort_keys=True, default=repr)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def unit_settings(g, spec) -> dict:
+  """What a unit of row `spec` depends on: `config.glue` minus `UNIT_EXCLUDED`, plus the seed of
+  the learning-rate grid (the first seed) for a row with a grid, whose choice every seed uses."""
+  out = {k: v for k, v in g.to_dict().items() if k not in UNIT_EXCLUDED}
+  if _uses_grid(spec, g):
+    out["lr_grid_seed"] = int(g.seeds[0])
+  return out
+
+
+def unit_name(task: str, row: str, seed: int, lr: float | None = None) -> str:
+  """`<task>__<row>__seed<k>`, or a learning-rate trial's `<task>__<row>__grid-lr<lr>__seed<k>`."""
+  return f"{task}__{row}__" + ("" if lr is None else f"grid-lr{float(lr)!r}__") + f"seed{seed}"
+
+
+class Units:
+  """The finished units of a GLUE run: one file per (task, row, seed) record and per learning-rate
+  trial, `<dir>/<unit name>__<digest>.json`, written atomically as soon as the unit finishes.
+
+  The digest (`settings_digest(unit_settings(g, spec))`) is part of the file name and is stored
+  in the file with the settings: a run with other settings never reads (or replaces) a unit of
+  another, it computes its own under a new name. Every unit of the run is known up front
+  (`names`), so `finished()` counts the kept ones at any time.
+  """
+
+  def __init__(self, directory: str, g, specs, tasks):
+    self.directory = directory
+    self._settings = {s.name: unit_settings(g, s) for s in specs}
+    self._digests = {k: settings_digest(v) for k, v in self._settings.items()}
+    self.names = []
+    for task in tasks:
+      for spec in specs:
+        if _uses_grid(spec, g):
+          self.names += [(unit_name(task, spec.name, int(g.seeds[0]), lr=float(lr)), spec.name)
+                         for lr in g.zo.learning_rates]
+        self.names += [(unit_name(task, spec.name, int(s)), spec.name) for s in g.seeds]
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+      raise workdir_lib.os_error_to_user_error(e, f"creating {directory}") from None
+
+  @property
+  def total(self) -> int:
+    return len(self.names)
+
+  def path(self, name: str, row: str) -> str:
+    return os.path.join(self.directory, f"{name}__{self._digests[row]}.json")
+
+  def finished(self) -> int:
+    """How many of this run's units are kept in the directory."""
+    return sum(os.path.exists(self.path(n, r)) for n, r in self.names)
+
+  def load(self, name: str, spec, reporter: Reporter | None = None):
+    """The result of a finished unit, or None when it has not finished (with these settings).
+
+    Raises:
+      DataError: its file exists but cannot be read, or is not that unit's.
+    """
+    path = self.path(name, spec.name)
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+      if data["unit"] != name or data["digest"] != self._digests[spec.name]:
+        raise ValueError(f"it holds unit {data['unit']!r} with digest {data['digest']!r}")
+      result = data["result"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DataError(f"the finished GLUE unit {path} cannot be used ({e}).",
+                      "move that file away (the unit is then computed again) and rerun the same "
+                      "command.") from None
+    if reporter is not None:
+      reporter.info(f"{name}: finished before, reused ({os.path.basename(path)})")
+    return result
+
+  def save(self, name: str, spec, result):
+    """Commits a finished unit (atomically); returns `result` as it reads back from the file
+    (JSON types), so that a resumed run computes exactly what an uninterrupted one does."""
+    text = json.dumps({"unit": name, "digest": self._digests[spec.name],
+                       "settings": self._settings[spec.name], "result": result}, indent=1)
+    workdir_lib.write_text_atomically(self.path(name, spec.name), text,
+                                      f"the finished GLUE unit {name}")
+    return json.loads(text)["result"]
+
+
+class Interrupted(Exception):
+  """A SIGINT/SIGTERM stopped the run at a step or unit boundary; `where` says where."""
+
+  def __init__(self, where: str):
+    super().__init__(where)
+    self.where = where
+
+
+def _check_stop(stop, where: str) -> None:
+  if stop is not None and stop.stop_requested():
+    raise Interrupted(where)
+
+
+class GlueInterrupt(interrupt.GracefulInterrupt):
+  """`GracefulInterrupt` whose notices say what a GLUE run does: the first signal stops it at the
+  next step (finished units are already kept; the unit in flight is dropped), a second one
+  aborts at once (`abort`, exit 128 + signal number)."""
+
+  def _handle(self, signum: int, frame) -> None:  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
+    if self._signum is None:
+      self._signum = signum
+      self._write(f"received {name}: stopping after the current step; finished GLUE units are "
+                  "kept (send it again to abort at once)")
+      return
+    self._write(f"received {name} again: aborting now (exit {128 + signum}); the finished GLUE "
+                "units are intact; rerun the same command to resume")
+    self._abort(128 + signum)
+
+
+class GlueResult(dict):
+  """What `run` returns (a dict: rows, records, baselines, paths; or, after an interruption,
+  interrupted, message, units_finished, units_total, units_dir), with `exit_code` for main.py:
+  0, or 130 / 143 after SIGINT / SIGTERM."""
+
+  exit_code = 0
+
+
+def check_finite_params(params, what: str) -> None:
+  """Raises CheckpointError naming the first leaf of `params` that holds NaN or inf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
+    bad = int(jnp.size(leaf) - jnp.sum(jnp.isfinite(leaf)))
+    if bad:
+      raise CheckpointError(
+          f"{what} hold {bad} non-finite value(s) (NaN/inf) of {int(jnp.size(leaf))} in "
+          f"{jax.tree_util.keystr(path)}, before any training.",
+          "repair or replace that start model (glue.init_workdir* / glue.opt_dir / "
+          "glue.init_checkpoint, e.g. an earlier checkpoint); a learning rate cannot fix it.")
+
+
+def nonfinite_loss_error(what: str, loss: float, step: int, batch: dict) -> NonFiniteLossError:
+  """The error for a NaN/inf loss at `step` on `batch`, naming the cause it can tell: examples
+  with no tokens in the batch, or, at step 0 (the loss of the untrained start parameters, which
+  `check_finite_params` found finite, before any update), the batch rather than the learning
+  rate."""
+  padding = batch.get("padding")
+  n = int(np.prod(np.shape(batch["inputs"])[:-1])) if "inputs" in batch else 0
+  empty = 0 if padding is None else int(np.sum(np.asarray(padding).sum(axis=-1) == 0))
+  if n == 0 or empty:
+    return NonFiniteLossError(
+        f"{what}: the loss became {loss} at step {step}: {empty or 'all'} of the {n} examples "
+        "of the batch have no tokens (an empty batch or empty texts), not the learning rate.",
+        "check the task's training texts (empty sentences) and glue.seq_len / glue.batch_size.")
+  if step == 0:
+    return NonFiniteLossError(
+        f"{what}: the loss is {loss} at step 0, on the finite start parameters before any "
+        f"update (so not the learning rate): the first batch of {n} examples gives it.",
+        "check the task's training data and the start model's scoring of it (glue.seq_len, "
+        "the prompt); rerunning with another learning rate will not help.")
+  return NonFiniteLossError(f"{what}: the loss became {loss} at step {step}.",
+                            "lower the row's learning rate.")
+
+
+def run(config, workdir: str, reporter: Reporter) -> GlueResult:
+  """Runs every task x row x seed of `config.glue`; writes glue.{json,md,png} to `workdir`.
+
+  Before anything runs: the config is validated, the workdir created and proven writable, and
+  locked (`workdir.WorkdirLock`: a second run on it is refused). Every finished unit (a seed's
+  record, a learning-rate trial) is committed under <workdir>/glue_units at once (`Units`), and
+  the same command reuses them: a run stopped by SIGKILL, SIGINT or SIGTERM resumes. SIGINT /
+  SIGTERM stop it at the next train step with one line saying what was kept and exit 130 / 143
+  (`GlueResult.exit_code`). The results go to glue.* unless glue.json holds another settings'
+  results: then to glue-<digest>.* (`glue_report.results_stem`).
+  """
   g = config.glue
   validate(g)
   specs = glue_models.parse_rows(g.rows)
-  if str(g.starts_dir):
-    use_starts(g, specs, reporter)
   tasks = [glue.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
+  workdir = workdir_lib.prepare_writable_workdir(workdir)
+  with workdir_lib.WorkdirLock(workdir), GlueInterrupt() as stop:
+    # Both digests of the settings as given, before use_starts fills in the start models' dirs.
+    digest = settings_digest(g.to_dict())
+    units = Units(os.path.join(workdir, UNITS_DIR), g, specs, tasks)
+    done = units.finished()
+    if done:
+      reporter.info(f"{done} of {units.total} GLUE units finished before (in {units.directory}):"
+                    " reused")
+    try:
+      return _run(g, specs, tasks, workdir, reporter, units, stop, digest)
+    except Interrupted as e:
+      name = signal.Signals(stop.signal_number).name if stop.signal_number else "a signal"
+      line = (f"interrupted by {name} {e.where}; {units.finished()} of {units.total} GLUE units "
+              f"finished and kept in {units.directory}; rerun the same command to resume")
+      reporter.info(line)
+      result = GlueResult(interrupted=True, message=line, units_finished=units.finished(),
+                          units_total=units.total, units_dir=units.directory)
+      result.exit_code = stop.exit_code or 1
+      return result
+
+
+def _run(g, specs, tasks, workdir, reporter, units, stop, digest) -> GlueResult:
+  if str(g.starts_dir):
+    try:
+      use_starts(g, specs, reporter)
+    except UserError:
+      # A signal reached the start model's training child too: it checkpointed and stopped.
+      _check_stop(stop, "while pretraining the start models (their checkpoints are kept in "
+                  f"{g.starts_dir})")
+      raise
   rows, records, baselines = [], [], []
   for task in tasks:
     primary = glue_metrics.primary_metric(task)
+    _check_stop(stop, f"before the {task} baselines")
     base = task_baselines(task, g)
     baselines.append(base)
     for row_spec in specs:
-      g_row, grid = choose_learning_rate(row_spec, task, g, reporter)
-      programs = {}
-      recs = [run_seed(row_spec, task, g_row, int(s), reporter, programs) for s in g.seeds]
+      g_row, grid = choose_learning_rate(row_spec, task, g, reporter, units=units, stop=stop)
+      programs = {"stop": stop}
+      recs = []
+      for s in g.seeds:
+        name = unit_name(task, row_spec.name, int(s))
+        rec = units.load(name, row_spec, reporter)
+        if rec is None:
+          _check_stop(stop, f"before {task} {row_spec.name} seed {int(s)}")
+          rec = units.save(name, row_spec,
+                           run_seed(row_spec, task, g_row, int(s), reporter, programs))
+        recs.append(rec)
       for r in recs:
         r["lr_grid"] = grid
       records += recs
       for split in dev_splits(task):
         rows.append(glue_report.aggregate(task, row_spec.name, recs, base, primary, split=split))
+  _check_stop(stop, "before writing the results")
   meta = {"level": str(g.level), "description": str(g.description),
-          "backend": jax.default_backend(), "config": g.to_dict()}
-  paths = glue_report.write(workdir, rows, records, meta, baselines)
+          "backend": jax.default_backend(), "config": g.to_dict(), "settings_digest": digest,
+          "units_dir": units.directory}
+  stem = glue_report.results_stem(workdir, digest)
+  if stem != "glue":
+    reporter.info(f"{os.path.join(workdir, 'glue.json')} holds the results of other settings "
+                  f"(kept): this run's go to {stem}.*")
+  paths = glue_report.write(workdir, rows, records, meta, baselines, stem=stem)
   reporter.info(glue_report.markdown(rows, meta, records))
   reporter.info(f"written: {', '.join(paths.values())}")
-  return {"rows": rows, "records": records, "baselines": baselines, "paths": paths}
+  return GlueResult(rows=rows, records=records, baselines=baselines, paths=paths)
 
 
 def use_starts(g, specs, reporter: Reporter) -> None:
