@@ -185,6 +185,8 @@ def get_config(arg: str = "test"):
     g.zo.num_steps = 5000
   elif level == "full":
     scale = int(opts.get("scale", 0))
+    if not 0 <= scale < len(_SCALES):
+      raise ValueError(f"unknown glue scale {scale}: use full,scale=0, 1 or 2")
     g.description = f"GPU/TPU, bdiff scale {_SCALES[scale]}."
     g.bdiff = _bdiff(*_SCALES[scale])
     g.selection = 500

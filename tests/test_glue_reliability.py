@@ -310,3 +310,10 @@ def test_a_second_signal_aborts_at_once(capsys):
                  "(send it again to abort at once)",
                  "received SIGINT again: aborting now (exit 130); the finished GLUE units are "
                  "intact; rerun the same command to resume"]
+
+
+def test_an_unknown_full_scale_is_refused_by_the_config():
+  # configs/glue.py:full,scale=3 ended in an IndexError traceback inside get_config.
+  from configs import glue as glue_config
+  with pytest.raises(ValueError, match="unknown glue scale 3"):
+    glue_config.get_config("full,scale=3")
