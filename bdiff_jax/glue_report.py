@@ -23,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from bdiff_jax import glue_metrics, workdir as workdir_lib
+
 CONSTANT_FRACTION = 0.99  # a seed whose most frequent prediction has this share is "constant"
 STATIC_CHANGE = 1e-6  # a relative parameter change below this: "parameters did not move"
 
@@ -200,9 +202,27 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-def plot_curves(records: list[dict], task: str, path: str) -> None:
+def _baseline_lines(ax, baselines, task: str) -> None:
+  """The majority class and the bag-of-words model (mean over seeds) of `task`'s first dev split
+  as horizontal lines: what a row's dev curve must rise above."""
+  base = next((b for b in baselines or [] if b.get("task") == task), None)
+  if base is None or not base.get("majority"):
+    return
+  split = next(iter(base["majority"]))
+  from_metric = glue_metrics.primary_metric(task)
+  maj = base["majority"][split].get(from_metric, math.nan)
+  bows = [m.get(from_metric, math.nan) for m in base.get("bow", {}).get(split, [])]
+  for value, label, style in ((maj, "majority class", ":"),
+                              (float(np.nanmean(bows)) if bows else math.nan,
+                               "bag-of-words LR (same train set)", "--")):
+    if np.isfinite(value):
+      ax.axhline(value, color="0.4", linestyle=style, linewidth=1, label=label)
+
+
+def plot_curves(records: list[dict], task: str, path: str, baselines=None) -> None:
   """Selection score and dev metric against forward passes, every row of `task` on one figure:
-  the mean over seeds and the min-max band."""
+  the mean over seeds and the min-max band; the dev panel also shows the majority class and the
+  bag-of-words baseline."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   names = list(dict.fromkeys(r["row"] for r in records if r["task"] == task))
   for name in names:
@@ -218,6 +238,7 @@ def plot_curves(records: list[dict], task: str, path: str) -> None:
         line, = ax.plot(x, np.nanmean(y, axis=0), marker=".", label=name)
         ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0),
                         color=line.get_color(), alpha=0.2)
+  _baseline_lines(axes[1], baselines, task)
   for ax, what in zip(axes, ("selection score (informedness / Pearson)", "dev metric")):
     ax.set_xlabel("forward passes")
     ax.set_ylabel(what)
@@ -257,7 +278,6 @@ def write(workdir: str, rows: list[dict], records: list[dict], meta: dict,
   Raises:
     StorageError / DiskFullError: a file could not be written (one line).
   """
-  from bdiff_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   paths = {k: os.path.join(workdir, f"{stem}.{k}") for k in ("json", "md", "png")}
   text = json.dumps({"meta": meta, "rows": rows, "records": records, "baselines": baselines or [],
@@ -269,7 +289,7 @@ def write(workdir: str, rows: list[dict], records: list[dict], meta: dict,
   for task in dict.fromkeys(r["task"] for r in records):
     paths[f"curves_{task}"] = os.path.join(workdir, f"{stem}_curves_{task}.png")
     workdir_lib.write_atomically(paths[f"curves_{task}"],
-                                 lambda tmp, t=task: plot_curves(records, t, tmp),
+                                 lambda tmp, t=task: plot_curves(records, t, tmp, baselines),
                                  f"the GLUE curves {stem}_curves_{task}.png")
   workdir_lib.write_text_atomically(paths["json"], text, f"the GLUE results {stem}.json")
   return paths
