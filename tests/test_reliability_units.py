@@ -674,3 +674,60 @@ def test_default_cache_location(monkeypatch, tmp_path):
   monkeypatch.delenv("BDIFF_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert pipeline.resolve_tfds_dir(_data_config("x"), "w") == str(tmp_path / "xdg" / "bdiff_jax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint readers: a crafted pytorch_model.bin cannot make the reader allocate gigabytes.
+
+
+def _torch_bin(path, *, size, stride, numel, storage_bytes, offset=0):
+  """A zip-format `torch.save` file holding {"w": one float32 tensor}, written opcode by opcode
+  (torch is not installed): the pickle claims `size`/`stride` over a storage of `numel`
+  elements whose raw file holds `storage_bytes` bytes."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  def text(s):
+    return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+  def ints(values):
+    return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+  pkl = (b"\x80\x02}" + text("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(" +
+         b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") +
+         b"J" + struct.pack("<i", numel) + b"tQ" +
+         b"J" + struct.pack("<i", offset) + ints(size) + ints(stride) + b"\x89" +
+         b"ccollections\nOrderedDict\n)R" + b"tRs.")
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pkl)
+    z.writestr("archive/data/0", bytes(storage_bytes))
+  return path
+
+
+def test_pytorch_reader_refuses_a_tensor_larger_than_its_storage_before_allocating(tmp_path):
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  # 5e8 elements (2 GB as float32) claimed over a 4-float storage with stride 0.
+  path = _torch_bin(str(tmp_path / "pytorch_model.bin"), size=(500_000_000,), stride=(0,),
+                    numel=4, storage_bytes=16)
+  assert os.path.getsize(path) < 1000
+  tracemalloc.start()
+  try:
+    with pytest.raises(hf_checkpoint.HFCheckpointError,
+                       match=r"claims 500,000,000 elements over a storage of 4\."):
+      hf_checkpoint.read_pytorch_bin(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 10_000_000, peak
+  # A storage record claiming more elements than its raw file holds.
+  short = _torch_bin(str(tmp_path / "short.bin"), size=(4,), stride=(1,), numel=1_000_000,
+                     storage_bytes=16)
+  with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"holds 16 bytes but claims 1000000"):
+    hf_checkpoint.read_pytorch_bin(short)
+  # Within the storage but larger than any tensor of the model (config.json's shapes).
+  big = _torch_bin(str(tmp_path / "big.bin"), size=(64,), stride=(1,), numel=64,
+                   storage_bytes=256)
+  with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"more than the largest tensor"):
+    hf_checkpoint.read_pytorch_bin(big, max_elements=32)
+  assert hf_checkpoint.read_pytorch_bin(big)["w"].shape == (64,)  # an honest tensor reads
