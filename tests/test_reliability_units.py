@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -731,3 +732,66 @@ def test_pytorch_reader_refuses_a_tensor_larger_than_its_storage_before_allocati
   with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"more than the largest tensor"):
     hf_checkpoint.read_pytorch_bin(big, max_elements=32)
   assert hf_checkpoint.read_pytorch_bin(big)["w"].shape == (64,)  # an honest tensor reads
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files that cannot give a config: one line naming the file and the problem.
+
+
+@pytest.mark.parametrize("source, words", [
+    ("def get_config(:\n", r"SyntaxError at bad\.py line 1: invalid syntax"),
+    ("import no_such_module_h7\n\ndef get_config():\n  return None\n",
+     r"ModuleNotFoundError \(line 1\): No module named 'no_such_module_h7'"),
+    ("def get_config():\n  raise RuntimeError('boom')\n", r"RuntimeError \(line 2\): boom"),
+    ("def get_config():\n  raise ValueError('bad preset')\n", r"ValueError \(line 2\): bad preset"),
+], ids=["syntax", "import", "raises", "value_error"])
+def test_config_file_failures_are_one_line(tmp_path, source, words):
+  import main  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "bad.py"
+  path.write_text(source)
+  with pytest.raises(main.ConfigFileError) as info:
+    main._OneLineConfigParser("config").parse(str(path))  # pylint: disable=protected-access
+  text = str(info.value)
+  assert "\n" not in text and "Traceback" not in text
+  assert re.search(rf"^config file {re.escape(str(path))} failed to load: {words}\. Fix: ", text)
+
+
+def test_config_file_returning_none_or_missing_is_one_line(tmp_path, caplog):
+  import main  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "none.py"
+  path.write_text("def get_config():\n  return None\n")
+  parser = main._OneLineConfigParser("config")  # pylint: disable=protected-access
+  with pytest.raises(main.ConfigFileError, match=r"get_config\(\) of config file .*none\.py "
+                                                 r"returned NoneType, not an ml_collections"):
+    parser.parse(str(path))
+  assert not [r for r in caplog.records if "returned None" in r.getMessage()]  # no 2nd line
+  with pytest.raises(main.ConfigFileError, match=r"no such config file: .*nosuch\.py\. Fix"):
+    parser.parse(str(tmp_path / "nosuch.py"))
+  assert parser.parse(os.path.join(REPO, "configs", "wikitext2.py") + ":smoke").preset == "smoke"
+
+
+def test_a_config_for_another_mode_is_refused_in_one_line():
+  import main  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  glue = main._OneLineConfigParser("config").parse(  # pylint: disable=protected-access
+      os.path.join(REPO, "configs", "glue.py") + ":test")
+  for mode in ("train", "eval", "sample"):
+    with pytest.raises(ConfigError, match=rf"config configs/glue.py:test cannot serve "
+                                          rf"--mode={mode}: it has no data, .* sections \(its "
+                                          r"own section\(s\): glue"):
+      main.check_mode_fields(glue, mode, "configs/glue.py:test")
+  main.check_mode_fields(glue, "glue", "configs/glue.py:test")  # its own mode: not ours to check
+  main.check_mode_fields(configuration.base_config(), "train", "x.py")
+
+
+def test_config_file_syntax_error_through_main_is_one_line(tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config(:\n")
+  proc = subprocess.run([sys.executable, "main.py", "--config", str(path), "--workdir",
+                         str(tmp_path / "w")], cwd=REPO, env=_child_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f"error: config file {path} failed to load: "
+                                                 "SyntaxError"), proc.stderr
+  assert not (tmp_path / "w").exists()
