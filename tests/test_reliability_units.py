@@ -29,8 +29,8 @@ from bdiff_jax import checkpoint_digests, checkpointing, config_compat, configur
 from bdiff_jax import metrics_log
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.data import pipeline, wikitext2
-from bdiff_jax.errors import (CheckpointError, ConfigMismatchError, DiskFullError, StorageError,
-                              UserError, WorkdirBusyError, WorkdirError)
+from bdiff_jax.errors import (CheckpointError, ConfigError, ConfigMismatchError, DiskFullError,
+                              StorageError, UserError, WorkdirBusyError, WorkdirError)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -795,3 +795,98 @@ def test_config_file_syntax_error_through_main_is_one_line(tmp_path):
   assert len(lines) == 1 and lines[0].startswith(f"error: config file {path} failed to load: "
                                                  "SyntaxError"), proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before anything is written; non-finite losses traced to their cause.
+
+
+@pytest.mark.parametrize("field, value", [("sample.temperature", float("inf")),
+                                          ("train.learning_rate", float("inf")),
+                                          ("model.rope_theta", float("inf"))])
+def test_validate_refuses_non_finite_values(field, value):
+  c = configuration.base_config()
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError, match=rf"config\.{re.escape(field)}=.* Fix: pass "):
+    configuration.validate(c)
+
+
+def _tiny_train_config(tmp_path, **train):
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.data.data_dir = str(wikitext2.write_synthetic_corpus(tmp_path / "src", num_train_lines=60))
+  c.data.tfds_dir = str(tmp_path / "cache")
+  c.data.verify_counts = False
+  c.train.progress_bar = False
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+@pytest.mark.parametrize("what", ["fsdp", "batch", "temperature"])
+def test_train_refusals_happen_before_the_workdir_is_created(tmp_path, what):
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  c = _tiny_train_config(tmp_path)
+  if what == "fsdp":
+    c.mesh.fsdp = len(jax.devices()) + 2  # does not divide the devices
+  elif what == "batch":
+    c.train.batch_size = 1_000_000  # more than the corpus holds
+  else:
+    c.sample.temperature = float("inf")  # used only after training, by the final samples
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError) as info:
+    train.run(c, str(workdir), Reporter(verbose=False))
+  _one_line(info.value)
+  assert not workdir.exists(), os.listdir(workdir)
+
+
+def test_eval_and_sample_refusals_happen_before_the_lock(tmp_path):
+  from bdiff_jax.modes import evaluate, sample  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  c = _tiny_train_config(tmp_path)
+  c.sample.temperature = float("inf")
+  workdir = tmp_path / "trained"
+  workdir.mkdir()
+  for mode in (evaluate, sample):
+    with pytest.raises(ConfigError, match=r"config\.sample\.temperature=inf is not a finite"):
+      mode.run(c, str(workdir), Reporter(verbose=False))
+    assert os.listdir(workdir) == []  # no .lock, no vocab.json
+
+
+def test_nonfinite_loss_messages_name_the_cause():
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  rows = lambda: np.ones((2, 4), np.int32)
+  problem, fix = train.nonfinite_message(7, float("inf"), start=0, good=None,
+                                         checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
+  assert "None" not in problem + fix
+  assert "no checkpoint was saved before it" in problem and "starts from step 0" in fix
+  problem, fix = train.nonfinite_message(7, float("nan"), start=4, good=4,
+                                         checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
+  assert "the last good checkpoint (step 4)" in problem and "resumes from step 4" in fix
+  assert "learning_rate" in fix
+  # The first step of a run: computed before any update, so not the learning rate.
+  problem, fix = train.nonfinite_message(5, float("nan"), start=4, good=4, checkpoints="/c",
+                                         batch=lambda: np.zeros((0, 4), np.int32), vocab_size=9)
+  assert "the learning rate is not the cause; its batch is empty" in problem
+  assert "learning_rate" not in fix
+  problem, _ = train.nonfinite_message(1, float("nan"), start=0, good=None, checkpoints="/c",
+                                       batch=lambda: np.full((2, 4), 12, np.int32), vocab_size=9)
+  assert "token ids outside the vocabulary [0, 9) (12..12)" in problem
+
+
+def test_non_finite_start_weights_are_refused_before_the_first_step():
+  import types  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  params = {"a": np.ones(3, np.float32), "b": {"w": np.array([1.0, np.nan], np.float32)}}
+  assert train.nonfinite_leaves(params) == ["['b']['w']"]
+  ckpt = types.SimpleNamespace(latest_dir="/w/checkpoints",
+                               latest=types.SimpleNamespace(all_steps=lambda: [4, 8]))
+  with pytest.raises(CheckpointError, match=r"checkpoint step 8 in /w/checkpoints holds "
+                                            r"non-finite weights \(params\['b'\]\['w'\]\).* Fix: "
+                                            r"move /w/checkpoints/8 out of .* from step 4"):
+    train.check_finite_weights(params, start=8, ckpt=ckpt)
+  with pytest.raises(CheckpointError, match=r"the initial weights hold non-finite values"):
+    train.check_finite_weights(params, start=0, ckpt=ckpt)
+  train.check_finite_weights({"a": np.ones(2)}, start=8, ckpt=ckpt)

@@ -3,7 +3,7 @@
 import json
 import os
 
-from bdiff_jax import baselines, experiment
+from bdiff_jax import baselines, configuration, experiment
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.reporter import Reporter
 
@@ -38,9 +38,12 @@ def evaluate_params(exp: experiment.Experiment, params, meta: dict, desc: str,
 
 def open_trained(config, workdir: str, reporter: Reporter, explicit_overrides=()):
   """(workdir, config) for eval/sample: the workdir must exist (nothing is created for a
-  mistyped one), and the model comes from its config.json."""
+  mistyped one), and the model comes from its config.json. Every config field is validated
+  here, before the caller locks the workdir or writes anything."""
+  configuration.validate(config)
   workdir = workdir_lib.require_existing_workdir(workdir)
   config, taken = experiment.config_for_workdir(config, workdir, explicit_overrides)
+  configuration.validate(config)  # with the workdir's model fields
   if taken:
     reporter.info("using the workdir's config.json for " + ", ".join(
         f"{f}={saved!r}" for f, _, saved in taken))
