@@ -890,3 +890,59 @@ def test_non_finite_start_weights_are_refused_before_the_first_step():
   with pytest.raises(CheckpointError, match=r"the initial weights hold non-finite values"):
     train.check_finite_weights(params, start=0, ckpt=ckpt)
   train.check_finite_weights({"a": np.ones(2)}, start=8, ckpt=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation results: never overwritten by an evaluation with other settings; atomic writes.
+
+
+def test_eval_with_other_settings_gets_its_own_file(tmp_path, monkeypatch):
+  import types  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(evaluate.baselines, "cached", lambda *a, **k: {"unigram": 1.0})
+  monkeypatch.setattr(evaluate.baselines, "format_baselines", lambda r: "")
+
+  def evaluate_with(seeds):
+    config = configuration.base_config()
+    config.eval.seeds = seeds
+    evaluator = types.SimpleNamespace(
+        evaluate=lambda params, splits, seeds, max_tokens: {"valid": {"seeds": list(seeds)}},
+        format_results=lambda r: "")
+    exp = types.SimpleNamespace(config=config, workdir=str(tmp_path), splits=None,
+                                evaluator=evaluator)
+    return evaluate.evaluate_params(exp, None, {"step": 8}, "best step 8",
+                                    Reporter(verbose=False))
+
+  evaluate_with((0, 1, 2))
+  first = (tmp_path / "eval_best.json").read_bytes()
+  evaluate_with((5,))  # other seeds: other numbers, another file
+  assert (tmp_path / "eval_best.json").read_bytes() == first
+  others = sorted(p.name for p in tmp_path.iterdir() if p.name != "eval_best.json")
+  assert len(others) == 1 and re.fullmatch(r"eval_best_[0-9a-f]{8}\.json", others[0]), others
+  assert json.loads((tmp_path / others[0]).read_text())["results"]["valid"]["seeds"] == [5]
+  evaluate_with((0, 1, 2))  # the same settings again: the same file, the same numbers
+  evaluate_with((5,))
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval_best.json", *others])
+  assert (tmp_path / "eval_best.json").read_bytes() == first
+  # A file written before results carried their settings is kept too.
+  legacy = tmp_path / "eval_latest.json"
+  legacy.write_text('{"results": {}}')
+  settings = evaluate.eval_settings(configuration.base_config(), "latest step 8", 8)
+  assert evaluate.results_path(str(tmp_path), "latest", settings) != str(legacy)
+
+
+def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
+  from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "eval_best.json")
+  evaluate.write_json_atomically(path, {"a": 1})
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(evaluate.json, "dump", full_disk)
+  with pytest.raises(DiskFullError, match=r"writing .*eval_best\.json failed: no space left"):
+    evaluate.write_json_atomically(path, {"a": 2})
+  monkeypatch.undo()
+  assert json.loads(open(path).read()) == {"a": 1}
+  assert os.listdir(tmp_path) == ["eval_best.json"]  # no temporary file left
