@@ -946,3 +946,52 @@ def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
   monkeypatch.undo()
   assert json.loads(open(path).read()) == {"a": 1}
   assert os.listdir(tmp_path) == ["eval_best.json"]  # no temporary file left
+
+
+def _garble(path):
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(size // 2 - 2048)
+    f.write(np.random.default_rng(1).bytes(4096))
+
+
+def test_corrupt_latest_names_an_intact_best(saved_workdir, tmp_path):
+  wd = _copy(saved_workdir, tmp_path)
+  _garble(_largest_file(os.path.join(wd, "checkpoints", "3")))
+  with pytest.raises(checkpointing.CheckpointCorruptError) as info:
+    checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
+  line = _one_line(info.value)
+  assert "--config.eval.checkpoint=2 (steps 1, 2 verify)" in line
+  assert "or --config.eval.checkpoint=best (best step 2 verifies)" in line
+  # Every latest step corrupt: the best one (a separate copy of step 2) is still named.
+  for step in (1, 2):
+    _garble(_largest_file(os.path.join(wd, "checkpoints", str(step))))
+  with pytest.raises(checkpointing.CheckpointCorruptError) as info:
+    checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
+  line = _one_line(info.value)
+  assert "no other intact checkpoint" not in line
+  assert "Fix: use an intact checkpoint for eval/sample: --config.eval.checkpoint=best" in line
+  with checkpointing.Checkpointer(wd, read_only=True) as ckpt:
+    assert ckpt.restore("best", _abstract())[1]["step"] == 2
+
+
+def test_unfinished_save_folders_are_removed_at_the_next_start(saved_workdir, tmp_path, capsys):
+  wd = _copy(saved_workdir, tmp_path)
+  before = _tree_digest(os.path.join(wd, "checkpoints", "3"))
+  left = [os.path.join(wd, "checkpoints", "4.orbax-checkpoint-tmp-1234"),
+          os.path.join(wd, "checkpoints_best", "4.orbax-checkpoint-tmp-99")]
+  for path in left:
+    os.makedirs(os.path.join(path, "state"))
+    with open(os.path.join(path, "state", "half"), "wb") as f:
+      f.write(b"x" * 100)
+  with checkpointing.Checkpointer(wd, read_only=True):  # eval/sample: never touches the workdir
+    pass
+  assert all(os.path.isdir(p) for p in left)
+  capsys.readouterr()
+  with checkpointing.Checkpointer(wd, keep=3) as ckpt:
+    assert ckpt.latest.all_steps() == [1, 2, 3]
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("note: removed 2 unfinished checkpoint folder(s)")
+  assert "checkpoints/4.orbax-checkpoint-tmp-1234" in err[0]
+  assert not any(os.path.exists(p) for p in left)
+  assert _tree_digest(os.path.join(wd, "checkpoints", "3")) == before
