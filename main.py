@@ -248,6 +248,13 @@ def main(argv):
                                                              **options)
   except UserError as e:
     _exit_with_error(f"error: {e}", 2)
+  except Exception as e:  # pylint: disable=broad-except
+    from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+    line = distributed.lost_peer_line(e)
+    if line is None:
+      raise
+    # os._exit: a normal exit would wait for JAX's shutdown barrier, then abort with a C++ dump.
+    _exit_with_error(line, distributed.LOST_PEER_EXIT_CODE)
   except KeyboardInterrupt:  # before the trainer's own handler is installed, or a second Ctrl-C
     print("error: interrupted (Ctrl-C) before a checkpoint could be taken. Fix: rerun the same "
           "command; training resumes from the latest checkpoint.", file=sys.stderr, flush=True)

@@ -995,3 +995,98 @@ def test_unfinished_save_folders_are_removed_at_the_next_start(saved_workdir, tm
   assert "checkpoints/4.orbax-checkpoint-tmp-1234" in err[0]
   assert not any(os.path.exists(p) for p in left)
   assert _tree_digest(os.path.join(wd, "checkpoints", "3")) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# A lost peer of a multi-process run: one error line within a bounded time.
+
+
+class _KeyValueStore:
+  """The coordination service's key-value store, as the watchdog uses it."""
+
+  def __init__(self):
+    self.values, self.down = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+    assert allow_overwrite or key not in self.values
+    self.values[key] = value
+
+  def key_value_try_get(self, key):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+    if key not in self.values:
+      raise RuntimeError(f"NOT_FOUND: Config key {key} not found.")
+    return self.values[key]
+
+
+def test_peer_watchdog_names_the_lost_process_after_the_timeout():
+  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  store, now = _KeyValueStore(), [0.0]
+  dogs = [distributed.PeerWatchdog(store, i, 3, 10.0, clock=lambda: now[0]) for i in range(3)]
+  for t in (0.0, 2.0, 4.0):
+    now[0] = t
+    assert [d.check() for d in dogs] == [None, None, None]
+  dogs[2].finish()  # a normal exit: never reported as lost
+  for t in (6.0, 8.0, 10.0, 12.0, 14.0, 16.0):  # process 1 stops beating at t=4, which
+    now[0] = t                                    # process 0 sees at its check at t=6
+    assert dogs[0].check() is None
+  now[0] = 16.5
+  line = dogs[0].check()
+  assert line.startswith("error: lost process 1 of this 3-process run: it has not answered for "
+                         "10 s") and "Fix: restart all 3 processes" in line
+  assert "\n" not in line
+  # Process 0 (which hosts the store) gone: the store stays unreachable.
+  store.down = True
+  now[0] = 20.0
+  assert dogs[1].check() is None
+  now[0] = 30.0
+  assert dogs[1].check() is None
+  now[0] = 30.5
+  assert dogs[1].check().startswith("error: lost process 0 of this 3-process run: the "
+                                    "coordination service it hosts has been unreachable")
+  with pytest.raises(ConfigError, match="BDIFF_PEER_TIMEOUT='0' is not a positive number"):
+    distributed.peer_timeout({"BDIFF_PEER_TIMEOUT": "0"})
+  assert distributed.peer_timeout({}) == distributed.DEFAULT_PEER_TIMEOUT
+
+
+_PEERS = r"""
+import os, sys, time
+from bdiff_jax import distributed
+distributed.initialize()
+import jax
+from jax.experimental import multihost_utils
+multihost_utils.sync_global_devices("up")
+if jax.process_index() == 1:
+  time.sleep(1)
+  os.kill(os.getpid(), 9)  # process 1 dies without a word
+time.sleep(120)  # process 0: busy with something else (not in a collective)
+print("not stopped", flush=True)
+"""
+
+
+def test_a_killed_peer_stops_the_survivor_with_one_line(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  t0 = time.time()
+  for index in (0, 1):
+    env = dict(_child_env(), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(index), BDIFF_PEER_TIMEOUT="3")
+    procs.append(subprocess.Popen([sys.executable, "-c", _PEERS], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    out, err = procs[0].communicate(timeout=90)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  assert procs[0].returncode == 3, (out, err)
+  assert time.time() - t0 < 60  # start-up, then about BDIFF_PEER_TIMEOUT + a beat
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines and lines[-1].startswith("error: lost process 1 of this 2-process run"), err
+  assert "Traceback" not in err and "Check failure" not in err and not [
+      l for l in lines if l.startswith("error:")][1:]
