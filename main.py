@@ -8,8 +8,9 @@
   python main.py --config configs/compare.py --workdir runs/cmp --mode=compare    # comparison
   python main.py --config configs/glue.py:test --workdir runs/glue --mode=glue     # GLUE bench
 
-Override any config field with --config.<field>=<value>. Bad input (data, config values,
-checkpoints, prompts) ends with one line `error: ...` and exit status 2.
+Override any config field with --config.<field>=<value>. Bad input (data, config files and
+values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
+multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py).
 """
 
 import importlib

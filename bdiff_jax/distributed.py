@@ -29,8 +29,15 @@ service's key-value store every `PEER_BEAT_SECONDS` and reads the others'. A pee
 has not moved for `BDIFF_PEER_TIMEOUT` seconds (default 30; below JAX's heartbeat timeout, so
 the thread acts first), or a key-value store that stays unreachable that long (process 0, which
 hosts it, is gone), ends the process with one line `error: lost process <i> ...` and exit status
-3, within BDIFF_PEER_TIMEOUT + PEER_BEAT_SECONDS seconds of the loss. A process that finishes
-normally marks itself done at exit, so that a slower peer does not report it as lost.
+3, within BDIFF_PEER_TIMEOUT + PEER_BEAT_SECONDS seconds of the loss. At a normal exit the
+thread is stopped and joined (a daemon thread killed inside a jaxlib call at interpreter exit
+aborts the process) and the process marks itself done in the store, so that a slower peer does
+not report it as lost; after an uncaught exception it does not, so the peers report it.
+
+Not covered: when process 0 dies, the survivors' JAX clients lose the coordination service at
+once and jaxlib terminates them from C++ within seconds (`client.h: Terminating process because
+the JAX distributed service detected fatal errors`, SIGABRT, exit 134), before any Python code
+can run; only a supervisor process could turn that into one line.
 """
 
 import atexit
@@ -163,18 +170,28 @@ class PeerWatchdog:
     self._seen = {i: (None, now) for i in range(count) if i != index}  # value, when it changed
     self._unreachable_since: Optional[float] = None
     self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
 
   def _key(self, kind: str, index: int) -> str:
     return f"{self.PREFIX}/{kind}/{index}"
 
   def start(self) -> "PeerWatchdog":
-    atexit.register(self.finish)
-    threading.Thread(target=self._run, name="bdiff-peer-watchdog", daemon=True).start()
+    self._thread = threading.Thread(target=self._run, name="bdiff-peer-watchdog", daemon=True)
+    self._thread.start()
+    atexit.register(self._at_exit)  # after JAX's own atexit hook, so it runs before it
     return self
 
-  def finish(self) -> None:
-    """Marks this process done (a normal exit), so that peers do not report it as lost."""
+  def _at_exit(self) -> None:
+    self.finish(done=getattr(sys, "last_value", None) is None)  # set by an uncaught exception
+
+  def finish(self, done: bool = True) -> None:
+    """Stops beating (waiting for a beat in flight) and, with `done`, marks this process done,
+    so that peers do not report it as lost."""
     self._stop.set()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join(timeout=10.0)
+    if not done:
+      return
     try:
       self.client.key_value_set(self._key("done", self.index), "1", allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
