@@ -1090,3 +1090,23 @@ def test_a_killed_peer_stops_the_survivor_with_one_line(tmp_path):
   assert lines and lines[-1].startswith("error: lost process 1 of this 2-process run"), err
   assert "Traceback" not in err and "Check failure" not in err and not [
       l for l in lines if l.startswith("error:")][1:]
+
+
+def test_pytorch_reader_refuses_a_storage_larger_than_the_model_before_reading_it(tmp_path):
+  from bdiff_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  path = _torch_bin(str(tmp_path / "pytorch_model.bin"), size=(4,), stride=(1,), numel=4,
+                    storage_bytes=4096)
+  with pytest.raises(hf_checkpoint.HFCheckpointError,
+                     match=r"holds 4,096 bytes, more than all the tensors config.json implies"):
+    hf_checkpoint.read_pytorch_bin(path, max_storage_elements=100)
+  assert hf_checkpoint.read_pytorch_bin(path, max_storage_elements=1024)["w"].shape == (4,)
+  # The fixtures (real OPT layouts, config.json bounds) still load.
+  for name in ("tiny_opt", "tiny_opt_350m_style"):
+    directory = os.path.join(REPO, "tests", "fixtures", name)
+    if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+      config = hf_checkpoint.load_opt_config(directory)
+      sizes = [int(np.prod(s)) for s in hf_checkpoint._expected_shapes(config).values()]  # pylint: disable=protected-access
+      total = sum(sizes) + config.vocab_size * config.word_embed_proj_dim
+      state = hf_checkpoint.read_pytorch_bin(os.path.join(directory, "pytorch_model.bin"),
+                                             max_elements=max(sizes), max_storage_elements=total)
+      assert state

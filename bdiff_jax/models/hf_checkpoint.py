@@ -126,10 +126,11 @@ class _TorchUnpickler(pickle.Unpickler):
   """Unpickles a PyTorch state dict into numpy arrays, refusing every other global."""
 
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str,
-               max_elements: Optional[int] = None):
+               max_elements: Optional[int] = None, max_storage_elements: Optional[int] = None):
     super().__init__(file)
     self._archive, self._prefix, self._path = archive, prefix, path
     self._max_elements = max_elements
+    self._max_storage_elements = max_storage_elements
     self._storages: dict[str, np.ndarray] = {}
 
   def _rebuild(self, *args):
@@ -166,17 +167,25 @@ class _TorchUnpickler(pickle.Unpickler):
         raise HFCheckpointError(f"storage {name} of {self._path} holds {info.file_size:,} bytes "
                                 f"but claims {numel!r} elements of {storage_type.dtype}.",
                                 "re-download the checkpoint file.")
+      limit = self._max_storage_elements
+      if limit is not None and info.file_size > limit * storage_type.dtype.itemsize:
+        raise HFCheckpointError(  # before decompressing it
+            f"storage {name} of {self._path} holds {info.file_size:,} bytes, more than all the "
+            f"tensors config.json implies ({limit:,} elements).",
+            "use the config.json that came with the weights.")
       raw = self._archive.read(name)
       self._storages[key] = np.frombuffer(raw, storage_type.dtype, count=numel)
     return self._storages[key]
 
 
-def read_pytorch_bin(path: str, max_elements: Optional[int] = None) -> dict[str, np.ndarray]:
+def read_pytorch_bin(path: str, max_elements: Optional[int] = None,
+                     max_storage_elements: Optional[int] = None) -> dict[str, np.ndarray]:
   """A `torch.save`d state dict (zip format) as {name: numpy array}, without importing torch.
 
   Each tensor's size and strides are checked against the storage it views (and, with
-  `max_elements`, against the model's largest tensor) before it is materialised, so a small
-  crafted file cannot make the reader allocate gigabytes."""
+  `max_elements`, against the model's largest tensor) before it is materialised, and each raw
+  storage file's size against `max_storage_elements` (all the model's tensors together) before it
+  is decompressed, so a small crafted file cannot make the reader allocate gigabytes."""
   if not zipfile.is_zipfile(path):
     raise HFCheckpointError(f"{path} is not a zip-format PyTorch file (legacy format?).",
                             "use the checkpoint's model.safetensors instead.")
@@ -188,7 +197,8 @@ def read_pytorch_bin(path: str, max_elements: Optional[int] = None) -> dict[str,
     prefix = pickles[0][:-len("data.pkl")]
     with archive.open(pickles[0]) as f:
       try:
-        state = _TorchUnpickler(f, archive, prefix, path, max_elements).load()
+        state = _TorchUnpickler(f, archive, prefix, path, max_elements,
+                                max_storage_elements).load()
       except HFCheckpointError:
         raise
       except Exception as e:
@@ -225,12 +235,13 @@ def _read_sharded(directory: str, index_name: str, reader) -> dict[str, np.ndarr
   return state
 
 
-def read_state_dict(directory: str | os.PathLike,
-                    max_elements: Optional[int] = None) -> dict[str, np.ndarray]:
+def read_state_dict(directory: str | os.PathLike, max_elements: Optional[int] = None,
+                    max_storage_elements: Optional[int] = None) -> dict[str, np.ndarray]:
   """All tensors of a HF checkpoint directory (safetensors preferred over pytorch_model.bin);
-  `max_elements` bounds each tensor of a pytorch_model.bin (see `read_pytorch_bin`)."""
+  the bounds apply to a pytorch_model.bin (see `read_pytorch_bin`)."""
   directory = os.fspath(directory)
-  read_bin = functools.partial(read_pytorch_bin, max_elements=max_elements)
+  read_bin = functools.partial(read_pytorch_bin, max_elements=max_elements,
+                               max_storage_elements=max_storage_elements)
   candidates = (
       ("model.safetensors", lambda: read_safetensors(os.path.join(directory, "model.safetensors"))),
       ("model.safetensors.index.json",
@@ -369,6 +380,8 @@ def load_opt(directory: str | os.PathLike, *,
   Use as `OPT(config).apply({"params": params}, input_ids, attention_mask)`.
   """
   config = load_opt_config(directory)
-  largest = max(int(np.prod(shape)) for shape in _expected_shapes(config).values())
-  return config, hf_to_flax_params(read_state_dict(directory, max_elements=largest), config,
-                                   dtype)
+  sizes = [int(np.prod(shape)) for shape in _expected_shapes(config).values()]
+  # Storages: every tensor, plus a stored lm_head.weight (a copy of the token embedding).
+  total = sum(sizes) + config.vocab_size * config.word_embed_proj_dim
+  state = read_state_dict(directory, max_elements=max(sizes), max_storage_elements=total)
+  return config, hf_to_flax_params(state, config, dtype)
