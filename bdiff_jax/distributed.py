@@ -8,6 +8,7 @@ parses the command line:
   JAX_COORDINATOR_ADDRESS=host:port  process 0's address (all processes give the same one),
   JAX_NUM_PROCESSES=N                with the number of processes
   JAX_PROCESS_ID=i                   and this process's index, 0 <= i < N;
+  BDIFF_PEER_TIMEOUT=seconds         how long a silent peer is waited for (default 30; see below).
   BDIFF_DISTRIBUTED=auto|on|off      auto (default): start the runtime when the address is set or
                                      a cluster is detected: a SLURM job step with several tasks,
                                      or a multi-host Cloud TPU slice (JAX then finds the
@@ -261,8 +262,8 @@ _LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Br
 def lost_peer_line(e: BaseException) -> Optional[str]:
   """The one error line for an exception that says a peer of a multi-process run is gone, or
   None (a single-process run, or another error)."""
-  if jax.process_count() <= 1 or not any(sign in str(e) for sign in _LOST_PEER_SIGNS):
-    return None
+  if not any(sign in str(e) for sign in _LOST_PEER_SIGNS) or _coordination_client() is None:
+    return None  # not a lost peer, or no distributed runtime (a single-process run)
   return (f"error: lost a peer of this {jax.process_count()}-process run: process "
           f"{jax.process_index()}'s collective failed ({_first_line(e)}); it stops too. Fix: "
           f"restart all {jax.process_count()} processes with the same command; training "

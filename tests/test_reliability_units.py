@@ -1110,3 +1110,18 @@ def test_pytorch_reader_refuses_a_storage_larger_than_the_model_before_reading_i
       state = hf_checkpoint.read_pytorch_bin(os.path.join(directory, "pytorch_model.bin"),
                                              max_elements=max(sizes), max_storage_elements=total)
       assert state
+
+
+def test_a_collective_failing_for_a_lost_peer_is_one_line(monkeypatch):
+  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  gloo = ValueError("UNKNOWN: Gloo all-reduce failed: [pair.cc:547] Connection closed by peer "
+                    "[127.0.0.1]:2944\nmore")
+  assert distributed.lost_peer_line(gloo) is None  # one process: not a lost peer
+  monkeypatch.setattr(distributed, "_coordination_client", lambda: object())
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 1)
+  line = distributed.lost_peer_line(gloo)
+  assert line.startswith("error: lost a peer of this 2-process run: process 1's collective "
+                         "failed (UNKNOWN: Gloo all-reduce failed") and "\n" not in line
+  assert "Fix: restart all 2 processes" in line
+  assert distributed.lost_peer_line(ValueError("shapes do not match")) is None
