@@ -8,13 +8,16 @@
   python main.py --config configs/compare.py --workdir runs/cmp --mode=compare    # comparison
   python main.py --config configs/glue.py:test --workdir runs/glue --mode=glue     # GLUE bench
 
-Override any config field with --config.<field>=<value>. Bad input (data, config values,
-checkpoints, prompts) ends with one line `error: ...` and exit status 2.
+Override any config field with --config.<field>=<value>. Bad input (data, config files and
+values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
+multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py).
 """
 
 import importlib
+import logging as std_logging
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -37,6 +40,72 @@ MODES = {
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
                                           lock_config=True)
+# The sections a config of these modes must have (those of configuration.base_config()).
+TRAINER_MODES = ("train", "eval", "sample")
+
+
+class ConfigFileError(Exception):
+  """A config file that cannot give a config (a syntax error, a failing import or get_config, a
+  get_config returning something else than a ConfigDict). Not a ValueError, so that absl's flag
+  parsing lets it through instead of wrapping it in a traceback-sized message."""
+
+  def __init__(self, problem: str, fix: str):
+    self.problem, self.fix = problem, fix
+    super().__init__(f"{problem} Fix: {fix}")
+
+
+_CONFIG_FIX = ("correct the file or the preset after ':' (presets are listed at the top of each "
+               "configs/*.py), or pass another --config.")
+
+
+class _DropRecords(std_logging.Filter):
+  """Drops every record (ml_collections' warning about a get_config returning None, which the
+  one error line says instead)."""
+
+  def filter(self, record):
+    return False
+
+
+def _failure_in_file(e: BaseException, path: str) -> str:
+  """`e` in words, with the line of the config file it was raised from when there is one."""
+  if isinstance(e, (TypeError, ValueError)) and str(e).startswith("Error whilst parsing config"):
+    e = e.__context__ or e  # ml_collections re-raises these with the traceback as the message
+  if isinstance(e, SyntaxError):
+    where = f"{os.path.basename(e.filename or path)} line {e.lineno}"
+    return f"{type(e).__name__} at {where}: {e.msg}"
+  target = os.path.abspath(path)
+  lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(frame.filename) == target]
+  message = _last_line(e) if str(e).strip() else ""
+  where = f" (line {lines[-1]})" if lines else ""
+  return f"{type(e).__name__}{where}" + (f": {message}" if message else "")
+
+
+class _OneLineConfigParser(type(flags.FLAGS["config"].parser)):  # ml_collections' own parser
+  """absl's config file parser, raising `ConfigFileError` for every way a file can fail."""
+
+  def parse(self, path):
+    file = str(path).split(":", 1)[0]
+    if file and not os.path.isfile(file):
+      raise ConfigFileError(f"no such config file: {file}.",
+                            "pass --config=<an existing configs/*.py file>[:<one of its presets>].")
+    quiet = _DropRecords()
+    std_logging.getLogger("absl").addFilter(quiet)
+    try:
+      config = super().parse(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigFileError(f"config file {path} failed to load: "
+                            f"{_failure_in_file(e, file)}.", _CONFIG_FIX) from None
+    finally:
+      std_logging.getLogger("absl").removeFilter(quiet)
+    if not hasattr(config, "to_dict"):
+      raise ConfigFileError(f"get_config() of config file {path} returned "
+                            f"{type(config).__name__}, not an ml_collections.ConfigDict.",
+                            "make get_config return the config (e.g. `return c` at its end).")
+    return config
+
+
+flags.FLAGS["config"].parser = _OneLineConfigParser("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics, "
                                "vocabulary, samples and plots.")
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
@@ -85,6 +154,8 @@ def _parse_flags(argv):
     _start_distributed()
   try:
     argv = flags.FLAGS(argv)
+  except ConfigFileError as e:
+    _fail(e.problem, e.fix)
   except flags.Error as e:
     _fail(f"bad command line ({_last_line(e)}).",
           "see `python main.py --help`; presets are listed at the top of each configs/*.py.")
@@ -125,6 +196,39 @@ def _load_config():
           "pass --config=<an existing configs/*.py file>[:<one of its presets>].")
 
 
+def check_mode_fields(config, mode: str, config_arg: str) -> None:
+  """Raises ConfigError when `config` lacks fields that --mode=`mode` reads (e.g. the GLUE
+  config, which has only a `glue` section, given to --mode=train)."""
+  if mode not in TRAINER_MODES:
+    return
+  from bdiff_jax import configuration  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  def paths(c, prefix=""):
+    for key, value in c.items():
+      if hasattr(value, "items"):
+        yield from paths(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+
+  base = configuration.base_config()
+  have = set(paths(config))
+  missing = [p for p in paths(base) if p not in have]
+  if missing:
+    sections = [k for k, v in base.items() if hasattr(v, "items") and k not in config]
+    lacks = (f"has no {', '.join(sections)} section" + ("s" if len(sections) > 1 else "")
+             if sections else f"lacks config.{missing[0]}" +
+             (f" and {len(missing) - 1} more field(s)" if len(missing) > 1 else ""))
+    other = [k for k in config.keys() if k not in base]
+    serves = (f" (its own section(s): {', '.join(other)}; see the file's docstring for its "
+              "--mode)" if other else "")
+    raise ConfigError(
+        f"config {config_arg} cannot serve --mode={mode}: it {lacks}{serves}.",
+        f"pass the --mode that config is for (e.g. configs/glue.py with --mode=glue), or a "
+        f"config made from configuration.base_config() (e.g. configs/wikitext2.py) for "
+        f"--mode={mode}.")
+
+
 def main(argv):
   del argv  # _parse_flags refuses stray arguments
   logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore (INFO, WARNING)
@@ -135,6 +239,7 @@ def main(argv):
   from bdiff_jax.config_compat import explicit_overrides_from_argv  # pylint: disable=g-import-not-at-top
   try:
     config = _load_config()
+    check_mode_fields(config, _MODE.value, flags.FLAGS["config"].config_filename)
     if _PROMPT.value is not None:
       config.sample.prompt = _PROMPT.value
     options = {}
@@ -144,6 +249,13 @@ def main(argv):
                                                              **options)
   except UserError as e:
     _exit_with_error(f"error: {e}", 2)
+  except Exception as e:  # pylint: disable=broad-except
+    from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+    line = distributed.lost_peer_line(e)
+    if line is None:
+      raise
+    # os._exit: a normal exit would wait for JAX's shutdown barrier, then abort with a C++ dump.
+    _exit_with_error(line, distributed.LOST_PEER_EXIT_CODE)
   except KeyboardInterrupt:  # before the trainer's own handler is installed, or a second Ctrl-C
     print("error: interrupted (Ctrl-C) before a checkpoint could be taken. Fix: rerun the same "
           "command; training resumes from the latest checkpoint.", file=sys.stderr, flush=True)

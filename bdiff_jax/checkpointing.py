@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import threading
 from typing import Any, Iterator, Optional
@@ -200,6 +201,13 @@ class Checkpointer:
     # A save failed with a reported OS error (see _after_failed_save), or orbax failed a restore.
     self._failed = False
     self._muted: Optional[_HoldRecords] = None
+    if not read_only and jax.process_index() == 0:
+      removed = [os.path.relpath(p, self.workdir) for d in (self.latest_dir, self.best_dir)
+                 for p in remove_unfinished_saves(d)]
+      if removed:
+        print(f"note: removed {len(removed)} unfinished checkpoint folder(s) left by a failed "
+              f"or interrupted save: {', '.join(removed)} (committed checkpoints are "
+              "untouched).", file=sys.stderr, flush=True)
     self._holds_loops = _TOLERANT_LOOPS.acquire()  # before orbax can create a loop
     names = ("state", "meta")
     try:
@@ -399,10 +407,17 @@ class Checkpointer:
     if status != "corrupt":
       return status
     good = self.intact_alternatives(manager, step)
-    if good:
-      newest = max(good)
-      fix = (f"use an intact checkpoint (steps {', '.join(map(str, good))} verify): "
-             f"--config.eval.checkpoint={newest} for eval/sample")
+    best = self.best_step()
+    best_ok = (best is not None and not (manager is self.best and step == best) and
+               check_step_dir(self.step_dir(self.best, best), best)[0] != "corrupt")
+    if good or best_ok:
+      uses = []
+      if good:
+        uses.append(f"--config.eval.checkpoint={max(good)} (steps "
+                    f"{', '.join(map(str, good))} verify)")
+      if best_ok:
+        uses.append(f"--config.eval.checkpoint=best (best step {best} verifies)")
+      fix = f"use an intact checkpoint for eval/sample: {' or '.join(uses)}"
       older = [s for s in self.latest.all_steps() if s < step and s in good]
       if manager is self.latest and step == self.latest_step() and older:
         fix += (f"; to resume training from step {max(older)}, move {step_dir} out of "
@@ -439,6 +454,25 @@ class Checkpointer:
       self.close()
       raise
     return restored["state"], dict(restored["meta"]), desc
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+  """Removes orbax's temporary folders (`<step>.orbax-checkpoint-tmp-<n>`) in `directory`: a
+  save that failed (disk full) or was killed leaves them, and orbax neither uses nor removes
+  them. Only names with that suffix are touched: committed steps never carry it. Call with the
+  workdir locked, before any save starts. Returns the removed paths."""
+  try:
+    names = sorted(os.listdir(directory))
+  except OSError:
+    return []
+  removed = []
+  for name in names:
+    path = os.path.join(directory, name)
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(path, ignore_errors=True)
+      if not os.path.exists(path):
+        removed.append(path)
+  return removed
 
 
 def directory_has_checkpoints(workdir: str) -> bool:

@@ -5,6 +5,7 @@ every value before anything expensive happens, so a typo fails in the first seco
 that names the field and the allowed values.
 """
 
+import math
 import os
 
 import ml_collections
@@ -220,8 +221,25 @@ def _validate_opt(m) -> None:
                       "pass --config.model.tie_embeddings=true --config.model.attention=dense.")
 
 
+def _check_finite(c, prefix: str = "") -> None:
+  """Every float of the config (also inside tuples) is finite: inf or nan is never a setting
+  (`sample.temperature=inf` would otherwise pass `> 0` and fail only when sampling, after a
+  whole training run)."""
+  for key, value in c.items():
+    path = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      _check_finite(value, f"{path}.")
+      continue
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+      raise ConfigError(f"config.{path}={value!r} is not a finite number.",
+                        f"pass a finite value as --config.{path}.")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field."""
+  """Raises ConfigError naming the first invalid field (every field train, eval and sample read:
+  the modes call this before they create, lock or write anything)."""
+  _check_finite(c)
   _choice("data.variant", c.data.variant, VARIANTS)
   _positive("data.seq_len", c.data.seq_len)
   m = c.model

@@ -8,6 +8,7 @@ parses the command line:
   JAX_COORDINATOR_ADDRESS=host:port  process 0's address (all processes give the same one),
   JAX_NUM_PROCESSES=N                with the number of processes
   JAX_PROCESS_ID=i                   and this process's index, 0 <= i < N;
+  BDIFF_PEER_TIMEOUT=seconds         how long a silent peer is waited for (default 30; see below).
   BDIFF_DISTRIBUTED=auto|on|off      auto (default): start the runtime when the address is set or
                                      a cluster is detected: a SLURM job step with several tasks,
                                      or a multi-host Cloud TPU slice (JAX then finds the
@@ -17,16 +18,45 @@ parses the command line:
 Roles: every process computes (the mesh spans all devices, the step is one SPMD program, orbax
 saves and restores checkpoints collectively); only process 0 (`is_main_process()`) writes
 metrics, config.json, plots and samples, prints, and holds the workdir lock.
+
+A lost peer (`PeerWatchdog`). When a process dies, JAX's coordination service notices only after
+its heartbeat timeout (100 s) and then aborts every survivor from C++ (SIGABRT, exit 134, a page
+of logs, no error line); a survivor blocked in a collective may also wait that long. JAX 0.10.2
+offers no usable hook: `jax.distributed.initialize` does not take a callback, and the client's
+`missed_heartbeat_callback` (jaxlib's `get_distributed_runtime_client`) cannot be a Python
+function: jaxlib fails to pass it the error (`std::bad_cast`) and terminates the process. So
+each process runs a daemon thread that writes a heartbeat counter into the coordination
+service's key-value store every `PEER_BEAT_SECONDS` and reads the others'. A peer whose counter
+has not moved for `BDIFF_PEER_TIMEOUT` seconds (default 30; below JAX's heartbeat timeout, so
+the thread acts first), or a key-value store that stays unreachable that long (process 0, which
+hosts it, is gone), ends the process with one line `error: lost process <i> ...` and exit status
+3, within BDIFF_PEER_TIMEOUT + PEER_BEAT_SECONDS seconds of the loss. At a normal exit the
+thread is stopped and joined (a daemon thread killed inside a jaxlib call at interpreter exit
+aborts the process) and the process marks itself done in the store, so that a slower peer does
+not report it as lost; after an uncaught exception it does not, so the peers report it.
+
+Not covered: when process 0 dies, the survivors' JAX clients lose the coordination service at
+once and jaxlib terminates them from C++ within seconds (`client.h: Terminating process because
+the JAX distributed service detected fatal errors`, SIGABRT, exit 134), before any Python code
+can run; only a supervisor process could turn that into one line.
 """
 
+import atexit
 import os
-from typing import Mapping, Optional
+import sys
+import threading
+import time
+from typing import Callable, Mapping, Optional
 
 import jax
 
 from bdiff_jax.errors import ConfigError
 
 MODES = ("auto", "on", "off")
+PEER_TIMEOUT_ENV = "BDIFF_PEER_TIMEOUT"
+DEFAULT_PEER_TIMEOUT = 30.0
+PEER_BEAT_SECONDS = 2.0
+LOST_PEER_EXIT_CODE = 3
 
 
 def _int_env(environ: Mapping[str, str], name: str) -> int:
@@ -78,14 +108,171 @@ def initialize_arguments(environ: Mapping[str, str]) -> Optional[dict]:
   return None
 
 
+def peer_timeout(environ: Mapping[str, str]) -> float:
+  """BDIFF_PEER_TIMEOUT in seconds (> 0), or the default.
+
+  Raises:
+    ConfigError: not a positive number.
+  """
+  value = environ.get(PEER_TIMEOUT_ENV, "") or str(DEFAULT_PEER_TIMEOUT)
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if not 0 < seconds < float("inf"):
+    raise ConfigError(f"{PEER_TIMEOUT_ENV}={value!r} is not a positive number of seconds.",
+                      f"unset it (default {DEFAULT_PEER_TIMEOUT:g}) or set it to e.g. 60.")
+  return seconds
+
+
 def initialize(environ: Optional[Mapping[str, str]] = None) -> bool:
-  """Starts the distributed runtime when `initialize_arguments` asks for it; returns whether it
-  did. Call once, before any JAX computation."""
-  kwargs = initialize_arguments(os.environ if environ is None else environ)
+  """Starts the distributed runtime when `initialize_arguments` asks for it, and the peer
+  watchdog in a multi-process run; returns whether it started the runtime. Call once, before any
+  JAX computation."""
+  environ = os.environ if environ is None else environ
+  kwargs = initialize_arguments(environ)
   if kwargs is None:
     return False
+  timeout = peer_timeout(environ)
   jax.distributed.initialize(**kwargs)
+  if jax.process_count() > 1:
+    client = _coordination_client()
+    if client is not None:
+      PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout).start()
   return True
+
+
+def _coordination_client():
+  """JAX's coordination-service client (a private attribute; None if it moved)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return getattr(getattr(jax_distributed, "global_state", None), "client", None)
+
+
+def _lost_peer_exit(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+  os._exit(LOST_PEER_EXIT_CODE)  # pylint: disable=protected-access
+
+
+class PeerWatchdog:
+  """Ends this process with one error line when a peer stops beating (see the module
+  docstring). `client` needs `key_value_set(key, value, allow_overwrite)` and
+  `key_value_try_get(key)`; `exit` (tests) replaces printing the line and `os._exit`."""
+
+  PREFIX = "bdiff_peer_watchdog"
+
+  def __init__(self, client, index: int, count: int, timeout: float, *,
+               beat: float = PEER_BEAT_SECONDS,
+               exit: Callable[[str], None] = _lost_peer_exit,  # pylint: disable=redefined-builtin
+               clock: Callable[[], float] = time.monotonic):
+    self.client, self.index, self.count, self.timeout = client, index, count, timeout
+    self.beat, self._exit, self._clock = beat, exit, clock
+    self._counter = 0
+    now = clock()
+    self._seen = {i: (None, now) for i in range(count) if i != index}  # value, when it changed
+    self._unreachable_since: Optional[float] = None
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+
+  def _key(self, kind: str, index: int) -> str:
+    return f"{self.PREFIX}/{kind}/{index}"
+
+  def start(self) -> "PeerWatchdog":
+    self._thread = threading.Thread(target=self._run, name="bdiff-peer-watchdog", daemon=True)
+    self._thread.start()
+    atexit.register(self._at_exit)  # after JAX's own atexit hook, so it runs before it
+    return self
+
+  def _at_exit(self) -> None:
+    self.finish(done=getattr(sys, "last_value", None) is None)  # set by an uncaught exception
+
+  def finish(self, done: bool = True) -> None:
+    """Stops beating (waiting for a beat in flight) and, with `done`, marks this process done,
+    so that peers do not report it as lost."""
+    self._stop.set()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join(timeout=10.0)
+    if not done:
+      return
+    try:
+      self.client.key_value_set(self._key("done", self.index), "1", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  def _run(self) -> None:
+    while not self._stop.wait(self.beat):
+      line = self.check()
+      if line is not None and not self._stop.is_set():
+        self._exit(line)
+        return
+
+  def _get(self, kind: str, index: int) -> Optional[str]:
+    try:
+      return self.client.key_value_try_get(self._key(kind, index))
+    except Exception as e:  # pylint: disable=broad-except
+      if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+        return None
+      raise
+
+  def check(self) -> Optional[str]:
+    """One beat: publishes this process's counter, reads the peers'. Returns the error line
+    when a peer (or the coordination service) was silent for longer than the timeout."""
+    now = self._clock()
+    try:
+      self._counter += 1
+      self.client.key_value_set(self._key("beat", self.index), str(self._counter),
+                                allow_overwrite=True)
+      lost = None
+      for peer, (value, since) in sorted(self._seen.items()):
+        if self._get("done", peer) is not None:
+          del self._seen[peer]
+          continue
+        current = self._get("beat", peer)
+        if current != value:
+          self._seen[peer] = (current, now)
+        elif now - since > self.timeout and lost is None:
+          lost = peer
+      self._unreachable_since = None
+    except Exception as e:  # pylint: disable=broad-except
+      if self._unreachable_since is None:
+        self._unreachable_since = now
+      if now - self._unreachable_since > self.timeout:
+        return self._line(0, "the coordination service it hosts has been unreachable for "
+                          f"{self.timeout:g} s ({_first_line(e)})")
+      return None
+    if lost is None:
+      return None
+    return self._line(lost, f"it has not answered for {self.timeout:g} s (it died, was killed "
+                      "or stopped with an error: see its output)")
+
+  def _line(self, peer: int, why: str) -> str:
+    return (f"error: lost process {peer} of this {self.count}-process run: {why}; process "
+            f"{self.index} stops too. Fix: restart all {self.count} processes with the same "
+            "command (a missing host must come back first); training resumes from the latest "
+            f"checkpoint. ({PEER_TIMEOUT_ENV} sets the wait, now {self.timeout:g} s.)")
+
+
+# What JAX's CPU collectives (gloo) and the coordination service raise in a survivor when a peer
+# is gone: the error reaches Python at once, but the interpreter's exit would then wait for the
+# shutdown barrier (JAX's heartbeat timeout) and abort with a C++ dump.
+_LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                    "heartbeat timeout", "stopped sending heartbeats", "Gloo all-reduce failed",
+                    "Gloo all-gather failed", "Gloo broadcast failed")
+
+
+def lost_peer_line(e: BaseException) -> Optional[str]:
+  """The one error line for an exception that says a peer of a multi-process run is gone, or
+  None (a single-process run, or another error)."""
+  if not any(sign in str(e) for sign in _LOST_PEER_SIGNS) or _coordination_client() is None:
+    return None  # not a lost peer, or no distributed runtime (a single-process run)
+  return (f"error: lost a peer of this {jax.process_count()}-process run: process "
+          f"{jax.process_index()}'s collective failed ({_first_line(e)}); it stops too. Fix: "
+          f"restart all {jax.process_count()} processes with the same command; training "
+          "resumes from the latest checkpoint.")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def is_main_process() -> bool:

@@ -321,6 +321,9 @@ def test_eval_with_default_config_reproduces_training_eval(trained, tmp_path, re
   assert "using the workdir's config.json" in proc.stdout and "model.emb_dim=32" in proc.stdout
   with open(copy / "eval_best.json") as f:
     assert json.load(f) == after_training
+  # The same settings: the same file was rewritten, not one of another evaluation's.
+  assert f"results written to {copy / 'eval_best.json'}" in proc.stdout
+  assert not [n for n in os.listdir(copy) if n.startswith("eval_best_")]
 
 
 def test_interrupts_and_kill_resume_to_identical_losses(trained, tmp_path, real_data_dir,

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,8 +29,8 @@ from bdiff_jax import checkpoint_digests, checkpointing, config_compat, configur
 from bdiff_jax import metrics_log
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.data import pipeline, wikitext2
-from bdiff_jax.errors import (CheckpointError, ConfigMismatchError, DiskFullError, StorageError,
-                              UserError, WorkdirBusyError, WorkdirError)
+from bdiff_jax.errors import (CheckpointError, ConfigError, ConfigMismatchError, DiskFullError,
+                              StorageError, UserError, WorkdirBusyError, WorkdirError)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -674,3 +675,453 @@ def test_default_cache_location(monkeypatch, tmp_path):
   monkeypatch.delenv("BDIFF_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert pipeline.resolve_tfds_dir(_data_config("x"), "w") == str(tmp_path / "xdg" / "bdiff_jax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint readers: a crafted pytorch_model.bin cannot make the reader allocate gigabytes.
+
+
+def _torch_bin(path, *, size, stride, numel, storage_bytes, offset=0):
+  """A zip-format `torch.save` file holding {"w": one float32 tensor}, written opcode by opcode
+  (torch is not installed): the pickle claims `size`/`stride` over a storage of `numel`
+  elements whose raw file holds `storage_bytes` bytes."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  def text(s):
+    return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+  def ints(values):
+    return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+  pkl = (b"\x80\x02}" + text("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(" +
+         b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") +
+         b"J" + struct.pack("<i", numel) + b"tQ" +
+         b"J" + struct.pack("<i", offset) + ints(size) + ints(stride) + b"\x89" +
+         b"ccollections\nOrderedDict\n)R" + b"tRs.")
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pkl)
+    z.writestr("archive/data/0", bytes(storage_bytes))
+  return path
+
+
+def test_pytorch_reader_refuses_a_tensor_larger_than_its_storage_before_allocating(tmp_path):
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  # 5e8 elements (2 GB as float32) claimed over a 4-float storage with stride 0.
+  path = _torch_bin(str(tmp_path / "pytorch_model.bin"), size=(500_000_000,), stride=(0,),
+                    numel=4, storage_bytes=16)
+  assert os.path.getsize(path) < 1000
+  tracemalloc.start()
+  try:
+    with pytest.raises(hf_checkpoint.HFCheckpointError,
+                       match=r"claims 500,000,000 elements over a storage of 4\."):
+      hf_checkpoint.read_pytorch_bin(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 10_000_000, peak
+  # A storage record claiming more elements than its raw file holds.
+  short = _torch_bin(str(tmp_path / "short.bin"), size=(4,), stride=(1,), numel=1_000_000,
+                     storage_bytes=16)
+  with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"holds 16 bytes but claims 1000000"):
+    hf_checkpoint.read_pytorch_bin(short)
+  # Within the storage but larger than any tensor of the model (config.json's shapes).
+  big = _torch_bin(str(tmp_path / "big.bin"), size=(64,), stride=(1,), numel=64,
+                   storage_bytes=256)
+  with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"more than the largest tensor"):
+    hf_checkpoint.read_pytorch_bin(big, max_elements=32)
+  assert hf_checkpoint.read_pytorch_bin(big)["w"].shape == (64,)  # an honest tensor reads
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files that cannot give a config: one line naming the file and the problem.
+
+
+@pytest.mark.parametrize("source, words", [
+    ("def get_config(:\n", r"SyntaxError at bad\.py line 1: invalid syntax"),
+    ("import no_such_module_h7\n\ndef get_config():\n  return None\n",
+     r"ModuleNotFoundError \(line 1\): No module named 'no_such_module_h7'"),
+    ("def get_config():\n  raise RuntimeError('boom')\n", r"RuntimeError \(line 2\): boom"),
+    ("def get_config():\n  raise ValueError('bad preset')\n", r"ValueError \(line 2\): bad preset"),
+], ids=["syntax", "import", "raises", "value_error"])
+def test_config_file_failures_are_one_line(tmp_path, source, words):
+  import main  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "bad.py"
+  path.write_text(source)
+  with pytest.raises(main.ConfigFileError) as info:
+    main._OneLineConfigParser("config").parse(str(path))  # pylint: disable=protected-access
+  text = str(info.value)
+  assert "\n" not in text and "Traceback" not in text
+  assert re.search(rf"^config file {re.escape(str(path))} failed to load: {words}\. Fix: ", text)
+
+
+def test_config_file_returning_none_or_missing_is_one_line(tmp_path, caplog):
+  import main  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "none.py"
+  path.write_text("def get_config():\n  return None\n")
+  parser = main._OneLineConfigParser("config")  # pylint: disable=protected-access
+  with pytest.raises(main.ConfigFileError, match=r"get_config\(\) of config file .*none\.py "
+                                                 r"returned NoneType, not an ml_collections"):
+    parser.parse(str(path))
+  assert not [r for r in caplog.records if "returned None" in r.getMessage()]  # no 2nd line
+  with pytest.raises(main.ConfigFileError, match=r"no such config file: .*nosuch\.py\. Fix"):
+    parser.parse(str(tmp_path / "nosuch.py"))
+  assert parser.parse(os.path.join(REPO, "configs", "wikitext2.py") + ":smoke").preset == "smoke"
+
+
+def test_a_config_for_another_mode_is_refused_in_one_line():
+  import main  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  glue = main._OneLineConfigParser("config").parse(  # pylint: disable=protected-access
+      os.path.join(REPO, "configs", "glue.py") + ":test")
+  for mode in ("train", "eval", "sample"):
+    with pytest.raises(ConfigError, match=rf"config configs/glue.py:test cannot serve "
+                                          rf"--mode={mode}: it has no data, .* sections \(its "
+                                          r"own section\(s\): glue"):
+      main.check_mode_fields(glue, mode, "configs/glue.py:test")
+  main.check_mode_fields(glue, "glue", "configs/glue.py:test")  # its own mode: not ours to check
+  main.check_mode_fields(configuration.base_config(), "train", "x.py")
+
+
+def test_config_file_syntax_error_through_main_is_one_line(tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config(:\n")
+  proc = subprocess.run([sys.executable, "main.py", "--config", str(path), "--workdir",
+                         str(tmp_path / "w")], cwd=REPO, env=_child_env(), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f"error: config file {path} failed to load: "
+                                                 "SyntaxError"), proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before anything is written; non-finite losses traced to their cause.
+
+
+@pytest.mark.parametrize("field, value", [("sample.temperature", float("inf")),
+                                          ("train.learning_rate", float("inf")),
+                                          ("model.rope_theta", float("inf"))])
+def test_validate_refuses_non_finite_values(field, value):
+  c = configuration.base_config()
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError, match=rf"config\.{re.escape(field)}=.* Fix: pass "):
+    configuration.validate(c)
+
+
+def _tiny_train_config(tmp_path, **train):
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.data.data_dir = str(wikitext2.write_synthetic_corpus(tmp_path / "src", num_train_lines=60))
+  c.data.tfds_dir = str(tmp_path / "cache")
+  c.data.verify_counts = False
+  c.train.progress_bar = False
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+@pytest.mark.parametrize("what", ["fsdp", "batch", "temperature"])
+def test_train_refusals_happen_before_the_workdir_is_created(tmp_path, what):
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  c = _tiny_train_config(tmp_path)
+  if what == "fsdp":
+    c.mesh.fsdp = len(jax.devices()) + 2  # does not divide the devices
+  elif what == "batch":
+    c.train.batch_size = 1_000_000  # more than the corpus holds
+  else:
+    c.sample.temperature = float("inf")  # used only after training, by the final samples
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError) as info:
+    train.run(c, str(workdir), Reporter(verbose=False))
+  _one_line(info.value)
+  assert not workdir.exists(), os.listdir(workdir)
+
+
+def test_eval_and_sample_refusals_happen_before_the_lock(tmp_path):
+  from bdiff_jax.modes import evaluate, sample  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  c = _tiny_train_config(tmp_path)
+  c.sample.temperature = float("inf")
+  workdir = tmp_path / "trained"
+  workdir.mkdir()
+  for mode in (evaluate, sample):
+    with pytest.raises(ConfigError, match=r"config\.sample\.temperature=inf is not a finite"):
+      mode.run(c, str(workdir), Reporter(verbose=False))
+    assert os.listdir(workdir) == []  # no .lock, no vocab.json
+
+
+def test_nonfinite_loss_messages_name_the_cause():
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  rows = lambda: np.ones((2, 4), np.int32)
+  problem, fix = train.nonfinite_message(7, float("inf"), start=0, good=None,
+                                         checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
+  assert "None" not in problem + fix
+  assert "no checkpoint was saved before it" in problem and "starts from step 0" in fix
+  problem, fix = train.nonfinite_message(7, float("nan"), start=4, good=4,
+                                         checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
+  assert "the last good checkpoint (step 4)" in problem and "resumes from step 4" in fix
+  assert "learning_rate" in fix
+  # The first step of a run: computed before any update, so not the learning rate.
+  problem, fix = train.nonfinite_message(5, float("nan"), start=4, good=4, checkpoints="/c",
+                                         batch=lambda: np.zeros((0, 4), np.int32), vocab_size=9)
+  assert "the learning rate is not the cause; its batch is empty" in problem
+  assert "learning_rate" not in fix
+  problem, _ = train.nonfinite_message(1, float("nan"), start=0, good=None, checkpoints="/c",
+                                       batch=lambda: np.full((2, 4), 12, np.int32), vocab_size=9)
+  assert "token ids outside the vocabulary [0, 9) (12..12)" in problem
+
+
+def test_non_finite_start_weights_are_refused_before_the_first_step():
+  import types  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  params = {"a": np.ones(3, np.float32), "b": {"w": np.array([1.0, np.nan], np.float32)}}
+  assert train.nonfinite_leaves(params) == ["['b']['w']"]
+  ckpt = types.SimpleNamespace(latest_dir="/w/checkpoints",
+                               latest=types.SimpleNamespace(all_steps=lambda: [4, 8]))
+  with pytest.raises(CheckpointError, match=r"checkpoint step 8 in /w/checkpoints holds "
+                                            r"non-finite weights \(params\['b'\]\['w'\]\).* Fix: "
+                                            r"move /w/checkpoints/8 out of .* from step 4"):
+    train.check_finite_weights(params, start=8, ckpt=ckpt)
+  with pytest.raises(CheckpointError, match=r"the initial weights hold non-finite values"):
+    train.check_finite_weights(params, start=0, ckpt=ckpt)
+  train.check_finite_weights({"a": np.ones(2)}, start=8, ckpt=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation results: never overwritten by an evaluation with other settings; atomic writes.
+
+
+def test_eval_with_other_settings_gets_its_own_file(tmp_path, monkeypatch):
+  import types  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(evaluate.baselines, "cached", lambda *a, **k: {"unigram": 1.0})
+  monkeypatch.setattr(evaluate.baselines, "format_baselines", lambda r: "")
+
+  def evaluate_with(seeds):
+    config = configuration.base_config()
+    config.eval.seeds = seeds
+    evaluator = types.SimpleNamespace(
+        evaluate=lambda params, splits, seeds, max_tokens: {"valid": {"seeds": list(seeds)}},
+        format_results=lambda r: "")
+    exp = types.SimpleNamespace(config=config, workdir=str(tmp_path), splits=None,
+                                evaluator=evaluator)
+    return evaluate.evaluate_params(exp, None, {"step": 8}, "best step 8",
+                                    Reporter(verbose=False))
+
+  evaluate_with((0, 1, 2))
+  first = (tmp_path / "eval_best.json").read_bytes()
+  evaluate_with((5,))  # other seeds: other numbers, another file
+  assert (tmp_path / "eval_best.json").read_bytes() == first
+  others = sorted(p.name for p in tmp_path.iterdir() if p.name != "eval_best.json")
+  assert len(others) == 1 and re.fullmatch(r"eval_best_[0-9a-f]{8}\.json", others[0]), others
+  assert json.loads((tmp_path / others[0]).read_text())["results"]["valid"]["seeds"] == [5]
+  evaluate_with((0, 1, 2))  # the same settings again: the same file, the same numbers
+  evaluate_with((5,))
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval_best.json", *others])
+  assert (tmp_path / "eval_best.json").read_bytes() == first
+  # A file written before results carried their settings is kept too.
+  legacy = tmp_path / "eval_latest.json"
+  legacy.write_text('{"results": {}}')
+  settings = evaluate.eval_settings(configuration.base_config(), "latest step 8", 8)
+  assert evaluate.results_path(str(tmp_path), "latest", settings) != str(legacy)
+
+
+def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
+  from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "eval_best.json")
+  evaluate.write_json_atomically(path, {"a": 1})
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(evaluate.json, "dump", full_disk)
+  with pytest.raises(DiskFullError, match=r"writing .*eval_best\.json failed: no space left"):
+    evaluate.write_json_atomically(path, {"a": 2})
+  monkeypatch.undo()
+  assert json.loads(open(path).read()) == {"a": 1}
+  assert os.listdir(tmp_path) == ["eval_best.json"]  # no temporary file left
+
+
+def _garble(path):
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(size // 2 - 2048)
+    f.write(np.random.default_rng(1).bytes(4096))
+
+
+def test_corrupt_latest_names_an_intact_best(saved_workdir, tmp_path):
+  wd = _copy(saved_workdir, tmp_path)
+  _garble(_largest_file(os.path.join(wd, "checkpoints", "3")))
+  with pytest.raises(checkpointing.CheckpointCorruptError) as info:
+    checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
+  line = _one_line(info.value)
+  assert "--config.eval.checkpoint=2 (steps 1, 2 verify)" in line
+  assert "or --config.eval.checkpoint=best (best step 2 verifies)" in line
+  # Every latest step corrupt: the best one (a separate copy of step 2) is still named.
+  for step in (1, 2):
+    _garble(_largest_file(os.path.join(wd, "checkpoints", str(step))))
+  with pytest.raises(checkpointing.CheckpointCorruptError) as info:
+    checkpointing.Checkpointer(wd, read_only=True).restore("latest", _abstract())
+  line = _one_line(info.value)
+  assert "no other intact checkpoint" not in line
+  assert "Fix: use an intact checkpoint for eval/sample: --config.eval.checkpoint=best" in line
+  with checkpointing.Checkpointer(wd, read_only=True) as ckpt:
+    assert ckpt.restore("best", _abstract())[1]["step"] == 2
+
+
+def test_unfinished_save_folders_are_removed_at_the_next_start(saved_workdir, tmp_path, capsys):
+  wd = _copy(saved_workdir, tmp_path)
+  before = _tree_digest(os.path.join(wd, "checkpoints", "3"))
+  left = [os.path.join(wd, "checkpoints", "4.orbax-checkpoint-tmp-1234"),
+          os.path.join(wd, "checkpoints_best", "4.orbax-checkpoint-tmp-99")]
+  for path in left:
+    os.makedirs(os.path.join(path, "state"))
+    with open(os.path.join(path, "state", "half"), "wb") as f:
+      f.write(b"x" * 100)
+  with checkpointing.Checkpointer(wd, read_only=True):  # eval/sample: never touches the workdir
+    pass
+  assert all(os.path.isdir(p) for p in left)
+  capsys.readouterr()
+  with checkpointing.Checkpointer(wd, keep=3) as ckpt:
+    assert ckpt.latest.all_steps() == [1, 2, 3]
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("note: removed 2 unfinished checkpoint folder(s)")
+  assert "checkpoints/4.orbax-checkpoint-tmp-1234" in err[0]
+  assert not any(os.path.exists(p) for p in left)
+  assert _tree_digest(os.path.join(wd, "checkpoints", "3")) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# A lost peer of a multi-process run: one error line within a bounded time.
+
+
+class _KeyValueStore:
+  """The coordination service's key-value store, as the watchdog uses it."""
+
+  def __init__(self):
+    self.values, self.down = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+    assert allow_overwrite or key not in self.values
+    self.values[key] = value
+
+  def key_value_try_get(self, key):
+    if self.down:
+      raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+    if key not in self.values:
+      raise RuntimeError(f"NOT_FOUND: Config key {key} not found.")
+    return self.values[key]
+
+
+def test_peer_watchdog_names_the_lost_process_after_the_timeout():
+  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  store, now = _KeyValueStore(), [0.0]
+  dogs = [distributed.PeerWatchdog(store, i, 3, 10.0, clock=lambda: now[0]) for i in range(3)]
+  for t in (0.0, 2.0, 4.0):
+    now[0] = t
+    assert [d.check() for d in dogs] == [None, None, None]
+  dogs[2].finish()  # a normal exit: never reported as lost
+  for t in (6.0, 8.0, 10.0, 12.0, 14.0, 16.0):  # process 1 stops beating at t=4, which
+    now[0] = t                                    # process 0 sees at its check at t=6
+    assert dogs[0].check() is None
+  now[0] = 16.5
+  line = dogs[0].check()
+  assert line.startswith("error: lost process 1 of this 3-process run: it has not answered for "
+                         "10 s") and "Fix: restart all 3 processes" in line
+  assert "\n" not in line
+  # Process 0 (which hosts the store) gone: the store stays unreachable.
+  store.down = True
+  now[0] = 20.0
+  assert dogs[1].check() is None
+  now[0] = 30.0
+  assert dogs[1].check() is None
+  now[0] = 30.5
+  assert dogs[1].check().startswith("error: lost process 0 of this 3-process run: the "
+                                    "coordination service it hosts has been unreachable")
+  with pytest.raises(ConfigError, match="BDIFF_PEER_TIMEOUT='0' is not a positive number"):
+    distributed.peer_timeout({"BDIFF_PEER_TIMEOUT": "0"})
+  assert distributed.peer_timeout({}) == distributed.DEFAULT_PEER_TIMEOUT
+
+
+_PEERS = r"""
+import os, sys, time
+from bdiff_jax import distributed
+distributed.initialize()
+import jax
+from jax.experimental import multihost_utils
+multihost_utils.sync_global_devices("up")
+if jax.process_index() == 1:
+  time.sleep(1)
+  os.kill(os.getpid(), 9)  # process 1 dies without a word
+time.sleep(120)  # process 0: busy with something else (not in a collective)
+print("not stopped", flush=True)
+"""
+
+
+def test_a_killed_peer_stops_the_survivor_with_one_line(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  t0 = time.time()
+  for index in (0, 1):
+    env = dict(_child_env(), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(index), BDIFF_PEER_TIMEOUT="3")
+    procs.append(subprocess.Popen([sys.executable, "-c", _PEERS], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    out, err = procs[0].communicate(timeout=90)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  assert procs[0].returncode == 3, (out, err)
+  assert time.time() - t0 < 60  # start-up, then about BDIFF_PEER_TIMEOUT + a beat
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines and lines[-1].startswith("error: lost process 1 of this 2-process run"), err
+  assert "Traceback" not in err and "Check failure" not in err and not [
+      l for l in lines if l.startswith("error:")][1:]
+
+
+def test_pytorch_reader_refuses_a_storage_larger_than_the_model_before_reading_it(tmp_path):
+  from bdiff_jax.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  path = _torch_bin(str(tmp_path / "pytorch_model.bin"), size=(4,), stride=(1,), numel=4,
+                    storage_bytes=4096)
+  with pytest.raises(hf_checkpoint.HFCheckpointError,
+                     match=r"holds 4,096 bytes, more than all the tensors config.json implies"):
+    hf_checkpoint.read_pytorch_bin(path, max_storage_elements=100)
+  assert hf_checkpoint.read_pytorch_bin(path, max_storage_elements=1024)["w"].shape == (4,)
+  # The fixtures (real OPT layouts, config.json bounds) still load.
+  for name in ("tiny_opt", "tiny_opt_350m_style"):
+    directory = os.path.join(REPO, "tests", "fixtures", name)
+    if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+      config = hf_checkpoint.load_opt_config(directory)
+      sizes = [int(np.prod(s)) for s in hf_checkpoint._expected_shapes(config).values()]  # pylint: disable=protected-access
+      total = sum(sizes) + config.vocab_size * config.word_embed_proj_dim
+      state = hf_checkpoint.read_pytorch_bin(os.path.join(directory, "pytorch_model.bin"),
+                                             max_elements=max(sizes), max_storage_elements=total)
+      assert state
+
+
+def test_a_collective_failing_for_a_lost_peer_is_one_line(monkeypatch):
+  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  gloo = ValueError("UNKNOWN: Gloo all-reduce failed: [pair.cc:547] Connection closed by peer "
+                    "[127.0.0.1]:2944\nmore")
+  assert distributed.lost_peer_line(gloo) is None  # one process: not a lost peer
+  monkeypatch.setattr(distributed, "_coordination_client", lambda: object())
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 1)
+  line = distributed.lost_peer_line(gloo)
+  assert line.startswith("error: lost a peer of this 2-process run: process 1's collective "
+                         "failed (UNKNOWN: Gloo all-reduce failed") and "\n" not in line
+  assert "Fix: restart all 2 processes" in line
+  assert distributed.lost_peer_line(ValueError("shapes do not match")) is None

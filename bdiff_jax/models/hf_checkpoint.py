@@ -34,11 +34,12 @@ must equal the token embedding (OPT ties them). A tensor the model does not expe
 or one with the wrong shape raises `HFCheckpointError` naming it.
 """
 
+import functools
 import json
 import os
 import pickle
 import zipfile
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -72,14 +73,40 @@ class _StorageType:
     self.dtype = np.dtype(dtype)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  """`torch._utils._rebuild_tensor_v2` for numpy: a strided view (then copied, contiguous)."""
+def _rebuild_tensor(storage, offset, size, stride, *unused, max_elements=None):
+  """`torch._utils._rebuild_tensor_v2` for numpy: a strided view (then copied, contiguous).
+
+  Every claim of the pickle is checked against the storage it views before anything is
+  allocated: a tensor has no more elements than its storage (a zero or overlapping stride
+  cannot make a few bytes claim gigabytes) and, with `max_elements` (the model's largest
+  tensor, from config.json), no more than that."""
   size, stride = tuple(size), tuple(stride)
+  if not all(isinstance(n, int) for n in size + stride) or not isinstance(offset, int):
+    raise HFCheckpointError(f"a tensor has a non-integer size {size}, stride {stride} or "
+                            f"offset {offset!r}.", "re-download the checkpoint file.")
+  if len(size) != len(stride):
+    raise HFCheckpointError(f"a tensor has size {size} but stride {stride}.",
+                            "re-download the checkpoint file.")
   if not size:
+    if not 0 <= offset < storage.size:
+      raise HFCheckpointError(f"a scalar tensor at offset {offset} lies outside its storage of "
+                              f"{storage.size} elements.", "re-download the checkpoint file.")
     return storage[offset:offset + 1].reshape(()).copy()
   if any(n < 0 for n in size) or any(s < 0 for s in stride):
     raise HFCheckpointError(f"a tensor has negative size {size} or stride {stride}.",
                             "re-download the checkpoint file.")
+  numel = 1
+  for n in size:
+    numel *= n
+  if numel > storage.size:
+    raise HFCheckpointError(f"a tensor of size {size} (stride {stride}) claims {numel:,} "
+                            f"elements over a storage of {storage.size:,}.",
+                            "re-download the checkpoint file (a state dict's tensors never "
+                            "repeat storage elements).")
+  if max_elements is not None and numel > max_elements:
+    raise HFCheckpointError(f"a tensor of size {size} has {numel:,} elements, more than the "
+                            f"largest tensor config.json implies ({max_elements:,}).",
+                            "use the config.json that came with the weights.")
   last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
   if offset < 0 or last >= storage.size:
     raise HFCheckpointError(f"a tensor of size {size} reaches past its storage of "
@@ -98,16 +125,22 @@ def _rebuild_parameter(data, *unused):
 class _TorchUnpickler(pickle.Unpickler):
   """Unpickles a PyTorch state dict into numpy arrays, refusing every other global."""
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str,
+               max_elements: Optional[int] = None, max_storage_elements: Optional[int] = None):
     super().__init__(file)
     self._archive, self._prefix, self._path = archive, prefix, path
+    self._max_elements = max_elements
+    self._max_storage_elements = max_storage_elements
     self._storages: dict[str, np.ndarray] = {}
+
+  def _rebuild(self, *args):
+    return _rebuild_tensor(*args, max_elements=self._max_elements)
 
   def find_class(self, module, name):
     if (module, name) == ("collections", "OrderedDict"):
       return dict
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
-      return _rebuild_tensor
+      return self._rebuild
     if module == "torch._utils" and name == "_rebuild_parameter":
       return _rebuild_parameter
     if module == "torch" and name in _STORAGE_DTYPES:
@@ -123,13 +156,36 @@ class _TorchUnpickler(pickle.Unpickler):
                               "re-save it with a current PyTorch, or use model.safetensors.")
     _, storage_type, key, _, numel = pid
     if key not in self._storages:
-      raw = self._archive.read(f"{self._prefix}data/{key}")
+      name = f"{self._prefix}data/{key}"
+      try:
+        info = self._archive.getinfo(name)
+      except KeyError:
+        raise HFCheckpointError(f"{self._path} lacks the storage {name} a tensor refers to.",
+                                "re-download the checkpoint file.") from None
+      if (not isinstance(numel, int) or numel < 0 or
+          info.file_size < numel * storage_type.dtype.itemsize):
+        raise HFCheckpointError(f"storage {name} of {self._path} holds {info.file_size:,} bytes "
+                                f"but claims {numel!r} elements of {storage_type.dtype}.",
+                                "re-download the checkpoint file.")
+      limit = self._max_storage_elements
+      if limit is not None and info.file_size > limit * storage_type.dtype.itemsize:
+        raise HFCheckpointError(  # before decompressing it
+            f"storage {name} of {self._path} holds {info.file_size:,} bytes, more than all the "
+            f"tensors config.json implies ({limit:,} elements).",
+            "use the config.json that came with the weights.")
+      raw = self._archive.read(name)
       self._storages[key] = np.frombuffer(raw, storage_type.dtype, count=numel)
     return self._storages[key]
 
 
-def read_pytorch_bin(path: str) -> dict[str, np.ndarray]:
-  """A `torch.save`d state dict (zip format) as {name: numpy array}, without importing torch."""
+def read_pytorch_bin(path: str, max_elements: Optional[int] = None,
+                     max_storage_elements: Optional[int] = None) -> dict[str, np.ndarray]:
+  """A `torch.save`d state dict (zip format) as {name: numpy array}, without importing torch.
+
+  Each tensor's size and strides are checked against the storage it views (and, with
+  `max_elements`, against the model's largest tensor) before it is materialised, and each raw
+  storage file's size against `max_storage_elements` (all the model's tensors together) before it
+  is decompressed, so a small crafted file cannot make the reader allocate gigabytes."""
   if not zipfile.is_zipfile(path):
     raise HFCheckpointError(f"{path} is not a zip-format PyTorch file (legacy format?).",
                             "use the checkpoint's model.safetensors instead.")
@@ -141,7 +197,8 @@ def read_pytorch_bin(path: str) -> dict[str, np.ndarray]:
     prefix = pickles[0][:-len("data.pkl")]
     with archive.open(pickles[0]) as f:
       try:
-        state = _TorchUnpickler(f, archive, prefix, path).load()
+        state = _TorchUnpickler(f, archive, prefix, path, max_elements,
+                                max_storage_elements).load()
       except HFCheckpointError:
         raise
       except Exception as e:
@@ -178,16 +235,20 @@ def _read_sharded(directory: str, index_name: str, reader) -> dict[str, np.ndarr
   return state
 
 
-def read_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of a HF checkpoint directory (safetensors preferred over pytorch_model.bin)."""
+def read_state_dict(directory: str | os.PathLike, max_elements: Optional[int] = None,
+                    max_storage_elements: Optional[int] = None) -> dict[str, np.ndarray]:
+  """All tensors of a HF checkpoint directory (safetensors preferred over pytorch_model.bin);
+  the bounds apply to a pytorch_model.bin (see `read_pytorch_bin`)."""
   directory = os.fspath(directory)
+  read_bin = functools.partial(read_pytorch_bin, max_elements=max_elements,
+                               max_storage_elements=max_storage_elements)
   candidates = (
       ("model.safetensors", lambda: read_safetensors(os.path.join(directory, "model.safetensors"))),
       ("model.safetensors.index.json",
        lambda: _read_sharded(directory, "model.safetensors.index.json", read_safetensors)),
-      ("pytorch_model.bin", lambda: read_pytorch_bin(os.path.join(directory, "pytorch_model.bin"))),
+      ("pytorch_model.bin", lambda: read_bin(os.path.join(directory, "pytorch_model.bin"))),
       ("pytorch_model.bin.index.json",
-       lambda: _read_sharded(directory, "pytorch_model.bin.index.json", read_pytorch_bin)),
+       lambda: _read_sharded(directory, "pytorch_model.bin.index.json", read_bin)),
   )
   for name, read in candidates:
     if os.path.isfile(os.path.join(directory, name)):
@@ -319,4 +380,8 @@ def load_opt(directory: str | os.PathLike, *,
   Use as `OPT(config).apply({"params": params}, input_ids, attention_mask)`.
   """
   config = load_opt_config(directory)
-  return config, hf_to_flax_params(read_state_dict(directory), config, dtype)
+  sizes = [int(np.prod(shape)) for shape in _expected_shapes(config).values()]
+  # Storages: every tensor, plus a stored lm_head.weight (a copy of the token embedding).
+  total = sum(sizes) + config.vocab_size * config.word_embed_proj_dim
+  state = read_state_dict(directory, max_elements=max(sizes), max_storage_elements=total)
+  return config, hf_to_flax_params(state, config, dtype)

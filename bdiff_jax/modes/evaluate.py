@@ -1,9 +1,17 @@
-"""`--mode=eval`: restore a checkpoint and evaluate it on the canonical splits."""
+"""`--mode=eval`: restore a checkpoint and evaluate it on the canonical splits.
 
+Results go to `<workdir>/eval_<which>.json` (which = config.eval.checkpoint). A file holds one
+evaluation and its `settings` (checkpoint, step, evaluation settings); an evaluation with other
+settings never replaces it but goes to `eval_<which>_<digest>.json`, the digest being the first
+8 hex digits of the settings' SHA-256. Every file is written atomically (a temporary file, then
+`os.replace`), so a crash leaves the previous content or the new one, never a mix.
+"""
+
+import hashlib
 import json
 import os
 
-from bdiff_jax import baselines, experiment
+from bdiff_jax import baselines, configuration, experiment
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.reporter import Reporter
 
@@ -28,19 +36,74 @@ def evaluate_params(exp: experiment.Experiment, params, meta: dict, desc: str,
                                max_tokens=config.eval.max_tokens)
   reporter.info(f"checkpoint: {desc}\n{exp.evaluator.format_results(results)}\n"
                 f"{baselines.format_baselines(reference)}")
+  settings = eval_settings(config, desc, meta.get("step"))
   out = {"checkpoint": desc, "step": meta.get("step"), "results": results,
-         "baselines": reference}
-  name = f"eval_{str(config.eval.checkpoint)}.json"
-  with open(os.path.join(exp.workdir, name), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2)
+         "baselines": reference, "settings": settings}
+  path = results_path(exp.workdir, str(config.eval.checkpoint), settings)
+  write_json_atomically(path, out)
+  reporter.info(f"results written to {path}")
   return out
+
+
+def eval_settings(config, desc: str, step) -> dict:
+  """What decides an evaluation's numbers besides the model: the checkpoint and step, the
+  evaluation settings and the block length."""
+  settings = {k: v for k, v in json.loads(config.eval.to_json()).items()
+              if k not in ("checkpoint", "during_training_max_tokens")}
+  return {"checkpoint": desc, "step": step, "seq_len": config.data.seq_len, "eval": settings}
+
+
+def settings_digest(settings: dict) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def results_path(workdir: str, which: str, settings: dict) -> str:
+  """`eval_<which>.json` when it is free or holds an evaluation with the same `settings` (the
+  same numbers); otherwise `eval_<which>_<digest of settings>.json`: results of other settings
+  (or of another step behind 'best') are never overwritten."""
+  path = os.path.join(workdir, f"eval_{which}.json")
+  if not os.path.exists(path) or _settings_of(path) == settings:
+    return path
+  return os.path.join(workdir, f"eval_{which}_{settings_digest(settings)}.json")
+
+
+def _settings_of(path: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f).get("settings")
+  except (OSError, ValueError, AttributeError):
+    return None  # unreadable or older: treated as other settings (kept)
+
+
+def write_json_atomically(path: str, data) -> None:
+  """Writes `data` as JSON to a temporary file beside `path`, then renames it over `path`.
+
+  Raises:
+    StorageError / DiskFullError: the write failed (`path` is unchanged).
+  """
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise workdir_lib.os_error_to_user_error(e, f"writing {path}") from None
 
 
 def open_trained(config, workdir: str, reporter: Reporter, explicit_overrides=()):
   """(workdir, config) for eval/sample: the workdir must exist (nothing is created for a
-  mistyped one), and the model comes from its config.json."""
+  mistyped one), and the model comes from its config.json. Every config field is validated
+  here, before the caller locks the workdir or writes anything."""
+  configuration.validate(config)
   workdir = workdir_lib.require_existing_workdir(workdir)
   config, taken = experiment.config_for_workdir(config, workdir, explicit_overrides)
+  configuration.validate(config)  # with the workdir's model fields
   if taken:
     reporter.info("using the workdir's config.json for " + ", ".join(
         f"{f}={saved!r}" for f, _, saved in taken))

@@ -9,10 +9,13 @@ returns a `TrainResult` in every path.
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -22,7 +25,7 @@ from bdiff_jax import metrics_log, platform_info, plotting, update_rule, wall_sc
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.data import pipeline
-from bdiff_jax.errors import CheckpointError, NonFiniteLossError
+from bdiff_jax.errors import CheckpointError, NonFiniteLossError, UserError
 from bdiff_jax.modes import evaluate as evaluate_mode
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.reporter import Reporter
@@ -115,6 +118,72 @@ def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
   return state, start
 
 
+def nonfinite_leaves(params) -> list[str]:
+  """The paths of the leaves of `params` holding a NaN or an infinity."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves])
+  return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite) if not bool(ok)]
+
+
+def check_finite_weights(params, *, start: int, ckpt: checkpointing.Checkpointer) -> None:
+  """Refuses, before the first step, start weights that hold a NaN or an infinity (a damaged
+  or diverged checkpoint, a bad initialisation): the loss would be non-finite at once, and the
+  learning rate would be blamed.
+
+  Raises:
+    CheckpointError: naming the leaf, the checkpoint, and how to resume from an earlier one.
+  """
+  bad = nonfinite_leaves(params)
+  if not bad:
+    return
+  leaves = f"{bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+  if start == 0:
+    raise CheckpointError(
+        f"the initial weights hold non-finite values (params{leaves}); training cannot start.",
+        "check the model config (e.g. --config.model.dtype=float32, "
+        "--config.model.head_bias_init=zeros) and rerun.")
+  older = [s for s in ckpt.latest.all_steps() if s < start]
+  raise CheckpointError(
+      f"checkpoint step {start} in {ckpt.latest_dir} holds non-finite weights "
+      f"(params{leaves}); training would produce a NaN loss at once.",
+      (f"move {os.path.join(ckpt.latest_dir, str(start))} out of {ckpt.latest_dir} to resume "
+       f"from step {max(older)}" if older else "train in a new --workdir") +
+      "; nothing was deleted.")
+
+
+def nonfinite_message(step: int, loss, *, start: int, good, checkpoints: str, batch,
+                      vocab_size: int) -> tuple[str, str]:
+  """(problem, fix) of a loss that became `loss` at `step` in a run that started at `start`.
+
+  `good` is the latest checkpoint (None: none was saved); `batch()` gives the step's batch
+  (host int array). The loss of a run's first step is computed from the start weights before
+  any update, so the learning rate cannot be its cause: then the batch is checked instead."""
+  if good is None:
+    kept = ("no checkpoint was saved before it, so a rerun starts again from step 0")
+    resume = "rerun (it starts from step 0)"
+  else:
+    kept = f"the last good checkpoint (step {good}) in {checkpoints} is untouched"
+    resume = f"rerun; training resumes from step {good}"
+  if step == start + 1:
+    rows = np.asarray(batch())
+    if rows.size == 0:
+      cause = "its batch is empty"
+    elif rows.min() < 0 or rows.max() >= vocab_size:
+      cause = (f"its batch holds token ids outside the vocabulary [0, {vocab_size}) "
+               f"({int(rows.min())}..{int(rows.max())})")
+    else:
+      cause = ("the start weights are finite and the batch is valid, so the model's forward "
+               "pass overflows")
+    return (f"the training loss was already {loss} at step {step}, the first step of this run: "
+            f"it is computed from the start weights before any update, so the learning rate is "
+            f"not the cause; {cause}. The run stopped; {kept}.",
+            "check the data and the model config (e.g. --config.model.dtype=float32), then "
+            f"{resume}.")
+  return (f"the training loss became {loss} at step {step}; the run stopped; {kept}.",
+          "lower --config.train.learning_rate (or raise warmup_steps / enable grad_clip) and "
+          f"{resume}.")
+
+
 def _log_line(step, m):
   return (f"step {step}: loss {m['loss']:.4f} | grad_norm {m.get('grad_norm', float('nan')):.3f}"
           f" | lr {m['learning_rate']:.2e} | {m['tokens_per_sec']:.0f} tok/s")
@@ -140,9 +209,11 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   """Trains (resuming from the workdir's latest checkpoint); at the end (num_steps reached or the
   wall-clock budget spent) evaluates like `--mode=eval`, writes samples and plots.
 
-  Order: the workdir is checked writable and locked for the whole run; the config is checked
-  against the workdir's config.json before anything is restored or written; config.json is
-  (re)written only after a successful start.
+  Order: the config, the mesh and the batch size (against the devices and the data) are checked
+  before the workdir is created; then the workdir is checked writable and locked for the whole
+  run; the config is checked against the workdir's config.json before anything is restored or
+  written; config.json is (re)written only after a successful start. A workdir this run created
+  is removed again when the run is refused before it recorded anything (`_remove_if_unused`).
 
   Multi-process (`bdiff_jax.distributed`): every process trains (one SPMD step over the global
   mesh, checkpoints saved and restored collectively) and reads only its rows of each batch;
@@ -151,30 +222,51 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   multi-process run: run `--mode=eval` / `--mode=sample` afterwards in one process.
   """
   del unused
+  # Everything that can be checked without the workdir is checked before it is created or
+  # locked: the config's values, the mesh, the batch against the devices and the data.
   configuration.validate(config)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_divisible(config.train.batch_size, mesh)
+  batches = pipeline.TrainBatches(pipeline.load_wikitext2(config.data, None).train,
+                                  config.data.seq_len, config.train.batch_size, config.seed)
+  created = not os.path.exists(workdir)
   workdir = workdir_lib.prepare_writable_workdir(workdir)
   main = distributed.is_main_process()
   if not main:
     reporter = Reporter(verbose=False)
-  with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
-    saved = config_compat.load_saved_config(workdir)
-    with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints) as ckpt:
-      fitted = False
-      if ckpt.latest_step() is not None and saved is not None:
-        config_compat.check_compatible(saved, config)
-        # A schedule fitted to the wall clock at the start of this run continues as fitted.
-        config, fitted = wall_schedule.adopt(config, wall_schedule.load_record(workdir))
-        changes = config_compat.schedule_changes(saved, config)
-      else:
-        changes = []
-      exp = experiment.build(config, workdir)
-      tc = config.train
-      mesh = sharding_lib.make_mesh(config.mesh)
-      sharding_lib.check_batch_divisible(tc.batch_size, mesh)
-      batches = pipeline.TrainBatches(exp.splits.train, config.data.seq_len, tc.batch_size,
-                                      config.seed)
-      log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
-      return _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted)
+  try:
+    with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
+      saved = config_compat.load_saved_config(workdir)
+      with checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints) as ckpt:
+        fitted = False
+        if ckpt.latest_step() is not None and saved is not None:
+          config_compat.check_compatible(saved, config)
+          # A schedule fitted to the wall clock at the start of this run continues as fitted.
+          config, fitted = wall_schedule.adopt(config, wall_schedule.load_record(workdir))
+          changes = config_compat.schedule_changes(saved, config)
+        else:
+          changes = []
+        exp = experiment.build(config, workdir)
+        log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
+        return _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted)
+  except UserError:
+    if created and main:
+      _remove_if_unused(workdir)
+    raise
+
+
+def _remove_if_unused(workdir: str) -> None:
+  """Removes a workdir this run created when it was refused before it recorded anything (no
+  checkpoint, no metrics record: e.g. a train step that does not fit in memory), so that a
+  refusal leaves no workdir behind. Anything recorded keeps the whole workdir."""
+  for folder in ("checkpoints", "checkpoints_best"):
+    path = os.path.join(workdir, folder)
+    if os.path.isdir(path) and os.listdir(path):
+      return
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics) and os.path.getsize(metrics):
+    return
+  shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buffer, bar, save,
@@ -276,6 +368,7 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
                  if mesh.devices.size > 1 else ""))
   shardings = sharding_lib.state_shardings(exp.abstract_state(), mesh)
   state, start = resume_or_init(exp, ckpt, batches, log, reporter, shardings)
+  check_finite_weights(state.params, start=start, ckpt=ckpt)
   for field, old, new in changes:
     reporter.info(f"note: resuming with {field} changed from {old!r} to {new!r}; from step "
                   f"{start} on the run follows the new schedule")
@@ -309,12 +402,10 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
 
   def nonfinite(step, loss):
     ckpt.wait()
-    good = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"the training loss became {loss} at step {step}; the run stopped. The last good "
-        f"checkpoint (step {good}) in {ckpt.latest_dir} is untouched.",
-        "lower --config.train.learning_rate (or raise warmup_steps / enable grad_clip) and "
-        "rerun; training resumes from that checkpoint.")
+    raise NonFiniteLossError(*nonfinite_message(
+        step, loss, start=start, good=ckpt.latest_step(), checkpoints=ckpt.latest_dir,
+        batch=lambda: batches.rows(step - 1, 0, batches.batch_size),
+        vocab_size=exp.network.spec.vocab_size))
 
   buffer = metrics_log.MetricsBuffer(log, tokens_per_step=tokens_per_step, start_step=start,
                          on_nonfinite=nonfinite)
