@@ -257,8 +257,9 @@ def main(argv):
     # os._exit: a normal exit would wait for JAX's shutdown barrier, then abort with a C++ dump.
     _exit_with_error(line, distributed.LOST_PEER_EXIT_CODE)
   except KeyboardInterrupt:  # before the trainer's own handler is installed, or a second Ctrl-C
-    print("error: interrupted (Ctrl-C) before a checkpoint could be taken. Fix: rerun the same "
-          "command; training resumes from the latest checkpoint.", file=sys.stderr, flush=True)
+    print("error: interrupted (Ctrl-C) before anything more could be saved. Fix: rerun the "
+          "same command; training resumes from its latest checkpoint, --mode=glue from its "
+          "finished units.", file=sys.stderr, flush=True)
     sys.exit(130)
   sys.exit(getattr(result, "exit_code", 0))
 

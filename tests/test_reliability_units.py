@@ -932,6 +932,26 @@ def test_eval_with_other_settings_gets_its_own_file(tmp_path, monkeypatch):
   assert evaluate.results_path(str(tmp_path), "latest", settings) != str(legacy)
 
 
+def test_eval_of_a_newer_step_keeps_the_older_results(tmp_path):
+  # Training went on and 'best' moved from step 8 to 20: eval_best.json must hold the newer
+  # step's numbers (what the run reports), and the step-8 numbers are kept beside it.
+  from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
+  config = configuration.base_config()
+  old = evaluate.eval_settings(config, "best step 8", 8)
+  evaluate.write_json_atomically(str(tmp_path / "eval_best.json"), {"step": 8, "settings": old})
+  new = evaluate.eval_settings(config, "best step 20", 20)
+  path = evaluate.results_path(str(tmp_path), "best", new)
+  assert path == str(tmp_path / "eval_best.json")
+  assert json.loads((tmp_path / "eval_best_step8.json").read_text())["step"] == 8
+  assert not (tmp_path / "eval_best.json").exists()  # moved, to be written by the caller
+  # Other evaluation settings of that newer step still get their own file.
+  evaluate.write_json_atomically(path, {"step": 20, "settings": new})
+  config.eval.seeds = (5,)
+  other = evaluate.eval_settings(config, "best step 20", 20)
+  assert re.fullmatch(r".*eval_best_[0-9a-f]{8}\.json",
+                      evaluate.results_path(str(tmp_path), "best", other))
+
+
 def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
   from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "eval_best.json")

@@ -57,13 +57,36 @@ def settings_digest(settings: dict) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _same_but_step(a, b) -> bool:
+  """Two evaluations' settings that differ only in the checkpoint they read (training went on
+  and 'best' or 'latest' moved to another step)."""
+  strip = lambda s: {k: v for k, v in s.items() if k not in ("checkpoint", "step")}
+  return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
+
+
 def results_path(workdir: str, which: str, settings: dict) -> str:
-  """`eval_<which>.json` when it is free or holds an evaluation with the same `settings` (the
-  same numbers); otherwise `eval_<which>_<digest of settings>.json`: results of other settings
-  (or of another step behind 'best') are never overwritten."""
+  """Where this evaluation's results go; nothing is ever overwritten with other numbers:
+
+  - `eval_<which>.json` when it is free or holds an evaluation with the same `settings`;
+  - also when it holds the same evaluation of another step (training went on): the older file
+    is first moved to `eval_<which>_step<N>.json`, so `eval_<which>.json` is always the newest
+    checkpoint's and the older numbers are kept;
+  - otherwise (other evaluation settings) `eval_<which>_<digest of settings>.json`.
+  """
   path = os.path.join(workdir, f"eval_{which}.json")
-  if not os.path.exists(path) or _settings_of(path) == settings:
+  if not os.path.exists(path):
     return path
+  theirs = _settings_of(path)
+  if theirs == settings:
+    return path
+  if _same_but_step(theirs, settings) and theirs.get("step") != settings.get("step"):
+    older = os.path.join(workdir, f"eval_{which}_step{theirs.get('step')}.json")
+    if not os.path.exists(older):
+      try:
+        os.replace(path, older)
+      except OSError as e:
+        raise workdir_lib.os_error_to_user_error(e, f"moving {path} to {older}") from None
+      return path
   return os.path.join(workdir, f"eval_{which}_{settings_digest(settings)}.json")
 
 
