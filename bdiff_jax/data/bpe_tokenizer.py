@@ -1,7 +1,7 @@
 """The GPT-2 byte-level BPE tokenizer of OPT checkpoints, run by the `tokenizers` library.
 
 `load_bpe_tokenizer(directory)` reads a Hugging Face checkpoint directory (e.g. one made by
-`huggingface-cli download facebook/opt-125m --local-dir DIR`):
+`hf download facebook/opt-125m --local-dir DIR`):
 
   * `tokenizer.json` if present (the full `tokenizers` pipeline), else
   * `vocab.json` + `merges.txt` (what the facebook/opt-* repositories ship), assembled exactly as
@@ -176,7 +176,7 @@ def load_bpe_tokenizer(directory: str | os.PathLike) -> BPETokenizer:
     else:
       raise TokenizerFilesError(
           f"{directory} has no tokenizer.json and no vocab.json + merges.txt.",
-          "download the full checkpoint, e.g. `huggingface-cli download facebook/opt-125m "
+          "download the full checkpoint, e.g. `hf download facebook/opt-125m "
           f"--local-dir {directory}`.")
   except TokenizerFilesError:
     raise

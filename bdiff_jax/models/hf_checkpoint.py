@@ -3,9 +3,9 @@
 Getting a checkpoint (needs network access once; afterwards everything is local):
 
     pip install -U huggingface_hub
-    huggingface-cli download facebook/opt-125m --local-dir /data/opt-125m     # 250 MB
-    huggingface-cli download facebook/opt-1.3b --local-dir /data/opt-1.3b     # 2.6 GB
-    # (newer huggingface_hub: `hf download facebook/opt-125m --local-dir /data/opt-125m`)
+    hf download facebook/opt-125m --local-dir /data/opt-125m     # 250 MB
+    hf download facebook/opt-1.3b --local-dir /data/opt-1.3b     # 2.6 GB
+    # (`hf` is huggingface-hub's CLI; 2.x has no `huggingface-cli`)
 
 then
 
@@ -49,7 +49,7 @@ from safetensors import safe_open
 from bdiff_jax.errors import CheckpointError
 from bdiff_jax.models.opt import OPTConfig, OPTConfigError
 
-_DOWNLOAD_FIX = ("download the checkpoint with `huggingface-cli download facebook/opt-125m "
+_DOWNLOAD_FIX = ("download the checkpoint with `hf download facebook/opt-125m "
                  "--local-dir DIR` and pass DIR.")
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,

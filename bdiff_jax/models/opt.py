@@ -32,7 +32,7 @@ Generation: `decode=True` runs a few tokens per call through key/value caches (s
 To get real weights (with network access), download a checkpoint directory and point the loader at
 it, e.g.
 
-    huggingface-cli download facebook/opt-125m --local-dir /data/opt-125m
+    hf download facebook/opt-125m --local-dir /data/opt-125m   # huggingface-hub's CLI
     # or: hf download facebook/opt-1.3b --local-dir /data/opt-1.3b
 
     from bdiff_jax.models.hf_checkpoint import load_opt
