@@ -106,6 +106,7 @@ def get_config(arg: str = "test"):
   g.selection_balanced = True  # stratified per class (STS-B: per score half)
   g.eval_max = 1000
   g.seq_len = 64
+  g.seq_len_by_task = ""  # "SST-2:64,RTE:128": a task's own length (at most seq_len)
   g.batch_size = 8
   g.eval_batch_size = 32
   g.num_steps = 100
@@ -171,6 +172,7 @@ def get_config(arg: str = "test"):
               "opt:dizo")
     g.starts_dir = os.path.join("runs", "glue_starts")
     g.seq_len = 128  # the start models' positions; pair tasks need the room
+    g.seq_len_by_task = "SST-2:64,WiC:64,COPA:64"  # short texts: less padding
     g.k_per_class = 0
     g.selection = 500
     g.selection_fraction = 0.1

@@ -296,3 +296,14 @@ def test_mnli_reports_matched_and_mismatched(tmp_path):
   for r, split in zip(out["rows"], ("dev_matched", "dev_mismatched")):
     assert r["values"] == [rec["dev_splits"][split]["accuracy"]]
     assert set(out["baselines"][0]["bow"]) == {"dev_matched", "dev_mismatched"}
+
+
+def test_seq_len_by_task():
+  g = glue_config.get_config("test").glue
+  g.seq_len_by_task = "sst-2:24"
+  assert glue_mode.task_seq_len(g, "SST-2") == 24 and glue_mode.task_seq_len(g, "RTE") == 40
+  glue_mode.validate(g)
+  for bad in ("SST-2:99", "SST-2", "NOPE:8", "SST-2:x"):
+    g.seq_len_by_task = bad
+    with pytest.raises(UserError, match="seq_len_by_task|unknown GLUE"):
+      glue_mode.validate(g)

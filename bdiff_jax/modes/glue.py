@@ -68,6 +68,7 @@ def validate(g) -> None:
   for key in ("num_steps", "eval_every", "batch_size", "eval_batch_size", "eval_max",
               "seq_len", "selection"):
     _positive_int(g, key)
+  _check_seq_len_by_task(g)
   for key in ("k_per_class", "train_examples"):
     _positive_int(g, key, 0)
   seeds = tuple(g.seeds)
@@ -119,6 +120,31 @@ def validate(g) -> None:
                         f"{'not given' if not where else 'not a directory'}.",
                         "set --config.glue.opt_dir to an OPT checkpoint or a configs/wikitext2.py"
                         ":cpu_opt workdir, or drop the opt rows from glue.rows.")
+
+
+def task_seq_len(g, task: str) -> int:
+  """The encoded length of `task`'s examples: its entry in `glue.seq_len_by_task`
+  ("SST-2:64,RTE:128"; at most glue.seq_len) or glue.seq_len. Short-sentence tasks need not pay
+  for the longest task's padding."""
+  for item in str(g.get("seq_len_by_task", "")).split(","):
+    name, _, value = item.partition(":")
+    if name.strip() and glue.task_spec(name.strip()).name == glue.task_spec(task).name:
+      return int(value)
+  return int(g.seq_len)
+
+
+def _check_seq_len_by_task(g) -> None:
+  for item in [i for i in str(g.get("seq_len_by_task", "")).split(",") if i.strip()]:
+    name, _, value = item.partition(":")
+    try:
+      glue.task_spec(name.strip())
+      ok = 1 <= int(value) <= int(g.seq_len)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ConfigError(f"glue.seq_len_by_task entry {item!r} is not TASK:LENGTH with "
+                        f"1 <= LENGTH <= glue.seq_len ({g.seq_len}).",
+                        "write e.g. --config.glue.seq_len_by_task=SST-2:64,RTE:128.")
 
 
 def _data_dir(spec, g) -> str | None:
@@ -233,7 +259,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   else:
     programs["parts"] = (row.network, row.objective, row.rule)
   enc = lambda split: glue_encoding.encode_split(split, row.encoder, scoring=row.scoring,
-                                                 seq_len=int(g.seq_len),
+                                                 seq_len=task_seq_len(g, task),
                                                  time_of_fraction=row.time_of_fraction)
   arrays = {"train": enc(train), "selection": enc(selection)}
   dev_arrays = {name: enc(split) for name, split in devs.items()}
