@@ -961,7 +961,7 @@ def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(evaluate.json, "dump", full_disk)
-  with pytest.raises(DiskFullError, match=r"writing .*eval_best\.json failed: no space left"):
+  with pytest.raises(DiskFullError, match=r"writing eval_best\.json .*failed: no space left"):
     evaluate.write_json_atomically(path, {"a": 2})
   monkeypatch.undo()
   assert json.loads(open(path).read()) == {"a": 1}

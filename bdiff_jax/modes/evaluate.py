@@ -99,24 +99,18 @@ def _settings_of(path: str):
 
 
 def write_json_atomically(path: str, data) -> None:
-  """Writes `data` as JSON to a temporary file beside `path`, then renames it over `path`.
+  """Writes `data` as JSON to `path` through `workdir.write_atomically` (a temporary file, then a
+  rename: a full disk or a kill leaves the previous file as it was).
 
   Raises:
     StorageError / DiskFullError: the write failed (`path` is unchanged).
   """
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
+
+  def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(data, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise workdir_lib.os_error_to_user_error(e, f"writing {path}") from None
+
+  workdir_lib.write_atomically(path, write, os.path.basename(path))
 
 
 def open_trained(config, workdir: str, reporter: Reporter, explicit_overrides=()):
