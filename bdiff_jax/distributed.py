@@ -49,6 +49,8 @@ import time
 from typing import Callable, Mapping, Optional
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from bdiff_jax.errors import ConfigError
 
@@ -278,3 +280,17 @@ def _first_line(e: BaseException) -> str:
 def is_main_process() -> bool:
   """Whether this process writes files and prints (process 0; always true in one process)."""
   return jax.process_index() == 0
+
+
+def agreed_int(value: int) -> int:
+  """Process 0's `value` in every process."""
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, dtype=np.int32)))
+
+
+def agreed(*flags: bool) -> tuple[bool, ...]:
+  """Process 0's values of the wall-clock and signal `flags` in every process: the processes of
+  a multi-process run must save (a collective) and stop at the same step."""
+  if jax.process_count() == 1:
+    return tuple(bool(f) for f in flags)
+  agreed = multihost_utils.broadcast_one_to_all(np.asarray(flags, dtype=np.int32))
+  return tuple(bool(f) for f in np.asarray(agreed))

@@ -260,3 +260,19 @@ def ensure_starts(starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,
                              reporter=reporter, data_dir=data_dir, level=level,
                              extra_args=extra_args, env=env)
           for name in which}
+
+
+def use_starts(g, specs, reporter: Reporter) -> None:
+  """Pretrains (or reuses, or resumes) the WikiText-2 start models of the rows in `specs` under
+  `glue.starts_dir` (`ensure_starts`, `glue.starts_budget_seconds` each) and points
+  the rows at them: glue.init_workdir_reversible / init_workdir_standard / opt_dir."""
+  needed = tuple(n for n in NAMES if n in {s.model for s in specs})
+  if not needed:
+    return
+  dirs = ensure_starts(str(g.starts_dir), reporter=reporter,
+                                   budget_seconds=float(g.starts_budget_seconds),
+                                   data_dir=os.environ.get("BDIFF_DATA_DIR", ""), which=needed)
+  with g.unlocked():
+    for field, workdir in glue_fields(dirs).items():
+      g[field] = workdir
+  reporter.info("start models: " + ", ".join(f"{k} {v}" for k, v in dirs.items()))

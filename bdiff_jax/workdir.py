@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 from typing import Optional
@@ -350,3 +351,17 @@ def write_text_atomically(path: str | os.PathLike, text: str, what: str) -> str:
       f.write(text)
 
   return write_atomically(path, write, what)
+
+
+def remove_if_unused(workdir: str) -> None:
+  """Removes a workdir this run created when it was refused before it recorded anything (no
+  checkpoint, no metrics record: e.g. a train step that does not fit in memory), so that a
+  refusal leaves no workdir behind. Anything recorded keeps the whole workdir."""
+  for folder in ("checkpoints", "checkpoints_best"):
+    path = os.path.join(workdir, folder)
+    if os.path.isdir(path) and os.listdir(path):
+      return
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics) and os.path.getsize(metrics):
+    return
+  shutil.rmtree(workdir, ignore_errors=True)

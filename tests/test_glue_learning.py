@@ -71,9 +71,10 @@ def test_zeroth_order_rows_learn(toy, tmp_path, row):
 
 
 def test_a_row_that_does_not_learn_fails(toy, tmp_path):
+  # A learning rate of 1e-12 (0 is refused up front): the parameters hardly move.
   rec, agg = _run(toy, tmp_path, "standard_qwen3:adamw", num_steps=10, eval_every=5,
-                  **{"adamw.learning_rate": 0.0})
-  assert rec["selected_step"] == 0 and rec["relative_param_change"] == 0.0
+                  **{"adamw.learning_rate": 1e-12})
+  assert rec["selected_step"] == 0 and rec["relative_param_change"] < 1e-9
   assert "selected step 0 (1/1 seeds)" in agg["flags"]
   assert "parameters did not move (1/1 seeds)" in agg["flags"]
   with pytest.raises(AssertionError):

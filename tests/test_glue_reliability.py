@@ -20,8 +20,8 @@ import pytest
 
 from bdiff_jax import glue_models
 from bdiff_jax import workdir as workdir_lib
-from bdiff_jax.errors import (CheckpointError, DiskFullError, NonFiniteLossError, StorageError,
-                              WorkdirBusyError)
+from bdiff_jax.errors import (CheckpointError, ConfigError, DataError, DiskFullError,
+                              NonFiniteLossError, StorageError, WorkdirBusyError)
 from bdiff_jax.modes import glue as glue_mode
 from bdiff_jax.reporter import QUIET
 from tests import helpers
@@ -141,7 +141,7 @@ def test_a_unit_file_that_cannot_be_read_is_one_line(sst2, tmp_path, monkeypatch
   _run(monkeypatch, c, w, FakeRunSeed())
   path = w / glue_mode.UNITS_DIR / _units(w)[0]
   path.write_text('{"unit": ')
-  with pytest.raises(glue_mode.DataError, match="cannot be used") as e:
+  with pytest.raises(DataError, match="cannot be used") as e:
     _run(monkeypatch, c, w, FakeRunSeed())
   assert "\n" not in str(e.value) and path.read_text() == '{"unit": '
 
@@ -292,7 +292,7 @@ def test_rule_settings_are_validated_up_front(sst2, tmp_path, key, value):
   c = _config(sst2, "opt:dizo,opt:adamw")
   node, field = key.split(".")
   c.glue[node][field] = value
-  with pytest.raises(glue_mode.ConfigError, match=f"glue.{key}=") as e:
+  with pytest.raises(ConfigError, match=f"glue.{key}=") as e:
     glue_mode.run(c, str(tmp_path / "w"), QUIET)
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
 

@@ -147,6 +147,7 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   g.glue_dir = write_sst2(str(tmp_path / "glue"))
   g.opt_dir = str(tmp_path / "wd")
   g.seq_len = c.data.seq_len
+  g.zo.freeze = "embeddings"  # the default, "none", trains every leaf (MeZO's setting)
   full = glue.load_split("SST-2", "train", g.glue_dir)
   row = glue_models.build_row(glue_models.RowSpec("opt", "dizo", False), g, full, seed=0,
                               total_steps=3)  # DiZO: MeZO's rule (trainable) + its targets
@@ -159,7 +160,7 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
     np.testing.assert_array_equal(got, want)
     names = zeroth_order.path_names(path)
     frozen = "embed_tokens" in names or "embed_positions" in names
-    assert row.rule.trainable(names) == (not frozen)  # MeZO's frozen embeddings
+    assert row.rule.trainable(names) == (not frozen)  # the frozen embeddings
   assert [zeroth_order.path_names(p)[-2] for p, _ in restored
           if row.rule.targets(zeroth_order.path_names(p))] == ["k_proj", "v_proj"]  # DiZO's
   enc = glue_encoding.encode_split(full.select([0, 1]), row.encoder, scoring="causal",

@@ -856,40 +856,42 @@ def test_eval_and_sample_refusals_happen_before_the_lock(tmp_path):
 
 
 def test_nonfinite_loss_messages_name_the_cause():
-  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import nonfinite  # pylint: disable=g-import-not-at-top
   rows = lambda: np.ones((2, 4), np.int32)
-  problem, fix = train.nonfinite_message(7, float("inf"), start=0, good=None,
-                                         checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
+  problem, fix = nonfinite.nonfinite_message(7, float("inf"), start=0, good=None,
+                                             checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
   assert "None" not in problem + fix
   assert "no checkpoint was saved before it" in problem and "starts from step 0" in fix
-  problem, fix = train.nonfinite_message(7, float("nan"), start=4, good=4,
-                                         checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
+  problem, fix = nonfinite.nonfinite_message(7, float("nan"), start=4, good=4,
+                                             checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
   assert "the last good checkpoint (step 4)" in problem and "resumes from step 4" in fix
   assert "learning_rate" in fix
   # The first step of a run: computed before any update, so not the learning rate.
-  problem, fix = train.nonfinite_message(5, float("nan"), start=4, good=4, checkpoints="/c",
-                                         batch=lambda: np.zeros((0, 4), np.int32), vocab_size=9)
+  problem, fix = nonfinite.nonfinite_message(5, float("nan"), start=4, good=4,
+                                             checkpoints="/c",
+                                             batch=lambda: np.zeros((0, 4), np.int32), vocab_size=9)
   assert "the learning rate is not the cause; its batch is empty" in problem
   assert "learning_rate" not in fix
-  problem, _ = train.nonfinite_message(1, float("nan"), start=0, good=None, checkpoints="/c",
-                                       batch=lambda: np.full((2, 4), 12, np.int32), vocab_size=9)
+  problem, _ = nonfinite.nonfinite_message(1, float("nan"), start=0, good=None,
+                                           checkpoints="/c",
+                                           batch=lambda: np.full((2, 4), 12, np.int32), vocab_size=9)
   assert "token ids outside the vocabulary [0, 9) (12..12)" in problem
 
 
 def test_non_finite_start_weights_are_refused_before_the_first_step():
   import types  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import nonfinite  # pylint: disable=g-import-not-at-top
   params = {"a": np.ones(3, np.float32), "b": {"w": np.array([1.0, np.nan], np.float32)}}
-  assert train.nonfinite_leaves(params) == ["['b']['w']"]
+  assert nonfinite.nonfinite_leaves(params) == ["['b']['w']"]
   ckpt = types.SimpleNamespace(latest_dir="/w/checkpoints",
                                latest=types.SimpleNamespace(all_steps=lambda: [4, 8]))
   with pytest.raises(CheckpointError, match=r"checkpoint step 8 in /w/checkpoints holds "
                                             r"non-finite weights \(params\['b'\]\['w'\]\).* Fix: "
                                             r"move /w/checkpoints/8 out of .* from step 4"):
-    train.check_finite_weights(params, start=8, ckpt=ckpt)
+    nonfinite.check_finite_weights(params, start=8, ckpt=ckpt)
   with pytest.raises(CheckpointError, match=r"the initial weights hold non-finite values"):
-    train.check_finite_weights(params, start=0, ckpt=ckpt)
-  train.check_finite_weights({"a": np.ones(2)}, start=8, ckpt=ckpt)
+    nonfinite.check_finite_weights(params, start=0, ckpt=ckpt)
+  nonfinite.check_finite_weights({"a": np.ones(2)}, start=8, ckpt=ckpt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,18 +10,15 @@ returns a `TrainResult` in every path.
 import contextlib
 import dataclasses
 import os
-import shutil
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 
 from bdiff_jax import checkpointing, config_compat, configuration, distributed, experiment
 from bdiff_jax import interrupt
 from bdiff_jax import metrics_log, platform_info, plotting, update_rule, wall_schedule
+from bdiff_jax.nonfinite import check_finite_weights, nonfinite_message
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax import sharding as sharding_lib
 from bdiff_jax.data import pipeline
@@ -118,72 +115,6 @@ def resume_or_init(exp: experiment.Experiment, ckpt: checkpointing.Checkpointer,
   return state, start
 
 
-def nonfinite_leaves(params) -> list[str]:
-  """The paths of the leaves of `params` holding a NaN or an infinity."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves])
-  return [jax.tree_util.keystr(path) for (path, _), ok in zip(leaves, finite) if not bool(ok)]
-
-
-def check_finite_weights(params, *, start: int, ckpt: checkpointing.Checkpointer) -> None:
-  """Refuses, before the first step, start weights that hold a NaN or an infinity (a damaged
-  or diverged checkpoint, a bad initialisation): the loss would be non-finite at once, and the
-  learning rate would be blamed.
-
-  Raises:
-    CheckpointError: naming the leaf, the checkpoint, and how to resume from an earlier one.
-  """
-  bad = nonfinite_leaves(params)
-  if not bad:
-    return
-  leaves = f"{bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-  if start == 0:
-    raise CheckpointError(
-        f"the initial weights hold non-finite values (params{leaves}); training cannot start.",
-        "check the model config (e.g. --config.model.dtype=float32, "
-        "--config.model.head_bias_init=zeros) and rerun.")
-  older = [s for s in ckpt.latest.all_steps() if s < start]
-  raise CheckpointError(
-      f"checkpoint step {start} in {ckpt.latest_dir} holds non-finite weights "
-      f"(params{leaves}); training would produce a NaN loss at once.",
-      (f"move {os.path.join(ckpt.latest_dir, str(start))} out of {ckpt.latest_dir} to resume "
-       f"from step {max(older)}" if older else "train in a new --workdir") +
-      "; nothing was deleted.")
-
-
-def nonfinite_message(step: int, loss, *, start: int, good, checkpoints: str, batch,
-                      vocab_size: int) -> tuple[str, str]:
-  """(problem, fix) of a loss that became `loss` at `step` in a run that started at `start`.
-
-  `good` is the latest checkpoint (None: none was saved); `batch()` gives the step's batch
-  (host int array). The loss of a run's first step is computed from the start weights before
-  any update, so the learning rate cannot be its cause: then the batch is checked instead."""
-  if good is None:
-    kept = ("no checkpoint was saved before it, so a rerun starts again from step 0")
-    resume = "rerun (it starts from step 0)"
-  else:
-    kept = f"the last good checkpoint (step {good}) in {checkpoints} is untouched"
-    resume = f"rerun; training resumes from step {good}"
-  if step == start + 1:
-    rows = np.asarray(batch())
-    if rows.size == 0:
-      cause = "its batch is empty"
-    elif rows.min() < 0 or rows.max() >= vocab_size:
-      cause = (f"its batch holds token ids outside the vocabulary [0, {vocab_size}) "
-               f"({int(rows.min())}..{int(rows.max())})")
-    else:
-      cause = ("the start weights are finite and the batch is valid, so the model's forward "
-               "pass overflows")
-    return (f"the training loss was already {loss} at step {step}, the first step of this run: "
-            f"it is computed from the start weights before any update, so the learning rate is "
-            f"not the cause; {cause}. The run stopped; {kept}.",
-            "check the data and the model config (e.g. --config.model.dtype=float32), then "
-            f"{resume}.")
-  return (f"the training loss became {loss} at step {step}; the run stopped; {kept}.",
-          "lower --config.train.learning_rate (or raise warmup_steps / enable grad_clip) and "
-          f"{resume}.")
-
-
 def _log_line(step, m):
   return (f"step {step}: loss {m['loss']:.4f} | grad_norm {m.get('grad_norm', float('nan')):.3f}"
           f" | lr {m['learning_rate']:.2e} | {m['tokens_per_sec']:.0f} tok/s")
@@ -213,7 +144,7 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   before the workdir is created; then the workdir is checked writable and locked for the whole
   run; the config is checked against the workdir's config.json before anything is restored or
   written; config.json is (re)written only after a successful start. A workdir this run created
-  is removed again when the run is refused before it recorded anything (`_remove_if_unused`).
+  is removed again when the run is refused before it recorded anything (`workdir.remove_if_unused`).
 
   Multi-process (`bdiff_jax.distributed`): every process trains (one SPMD step over the global
   mesh, checkpoints saved and restored collectively) and reads only its rows of each batch;
@@ -251,22 +182,8 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
         return _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted)
   except UserError:
     if created and main:
-      _remove_if_unused(workdir)
+      workdir_lib.remove_if_unused(workdir)
     raise
-
-
-def _remove_if_unused(workdir: str) -> None:
-  """Removes a workdir this run created when it was refused before it recorded anything (no
-  checkpoint, no metrics record: e.g. a train step that does not fit in memory), so that a
-  refusal leaves no workdir behind. Anything recorded keeps the whole workdir."""
-  for folder in ("checkpoints", "checkpoints_best"):
-    path = os.path.join(workdir, folder)
-    if os.path.isdir(path) and os.listdir(path):
-      return
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics) and os.path.getsize(metrics):
-    return
-  shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buffer, bar, save,
@@ -295,7 +212,7 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
       bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
       if not tc.progress_bar:
         reporter.info(_log_line(step, last))
-    out_of_time, interrupted, due = _agreed(rules.out_of_time(time.time() - t_begin),
+    out_of_time, interrupted, due = distributed.agreed(rules.out_of_time(time.time() - t_begin),
                                             stop.stop_requested(),
                                             rules.checkpoint_is_due(time.time() - t_saved))
     deciding = fit is not None and step == fit[1] and not (interrupted or out_of_time)
@@ -334,20 +251,6 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
   else:
     status = FINISHED if step >= rules.num_steps else STOPPED_AT_STEP
   return step, status, state
-
-
-def _agreed_int(value: int) -> int:
-  """Process 0's `value` in every process."""
-  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, dtype=np.int32)))
-
-
-def _agreed(*flags: bool) -> tuple[bool, ...]:
-  """Process 0's values of the wall-clock and signal `flags` in every process: the processes of
-  a multi-process run must save (a collective) and stop at the same step."""
-  if jax.process_count() == 1:
-    return tuple(bool(f) for f in flags)
-  agreed = multihost_utils.broadcast_one_to_all(np.asarray(flags, dtype=np.int32))
-  return tuple(bool(f) for f in np.asarray(agreed))
 
 
 def _global_batch(batches: pipeline.TrainBatches, step: int, mesh):
@@ -436,7 +339,7 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
             exp.config, workdir, at_step=step, timed_from=window[0] + 1, timing=timing,
             remaining_seconds=tc.max_wall_seconds - elapsed, log=log, reporter=reporter,
             write=distributed.is_main_process(),
-            agree=_agreed_int if jax.process_count() > 1 else None)
+            agree=distributed.agreed_int if jax.process_count() > 1 else None)
         if fitted is None:
           return None, StopRules.from_config(tc)
         exp.config = fitted  # the same run from here on as one configured with its num_steps

@@ -1,0 +1,148 @@
+"""The GLUE benchmark's settings (`config.glue`, configs/glue.py): checked before anything runs
+(`validate`: one line naming the field), and what they decide per task and row: the encoded
+length of a task, a row's steps, whether a row chooses its learning rate on a grid, and a task's
+train, selection and dev sets for a seed (`task_splits`)."""
+
+import math
+import os
+
+import numpy as np
+
+from bdiff_jax import glue_models
+from bdiff_jax.data import glue, glue_sampling
+from bdiff_jax.errors import ConfigError
+
+
+def _positive_int(g, key: str, minimum: int = 1, prefix: str = "glue") -> None:
+  v = g[key]
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+    raise ConfigError(f"{prefix}.{key}={v!r} must be an integer >= {minimum}.",
+                      f"set --config.{prefix}.{key} to an integer >= {minimum}.")
+
+
+def validate(g) -> None:
+  """Checks `config.glue` before anything is loaded or trained; raises a one-line ConfigError."""
+  for key in ("num_steps", "eval_every", "batch_size", "eval_batch_size", "eval_max",
+              "seq_len", "selection"):
+    _positive_int(g, key)
+  _check_seq_len_by_task(g)
+  for key in ("k_per_class", "train_examples"):
+    _positive_int(g, key, 0)
+  seeds = tuple(g.seeds)
+  if not seeds or len(set(seeds)) != len(seeds) or not all(
+      isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+    raise ConfigError(f"glue.seeds={seeds!r} must be distinct integers, at least one.",
+                      "set e.g. --config.glue.seeds='(0,1,2)'.")
+  if not [t for t in str(g.tasks).split(",") if t.strip()]:
+    raise ConfigError("glue.tasks is empty.", "list tasks, e.g. --config.glue.tasks=SST-2,RTE.")
+  for t in str(g.tasks).split(","):
+    if t.strip():
+      glue.task_spec(t.strip())
+  if not 0.0 <= float(g.selection_fraction) < 1.0:
+    raise ConfigError(f"glue.selection_fraction={g.selection_fraction} must be in [0, 1).",
+                      "set it to e.g. 0.1, or 0 for no cap.")
+  lrs = tuple(g.zo.learning_rates)
+  if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 for lr in lrs):
+    raise ConfigError(f"glue.zo.learning_rates={lrs!r} must be positive numbers.",
+                      "set e.g. --config.glue.zo.learning_rates='(1e-7,1e-6,1e-5)', or () for "
+                      "glue.zo.learning_rate alone.")
+  if lrs:
+    _positive_int(g.zo, "grid_steps", prefix="glue.zo")
+  _positive_int(g.zo, "num_steps", 0, prefix="glue.zo")
+  _positive_int(g.zo, "num_perturbations", prefix="glue.zo")
+  _positive_int(g.dizo, "interval", prefix="glue.dizo")
+  _positive_int(g.dizo, "iterations", 0, prefix="glue.dizo")
+  for key, minimum in (("adamw.learning_rate", None), ("zo.learning_rate", None),
+                       ("zo.eps", None), ("dizo.eps_p", None), ("dizo.step_size", None),
+                       ("zo.weight_decay", 0.0), ("adamw.weight_decay", 0.0)):
+    node, field = key.split(".")
+    v = g[node][field]
+    ok = (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+          and math.isfinite(v) and (v > 0 if minimum is None else v >= minimum))
+    if not ok:
+      want = "a finite number > 0" if minimum is None else f"a finite number >= {minimum:g}"
+      raise ConfigError(f"glue.{key}={v!r} must be {want}.",
+                        f"set --config.glue.{key} to {want}.")
+  _positive_int(g, "lora_rank")
+  if not float(g.lora_alpha) > 0:
+    raise ConfigError(f"glue.lora_alpha={g.lora_alpha} must be > 0.", "set e.g. 16.")
+  if str(g.starts_dir) and not float(g.starts_budget_seconds) > 0:
+    raise ConfigError(f"glue.starts_budget_seconds={g.starts_budget_seconds} must be > 0.",
+                      "set e.g. 1800 (the main command's 30 minutes).")
+  specs = glue_models.parse_rows(g.rows)
+  if any(s.model == "opt" for s in specs) and not str(g.starts_dir):
+    where = str(g.opt_dir)
+    if not where or not os.path.isdir(where):
+      raise ConfigError(f"an opt row needs glue.opt_dir, and {where!r} is "
+                        f"{'not given' if not where else 'not a directory'}.",
+                        "set --config.glue.opt_dir to an OPT checkpoint or a configs/wikitext2.py"
+                        ":cpu_opt workdir, or drop the opt rows from glue.rows.")
+
+
+def task_seq_len(g, task: str) -> int:
+  """The encoded length of `task`'s examples: its entry in `glue.seq_len_by_task`
+  ("SST-2:64,RTE:128"; at most glue.seq_len) or glue.seq_len. Short-sentence tasks need not pay
+  for the longest task's padding."""
+  for item in str(g.get("seq_len_by_task", "")).split(","):
+    name, _, value = item.partition(":")
+    if name.strip() and glue.task_spec(name.strip()).name == glue.task_spec(task).name:
+      return int(value)
+  return int(g.seq_len)
+
+
+def _check_seq_len_by_task(g) -> None:
+  for item in [i for i in str(g.get("seq_len_by_task", "")).split(",") if i.strip()]:
+    name, _, value = item.partition(":")
+    try:
+      glue.task_spec(name.strip())
+      ok = 1 <= int(value) <= int(g.seq_len)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ConfigError(f"glue.seq_len_by_task entry {item!r} is not TASK:LENGTH with "
+                        f"1 <= LENGTH <= glue.seq_len ({g.seq_len}).",
+                        "write e.g. --config.glue.seq_len_by_task=SST-2:64,RTE:128.")
+
+
+def row_steps(spec, g) -> int:
+  """The row's train steps: `glue.zo.num_steps` for zeroth-order rows when > 0, else
+  `glue.num_steps`."""
+  if spec.rule != "adamw" and int(g.zo.num_steps) > 0:
+    return int(g.zo.num_steps)
+  return int(g.num_steps)
+
+
+def uses_grid(spec, g) -> bool:
+  """Whether row `spec` chooses its learning rate on a grid (zeroth order with
+  `glue.zo.learning_rates`)."""
+  return spec.rule != "adamw" and bool(tuple(g.zo.learning_rates))
+
+
+def _data_dir(spec, g) -> str | None:
+  root = g.superglue_dir if spec.benchmark == "superglue" else g.glue_dir
+  return str(root) or None
+
+
+def dev_splits(task: str) -> tuple[str, ...]:
+  """The task's evaluation splits: ("dev",), or MNLI's ("dev_matched", "dev_mismatched")."""
+  return glue.task_spec(task).splits[1:]
+
+
+def task_splits(task: str, g, seed: int):
+  """(train, selection, {dev split: dev}, full train) of `task` for `seed` (module docstring)."""
+  spec = glue.task_spec(task)
+  root = _data_dir(spec, g)
+  full = glue.load_split(spec.name, "train", root)
+  devs = {name: glue_sampling.subsample(glue.load_split(spec.name, name, root),
+                                        int(g.eval_max), seed=0) for name in dev_splits(task)}
+  n = int(g.selection)
+  if float(g.selection_fraction) > 0:
+    n = min(n, max(1, int(round(float(g.selection_fraction) * len(full)))))
+  rest, selection = glue_sampling.holdout(full, n, seed=seed,
+                                          balanced=bool(g.selection_balanced))
+  train = rest  # k_per_class=0: the full train split minus the selection set
+  if int(g.k_per_class) > 0:
+    train = glue_sampling.few_shot(rest, int(g.k_per_class), seed=seed)
+  if int(g.train_examples) > 0:
+    train = glue_sampling.subsample(train, int(g.train_examples), seed=seed)
+  return train, selection, devs, full
