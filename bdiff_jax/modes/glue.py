@@ -202,6 +202,10 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
       elif bool(g.dev_curve):
         point["dev"] = measure(params, dev_arrays[first_dev], groups[first_dev])[0][primary]
       curve.append(point)
+      eta = (steps - step) * seconds / step if step else math.nan
+      reporter.info(f"{where} step {step}/{steps}: selection {score:.4f}"
+                    + (f", dev {primary} {point['dev']:.4f}" if "dev" in point else "")
+                    + f" | {seconds:.0f}s of training, ETA {eta:.0f}s")
       if step == 0 or _better(score, best):
         best, best_step = score, step
         best_params = jax.tree_util.tree_map(jnp.copy, params)
