@@ -180,7 +180,9 @@ def get_config(arg: str = "test"):
     g.batch_size = 16
     g.num_steps = 4000
     g.eval_every = 250
-    g.adamw.learning_rate = 1e-4
+    # Chosen on the SST-2 selection set (seed 0, reversible start, 1,000 steps): 1e-3 reached
+    # informedness 0.232 (dev 0.696), 1e-4 only 0.100 (dev 0.587).
+    g.adamw.learning_rate = 1e-3
     g.adamw.warmup_steps = 100
     g.zo.learning_rates = (1e-7, 1e-6, 1e-5, 1e-4)
     g.zo.grid_steps = 500
