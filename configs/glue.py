@@ -184,7 +184,7 @@ def get_config(arg: str = "test"):
     # informedness 0.232 (dev 0.696), 1e-4 only 0.100 (dev 0.587).
     g.adamw.learning_rate = 1e-3
     g.adamw.warmup_steps = 100
-    g.zo.learning_rates = (1e-7, 1e-6, 1e-5, 1e-4)
+    g.zo.learning_rates = (1e-6, 1e-5, 1e-4, 1e-3)  # small models need larger rates than OPT-13B
     g.zo.grid_steps = 500
     g.zo.num_steps = 5000
   elif level == "full":
