@@ -35,10 +35,11 @@ backbones; OPT with its architecture's settings), for tests and wiring checks.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from bdiff_jax.errors import ConfigError, UserError
 from bdiff_jax.reporter import Reporter
@@ -135,11 +136,14 @@ def _write_ledger(workdir: str, record: dict) -> None:
 
 
 def _attempt(name: str, workdir: str, argv: list[str], reporter: Reporter, record: dict,
-             env: Optional[Mapping[str, str]]) -> tuple[int, str]:
+             env: Optional[Mapping[str, str]],
+             should_stop: Optional[Callable[[], bool]] = None) -> tuple[int, str]:
   """Runs one child to its end, streaming its output; returns (exit code, its last line).
 
   The attempt's seconds go into record["spent_seconds"] (written every few seconds, so that a
-  killed parent loses little of the count)."""
+  killed parent loses little of the count). When `should_stop()` turns true (this process got
+  SIGTERM or SIGINT), the child is sent SIGTERM once: it checkpoints and exits, so preemption
+  stops the pretraining too (a Ctrl-C in a terminal reaches the child by itself)."""
   spent_before = float(record.get("spent_seconds", 0.0))
   record["attempts"] = int(record.get("attempts", 0)) + 1
   child_env = dict(os.environ)
@@ -152,8 +156,12 @@ def _attempt(name: str, workdir: str, argv: list[str], reporter: Reporter, recor
     log.flush()
     proc = subprocess.Popen(argv, cwd=REPO, env=child_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+    forwarded = False
     try:
       for line in proc.stdout:
+        if should_stop is not None and not forwarded and should_stop():
+          proc.send_signal(signal.SIGTERM)
+          forwarded = True
         line = line.rstrip("\n")
         log.write(line + "\n")
         if line.strip():
@@ -185,7 +193,8 @@ def glue_fields(workdirs: Mapping[str, str]) -> dict[str, str]:
 def ensure_start(name: str, starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,
                  reporter: Reporter, data_dir: str, level: str = "cpu",
                  extra_args: Sequence[str] = (),
-                 env: Optional[Mapping[str, str]] = None) -> str:
+                 env: Optional[Mapping[str, str]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> str:
   """The finished workdir of row model `name`, pretraining (or resuming) it if needed.
 
   Raises:
@@ -210,7 +219,7 @@ def ensure_start(name: str, starts_dir: str, *, budget_seconds: float = BUDGET_S
       f"pretraining into {workdir}" if step is None else
       f"resuming {workdir} from step {step} ({spent:.0f} of {budget_seconds:.0f} s spent)") +
                 f", {left:.0f} s of wall clock")
-  code, last = _attempt(name, workdir, argv, reporter, record, env)
+  code, last = _attempt(name, workdir, argv, reporter, record, env, should_stop)
   if code != 0:
     raise StartModelError(
         f"pretraining start model {name} in {workdir} failed (exit {code}): {last}",
@@ -227,7 +236,8 @@ def ensure_start(name: str, starts_dir: str, *, budget_seconds: float = BUDGET_S
 def ensure_starts(starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,
                   reporter: Reporter, data_dir: str, which: Sequence[str] = NAMES,
                   level: str = "cpu", extra_args: Sequence[str] = (),
-                  env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+                  env: Optional[Mapping[str, str]] = None,
+                  should_stop: Optional[Callable[[], bool]] = None) -> dict[str, str]:
   """{row model: finished WikiText-2 workdir} for the models in `which` (see the module
   docstring); pretrains, one after the other, those that are not finished.
 
@@ -240,6 +250,8 @@ def ensure_starts(starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,
     level: "cpu" (the GLUE cpu level's starts) or "smoke" (tiny models, for tests).
     extra_args: more --config overrides for every child (e.g. a test's step count).
     env: environment entries for the children (on top of this process's).
+    should_stop: polled while a child trains; when true, the child is sent SIGTERM (it saves a
+      checkpoint and stops; the next call resumes it).
 
   Raises:
     ConfigError: an unknown name or level, or a budget that is not positive.
@@ -258,20 +270,22 @@ def ensure_starts(starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,
                       "use one of those.")
   return {name: ensure_start(name, starts_dir, budget_seconds=budget_seconds,
                              reporter=reporter, data_dir=data_dir, level=level,
-                             extra_args=extra_args, env=env)
+                             extra_args=extra_args, env=env, should_stop=should_stop)
           for name in which}
 
 
-def use_starts(g, specs, reporter: Reporter) -> None:
+def use_starts(g, specs, reporter: Reporter, should_stop=None) -> None:
   """Pretrains (or reuses, or resumes) the WikiText-2 start models of the rows in `specs` under
-  `glue.starts_dir` (`ensure_starts`, `glue.starts_budget_seconds` each) and points
-  the rows at them: glue.init_workdir_reversible / init_workdir_standard / opt_dir."""
+  `glue.starts_dir` (`ensure_starts`, `glue.starts_budget_seconds` each) and points the rows at
+  them: glue.init_workdir_reversible / init_workdir_standard / opt_dir. `should_stop`: see
+  `ensure_starts`."""
   needed = tuple(n for n in NAMES if n in {s.model for s in specs})
   if not needed:
     return
   dirs = ensure_starts(str(g.starts_dir), reporter=reporter,
-                                   budget_seconds=float(g.starts_budget_seconds),
-                                   data_dir=os.environ.get("BDIFF_DATA_DIR", ""), which=needed)
+                       budget_seconds=float(g.starts_budget_seconds),
+                       data_dir=os.environ.get("BDIFF_DATA_DIR", ""), which=needed,
+                       should_stop=should_stop)
   with g.unlocked():
     for field, workdir in glue_fields(dirs).items():
       g[field] = workdir

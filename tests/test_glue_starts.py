@@ -11,13 +11,14 @@
 import json
 import os
 import re
+import sys
 import time
 
 import pytest
 
 from bdiff_jax import glue_starts
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.reporter import QUIET, Reporter
 from tests import helpers
 
 SMOKE_ARGS = ("--config.train.num_steps=4", "--config.train.log_every=2",
@@ -130,3 +131,19 @@ def test_pretrains_resumes_and_reuses_the_three_starts(tmp_path, real_data_dir):
   assert time.time() - t0 < 2.0
   assert all("is finished" in l for l in rep.lines) and len(rep.lines) == 3
   assert logs == {n: open(os.path.join(w, "pretrain.log")).read() for n, w in dirs.items()}
+
+
+def test_a_stop_request_is_forwarded_to_the_training_child(tmp_path):
+  # SIGTERM (preemption) reaches only the GLUE process: the pretraining child must be told too,
+  # or the run would go on for the rest of the child's 30 minutes.
+  child = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *a: (print('saved', flush=True), sys.exit(143)))\n"
+           "for i in range(600):\n  print('step', i, flush=True); time.sleep(0.05)\n")
+  asked = []
+  should_stop = lambda: asked.append(1) or len(asked) > 3
+  record = {}
+  t0 = time.time()
+  code, last = glue_starts._attempt("opt", str(tmp_path), [sys.executable, "-c", child], QUIET,
+                                    record, None, should_stop)
+  assert code == 143 and last == "saved" and time.time() - t0 < 20
+  assert record["attempts"] == 1 and record["spent_seconds"] > 0

@@ -336,7 +336,7 @@ def run(config, workdir: str, reporter: Reporter) -> GlueResult:
 def _run(g, specs, tasks, workdir, reporter, units, stop, digest) -> GlueResult:
   if str(g.starts_dir):
     try:
-      glue_starts.use_starts(g, specs, reporter)
+      glue_starts.use_starts(g, specs, reporter, should_stop=stop.stop_requested)
     except UserError:
       # A signal reached the start model's training child too: it checkpointed and stopped.
       check_stop(stop, "while pretraining the start models (their checkpoints are kept in "
