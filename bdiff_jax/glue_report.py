@@ -15,6 +15,7 @@ of forward passes (the smaller of their budgets), read off the recorded curves.
 import json
 import math
 import os
+import sys
 import warnings
 
 import matplotlib
@@ -293,3 +294,25 @@ def write(workdir: str, rows: list[dict], records: list[dict], meta: dict,
                                  f"the GLUE curves {stem}_curves_{task}.png")
   workdir_lib.write_text_atomically(paths["json"], text, f"the GLUE results {stem}.json")
   return paths
+
+
+def main(argv: list[str]) -> int:
+  """`python -m bdiff_jax.glue_report GLUE_JSON [GLUE_JSON ...]`: prints the table of each
+  results file again (what a README or paper quotes is regenerated from glue.json, not typed)."""
+  if len(argv) < 2:
+    print("usage: python -m bdiff_jax.glue_report <workdir>/glue.json [more glue.json ...]")
+    return 2
+  for path in argv[1:]:
+    try:
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+      print(markdown(data["rows"], data["meta"], data.get("records")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      print(f"error: {path} is not a readable glue.json ({type(e).__name__}: {e}). Fix: pass the "
+            "glue.json a --mode=glue run wrote.", file=sys.stderr)
+      return 1
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main(sys.argv))

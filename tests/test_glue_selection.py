@@ -1,6 +1,7 @@
 """Model selection and baselines of the GLUE benchmark: the balanced selection slice
 (glue_sampling.holdout(balanced=True)) and the bag-of-words baseline (glue_baselines)."""
 
+import json
 import numpy as np
 import pytest
 
@@ -141,3 +142,14 @@ def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
   same, none = glue_mode.choose_learning_rate(glue_models.RowSpec("opt", "adamw", False),
                                               "SST-2", g, QUIET)
   assert same is g and none is None
+
+
+def test_the_table_is_regenerated_from_glue_json(tmp_path, capsys):
+  from bdiff_jax import glue_report  # pylint: disable=g-import-not-at-top
+  meta = {"level": "cpu", "description": "d"}
+  path = tmp_path / "glue.json"
+  path.write_text(json.dumps({"meta": meta, "rows": [], "records": []}))
+  assert glue_report.main(["glue_report", str(path)]) == 0
+  assert capsys.readouterr().out.startswith("# GLUE fine-tuning (cpu)")
+  assert glue_report.main(["glue_report", str(tmp_path / "missing.json")]) == 1
+  assert capsys.readouterr().err.startswith("error: ")
