@@ -2,6 +2,7 @@
 (glue_sampling.holdout(balanced=True)) and the bag-of-words baseline (glue_baselines)."""
 
 import json
+
 import numpy as np
 import pytest
 
