@@ -159,8 +159,19 @@ def freeze_choice(zo_config) -> str:
   return "embeddings" if zo_config.get("freeze_embeddings", False) else "none"
 
 
+class _FromConfig:
+  """`from_config(section)`: the settings dataclass of a config section's fields of the same
+  names (other fields of the section are ignored; a field the section lacks takes its default,
+  and a field without a default must be there)."""
+
+  @classmethod
+  def from_config(cls, section):
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)
+                  if f.name in section or f.default is dataclasses.MISSING})
+
+
 @dataclasses.dataclass(frozen=True)
-class AdamWSettings:
+class AdamWSettings(_FromConfig):
   """AdamW with linear warmup, cosine decay and clipping (`make_optimizer`); num_steps is the
   schedule's length (make_rule sets it to total_steps)."""
   learning_rate: float
@@ -172,13 +183,9 @@ class AdamWSettings:
   grad_clip: float = 1.0
   num_steps: int = 1
 
-  @classmethod
-  def from_config(cls, section) -> "AdamWSettings":
-    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
-
 
 @dataclasses.dataclass(frozen=True)
-class ZOSettings:
+class ZOSettings(_FromConfig):
   """MeZO's (and DiZO's MeZO part's) settings; see zeroth_order.default_config."""
   learning_rate: float = 1e-6
   schedule: str = "constant"
@@ -186,13 +193,9 @@ class ZOSettings:
   num_perturbations: int = 1
   weight_decay: float = 0.0
 
-  @classmethod
-  def from_config(cls, section) -> "ZOSettings":
-    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
-
 
 @dataclasses.dataclass(frozen=True)
-class DiZOSettings:
+class DiZOSettings(_FromConfig):
   """DiZO's projection settings; fresh_batches: a new batch per γ iteration (the reference's
   choice; the train step then takes 1 + iterations stacked batches)."""
   interval: int = 50
@@ -202,12 +205,6 @@ class DiZOSettings:
   tau: float = 0.2
   targets: str = "kv"
   fresh_batches: bool = False
-
-  @classmethod
-  def from_config(cls, section) -> "DiZOSettings":
-    defaults = cls()
-    return cls(**{f.name: section.get(f.name, getattr(defaults, f.name))
-                  for f in dataclasses.fields(cls)})
 
 
 def make_rule(name: str, total_steps: int, *, adamw: Optional[AdamWSettings] = None,
