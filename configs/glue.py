@@ -30,9 +30,12 @@ Qwen3-style models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZ
          balanced selection set of 500 (at most 10% of train); first-order rows on the full
          train split minus the selection set (4,000 AdamW steps); MeZO (full and LoRA) and
          DiZO rows 5,000 steps with the learning rate chosen on the selection set from
-         `glue.zo.learning_rates` (500 steps each on seed 0). Hours on 2 CPU cores; not yet
-         measured end to end. Should give AdamW rows above the majority and near the BoW LR
-         column on SST-2/MRPC, and DiZO vs MeZO at equal forward passes.
+         `glue.zo.learning_rates` (500 steps each on seed 0). Many hours on 2 CPU cores
+         (SST-2 alone: ~9 min per AdamW row and seed on the reversible start, ~15 on OPT, ~16-20
+         per zeroth-order row; not yet run end to end). Gave on SST-2 (docs/glue.md): AdamW
+         reversible 0.763 ± 0.011 (3 seeds), AdamW OPT 0.807 (bag-of-words 0.798, majority
+         0.509), MeZO 0.546, DiZO 0.565 (1 seed each); the LoRA row needs
+         --config.glue.zo.eps=1e-2 and rates up to 1e-1 to move at all (0.548).
   full   python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full \
              --mode=glue --config.glue.opt_dir=/data/opt-1.3b
          GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
