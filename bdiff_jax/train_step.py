@@ -54,25 +54,26 @@ def make_train_step(objective, network, update_rule, *, ema_decay: float,
     key = jax.random.fold_in(state.rng, state.step)
     loss_key, rule_key = jax.random.split(key)
 
-    def bound_loss(params):
-      if gather is not None:
-        # FSDP: the forward/backward pass uses whole (all-gathered) weights on batch-sharded
-        # activations; gradients are reduce-scattered back onto the parameter shards. Without
-        # this XLA may instead keep weights split and replicate the activations (4x the
-        # temporaries of the replicated step in scripts/scaleout_memory.py).
-        params = jax.lax.with_sharding_constraint(params, gather)
-      return loss_fn(params, objective, network, batch, loss_key, train=train)
-
     if num_batches > 1:
       for leaf in jax.tree_util.tree_leaves(batch):
         if leaf.ndim < 1 or leaf.shape[0] != num_batches:
           raise ValueError(f"the rule takes {num_batches} stacked batches per step; got a "
                            f"batch leaf of shape {leaf.shape} (stack them on axis 0).")
 
-      def bound_loss(params, i=0):  # pylint: disable=function-redefined
-        one = jax.tree_util.tree_map(lambda x: x[i], batch)
-        return loss_fn(params, objective, network, one, jax.random.fold_in(loss_key, i),
-                       train=train)
+    def bound_loss(params, i=0):
+      """The loss of the step's batch; with stacked batches, of batch `i` (its own key)."""
+      if gather is not None:
+        # FSDP: the forward/backward pass uses whole (all-gathered) weights on batch-sharded
+        # activations; gradients are reduce-scattered back onto the parameter shards. Without
+        # this XLA may instead keep weights split and replicate the activations (4x the
+        # temporaries of the replicated step in scripts/scaleout_memory.py).
+        params = jax.lax.with_sharding_constraint(params, gather)
+      if num_batches == 1:
+        return loss_fn(params, objective, network, batch, loss_key, train=train)
+      one = jax.tree_util.tree_map(lambda x: x[i], batch)
+      return loss_fn(params, objective, network, one, jax.random.fold_in(loss_key, i),
+                     train=train)
+
     params, opt_state, metrics = update_rule.update(bound_loss, state.params, state.opt_state,
                                                     rule_key, state.step)
     if ema_decay > 0:
