@@ -25,12 +25,7 @@ def _run(toy, workdir, row, **over):
   g.rows = row
   g.seeds = (0,)
   g.k_per_class = 0  # all of train minus the selection set: 32 examples
-  for key, value in over.items():
-    node, *rest = key.split(".")
-    if rest:
-      g[node][rest[0]] = value
-    else:
-      g[key] = value
+  c.glue = glue_mode.with_changes(g, **over)
   out = glue_mode.run(c, str(workdir), QUIET)
   return out["records"][0], out["rows"][0]
 

@@ -246,7 +246,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
                     **{name: len(d) for name, d in devs.items()}}}
 
 
-def _with(g, **changes):
+def with_changes(g, **changes):
   """A copy of `config.glue` with `changes` ("zo.learning_rate": ...) applied."""
   out = ml_collections.ConfigDict(g.to_dict())
   for key, value in changes.items():
@@ -278,7 +278,7 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, 
     if entry is None:
       check_stop(stop, f"before {task} {spec.name} learning-rate trial {float(lr):g} (seed "
                   f"{seed})")
-      trial = _with(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
+      trial = with_changes(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
                           "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
       rec = run_seed(spec, task, trial, seed, reporter, {} if stop is None else {"stop": stop})
       entry = {"learning_rate": float(lr), "selection_best": rec["selection_best"],
@@ -293,7 +293,7 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, 
   chosen = max(grid, key=key)  # max keeps the first of equal keys
   reporter.info(f"{task} {spec.name}: learning rate {chosen['learning_rate']:g} chosen from "
                 f"{[r['learning_rate'] for r in grid]} on the selection set")
-  return _with(g, **{"zo.learning_rate": chosen["learning_rate"]}), grid
+  return with_changes(g, **{"zo.learning_rate": chosen["learning_rate"]}), grid
 
 
 def run(config, workdir: str, reporter: Reporter) -> GlueResult:
