@@ -382,5 +382,6 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
   params, meta, desc = experiment.restore_params(exp)
   result.evaluation = evaluate_mode.evaluate_params(exp, params, meta, desc, reporter)
   sample_mode.write_samples(exp, params, meta, desc, reporter)
-  plotting.plot_training_curves(workdir)
+  plotting.plot_training_curves(workdir, baselines=result.evaluation.get("baselines"),
+                                upper_bound=exp.objective.is_upper_bound)
   return result
