@@ -46,7 +46,7 @@ RESUMABLE_FIELDS: may differ from run to run in one workdir: where the data and 
     orbax restores with the target shardings),
     eval.* (batch_size, num_time_samples, seeds, max_tokens, during_training_max_tokens, use_ema,
     checkpoint), sample.* (num_samples, length, num_steps, grid, temperature, top_k, top_p,
-    prompt, seed).
+    prompt, seed, judge_workdir, quality_steps).
 
 Rules:
   resume (train in a workdir that has a checkpoint): `check_compatible(saved, config)` refuses
@@ -116,6 +116,7 @@ RESUMABLE_FIELDS = frozenset({
     "eval.during_training_max_tokens", "eval.use_ema", "eval.checkpoint",
     "sample.num_samples", "sample.length", "sample.num_steps", "sample.grid",
     "sample.temperature", "sample.top_k", "sample.top_p", "sample.prompt", "sample.seed",
+    "sample.judge_workdir", "sample.quality_steps",
 })
 
 _HINTS: dict[str, str] = {}

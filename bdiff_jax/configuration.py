@@ -174,6 +174,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 1.0
   c.sample.prompt = ""  # words; "[MASK]" marks a hole to infill
   c.sample.seed = 0
+  # The sample quality table (bdiff_jax/sample_quality.py), in --mode=sample and after training:
+  # the workdir of an autoregressive model trained on the same data and vocabulary, whose exact
+  # NLL gives the samples' generative perplexity; "" = none (entropies only).
+  c.sample.judge_workdir = ""
+  # Sampler step counts of the table's rows, comma-separated ("32,128"); "" = sample.num_steps.
+  c.sample.quality_steps = ""
   return c
 
 
@@ -219,6 +225,24 @@ def _validate_opt(m) -> None:
                       f"config.model.tie_embeddings={m.tie_embeddings!r}, "
                       f"attention={m.attention!r} cannot be honoured.",
                       "pass --config.model.tie_embeddings=true --config.model.attention=dense.")
+
+
+def quality_steps(sample_config) -> tuple[int, ...]:
+  """The sampler step counts of the quality table: `sample.quality_steps` ("32,128"), ascending
+  and without repeats, or (sample.num_steps,) when it is empty.
+
+  Raises:
+    ConfigError: a part that is not a whole number > 0.
+  """
+  text = str(sample_config.quality_steps).strip()
+  if not text:
+    return (int(sample_config.num_steps),)
+  parts = [p.strip() for p in text.split(",")]
+  if not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ConfigError(
+        f"config.sample.quality_steps={text!r} is not a comma-separated list of step counts > 0.",
+        "pass e.g. --config.sample.quality_steps=32,128, or '' for config.sample.num_steps alone.")
+  return tuple(sorted({int(p) for p in parts}))
 
 
 def _check_finite(c, prefix: str = "") -> None:
@@ -352,3 +376,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive("sample.temperature", s.temperature)
   _positive("sample.top_k", s.top_k, allow_zero=True)
   _in_unit("sample.top_p", s.top_p, closed_low=False)
+  quality_steps(s)  # the judge workdir is checked when it is opened (modes/sample.open_judge)

@@ -96,6 +96,33 @@ class Evaluator:
       count += int(valid.sum())
     return total, count
 
+  def rows_nll(self, params, rows: np.ndarray, key) -> np.ndarray:
+    """-log p(row) in nats for each row of int32[N, L] (L <= seq_len), float64[N]: each row is
+    padded at its end to seq_len and scored in batches of batch_size (the last one filled with
+    all-padding rows), batch i with fold_in(key, i): the program `evaluate` runs, compiled once.
+    Exact for the autoregressive objective (the key is then unused), else the bound."""
+    rows = np.asarray(rows, np.int32)
+    if rows.ndim != 2 or not 0 < rows.shape[1] <= self.seq_len:
+      raise ValueError(f"rows must be [N, L] with 0 < L <= seq_len={self.seq_len}, got "
+                       f"{rows.shape}")
+    n, length = rows.shape
+    tokens = np.full((n, self.seq_len), self.objective.mask_id, np.int32)
+    tokens[:, :length] = rows
+    valid = np.zeros((n, self.seq_len), bool)
+    valid[:, :length] = True
+    params = jax.device_put(params, jax.local_devices()[0])  # as `evaluate` places them
+    out = []
+    for i, start in enumerate(range(0, n, self.batch_size)):
+      b, v = tokens[start:start + self.batch_size], valid[start:start + self.batch_size]
+      count = b.shape[0]
+      if count < self.batch_size:
+        fill = self.batch_size - count
+        b = np.concatenate([b, np.full((fill, self.seq_len), self.objective.mask_id, np.int32)])
+        v = np.concatenate([v, np.zeros((fill, self.seq_len), bool)])
+      nll = self._nll(params, jnp.asarray(b), jnp.asarray(v), jax.random.fold_in(key, i))
+      out.append(np.asarray(nll, np.float64)[:count])
+    return np.concatenate(out) if out else np.zeros(0, np.float64)
+
   def evaluate(self, params, splits, *, seeds, max_tokens: int = 0, spread: bool = False,
                split_names=SPLITS) -> dict[str, Any]:
     """Metrics for each split: mean and std over seeds. Deterministic for fixed seeds.

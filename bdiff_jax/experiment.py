@@ -59,10 +59,14 @@ def build_network(config, objective: Objective, *, vocab_size: int) -> models.Ne
                               causal=objective.causal)
 
 
-def build(config, workdir: str) -> Experiment:
+def build(config, workdir: str, splits=None) -> Experiment:
+  """The experiment of `config` in `workdir`. `splits`: data already loaded for another
+  experiment on the same data and vocabulary (the caller checked the workdir's vocab.json), e.g.
+  the judge of `--mode=sample`; None loads it (and writes or checks `<workdir>/vocab.json`)."""
   configuration.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  splits = pipeline.load_wikitext2(config.data, workdir)
+  if splits is None:
+    splits = pipeline.load_wikitext2(config.data, workdir)
   objective = build_objective(config, mask_id=splits.tokenizer.mask_id)
   network = build_network(config, objective, vocab_size=splits.tokenizer.vocab_size)
   evaluator = Evaluator(objective, network, seq_len=config.data.seq_len,

@@ -178,6 +178,7 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
         else:
           changes = []
         exp = experiment.build(config, workdir)
+        sample_mode.judge_config(exp)  # a bad sample.judge_workdir fails now, not after training
         log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
         return _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted)
   except UserError:
@@ -381,7 +382,8 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
   # Finished, or out of wall-clock budget: evaluate what we have, exactly as --mode=eval does.
   params, meta, desc = experiment.restore_params(exp)
   result.evaluation = evaluate_mode.evaluate_params(exp, params, meta, desc, reporter)
-  sample_mode.write_samples(exp, params, meta, desc, reporter)
+  sample_mode.write_samples(exp, params, meta, desc, reporter, judge=sample_mode.open_judge(exp))
   plotting.plot_training_curves(workdir, baselines=result.evaluation.get("baselines"),
+                                twin_workdir=exp.config.sample.judge_workdir,
                                 upper_bound=exp.objective.is_upper_bound)
   return result
