@@ -162,6 +162,15 @@ def get_config(preset: str = ""):
       # 30 minutes train 10.8M tokens instead of 5.8M: bound 388 / 367 against 481 / 453 with
       # the full head on the same machine the same day (docs/results_log.md).
       c.model.head = "adaptive"
+      # The bijective model (docs/results_log.md, "2026-12-06 screen"; periodic readings at step
+      # 400 of 500-step screens, seed 0, one core each): the reversible backbone (reversible
+      # 607 vs standard 638 with the Qwen3 block at step 500), untied input and output
+      # embeddings (simple block 501 vs 607 tied; Qwen3 block 553 vs 650), no time conditioning
+      # (the count estimator tells the network nothing it cannot count; 617 vs 650, and no time
+      # MLP), the simple block (501 vs 553 for the Qwen3 block untied, at 1.3x its steps/s).
+      c.model.backbone = "reversible"
+      c.model.tie_embeddings = False
+      c.model.time_conditioning = "none"
     c.data.seq_len = 128
     c.model.num_layers = 4
     c.model.emb_dim = 128
@@ -176,6 +185,11 @@ def get_config(preset: str = ""):
     # evaluations included; max_wall_seconds stops a slower machine (~4,800 tokens/s: step
     # ~2,100, before the decay ends).
     c.train.num_steps = 3000
+    if preset == "cpu":
+      # The AMD EPYC of 2026-12-06 runs this preset's step at ~15,000 tokens/s on 2 idle cores:
+      # 5,000 steps (20.5M tokens) in ~23 minutes; a slower machine is stopped by
+      # max_wall_seconds before the decay ends (the Xeon above: step ~2,600).
+      c.train.num_steps = 5000
     # Not train.fit_steps_to_wall: on 2026-12-04 the schedule fitted to 30 minutes (1,649 steps,
     # fully decayed, 6.75M tokens) gave 501 / 472 against 412 / 382 for this 3,000-step
     # schedule cut at step 2,109 (8.64M tokens). The fit's timed steps 11-30 ran at 1.04 s
