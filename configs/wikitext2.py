@@ -31,8 +31,8 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            (--config.model.objective=autoregressive --config.model.time_conditioning=none
            --config.train.num_steps=2500), 2026-12-06: 218 / 199.5 exact (2,433 steps, 10.0M
            tokens); 3 training seeds 217.0 ± 1.8 / 198.3 ± 1.6, so diffusion / AR = 2.03 (test).
-  gpu:     sized for one GPU (8 x 512, seq 256, batch 64); not yet measured (no accelerator
-           was available). `default` is an alias of `gpu`.
+  gpu:     sized for one GPU (8 x 512, seq 256, batch 64), the cpu preset's bijective model;
+           not yet measured (no accelerator was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
   cpu_opt: not the diffusion model: OPT's architecture (models/opt_network.py: pre-LN, ReLU,
            learned positions, tied head) trained with the autoregressive objective (exact
@@ -43,31 +43,28 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
 
 Peak train-step memory: XLA's memory analysis of the compiled train step (temp + arguments +
 outputs - donated aliases; the whole batch on one device), compiled on CPU with jaxlib 0.10.2,
-V = 33,278, the count estimator (smoke and cpu measured 2026-12-06 with the adaptive head, the
-others 2026-12-04 with the full head; smoke 292 and cpu 1,358 MiB with the full head). A GPU/TPU
-compilation may differ somewhat; the train mode checks the real one before the first step;
-`python -m bdiff_jax.benchmarks.throughput --memory_preset NAME` prints it):
-  smoke      288 MiB  (2.30M parameters)
-  cpu      1,370 MiB  (5.44M; the trunk's activations dominate, not the head: 1,329 MiB with
-                       model.adaptive_tail_capacity=1.0, which compiles no gather and no
-                       fallback)
+V = 33,278, the count estimator. A GPU/TPU compilation may differ somewhat; the train mode
+checks the real one before the first step; `python -m bdiff_jax.benchmarks.throughput
+--memory_preset NAME` prints it. cpu, gpu and tpu measured 2026-12-06 with the bijective model
+(reversible backbone, untied embeddings, no time conditioning), the others earlier:
+  smoke      288 MiB  (2.30M parameters; standard backbone, tied)
+  cpu      1,064 MiB  (6.03M; the standard backbone with tied embeddings and adaLN, the preset
+                       until 2026-12-06: 1,370 MiB, 5.44M)
   cpu_opt  2,903 MiB  (5.07M; the AR loss covers every position, so its head is computed at all
                        of them, not only at the masked ones)
-  gpu      4,859 MiB  (51.6M; activations 4,071 MiB) with model.remat (each layer recomputed in
-                       the backward pass); 16,570 MiB without it, 2,462 MiB with
-                       --config.diffusion.head_chunk_rows=1024 as well (both 2026-11-22).
-                       `auto` picks it on a GPU with at least 8 GiB (4.7 GiB / the 0.9
-                       headroom of the fit check, plus margin for a GPU compilation's
+  gpu      5,722 MiB  (59.3M; the full head's logits at the masked positions are most of it).
+                       The standard backbone needed model.remat for 4,859 MiB (16,570 without,
+                       2026-11-22). `auto` picks gpu on a GPU with at least 8 GiB (5.6 GiB / the
+                       0.9 headroom of the fit check, plus margin for a GPU compilation's
                        differences); smaller cards get `cpu`.
-  tpu     15,779 MiB  for the whole batch of 256 on one device (bfloat16, remat); sharded over
-                       the host's devices along the batch, each holds about 1/N of the
-                       activations (63,802 MiB without remat, 2026-11-22).
+  tpu     16,064 MiB  for the whole batch of 256 on one device (bfloat16); sharded over the
+                       host's devices along the batch, each holds about 1/N of the activations.
 """
 
 from bdiff_jax.configuration import base_config
 
 PRESETS = ("auto", "smoke", "cpu", "cpu_opt", "gpu", "tpu", "default")
-# Below this much accelerator memory the gpu preset's step (4.7 GiB, see above) may not fit
+# Below this much accelerator memory the gpu preset's step (5.6 GiB, see above) may not fit
 # with the fit check's headroom; fall back to the cpu-sized preset.
 GPU_PRESET_MIN_BYTES = 8 * 2**30
 
@@ -137,9 +134,13 @@ def get_config(preset: str = ""):
     c.model.head_dim = 64
     c.model.mlp_dim = 2048
     c.model.dropout_rate = 0.1
-    # Recompute each layer in the backward pass: the step needs 4.7 GiB instead of 16.2 GiB
-    # (see above), for about one extra forward pass of compute.
-    c.model.remat = True
+    # The bijective model, as in the cpu preset (below): the reversible backbone rebuilds each
+    # layer's inputs in the backward pass by inversion, so its activation memory does not grow
+    # with depth (no remat needed; the standard backbone needs model.remat=True to fit, 4.7 GiB
+    # instead of 16.2 GiB); untied embeddings; no time conditioning.
+    c.model.backbone = "reversible"
+    c.model.tie_embeddings = False
+    c.model.time_conditioning = "none"
     c.train.batch_size = 64
     c.train.num_steps = 50_000
     c.train.learning_rate = 5e-4
@@ -162,12 +163,14 @@ def get_config(preset: str = ""):
       # 30 minutes train 10.8M tokens instead of 5.8M: bound 388 / 367 against 481 / 453 with
       # the full head on the same machine the same day (docs/results_log.md).
       c.model.head = "adaptive"
-      # The bijective model (docs/results_log.md, "2026-12-06 screen"; periodic readings at step
-      # 400 of 500-step screens, seed 0, one core each): the reversible backbone (reversible
-      # 607 vs standard 638 with the Qwen3 block at step 500), untied input and output
-      # embeddings (simple block 501 vs 607 tied; Qwen3 block 553 vs 650), no time conditioning
-      # (the count estimator tells the network nothing it cannot count; 617 vs 650, and no time
-      # MLP), the simple block (501 vs 553 for the Qwen3 block untied, at 1.3x its steps/s).
+      # The bijective model (docs/results_log.md, "2026-12-06 screen": periodic readings of
+      # 500-step screens, seed 0, one core each): the reversible backbone (602 vs 638 for the
+      # standard one at step 500, Qwen3 block); untied input and output embeddings, the largest
+      # lever (step 400, Qwen3 block: 553 vs 650 tied; simple block untied and without time
+      # conditioning 501 vs 607 tied with it); no time
+      # conditioning (the count estimator's time is the masked fraction, which the network can
+      # count; 617 vs 650 at step 400, and no time MLP); the simple block (untied, no time:
+      # 501 vs 558 for the Qwen3 block at step 400, at 1.3x its steps per second).
       c.model.backbone = "reversible"
       c.model.tie_embeddings = False
       c.model.time_conditioning = "none"
