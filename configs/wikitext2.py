@@ -18,19 +18,18 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
   smoke:   ~30-40 s on 2 CPU cores; bound ~1.2e3 valid / ~870 test on the first 2,048 tokens
            of each split (a wiring check: the output bias starts at the unigram model; the
            cpu preset's adaptive head).
-  cpu:     3,000 steps of 4,096 tokens, the count estimator, the adaptive softmax head. On 2
-           cores of the Intel Xeon of 2026-12-06 (~6,000 tokens/s) train.max_wall_seconds=1800
-           stopped it at step 2,637 (10.8M tokens), 31.6 min end to end: bound 388 valid / 367
-           test word-ppl (unigram 968 / 914, bigram 328 / 305; README.md); --config.seed=1:
-           478 / 451 (step 2,542), seed=2: 412 / 388 (step 2,720); 3 seeds 426 ± 38 / 402 ± 35
-           (docs/results_log.md: the seed spread is how long a run sits on an early plateau). With
-           the full softmax head (--config.model.head=full, the preset until 2026-12-06), the
-           same day: 481 / 453 at step 1,416 (5.80M tokens); on the AMD EPYC of 2026-12-04:
-           412 / 382 at step 2,109 (8.64M tokens), --config.seed=1: 442 / 418.
-           The same shape trained autoregressively for the same 30 minutes
-           (--config.model.objective=autoregressive --config.model.time_conditioning=none
-           --config.train.num_steps=2500), 2026-12-06: 218 / 199.5 exact (2,433 steps, 10.0M
-           tokens); 3 training seeds 217.0 ± 1.8 / 198.3 ± 1.6, so diffusion / AR = 2.03 (test).
+  cpu:     the bijective model (reversible backbone, simple block, untied embeddings, no time
+           conditioning), the count estimator, the adaptive softmax head; 5,000 steps of 4,096
+           tokens. 2026-12-06, AMD EPYC, --config.train.max_wall_seconds=0 (fixed steps), each
+           run on one core: bound 239.2 / 226.6 valid / test word-ppl (seed 0), 236.4 / 224.1
+           (seed 1), 238.3 / 224.5 (seed 2); 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no plateau
+           (unigram 968 / 914, bigram 328 / 305; README.md). 36 min of training on one core,
+           ~22 on 2 (~15,700 tokens/s), so the 30-minute limit does not cut it there. The same
+           network trained autoregressively (--config.model.objective=autoregressive), seed 0:
+           155.4 / 144.9 exact (best checkpoint: step 3,000; it overfits after), so
+           diffusion / AR = 1.55 (test). The preset until 2026-12-06 (standard backbone, tied
+           embeddings, adaLN, 3,000 steps) gave 426 ± 38 / 402 ± 35 in 30 minutes on the Xeon of
+           that day (docs/results_log.md).
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64), the cpu preset's bijective model;
            not yet measured (no accelerator was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
