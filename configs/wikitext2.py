@@ -24,7 +24,8 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            run on one core: bound 239.2 / 226.6 valid / test word-ppl (seed 0), 236.4 / 224.1
            (seed 1), 238.3 / 224.5 (seed 2); 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no plateau
            (unigram 968 / 914, bigram 328 / 305; README.md). 36 min of training on one core,
-           ~22 on 2 (~15,700 tokens/s), so the 30-minute limit does not cut it there. The same
+           ~21 on 2 idle cores (~16,300 tokens/s), so the 30-minute limit does not cut it
+           there. The same
            network trained autoregressively (--config.model.objective=autoregressive), seed 0:
            155.4 / 144.9 exact (best checkpoint: step 3,000; it overfits after), so
            diffusion / AR = 1.55 (test). The preset until 2026-12-06 (standard backbone, tied
@@ -188,8 +189,8 @@ def get_config(preset: str = ""):
     # ~2,100, before the decay ends).
     c.train.num_steps = 3000
     if preset == "cpu":
-      # The AMD EPYC of 2026-12-06 runs this preset's step at ~15,000 tokens/s on 2 idle cores:
-      # 5,000 steps (20.5M tokens) in ~23 minutes; a slower machine is stopped by
+      # The AMD EPYC of 2026-12-06 runs this preset's step at ~16,300 tokens/s on 2 idle cores:
+      # 5,000 steps (20.5M tokens) in ~21 minutes; a slower machine is stopped by
       # max_wall_seconds before the decay ends (the Xeon above: step ~2,600).
       c.train.num_steps = 5000
     # Not train.fit_steps_to_wall: on 2026-12-04 the schedule fitted to 30 minutes (1,649 steps,
