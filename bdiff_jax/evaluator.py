@@ -51,6 +51,14 @@ def padded_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
     row_valid[0, :tail.size] = True
     blocks = np.concatenate([blocks, row])
     valid = np.concatenate([valid, row_valid])
+  yield from _fixed_batches(blocks, valid, batch_size=batch_size, pad_id=pad_id)
+
+
+def _fixed_batches(blocks: np.ndarray, valid: np.ndarray, *, batch_size: int,
+                   pad_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Rows [N, seq_len] and their mask in batches of exactly batch_size rows (one compiled
+  shape): the last batch is filled with all-padding rows."""
+  seq_len = blocks.shape[1]
   for start in range(0, blocks.shape[0], batch_size):
     b, v = blocks[start:start + batch_size], valid[start:start + batch_size]
     if b.shape[0] < batch_size:
@@ -112,16 +120,11 @@ class Evaluator:
     valid[:, :length] = True
     params = jax.device_put(params, jax.local_devices()[0])  # as `evaluate` places them
     out = []
-    for i, start in enumerate(range(0, n, self.batch_size)):
-      b, v = tokens[start:start + self.batch_size], valid[start:start + self.batch_size]
-      count = b.shape[0]
-      if count < self.batch_size:
-        fill = self.batch_size - count
-        b = np.concatenate([b, np.full((fill, self.seq_len), self.objective.mask_id, np.int32)])
-        v = np.concatenate([v, np.zeros((fill, self.seq_len), bool)])
+    for i, (b, v) in enumerate(_fixed_batches(tokens, valid, batch_size=self.batch_size,
+                                               pad_id=self.objective.mask_id)):
       nll = self._nll(params, jnp.asarray(b), jnp.asarray(v), jax.random.fold_in(key, i))
-      out.append(np.asarray(nll, np.float64)[:count])
-    return np.concatenate(out) if out else np.zeros(0, np.float64)
+      out.append(np.asarray(nll, np.float64))
+    return np.concatenate(out)[:n] if out else np.zeros(0, np.float64)
 
   def evaluate(self, params, splits, *, seeds, max_tokens: int = 0, spread: bool = False,
                split_names=SPLITS) -> dict[str, Any]:
