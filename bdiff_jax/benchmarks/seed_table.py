@@ -25,6 +25,8 @@ import statistics
 import sys
 from typing import Optional
 
+from bdiff_jax import metrics_log
+
 
 def plateau(readings: list[tuple[int, float]], *, tolerance: float = 0.05) -> dict:
   """{"steps": length, "from": step, "to": step} of the longest plateau in the periodic readings
@@ -48,26 +50,13 @@ def plateau(readings: list[tuple[int, float]], *, tolerance: float = 0.05) -> di
   return best
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          continue  # a torn last line
-  return out
-
-
 def read_run(workdir: str, *, tolerance: float = 0.05) -> dict:
   """One seed's numbers from its workdir."""
   with open(os.path.join(workdir, "eval_best.json"), encoding="utf-8") as f:
     ev = json.load(f)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = json.load(f)
-  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = metrics_log.read(os.path.join(workdir, "metrics.jsonl"))
   train = [r for r in records if r.get("kind") == "train"]
   evals = [(r["step"], r["valid_word_ppl"]) for r in records
            if r.get("kind") == "eval" and "valid_word_ppl" in r]
