@@ -10,7 +10,7 @@
 
 Override any config field with --config.<field>=<value>. Bad input (data, config files and
 values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
-multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py).
+multi-process run with one such line and exit status 3 (bdiff_jax/runtime/distributed.py).
 """
 
 import importlib
@@ -24,8 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from bdiff_jax import host_allocator
-from bdiff_jax import xla_flags
+from bdiff_jax.runtime import host_allocator
+from bdiff_jax.runtime import xla_flags
 
 # --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use, so that
 # --help and flag errors do not pay for importing JAX.
@@ -127,8 +127,8 @@ def _last_line(text: str) -> str:
 
 def _start_distributed() -> None:
   """Starts JAX's distributed runtime for a multi-process run (settings from the environment:
-  see bdiff_jax/distributed.py), before the config file can touch a JAX backend."""
-  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  see bdiff_jax/runtime/distributed.py), before the config file can touch a JAX backend."""
+  from bdiff_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize()
@@ -140,7 +140,7 @@ def _start_distributed() -> None:
 def _parse_flags(argv):
   """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
   # First, before any thread allocates: keep freed host memory for reuse instead of
-  # page-faulting every step's buffers in again (bdiff_jax/host_allocator.py;
+  # page-faulting every step's buffers in again (bdiff_jax/runtime/host_allocator.py;
   # BDIFF_HOST_ALLOCATOR=system disables it).
   try:
     host_allocator.configure()
@@ -235,7 +235,7 @@ def main(argv):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime.reporter import Reporter  # pylint: disable=g-import-not-at-top
   from bdiff_jax.config_compat import explicit_overrides_from_argv  # pylint: disable=g-import-not-at-top
   try:
     config = _load_config()
@@ -250,7 +250,7 @@ def main(argv):
   except UserError as e:
     _exit_with_error(f"error: {e}", 2)
   except Exception as e:  # pylint: disable=broad-except
-    from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+    from bdiff_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
     line = distributed.lost_peer_line(e)
     if line is None:
       raise

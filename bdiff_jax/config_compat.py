@@ -70,7 +70,7 @@ import ml_collections
 
 from bdiff_jax import configuration
 from bdiff_jax.errors import ConfigError, ConfigMismatchError
-from bdiff_jax.workdir import os_error_to_user_error
+from bdiff_jax.runtime.workdir import os_error_to_user_error
 
 CONFIG_FILE = "config.json"
 

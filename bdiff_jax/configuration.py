@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_at_step = 0
   c.train.progress_bar = True
 
-  # The device mesh (bdiff_jax/sharding.py): `data` x `fsdp` devices over all processes.
+  # The device mesh (bdiff_jax/runtime/sharding.py): `data` x `fsdp` devices over all processes.
   # fsdp=1 replicates the state on every device (data parallelism); fsdp=k splits each state
   # leaf with >= 2 dims k ways along its largest dim divisible by k. data=-1: all remaining.
   c.mesh = ml_collections.ConfigDict()

@@ -12,7 +12,8 @@ from typing import Any
 
 import jax
 
-from bdiff_jax import checkpointing, config_compat, configuration, models, train_state
+from bdiff_jax import config_compat, configuration, models, train_state
+from bdiff_jax.runtime import checkpointing
 from bdiff_jax import update_rule
 from bdiff_jax.data import pipeline
 from bdiff_jax.evaluator import Evaluator

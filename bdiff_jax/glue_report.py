@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from bdiff_jax import glue_metrics, workdir as workdir_lib
+from bdiff_jax import glue_metrics
+from bdiff_jax.runtime import workdir as workdir_lib
 
 CONSTANT_FRACTION = 0.99  # a seed whose most frequent prediction has this share is "constant"
 STATIC_CHANGE = 1e-6  # a relative parameter change below this: "parameters did not move"

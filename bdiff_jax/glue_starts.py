@@ -42,7 +42,7 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from bdiff_jax.errors import ConfigError, UserError
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime.reporter import Reporter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT2_CONFIG = os.path.join(REPO, "configs", "wikitext2.py")

@@ -10,11 +10,12 @@ import signal
 
 import numpy as np
 
-from bdiff_jax import interrupt, nonfinite
-from bdiff_jax import workdir as workdir_lib
+from bdiff_jax import nonfinite
+from bdiff_jax.runtime import interrupt
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import CheckpointError, DataError, NonFiniteLossError
 from bdiff_jax.glue_settings import uses_grid
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime.reporter import Reporter
 
 
 UNITS_DIR = "glue_units"

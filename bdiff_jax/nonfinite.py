@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import checkpointing
+from bdiff_jax.runtime import checkpointing
 from bdiff_jax.errors import CheckpointError
 
 

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
-from bdiff_jax import metrics_log
+from bdiff_jax.runtime import metrics_log
 
 
 def _evals(records: list[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ On an Apple-silicon GPU through the jax-mps plugin (JAX platform `mps`, requirem
 it picks `gpu` where 2/3 of the RAM (unified memory) is at least 8 GiB, else `cpu`; the plugin
 gives no compiled memory analysis, so there the fit check is skipped (said in the reason). Where
 the plugin is installed but does not start, or with JAX_ENABLE_X64 (Metal has no float64), the
-run goes to the CPU and the reason says why (bdiff_jax/platform_info.py, start_backend).
+run goes to the CPU and the reason says why (bdiff_jax/runtime/platform_info.py, start_backend).
 
 Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 eval seeds):
   smoke:   ~30-40 s on 2 CPU cores; bound ~1.2e3 valid / ~870 test on the first 2,048 tokens
@@ -71,7 +71,7 @@ GPU_PRESET_MIN_BYTES = 8 * 2**30
 
 def _auto() -> tuple[str, str]:
   """(preset, reason) for this machine."""
-  from bdiff_jax import platform_info  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top
   p = platform_info.detect()
   if p.backend == "tpu":
     return "tpu", f"a TPU backend: {p.describe()}"
@@ -100,7 +100,7 @@ def _metal_note() -> str:
   """Where the Metal plugin is installed, a forced preset starts JAX's backend here too, as
   `_auto` does, so that a plugin that cannot start means the CPU and a note, not a traceback
   later; "" (and nothing started) without the plugin."""
-  from bdiff_jax import platform_info  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top
   if not platform_info.metal_plugin_installed():
     return ""
   _, note = platform_info.start_backend()

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bdiff_jax import models, platform_info, sharding, train_state, update_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax import models, train_state, update_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax.runtime import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.objective import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.train_step import make_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -10,11 +10,11 @@ import signal
 
 import pytest
 
-from bdiff_jax import host_allocator
-from bdiff_jax import xla_flags
+from bdiff_jax.runtime import host_allocator
+from bdiff_jax.runtime import xla_flags
 
 # As main.py does first thing (every child it starts does it too): freed host memory is kept for
-# reuse, so each step's large buffers are not page-faulted in again (bdiff_jax/host_allocator.py).
+# reuse, so each step's large buffers are not page-faulted in again (bdiff_jax/runtime/host_allocator.py).
 host_allocator.configure()
 
 # One persistent XLA compilation cache for the session, shared by the in-process tests, every

@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from bdiff_jax import configuration, models, train_state, update_rule, xla_flags
+from bdiff_jax import configuration, models, train_state, update_rule
+from bdiff_jax.runtime import xla_flags
 from bdiff_jax.objective import build_objective, objective_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def xla_defaults_requested() -> bool:
   return os.environ.get("BDIFF_TEST_OPTIMIZE", "0") == "1"
 
 
-# ELEMENTAL_EMITTERS_FLAG only on the jaxlib bdiff_jax.xla_flags verified its flags on.
+# ELEMENTAL_EMITTERS_FLAG only on the jaxlib bdiff_jax.runtime.xla_flags verified its flags on.
 TINY_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
     " " + ELEMENTAL_EMITTERS_FLAG if xla_flags.verified_jaxlib() else "")
 

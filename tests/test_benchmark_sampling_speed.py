@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from bdiff_jax import xla_flags
+from bdiff_jax.runtime import xla_flags
 from tests import helpers
 
 

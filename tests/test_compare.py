@@ -23,7 +23,7 @@ from bdiff_jax.benchmarks import compare
 from bdiff_jax.benchmarks.compare import measure
 from bdiff_jax.data.tokenizer import load_tokenizer
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
-from bdiff_jax.reporter import QUIET, Reporter
+from bdiff_jax.runtime.reporter import QUIET, Reporter
 from tests import helpers
 
 OUTPUTS = (compare.JSON_FILE, compare.MARKDOWN_FILE, compare.PLOT_FILE)

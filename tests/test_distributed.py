@@ -1,4 +1,4 @@
-"""Multi-process training on JAX's distributed runtime (bdiff_jax/distributed.py).
+"""Multi-process training on JAX's distributed runtime (bdiff_jax/runtime/distributed.py).
 
 Two real processes on localhost (CPU collectives: gloo, jax 0.10.2's default), 2 simulated CPU
 devices each, one (data=2, fsdp=2) mesh over the 4 devices: each process reads only its rows of
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from bdiff_jax import distributed
+from bdiff_jax.runtime import distributed
 from bdiff_jax.errors import ConfigError
 from tests import helpers
 

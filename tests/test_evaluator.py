@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bdiff_jax import evaluator as evaluator_lib
-from bdiff_jax import sharding
+from bdiff_jax.runtime import sharding
 from bdiff_jax.models import init_params
 from bdiff_jax.objective import build_objective
 from tests import helpers

@@ -121,7 +121,7 @@ def test_a_failing_row_fails_the_run(sst2, tmp_path):
 
 
 def helpers_reporter():
-  from bdiff_jax.reporter import QUIET  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime.reporter import QUIET  # pylint: disable=g-import-not-at-top
   return QUIET
 
 

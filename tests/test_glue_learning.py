@@ -6,7 +6,7 @@ checks that the assertions catch one)."""
 import pytest
 
 from bdiff_jax.modes import glue as glue_mode
-from bdiff_jax.reporter import QUIET
+from bdiff_jax.runtime.reporter import QUIET
 from configs import glue as glue_config
 from tests.test_glue_classification import write_sst2
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from bdiff_jax import glue_models
-from bdiff_jax import workdir as workdir_lib
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import (CheckpointError, ConfigError, DataError, DiskFullError,
                               NonFiniteLossError, StorageError, WorkdirBusyError)
 from bdiff_jax.modes import glue as glue_mode
-from bdiff_jax.reporter import QUIET
+from bdiff_jax.runtime.reporter import QUIET
 from tests import helpers
 from tests.test_glue_classification import _config, write_sst2
 

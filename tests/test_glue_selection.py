@@ -118,7 +118,7 @@ def test_dizo_and_mezo_are_compared_at_equal_forward_passes():
 def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
   from bdiff_jax import glue_models  # pylint: disable=g-import-not-at-top
   from bdiff_jax.modes import glue as glue_mode  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.reporter import QUIET  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime.reporter import QUIET  # pylint: disable=g-import-not-at-top
   from configs import glue as glue_config  # pylint: disable=g-import-not-at-top
   g = glue_config.get_config("test").glue
   g.zo.learning_rates = (1e-4, 1e-3, 1e-2)

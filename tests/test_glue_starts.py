@@ -18,7 +18,7 @@ import pytest
 
 from bdiff_jax import glue_starts
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.reporter import QUIET, Reporter
+from bdiff_jax.runtime.reporter import QUIET, Reporter
 from tests import helpers
 
 SMOKE_ARGS = ("--config.train.num_steps=4", "--config.train.log_every=2",

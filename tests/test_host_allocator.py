@@ -1,4 +1,4 @@
-"""bdiff_jax/host_allocator.py: what it sets, when it stands back, and that it works.
+"""bdiff_jax/runtime/host_allocator.py: what it sets, when it stands back, and that it works.
 
 * `release` restores glibc's defaults only after `configure` applied ours, and the train mode's
   `platform_info.check_host_memory` calls it (with a note) for a CPU step that fits only without
@@ -23,8 +23,8 @@ import sys
 
 import pytest
 
-from bdiff_jax import host_allocator
-from bdiff_jax import platform_info
+from bdiff_jax.runtime import host_allocator
+from bdiff_jax.runtime import platform_info
 from tests import helpers
 
 

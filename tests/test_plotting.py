@@ -6,7 +6,8 @@ import os
 import matplotlib.pyplot as plt
 import pytest
 
-from bdiff_jax import metrics_log, plotting
+from bdiff_jax import plotting
+from bdiff_jax.runtime import metrics_log
 
 
 def _workdir(path, evals, final=None):

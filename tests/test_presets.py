@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from bdiff_jax import platform_info
+from bdiff_jax.runtime import platform_info
 from tests import helpers
 
 

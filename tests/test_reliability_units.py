@@ -25,9 +25,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bdiff_jax import checkpoint_digests, checkpointing, config_compat, configuration, interrupt
-from bdiff_jax import metrics_log
-from bdiff_jax import workdir as workdir_lib
+from bdiff_jax import config_compat, configuration
+from bdiff_jax.runtime import checkpoint_digests
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import interrupt
+from bdiff_jax.runtime import metrics_log
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.data import pipeline, wikitext2
 from bdiff_jax.errors import (CheckpointError, ConfigError, ConfigMismatchError, DiskFullError,
                               StorageError, UserError, WorkdirBusyError, WorkdirError)
@@ -55,7 +58,7 @@ def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
   child = subprocess.Popen(
       [sys.executable, "-c", textwrap.dedent(f"""
           import sys
-          from bdiff_jax.workdir import WorkdirLock
+          from bdiff_jax.runtime.workdir import WorkdirLock
           lock = WorkdirLock({str(tmp_path)!r})
           lock.acquire()
           print("locked", flush=True)
@@ -581,7 +584,7 @@ def test_second_sigint_exits_at_once_with_one_line():
   child = subprocess.Popen(
       [sys.executable, "-c", textwrap.dedent("""
           import time
-          from bdiff_jax.interrupt import GracefulInterrupt
+          from bdiff_jax.runtime.interrupt import GracefulInterrupt
           with GracefulInterrupt() as stop:
             print("ready", flush=True)
             while True:  # a training loop that never reaches its check
@@ -827,7 +830,7 @@ def _tiny_train_config(tmp_path, **train):
 @pytest.mark.parametrize("what", ["fsdp", "batch", "temperature"])
 def test_train_refusals_happen_before_the_workdir_is_created(tmp_path, what):
   from bdiff_jax.modes import train  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime.reporter import Reporter  # pylint: disable=g-import-not-at-top
   c = _tiny_train_config(tmp_path)
   if what == "fsdp":
     c.mesh.fsdp = len(jax.devices()) + 2  # does not divide the devices
@@ -844,7 +847,7 @@ def test_train_refusals_happen_before_the_workdir_is_created(tmp_path, what):
 
 def test_eval_and_sample_refusals_happen_before_the_lock(tmp_path):
   from bdiff_jax.modes import evaluate, sample  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime.reporter import Reporter  # pylint: disable=g-import-not-at-top
   c = _tiny_train_config(tmp_path)
   c.sample.temperature = float("inf")
   workdir = tmp_path / "trained"
@@ -901,7 +904,7 @@ def test_non_finite_start_weights_are_refused_before_the_first_step():
 def test_eval_with_other_settings_gets_its_own_file(tmp_path, monkeypatch):
   import types  # pylint: disable=g-import-not-at-top
   from bdiff_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.reporter import Reporter  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime.reporter import Reporter  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(evaluate.baselines, "cached", lambda *a, **k: {"unigram": 1.0})
   monkeypatch.setattr(evaluate.baselines, "format_baselines", lambda r: "")
 
@@ -1044,7 +1047,7 @@ class _KeyValueStore:
 
 
 def test_peer_watchdog_names_the_lost_process_after_the_timeout():
-  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   store, now = _KeyValueStore(), [0.0]
   dogs = [distributed.PeerWatchdog(store, i, 3, 10.0, clock=lambda: now[0]) for i in range(3)]
   for t in (0.0, 2.0, 4.0):
@@ -1135,7 +1138,7 @@ def test_pytorch_reader_refuses_a_storage_larger_than_the_model_before_reading_i
 
 
 def test_a_collective_failing_for_a_lost_peer_is_one_line(monkeypatch):
-  from bdiff_jax import distributed  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   gloo = ValueError("UNKNOWN: Gloo all-reduce failed: [pair.cc:547] Connection closed by peer "
                     "[127.0.0.1]:2944\nmore")
   assert distributed.lost_peer_line(gloo) is None  # one process: not a lost peer

@@ -3,7 +3,7 @@
 import json
 import os
 
-from bdiff_jax import metrics_log
+from bdiff_jax.runtime import metrics_log
 from bdiff_jax.benchmarks import seed_table
 
 

@@ -1,4 +1,4 @@
-"""The (`data`, `fsdp`) mesh and the FSDP sharding rules (bdiff_jax/sharding.py).
+"""The (`data`, `fsdp`) mesh and the FSDP sharding rules (bdiff_jax/runtime/sharding.py).
 
 Fast unit tests of the rules in-process; the multi-device checks run in fresh processes with 8
 simulated CPU devices (`--xla_force_host_platform_device_count=8`): a sharded train step equals
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bdiff_jax import config_compat, configuration, sharding
+from bdiff_jax import config_compat, configuration
+from bdiff_jax.runtime import sharding
 from bdiff_jax.errors import ConfigError
 from tests import helpers
 

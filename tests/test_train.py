@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from bdiff_jax import sharding as mesh_lib
+from bdiff_jax.runtime import sharding as mesh_lib
 from bdiff_jax import train_step, update_rule
 from tests import helpers
 

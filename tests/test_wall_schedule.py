@@ -14,7 +14,7 @@ import pytest
 from bdiff_jax import configuration, update_rule, wall_schedule
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import train as train_mode
-from bdiff_jax.reporter import QUIET
+from bdiff_jax.runtime.reporter import QUIET
 from tests.helpers import load_config, train_losses
 
 

@@ -55,7 +55,7 @@ from typing import Any, Optional
 import ml_collections
 
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime.reporter import Reporter
 
 BACKBONES = ("standard", "reversible/recompute", "reversible/autodiff")
 RESULTS_FILE = "memory_benchmark.json"

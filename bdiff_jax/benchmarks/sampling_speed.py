@@ -39,9 +39,10 @@ import time
 
 if __name__ == "__main__":
   # As main.py does, before JAX starts a thread: the host allocator's settings and our XLA
-  # flags (bdiff_jax/host_allocator.py, bdiff_jax/xla_flags.py), so the samplers are timed as
+  # flags (bdiff_jax/runtime/host_allocator.py, bdiff_jax/runtime/xla_flags.py), so the samplers are timed as
   # the program runs them.
-  from bdiff_jax import host_allocator, xla_flags  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import host_allocator  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
   try:
     host_allocator.configure()
   except ValueError as _e:
@@ -200,7 +201,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--vocab", type=int, default=WIKITEXT2_VOCAB)
   parser.add_argument("--out", default="sampling_speed.json")
   args = parser.parse_args(argv)
-  from bdiff_jax import host_allocator  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.runtime import host_allocator  # pylint: disable=g-import-not-at-top
   settings = {"host_allocator": "retain" if host_allocator.retaining() else "system",
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
   print(f"host allocator: {settings['host_allocator']}; XLA_FLAGS: {settings['xla_flags']!r}")

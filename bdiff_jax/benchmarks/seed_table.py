@@ -25,7 +25,7 @@ import statistics
 import sys
 from typing import Optional
 
-from bdiff_jax import metrics_log
+from bdiff_jax.runtime import metrics_log
 
 
 def plateau(readings: list[tuple[int, float]], *, tolerance: float = 0.05) -> dict:

@@ -26,7 +26,7 @@ Systems measured (each a persistent worker process, so that its compiled step st
                         `git worktree` of the commit before a change): an A/B of a code change
                         in one run. Plain `base`: full head, no flags; with <loss>, as jax:.
   torch_eager, torch_compile   the PyTorch step (needs torch: requirements-bench.txt).
-Host allocator (bdiff_jax/host_allocator.py): our workers apply the project's malloc settings,
+Host allocator (bdiff_jax/runtime/host_allocator.py): our workers apply the project's malloc settings,
 as main.py does (`--allocator system` leaves glibc's defaults); the PyTorch workers run with
 glibc's defaults, as the reference script does (`--torch_allocator retain` gives them ours:
 PyTorch's CPU allocator also gets its large buffers from malloc). A `%retain` or `%system`
@@ -143,7 +143,7 @@ def our_config(shape: dict[str, int], *, preset: str = "", overrides=()):
 
 def _jax_worker(args: dict[str, Any], reply) -> None:
   if args.get("flags") is None:
-    from bdiff_jax import xla_flags  # pylint: disable=g-import-not-at-top
+    from bdiff_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
     xla_flags.apply_default_flags()
   else:
     os.environ["XLA_FLAGS"] = "" if args["flags"] == "none" else args["flags"]
@@ -290,11 +290,11 @@ def _max_rss_mib() -> float:
 
 @functools.cache
 def _host_allocator():
-  """This checkout's bdiff_jax/host_allocator.py, loaded by path: a base system's worker runs
+  """This checkout's bdiff_jax/runtime/host_allocator.py, loaded by path: a base system's worker runs
   this file with another checkout first on its path, which may predate the module."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "host_allocator.py")
+                      "runtime/host_allocator.py")
   spec = importlib.util.spec_from_file_location("_bdiff_host_allocator", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -501,7 +501,7 @@ def main(argv=None) -> None:
   p.add_argument("--baseline_src", default="", help="checkout for the 'base' system")
   p.add_argument("--torch_python", default="", help="python with torch (default: this one)")
   p.add_argument("--allocator", default="retain", choices=_host_allocator().MODES,
-                 help="host malloc settings of our workers (bdiff_jax/host_allocator.py)")
+                 help="host malloc settings of our workers (bdiff_jax/runtime/host_allocator.py)")
   p.add_argument("--torch_allocator", default="system", choices=_host_allocator().MODES,
                  help="host malloc settings of the PyTorch workers (default: glibc's, as the "
                  "reference script runs)")

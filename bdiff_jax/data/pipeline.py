@@ -37,7 +37,7 @@ import numpy as np
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data import wikitext2
 from bdiff_jax.errors import ConfigError, DataError, UserError
-from bdiff_jax.workdir import find_os_error, os_error_to_user_error
+from bdiff_jax.runtime.workdir import find_os_error, os_error_to_user_error
 
 # Our split names (Splits fields) -> TFDS split names.
 SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}

@@ -12,8 +12,8 @@ import json
 import os
 
 from bdiff_jax import baselines, configuration, experiment
-from bdiff_jax import workdir as workdir_lib
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime import workdir as workdir_lib
+from bdiff_jax.runtime.reporter import Reporter
 
 
 def evaluate_checkpoint(exp: experiment.Experiment, reporter: Reporter) -> dict:

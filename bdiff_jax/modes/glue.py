@@ -44,17 +44,17 @@ import numpy as np
 
 from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, glue_starts
 from bdiff_jax import models, update_rule
-from bdiff_jax import workdir as workdir_lib
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.glue_settings import (dev_splits, row_steps, task_seq_len, task_splits,
                                      uses_grid, validate)
 from bdiff_jax.glue_units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
-from bdiff_jax.platform_info import memory_stats
+from bdiff_jax.runtime.platform_info import memory_stats
 from bdiff_jax.data import glue, glue_encoding
 from bdiff_jax.errors import DataError
 from bdiff_jax.errors import UserError
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train_state import create_train_state
 from bdiff_jax.train_step import make_train_step
 

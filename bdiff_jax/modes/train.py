@@ -15,17 +15,21 @@ from typing import Optional
 
 import jax
 
-from bdiff_jax import checkpointing, config_compat, configuration, distributed, experiment
-from bdiff_jax import interrupt
-from bdiff_jax import metrics_log, platform_info, plotting, update_rule, wall_schedule
+from bdiff_jax import config_compat, configuration, experiment
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import distributed
+from bdiff_jax.runtime import interrupt
+from bdiff_jax import plotting, update_rule, wall_schedule
+from bdiff_jax.runtime import metrics_log
+from bdiff_jax.runtime import platform_info
 from bdiff_jax.nonfinite import check_finite_weights, nonfinite_message
-from bdiff_jax import workdir as workdir_lib
-from bdiff_jax import sharding as sharding_lib
+from bdiff_jax.runtime import workdir as workdir_lib
+from bdiff_jax.runtime import sharding as sharding_lib
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import CheckpointError, NonFiniteLossError, UserError
 from bdiff_jax.modes import evaluate as evaluate_mode
 from bdiff_jax.modes import sample as sample_mode
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train_step import make_train_step
 
 FINISHED = "finished"  # reached train.num_steps
@@ -146,7 +150,7 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   written; config.json is (re)written only after a successful start. A workdir this run created
   is removed again when the run is refused before it recorded anything (`workdir.remove_if_unused`).
 
-  Multi-process (`bdiff_jax.distributed`): every process trains (one SPMD step over the global
+  Multi-process (`bdiff_jax.runtime.distributed`): every process trains (one SPMD step over the global
   mesh, checkpoints saved and restored collectively) and reads only its rows of each batch;
   process 0 alone holds the lock and writes config.json, metrics, plots and samples, and the
   others report nothing. Evaluation (periodic and final) and sampling are skipped in a

@@ -47,7 +47,7 @@ from bdiff_jax.benchmarks.compare.report import (JSON_FILE, MARKDOWN_FILE, PLOT_
                                                  format_markdown, summarize)
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.reporter import Reporter
+from bdiff_jax.runtime.reporter import Reporter
 
 __all__ = [
     "BUDGETS", "LEVELS", "MODEL_KINDS", "JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "RUN_FILE",

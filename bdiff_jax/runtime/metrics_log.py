@@ -21,8 +21,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax import platform_info
-from bdiff_jax.workdir import os_error_to_user_error
+from bdiff_jax.runtime import platform_info
+from bdiff_jax.runtime.workdir import os_error_to_user_error
 
 
 def _clean(v):

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import jax
 
-from bdiff_jax import host_allocator
+from bdiff_jax.runtime import host_allocator
 from bdiff_jax.errors import UserError
 
 
@@ -327,4 +327,4 @@ def check_host_memory(stats: dict, platform: Platform, *, headroom: float = FIT_
           f"{need / 2**30:.1f} GiB, more than this machine's "
           f"{platform.memory_bytes / 2**30:.1f} GiB allow; using glibc's default allocation "
           f"instead (slower on CPU: each step's buffers are page-faulted in again; "
-          f"bdiff_jax/host_allocator.py)")
+          f"bdiff_jax/runtime/host_allocator.py)")
