@@ -165,7 +165,7 @@ def _parse_flags(argv):
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     _fail(f"invalid config override ({msg}) among {' '.join(bad) or 'the arguments'}.",
           "use a field that exists in the config file (see configs/ and "
-          "bdiff_jax/configuration.py) with a value of its type.")
+          "bdiff_jax/config/configuration.py) with a value of its type.")
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}.",
           "pass options as --flag=value (e.g. --config.train.num_steps=100), or quote values "
@@ -201,7 +201,7 @@ def check_mode_fields(config, mode: str, config_arg: str) -> None:
   config, which has only a `glue` section, given to --mode=train)."""
   if mode not in TRAINER_MODES:
     return
-  from bdiff_jax import configuration  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
   from bdiff_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
   def paths(c, prefix=""):
@@ -236,7 +236,7 @@ def main(argv):
   tfds.disable_progress_bar()
   from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from bdiff_jax.runtime.reporter import Reporter  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.config_compat import explicit_overrides_from_argv  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.config.compat import explicit_overrides_from_argv  # pylint: disable=g-import-not-at-top
   try:
     config = _load_config()
     check_mode_fields(config, _MODE.value, flags.FLAGS["config"].config_filename)

@@ -12,7 +12,9 @@ from typing import Any
 
 import jax
 
-from bdiff_jax import config_compat, configuration, models, train_state
+from bdiff_jax import models, train_state
+from bdiff_jax.config import compat as config_compat
+from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax import update_rule
 from bdiff_jax.data import pipeline

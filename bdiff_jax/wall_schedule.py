@@ -30,7 +30,7 @@ import json
 import os
 from typing import Any, Callable, Optional
 
-from bdiff_jax import config_compat
+from bdiff_jax.config import compat as config_compat
 
 RECORD_FILE = "schedule_fit.json"
 CALIBRATION_STEPS = 30  # the decision is taken at min(this, warmup_steps)

@@ -24,7 +24,7 @@ under a minute; used by tests/test_benchmark_memory.py), "gpu" (width 512, batch
 
 import ml_collections
 
-from bdiff_jax.configuration import base_config
+from bdiff_jax.config.configuration import base_config
 
 
 def get_config(preset: str = ""):

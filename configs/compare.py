@@ -38,7 +38,7 @@ Harness flags (all under config.compare; see the field comments below), e.g.
 
 import ml_collections
 
-from bdiff_jax.configuration import base_config
+from bdiff_jax.config.configuration import base_config
 
 # Model shapes: (num_layers, emb_dim, num_heads, head_dim, mlp_dim); kv heads = heads // 2.
 SCALES = {

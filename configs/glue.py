@@ -65,7 +65,7 @@ import os
 
 import ml_collections
 
-from bdiff_jax.configuration import base_config
+from bdiff_jax.config.configuration import base_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCALES = ((6, 512, 8, 4), (12, 768, 12, 6), (24, 1024, 16, 8))

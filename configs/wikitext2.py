@@ -61,7 +61,7 @@ checks the real one before the first step; `python -m bdiff_jax.benchmarks.throu
                        host's devices along the batch, each holds about 1/N of the activations.
 """
 
-from bdiff_jax.configuration import base_config
+from bdiff_jax.config.configuration import base_config
 
 PRESETS = ("auto", "smoke", "cpu", "cpu_opt", "gpu", "tpu", "default")
 # Below this much accelerator memory the gpu preset's step (5.6 GiB, see above) may not fit

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration, diffusion, models, schedules, train_state, update_rule
+from bdiff_jax import diffusion, models, schedules, train_state, update_rule
+from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
 from bdiff_jax.objective import build_objective

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration
+from bdiff_jax.config import configuration
 from bdiff_jax.models import init_params
 from tests import helpers
 from bdiff_jax.models.layers import Attention, attention_mask, candidate_selection_mask

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration
+from bdiff_jax.config import configuration
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
 from bdiff_jax.models import cross_entropy, init_params

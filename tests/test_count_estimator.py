@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration, corruption, schedules
+from bdiff_jax import corruption, schedules
+from bdiff_jax.config import configuration
 from bdiff_jax.corruption import corrupt_count, counts_from_uniform
 from bdiff_jax.diffusion import diffusion_loss, nll_bound
 from bdiff_jax.time_draws import eval_times, sample_times

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration, models, schedules
+from bdiff_jax import models, schedules
+from bdiff_jax.config import configuration
 from bdiff_jax.runtime import xla_flags
 from bdiff_jax.corruption import corrupt
 from bdiff_jax.diffusion import diffusion_loss, diffusion_loss_gathered, nll_bound

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import ar_sampling, config_compat, glue_models, models
+from bdiff_jax import ar_sampling, glue_models, models
+from bdiff_jax.config import compat as config_compat
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax import train_state
 from bdiff_jax import update_rule, zeroth_order

@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bdiff_jax import config_compat, configuration
+from bdiff_jax.config import compat as config_compat
+from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpoint_digests
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import interrupt

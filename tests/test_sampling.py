@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import configuration
+from bdiff_jax.config import configuration
 from bdiff_jax import sampling
 from bdiff_jax import schedules
 from bdiff_jax.errors import UserError

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bdiff_jax import config_compat, configuration
+from bdiff_jax.config import compat as config_compat
+from bdiff_jax.config import configuration
 from bdiff_jax.runtime import sharding
 from bdiff_jax.errors import ConfigError
 from tests import helpers

@@ -120,7 +120,8 @@ def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from bdiff_jax import configuration, train_state  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import train_state  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
   from bdiff_jax.benchmarks import step_memory  # pylint: disable=g-import-not-at-top
 
   jax.numpy.zeros(()).block_until_ready()

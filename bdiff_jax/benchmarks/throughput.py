@@ -121,7 +121,7 @@ def our_config(shape: dict[str, int], *, preset: str = "", overrides=()):
 
   `overrides`: "section.field=value" strings applied last (values parsed as JSON, else str).
   """
-  from bdiff_jax import configuration  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
   if preset:
     c = get_preset_config(preset)
   else:

@@ -19,7 +19,9 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax import config_compat, configuration, experiment, sample_quality
+from bdiff_jax import experiment, sample_quality
+from bdiff_jax.config import compat as config_compat
+from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.data import tokenizer as tokenizer_lib

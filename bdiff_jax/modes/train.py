@@ -15,7 +15,9 @@ from typing import Optional
 
 import jax
 
-from bdiff_jax import config_compat, configuration, experiment
+from bdiff_jax import experiment
+from bdiff_jax.config import compat as config_compat
+from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import interrupt

@@ -87,7 +87,7 @@ def parse_value(template: ml_collections.ConfigDict, path: str, raw: str, item: 
     raise ConfigError(
         f"{_SETTING}: config has no field {path!r} (in {item!r}).",
         f"did you mean {section}.{suggestion.group(1)}?" if suggestion else
-        "use a field that exists in bdiff_jax/configuration.py.") from e
+        "use a field that exists in bdiff_jax/config/configuration.py.") from e
   except flags.Error as e:
     reason = _one_line(e).removeprefix(f"flag {argv[1]}: ")  # absl names the throw-away flag
     raise ConfigError(f"{_SETTING}: {item!r} does not give {path} a value of its type "
@@ -151,7 +151,7 @@ def apply(config: ml_collections.ConfigDict, flat: dict[str, Any]) -> None:
     config.update_from_flattened_dict(flat)
   except (AttributeError, KeyError, TypeError) as e:
     raise ConfigError(f"{_SETTING}: cannot apply {sorted(flat)} ({_one_line(e)}).",
-                      "use fields that exist in bdiff_jax/configuration.py with values of "
+                      "use fields that exist in bdiff_jax/config/configuration.py with values of "
                       "their type.") from e
   finally:
     if not was_locked:

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from bdiff_jax import configuration
+from bdiff_jax.config import configuration
 from bdiff_jax.benchmarks.compare import overrides as overrides_lib
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.objective import objective_class

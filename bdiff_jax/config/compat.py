@@ -68,7 +68,7 @@ from typing import Any, Collection, Iterable, Mapping, Optional
 
 import ml_collections
 
-from bdiff_jax import configuration
+from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError, ConfigMismatchError
 from bdiff_jax.runtime.workdir import os_error_to_user_error
 

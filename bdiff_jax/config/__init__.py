@@ -1,0 +1,2 @@
+"""The configuration: defaults and validation (`configuration`), and which changes a saved
+workdir accepts (`compat`)."""
