@@ -17,7 +17,7 @@ instead of a full sequence).
 import jax
 import jax.numpy as jnp
 
-from bdiff_jax import sampling
+from bdiff_jax.diffusion import sampling
 from bdiff_jax.models.network import Network
 
 SamplingArgumentError = sampling.SamplingArgumentError

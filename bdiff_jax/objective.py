@@ -27,7 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, corruption, diffusion, models, sampling, schedules
+from bdiff_jax import ar_sampling, models
+from bdiff_jax.diffusion import corruption
+from bdiff_jax.diffusion import elbo
+from bdiff_jax.diffusion import sampling
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import ConfigError
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
@@ -124,18 +128,18 @@ class MaskedDiffusion(Objective):
               corruption=self.corruption, uniform_fraction=self.uniform_fraction,
               estimator=self.estimator)
     if self.masked_head:
-      return diffusion.diffusion_loss_gathered(
+      return elbo.diffusion_loss_gathered(
           *self._hidden_and_nll(apply), tokens, key, chunk_rows=self.head_chunk_rows,
           positions_per_row=self.train_positions_per_seq, **kw)
-    return diffusion.diffusion_loss(self._logits_fn(apply), tokens, key, **kw)
+    return elbo.diffusion_loss(self._logits_fn(apply), tokens, key, **kw)
 
   def sequence_nll(self, apply, tokens, valid, key, *, num_samples):
     kw = dict(schedule=self.schedule, mask_id=self.mask_id, num_samples=num_samples,
               valid=valid, estimator=self.estimator)
     if self.masked_head:
-      return diffusion.nll_bound_gathered(*self._hidden_and_nll(apply, padding_mask=valid),
+      return elbo.nll_bound_gathered(*self._hidden_and_nll(apply, padding_mask=valid),
                                           tokens, key, chunk_rows=self.head_chunk_rows, **kw)
-    return diffusion.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key, **kw)
+    return elbo.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key, **kw)
 
   def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
     """The exact event-driven ancestral sampler (`sampling.sample`): the network is called only

@@ -119,7 +119,7 @@ def get_config(preset: str = ""):
     reason = "chosen on the command line" + _metal_note()
   preset = "gpu" if preset == "default" else preset
   c.preset, c.preset_reason = preset, reason
-  # The count estimator of the ELBO (bdiff_jax/diffusion.py): the same bound as the time
+  # The count estimator of the ELBO (bdiff_jax/diffusion/elbo.py): the same bound as the time
   # estimator, with bounded weights; at equal steps the cpu preset's model trained with it was
   # 10% better (valid bound 696 vs 772 after 600 steps) and its bound 2.7x less spread over
   # evaluation seeds. (Ignored by the autoregressive cpu_opt.)

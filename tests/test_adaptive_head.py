@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import diffusion, models, schedules, train_state, update_rule
+from bdiff_jax import models, train_state, update_rule
+from bdiff_jax.diffusion import elbo
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
@@ -152,7 +154,7 @@ def test_diffusion_loss_and_bound_equal_the_full_computation():
 
     def full(p):
       apply = models.bind(net, p, train=False)
-      return diffusion.diffusion_loss(lambda z, t: apply(z, t), tokens, key, **kw)[0]
+      return elbo.diffusion_loss(lambda z, t: apply(z, t), tokens, key, **kw)[0]
 
     (v0, g0), (v1, g1) = (jax.jit(jax.value_and_grad(f))(params) for f in (gathered, full))
     np.testing.assert_allclose(float(v0), float(v1), rtol=1e-12)
@@ -161,7 +163,7 @@ def test_diffusion_loss_and_bound_equal_the_full_computation():
     valid = jnp.arange(LENGTH)[None, :] < jnp.asarray([16, 9, 1, 16])[:, None]
     apply = models.bind(net, params, train=False)
     bound = objective.sequence_nll(apply, tokens, valid, key, num_samples=3)
-    reference = diffusion.nll_bound(lambda z, t: apply(z, t, padding_mask=valid), tokens, key,
+    reference = elbo.nll_bound(lambda z, t: apply(z, t, padding_mask=valid), tokens, key,
                                     num_samples=3, valid=valid, **kw)
     np.testing.assert_allclose(np.asarray(bound), np.asarray(reference), rtol=1e-12)
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import ar_sampling, sampling
+from bdiff_jax import ar_sampling
+from bdiff_jax.diffusion import sampling
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import UserError
 from bdiff_jax.models import init_params

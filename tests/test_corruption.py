@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import schedules
-from bdiff_jax.corruption import corrupt
+from bdiff_jax.diffusion import schedules
+from bdiff_jax.diffusion.corruption import corrupt
 from bdiff_jax.errors import ConfigError
 
 VOCAB = 50

@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import corruption, schedules
+from bdiff_jax.diffusion import corruption
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.config import configuration
-from bdiff_jax.corruption import corrupt_count, counts_from_uniform
-from bdiff_jax.diffusion import diffusion_loss, nll_bound
-from bdiff_jax.time_draws import eval_times, sample_times
+from bdiff_jax.diffusion.corruption import corrupt_count, counts_from_uniform
+from bdiff_jax.diffusion.elbo import diffusion_loss, nll_bound
+from bdiff_jax.diffusion.time_draws import eval_times, sample_times
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.masked_head import count_capacity
+from bdiff_jax.diffusion.masked_head import count_capacity
 from tests.test_diffusion import EXACT, MASK_ID as TOY_MASK, NEG_LOG_P, SEQUENCES
 
 V = 5
@@ -244,7 +245,8 @@ def test_config_rejects_count_with_a_non_absorbing_corruption():
 def test_objective_trains_evaluates_and_samples_with_the_masked_fraction_as_time():
   """Through the objective on a real (tiny, time-conditioned) network: the sampler feeds the
   network the masked fraction of its input, exactly as training and evaluation do."""
-  from bdiff_jax import models, sampling  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import models  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.diffusion import sampling  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   c = helpers.tiny_config(num_layers=1)
   c.diffusion.estimator = "count"

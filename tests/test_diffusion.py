@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import schedules
-from bdiff_jax.corruption import corrupt
-from bdiff_jax.diffusion import diffusion_loss
-from bdiff_jax.diffusion import nll_bound
-from bdiff_jax.time_draws import sample_times
-from bdiff_jax.time_draws import stratified_times
-from bdiff_jax.diffusion import weighted_masked_nll
+from bdiff_jax.diffusion import schedules
+from bdiff_jax.diffusion.corruption import corrupt
+from bdiff_jax.diffusion.elbo import diffusion_loss
+from bdiff_jax.diffusion.elbo import nll_bound
+from bdiff_jax.diffusion.time_draws import sample_times
+from bdiff_jax.diffusion.time_draws import stratified_times
+from bdiff_jax.diffusion.elbo import weighted_masked_nll
 
 V = 3
 L = 3

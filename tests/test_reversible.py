@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import diffusion, schedules
+from bdiff_jax.diffusion import elbo
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.config import configuration
 from bdiff_jax.models import count_params, init_params
 from bdiff_jax.models.layers import AttentionSublayer, MlpSublayer, TimeEmbedding
@@ -280,7 +281,7 @@ def _grad_errors(dtype: str, dropout_rate: float):
       def loss(p, model=model):
         logits_fn = lambda z, t: model.apply({"params": p}, z, t, train=True,
                                              rngs={"dropout": dropout_key})
-        return diffusion.diffusion_loss(logits_fn, tokens, noise_key,
+        return elbo.diffusion_loss(logits_fn, tokens, noise_key,
                                         schedule=schedules.linear(), mask_id=VOCAB)[0]
 
       out[bw] = jax.value_and_grad(loss)(params)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bdiff_jax.config import configuration
-from bdiff_jax import sampling
-from bdiff_jax import schedules
+from bdiff_jax.diffusion import sampling
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import UserError
 from bdiff_jax.models import init_params
 from tests.helpers import network

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bdiff_jax.config import configuration
-from bdiff_jax import schedules
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import ConfigError
 
 SCHEDULES = [schedules.linear(), schedules.cosine(), schedules.polynomial(2.0),

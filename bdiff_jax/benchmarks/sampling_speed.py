@@ -54,7 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, sampling, schedules
+from bdiff_jax import ar_sampling
+from bdiff_jax.diffusion import sampling
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import UserError
 from bdiff_jax.models import build_network, init_params
 from bdiff_jax.objective import objective_class

@@ -10,7 +10,8 @@ import os
 
 import ml_collections
 
-from bdiff_jax import corruption, zeroth_order
+from bdiff_jax import zeroth_order
+from bdiff_jax.diffusion import corruption
 from bdiff_jax.models import adaptive_head
 from bdiff_jax.errors import ConfigError
 
@@ -97,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.corruption = "absorbing"  # "absorbing" | "prototype_mix"
   c.diffusion.uniform_fraction = 0.1  # share of corrupted tokens substituted, "prototype_mix" only
   c.diffusion.antithetic = True
-  # The Monte Carlo estimator of the ELBO, in training and evaluation (bdiff_jax/diffusion.py):
+  # The Monte Carlo estimator of the ELBO, in training and evaluation (bdiff_jax/diffusion/elbo.py):
   # "time": t ~ U(0, 1], Bernoulli masks, weight w(t); "count": k ~ U{1..L} masked tokens
   # exactly, weight L / k, the network conditioned on k / L. The same bound in expectation for
   # a denoiser of z alone; "count" has bounded weights and far lower variance.

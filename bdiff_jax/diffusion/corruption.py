@@ -2,15 +2,15 @@
 
 Token ids 0..V-1 are real tokens and `mask_id` (= V by convention) is the absorbing [MASK] state.
 At time t in [0, 1] each token of a sequence is independently replaced by [MASK] with
-probability 1 - alpha(t), where alpha is a `bdiff_jax.schedules.Schedule`.
+probability 1 - alpha(t), where alpha is a `bdiff_jax.diffusion.schedules.Schedule`.
 
 Two modes:
 
-* "absorbing": the process above. It is the only one for which `bdiff_jax.diffusion` computes a
+* "absorbing": the process above. It is the only one for which `bdiff_jax.diffusion.elbo` computes a
   valid upper bound on the negative log-likelihood.
 * "absorbing" with an exact count (`corrupt_count`): exactly k of the L positions, a uniformly
   random set of them, are [MASK]. Given |M| = k, the mask set of the process above is such a
-  set too; `bdiff_jax.diffusion`'s "count" estimator draws k instead of t.
+  set too; `bdiff_jax.diffusion.elbo`'s "count" estimator draws k instead of t.
 * "prototype_mix": reproduces the corruption of the older PyTorch prototype, kept only for
   comparison. Of the corrupted positions, a `uniform_fraction` share shows a uniformly random real
   token (which may coincide with the original one) instead of [MASK]. This is NOT the absorbing
@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.schedules import Schedule
+from bdiff_jax.diffusion.schedules import Schedule
 
 CORRUPTION_MODES = ("absorbing", "prototype_mix")
-# How `bdiff_jax.diffusion` draws masks: per-token at a time t, or an exact count k.
+# How `bdiff_jax.diffusion.elbo` draws masks: per-token at a time t, or an exact count k.
 ESTIMATORS = ("time", "count")
 
 

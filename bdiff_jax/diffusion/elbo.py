@@ -35,7 +35,7 @@ two, `hidden_fn(noisy, t) -> [B, L, D]` and the head with its cross-entropy, `nl
 targets [C]) -> [C]` (`masked_head.head_nll(head_fn)` for a head that returns logits), and run
 the head only at the masked positions of the batch (gathered into a buffer of `masked_capacity`
 rows), which is where nearly all of the work is at a large vocabulary. See
-`bdiff_jax.masked_head`.
+`bdiff_jax.diffusion.masked_head`.
 """
 
 from typing import Any, Callable, Optional
@@ -43,18 +43,18 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from bdiff_jax.corruption import check_corruption_args
-from bdiff_jax.corruption import check_estimator
-from bdiff_jax.corruption import corrupt
-from bdiff_jax.corruption import corrupt_count
-from bdiff_jax.corruption import counts_from_uniform
-from bdiff_jax.masked_head import RowsNllFn
-from bdiff_jax.masked_head import count_capacity
-from bdiff_jax.masked_head import masked_capacity
-from bdiff_jax.masked_head import masked_nll_sums
-from bdiff_jax.masked_head import subsampled_nll_sums
-from bdiff_jax.schedules import Schedule
-from bdiff_jax.time_draws import eval_times, sample_times
+from bdiff_jax.diffusion.corruption import check_corruption_args
+from bdiff_jax.diffusion.corruption import check_estimator
+from bdiff_jax.diffusion.corruption import corrupt
+from bdiff_jax.diffusion.corruption import corrupt_count
+from bdiff_jax.diffusion.corruption import counts_from_uniform
+from bdiff_jax.diffusion.masked_head import RowsNllFn
+from bdiff_jax.diffusion.masked_head import count_capacity
+from bdiff_jax.diffusion.masked_head import masked_capacity
+from bdiff_jax.diffusion.masked_head import masked_nll_sums
+from bdiff_jax.diffusion.masked_head import subsampled_nll_sums
+from bdiff_jax.diffusion.schedules import Schedule
+from bdiff_jax.diffusion.time_draws import eval_times, sample_times
 
 LogitsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 HiddenFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (noisy, t) -> [B, L, D]
@@ -146,7 +146,7 @@ def diffusion_loss(logits_fn: LogitsFn,
     antithetic: stratify the times across the batch.
     corruption: "absorbing", or "prototype_mix" to reproduce the old prototype's objective (the
       same formula on its corruption; NOT a likelihood bound).
-    uniform_fraction: "prototype_mix" only, see `bdiff_jax.corruption.corrupt`.
+    uniform_fraction: "prototype_mix" only, see `bdiff_jax.diffusion.corruption.corrupt`.
     estimator: "time" or "count" (`corruption.ESTIMATORS`; "count" needs corruption="absorbing").
 
   Returns:
@@ -229,7 +229,7 @@ def diffusion_loss_gathered(hidden_fn: HiddenFn,
   Same draws (times, masks) from the same key, and the same loss and aux metrics as
   `diffusion_loss(lambda z, t: head_fn(hidden_fn(z, t)), ...)` when nll_fn is
   `masked_head.head_nll(head_fn)`, up to the order of floating-point additions; the gradients
-  are equal in the same sense. See `bdiff_jax.masked_head`.
+  are equal in the same sense. See `bdiff_jax.diffusion.masked_head`.
 
   Args:
     hidden_fn: (noisy int32[B, L], t float32[B]) -> hidden states float[B, L, D].

@@ -59,9 +59,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import schedules as schedules_lib
+from bdiff_jax.diffusion import schedules as schedules_lib
 # The draws, re-exported: sampling.categorical etc. are the names callers use.
-from bdiff_jax.categorical import (blocked_layout, categorical, categorical_blocked,  # noqa: F401  pylint: disable=unused-import
+from bdiff_jax.diffusion.categorical import (blocked_layout, categorical, categorical_blocked,  # noqa: F401  pylint: disable=unused-import
                                    categorical_blocked_from_noise, exponential_from_bits, gumbel,
                                    filter_logits, unit_from_bits)
 from bdiff_jax.errors import UserError
@@ -315,7 +315,7 @@ def sample(logits_fn: LogitsFn, key: jax.Array, *, length: int, num_steps: int, 
     schedule = schedules_lib.linear()
   elif not isinstance(schedule, schedules_lib.Schedule):
     raise SamplingArgumentError(f"schedule must be a Schedule, got {schedule!r}.",
-                                "pass bdiff_jax.schedules.get_schedule(name) or None.")
+                                "pass bdiff_jax.diffusion.schedules.get_schedule(name) or None.")
   with jax.ensure_compile_time_eval():  # constants, also under jit
     times = sampling_grid(num_steps, grid)
     reveal_prob = reveal_probabilities(schedule, times)

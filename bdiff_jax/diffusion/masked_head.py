@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdiff_jax.models.cross_entropy import token_nll
-from bdiff_jax.schedules import Schedule
+from bdiff_jax.diffusion.schedules import Schedule
 
 HeadFn = Callable[[jnp.ndarray], jnp.ndarray]  # [..., D] -> logits [..., V]
 # (rows [C, D], targets int32[C]) -> -log p(target | row), float[C]: the output head and its
@@ -93,7 +93,7 @@ def masked_capacity(schedule: Schedule, batch_size: int, seq_len: int, *,
 
 def count_capacity(batch_size: int, seq_len: int, *, antithetic: bool = True,
                    num_std: float = DEFAULT_NUM_STD) -> int:
-  """Rows C of the masked-position buffer for the count estimator of `bdiff_jax.diffusion`.
+  """Rows C of the masked-position buffer for the count estimator of `bdiff_jax.diffusion.elbo`.
 
   Row b masks exactly k_b = ceil(s_b L) positions (`corruption.counts_from_uniform`). With antithetic (stratified) s_b, sum_b s_b
   <= (B + 1) / 2 for every offset, so M = sum_b k_b < L (B + 1) / 2 + B: C is that bound and a
