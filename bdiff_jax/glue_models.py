@@ -44,7 +44,7 @@ from bdiff_jax.data.glue import GlueSplit
 from bdiff_jax.errors import CheckpointError, ConfigError
 from bdiff_jax.models.classifier import OPTLM, PooledClassifier
 from bdiff_jax.models.hf_checkpoint import load_opt
-from bdiff_jax.objective import build_objective
+from bdiff_jax.objectives import build_objective
 
 BDIFF_MODELS = {"reversible_qwen3": "reversible", "standard_qwen3": "standard"}
 MODELS = (*BDIFF_MODELS, "opt")

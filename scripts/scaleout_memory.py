@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bdiff_jax import models, train_state, update_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bdiff_jax.objective import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.train_step import make_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB = 33_279  # WikiText-2 word level: 33,278 words + [MASK]

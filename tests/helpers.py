@@ -15,7 +15,7 @@ import numpy as np
 from bdiff_jax import models, train_state, update_rule
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import xla_flags
-from bdiff_jax.objective import build_objective, objective_class
+from bdiff_jax.objectives import build_objective, objective_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/wikitext2.py:smoke"

@@ -22,7 +22,7 @@ from bdiff_jax.diffusion import schedules
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
-from bdiff_jax.objective import build_objective
+from bdiff_jax.objectives import build_objective
 from tests.helpers import tiny_config
 
 VOCAB, LENGTH, BATCH = 50, 16, 4

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import ar_sampling
+from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.diffusion import sampling
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import UserError

@@ -10,7 +10,7 @@ import pytest
 from bdiff_jax import evaluator as evaluator_lib
 from bdiff_jax.runtime import sharding
 from bdiff_jax.models import init_params
-from bdiff_jax.objective import build_objective
+from bdiff_jax.objectives import build_objective
 from tests import helpers
 
 VOCAB, SEQ = 30, 8

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import ar_sampling, glue_models, models
+from bdiff_jax import glue_models, models
+from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax import train_state
@@ -24,7 +25,7 @@ from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
-from bdiff_jax.objective import build_objective
+from bdiff_jax.objectives import build_objective
 from bdiff_jax.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers

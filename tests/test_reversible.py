@@ -343,7 +343,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     from bdiff_jax import configuration, train_state, train_step, update_rule
     from bdiff_jax import sharding as mesh_lib
     from bdiff_jax.models import init_params
-    from bdiff_jax.objective import build_objective
+    from bdiff_jax.objectives import build_objective
     from tests.helpers import network
 
     assert jax.device_count() == 4, jax.devices()

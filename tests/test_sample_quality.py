@@ -20,7 +20,7 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.evaluator import Evaluator
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
-from bdiff_jax.objective import build_objective
+from bdiff_jax.objectives import build_objective
 from bdiff_jax.runtime.reporter import Reporter
 from tests.helpers import SMOKE, run_main, tiny_config
 

@@ -54,12 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling
+from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.diffusion import sampling
 from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import UserError
 from bdiff_jax.models import build_network, init_params
-from bdiff_jax.objective import objective_class
+from bdiff_jax.objectives import objective_class
 
 WIKITEXT2_VOCAB = 33_278
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

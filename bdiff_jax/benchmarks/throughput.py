@@ -104,7 +104,7 @@ def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from bdiff_jax import train_state, train_step, update_rule  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.objective import build_objective  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.diffusion.masked_head = loss == "masked"
   config.diffusion.head_chunk_rows = int(chunk_rows)
@@ -150,7 +150,7 @@ def _jax_worker(args: dict[str, Any], reply) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from bdiff_jax import models  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.objective import objective_class  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.objectives import objective_class  # pylint: disable=g-import-not-at-top
   shape = args["shape"]
   config = our_config(shape, preset=args.get("preset", ""),
                       overrides=[*args.get("set", ()), *args.get("overrides", ())])

@@ -17,7 +17,7 @@ from bdiff_jax.errors import ConfigError
 
 BACKBONES = ("standard", "reversible", "opt")
 BLOCKS = ("simple", "qwen3")
-OBJECTIVES = ("diffusion", "autoregressive")  # bdiff_jax.objective.NAMES (a test checks)
+OBJECTIVES = ("diffusion", "autoregressive")  # bdiff_jax.objectives.NAMES (a test checks)
 SCHEDULES = ("linear", "cosine", "polynomial")
 CORRUPTIONS = ("absorbing", "prototype_mix")
 ESTIMATORS = corruption.ESTIMATORS

@@ -80,7 +80,7 @@ class WordEncoder:
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
     self.mask_id = tokenizer.mask_id
-    self.start_id = tokenizer.mask_id  # the autoregressive objective's BOS (objective.py)
+    self.start_id = tokenizer.mask_id  # the autoregressive objective's BOS (objectives/__init__.py)
     self.start_ids = [self.start_id]
     self.pad_id = tokenizer.eos_id  # any real id; padding positions are masked out
     self.stats = WordStats()

@@ -27,7 +27,7 @@ from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.errors import ConfigError, UserError
 from bdiff_jax.modes import evaluate as evaluate_mode
-from bdiff_jax.objective import objective_class
+from bdiff_jax.objectives import objective_class
 from bdiff_jax.runtime.reporter import Reporter
 
 JUDGE_KEY_INDEX = 0  # the model's draws use their step count (>= 1)

@@ -21,7 +21,7 @@ import ml_collections
 from bdiff_jax.config import configuration
 from bdiff_jax.benchmarks.compare import overrides as overrides_lib
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.objective import objective_class
+from bdiff_jax.objectives import objective_class
 
 # name -> (backbone, objective)
 MODEL_KINDS = {

@@ -16,6 +16,9 @@ autoregressive    causal next-token model; the input is the block shifted right 
                   token (the `[MASK]` id, which is no word), so *every* token of a block is scored
                   and -log p(x) is exact — the same quantity the diffusion bound bounds.
 
+The autoregressive sampler (a key/value cache, left to right) is `objectives.ar_sampling`; the
+diffusion sampler is `diffusion.sampling`.
+
 The `[MASK]` id (which doubles as the AR model's BOS) has one source: the tokenizer
 (`Tokenizer.mask_id == vocab_size`), handed to the objective here as `mask_id`.
 """
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import ar_sampling, models
+from bdiff_jax import models
+from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.diffusion import corruption
 from bdiff_jax.diffusion import elbo
 from bdiff_jax.diffusion import sampling
