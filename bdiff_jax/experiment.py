@@ -16,7 +16,7 @@ from bdiff_jax import models, train_state
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
-from bdiff_jax import update_rule
+from bdiff_jax.optim import update_rule
 from bdiff_jax.data import pipeline
 from bdiff_jax.evaluator import Evaluator
 from bdiff_jax.objectives import Objective, build_objective

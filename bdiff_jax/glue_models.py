@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bdiff_jax import classification, lora, models, train_state, update_rule
+from bdiff_jax import classification, models, train_state
+from bdiff_jax.optim import lora
+from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.data import glue_encoding, glue_prompts
 from bdiff_jax.data import tokenizer as tokenizer_lib

@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh
 
-from bdiff_jax import models, update_rule as update_rule_lib
+from bdiff_jax import models
+from bdiff_jax.optim import update_rule as update_rule_lib
 from bdiff_jax.runtime import sharding as sharding_lib
 from bdiff_jax.train_state import TrainState
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bdiff_jax import models, train_state, update_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax import models, train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax.optim import update_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from bdiff_jax import models, train_state, update_rule
+from bdiff_jax import models, train_state
+from bdiff_jax.optim import update_rule
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import xla_flags
 from bdiff_jax.objectives import build_objective, objective_class

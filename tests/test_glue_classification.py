@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import classification, glue_models, glue_report, update_rule
+from bdiff_jax import classification, glue_models, glue_report
+from bdiff_jax.optim import update_rule
 from bdiff_jax.data import glue, glue_encoding, glue_prompts
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
 from bdiff_jax.data.tokenizer import WordTokenizer

@@ -1,4 +1,4 @@
-"""LoRA (bdiff_jax/lora.py): factors, the merge, the wrapped network, and rules that train the
+"""LoRA (bdiff_jax/optim/lora.py): factors, the merge, the wrapped network, and rules that train the
 factors alone (MeZO's parameter-efficient variant; AdamW masked to the factors)."""
 
 import jax
@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import lora, models, train_step, update_rule
-from bdiff_jax import zeroth_order as zo
+from bdiff_jax import models, train_step
+from bdiff_jax.optim import lora
+from bdiff_jax.optim import update_rule
+from bdiff_jax.optim import zeroth_order as zo
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.train_state import create_train_state
 from tests import helpers

@@ -19,7 +19,8 @@ from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax import train_state
-from bdiff_jax import update_rule, zeroth_order
+from bdiff_jax.optim import update_rule
+from bdiff_jax.optim import zeroth_order
 from bdiff_jax.data import glue, glue_encoding
 from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import ConfigError

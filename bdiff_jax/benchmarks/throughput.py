@@ -103,7 +103,8 @@ def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
   (0: all at once).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from bdiff_jax import train_state, train_step, update_rule  # pylint: disable=g-import-not-at-top
+  from bdiff_jax import train_state, train_step  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.optim import update_rule  # pylint: disable=g-import-not-at-top
   from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.diffusion.masked_head = loss == "masked"

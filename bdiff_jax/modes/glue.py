@@ -43,7 +43,8 @@ import ml_collections
 import numpy as np
 
 from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, glue_starts
-from bdiff_jax import models, update_rule
+from bdiff_jax import models
+from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.glue_settings import (dev_splits, row_steps, task_seq_len, task_splits,
                                      uses_grid, validate)

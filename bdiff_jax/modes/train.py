@@ -21,7 +21,8 @@ from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import interrupt
-from bdiff_jax import plotting, update_rule, wall_schedule
+from bdiff_jax import plotting, wall_schedule
+from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import metrics_log
 from bdiff_jax.runtime import platform_info
 from bdiff_jax.nonfinite import check_finite_weights, nonfinite_message

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.zeroth_order import PathNames, Predicate, flat_leaves, is_stacked, path_names
+from bdiff_jax.optim.zeroth_order import PathNames, Predicate, flat_leaves, is_stacked, path_names
 
 BASE, LORA, FULL = "base", "lora", "full"
 

@@ -21,7 +21,7 @@ one leaf after the other. The parameters are moved in place,
 θ+εz, then -2εz, then +εz, so no second copy of the parameters is kept; the restored θ equals the
 original to float rounding (at most 1.5 ulp per element per perturbation, not bit-exact).
 
-DiZO (MeZO plus a divergence-driven projection) lives in `bdiff_jax/dizo.py`.
+DiZO (MeZO plus a divergence-driven projection) lives in `bdiff_jax/optim/dizo.py`.
 """
 
 from typing import Any, Callable, Optional, Union

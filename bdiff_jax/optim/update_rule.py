@@ -7,7 +7,7 @@ The train step hands every rule the same things and asks for the same things bac
 
 `loss_fn(params) -> (loss, aux)` has the batch and the objective's randomness already bound, so
 evaluating it twice sees the same masks and dropout. A first-order rule differentiates it; a
-zeroth-order rule (MeZO/DiZO, `bdiff_jax/zeroth_order.py`) evaluates it at perturbed parameters
+zeroth-order rule (MeZO/DiZO, `bdiff_jax/optim/zeroth_order.py`) evaluates it at perturbed parameters
 and keeps no gradient buffer. `key` is this step's own key for the rule's randomness
 (perturbation directions); `step` the 0-based step being taken (traced). Everything runs inside
 one jitted step with the state donated.
@@ -24,7 +24,7 @@ Rules may also declare (read with getattr; the defaults are those of AdamW):
 
 `make_rule` is the one factory (LM training: `build_update_rule`; GLUE rows:
 `glue_models.build_rule`); it takes plain values, among them the freeze choice ("none" |
-"embeddings") and the parameter-efficient variant ("none" | "lora", `bdiff_jax/lora.py`).
+"embeddings") and the parameter-efficient variant ("none" | "lora", `bdiff_jax/optim/lora.py`).
 """
 
 import dataclasses
@@ -33,9 +33,11 @@ from typing import Any, Callable, Optional, Protocol
 import jax
 import optax
 
-from bdiff_jax import dizo, lora, zeroth_order
+from bdiff_jax.optim import dizo
+from bdiff_jax.optim import lora
+from bdiff_jax.optim import zeroth_order
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.zeroth_order import Predicate
+from bdiff_jax.optim.zeroth_order import Predicate
 
 LossFn = Callable[[Any], tuple[jax.Array, dict]]
 
@@ -214,7 +216,7 @@ def make_rule(name: str, total_steps: int, *, adamw: Optional[AdamWSettings] = N
 
   freeze: "none" (every parameter, MeZO's own setting) | "embeddings" (`frozen_embeddings`
   fixed). peft: "none" | "lora" (only the LoRA factors under params["lora"] train; see
-  `bdiff_jax/lora.py`). Both apply to every rule; adamw needs `adamw` settings.
+  `bdiff_jax/optim/lora.py`). Both apply to every rule; adamw needs `adamw` settings.
   """
   if name not in RULES:
     raise ConfigError(f"unknown update rule {name!r}.",

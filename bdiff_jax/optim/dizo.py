@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.zeroth_order import (LearningRate, MeZO, Predicate, flat_leaves, is_stacked,
+from bdiff_jax.optim.zeroth_order import (LearningRate, MeZO, Predicate, flat_leaves, is_stacked,
                                     kv_targets, path_names)
 
 

@@ -1,0 +1,1 @@
+"""Update rules: first-order (optax) and zeroth-order (MeZO, DiZO), and LoRA adapters."""
