@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bdiff_jax import classification, models, train_state
+from bdiff_jax import classification, models
+from bdiff_jax.train import train_state
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing

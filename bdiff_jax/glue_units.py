@@ -10,7 +10,7 @@ import signal
 
 import numpy as np
 
-from bdiff_jax import nonfinite
+from bdiff_jax.train import nonfinite
 from bdiff_jax.runtime import interrupt
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import CheckpointError, DataError, NonFiniteLossError

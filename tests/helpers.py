@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from bdiff_jax import models, train_state
+from bdiff_jax import models
+from bdiff_jax.train import train_state
 from bdiff_jax.optim import update_rule
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import xla_flags

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import models, train_state
+from bdiff_jax import models
+from bdiff_jax.train import train_state
 from bdiff_jax.optim import update_rule
 from bdiff_jax.diffusion import elbo
 from bdiff_jax.diffusion import schedules

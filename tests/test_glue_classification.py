@@ -18,9 +18,9 @@ from bdiff_jax.models.classifier import OPTLM
 from bdiff_jax.models.hf_checkpoint import load_opt
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.modes import glue as glue_mode
-from bdiff_jax.train_state import create_train_state
+from bdiff_jax.train.train_state import create_train_state
 from bdiff_jax.models import bind
-from bdiff_jax.train_step import make_train_step
+from bdiff_jax.train.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers
 

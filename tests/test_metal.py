@@ -21,7 +21,7 @@ import pytest
 from bdiff_jax.runtime import platform_info
 from bdiff_jax.benchmarks import step_memory
 from bdiff_jax.errors import UserError
-from bdiff_jax.train_step import make_train_step
+from bdiff_jax.train.train_step import make_train_step
 from tests import helpers
 
 GIB = 2**30

@@ -18,7 +18,7 @@ from bdiff_jax import glue_models, models
 from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.runtime import checkpointing
-from bdiff_jax import train_state
+from bdiff_jax.train import train_state
 from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order
 from bdiff_jax.data import glue, glue_encoding
@@ -27,7 +27,7 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
 from bdiff_jax.objectives import build_objective
-from bdiff_jax.train_step import make_train_step
+from bdiff_jax.train.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers
 from tests.test_glue_classification import write_sst2

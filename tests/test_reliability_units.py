@@ -860,7 +860,7 @@ def test_eval_and_sample_refusals_happen_before_the_lock(tmp_path):
 
 
 def test_nonfinite_loss_messages_name_the_cause():
-  from bdiff_jax import nonfinite  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.train import nonfinite  # pylint: disable=g-import-not-at-top
   rows = lambda: np.ones((2, 4), np.int32)
   problem, fix = nonfinite.nonfinite_message(7, float("inf"), start=0, good=None,
                                              checkpoints="/w/checkpoints", batch=rows, vocab_size=9)
@@ -884,7 +884,7 @@ def test_nonfinite_loss_messages_name_the_cause():
 
 def test_non_finite_start_weights_are_refused_before_the_first_step():
   import types  # pylint: disable=g-import-not-at-top
-  from bdiff_jax import nonfinite  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.train import nonfinite  # pylint: disable=g-import-not-at-top
   params = {"a": np.ones(3, np.float32), "b": {"w": np.array([1.0, np.nan], np.float32)}}
   assert nonfinite.nonfinite_leaves(params) == ["['b']['w']"]
   ckpt = types.SimpleNamespace(latest_dir="/w/checkpoints",

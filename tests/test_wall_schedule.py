@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from bdiff_jax import wall_schedule
+from bdiff_jax.train import wall_schedule
 from bdiff_jax.optim import update_rule
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError

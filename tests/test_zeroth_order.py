@@ -449,8 +449,8 @@ def test_freeze_choice_of_a_config_section_and_bad_values():
 def test_zeroth_order_losses_are_evaluated_without_dropout():
   # MeZO evaluates L(θ ± εz) with the network in eval mode. With ε = 0 both losses are the
   # loss at θ; with dropout 0.5 that is the eval-mode loss, not a dropped-out one.
-  from bdiff_jax import train_step
-  from bdiff_jax.train_state import create_train_state
+  from bdiff_jax.train import train_step
+  from bdiff_jax.train.train_state import create_train_state
   from tests import helpers
   c = helpers.tiny_config(dropout_rate=0.5)
   obj, net, _, state, batch = helpers.train_setup(c)
@@ -524,8 +524,9 @@ def _regression_batches(n: int, seed: int = 0):
 
 
 def test_dizo_train_step_with_fresh_batches():
-  from bdiff_jax import glue_models, models, train_step
-  from bdiff_jax.train_state import create_train_state
+  from bdiff_jax import glue_models, models
+  from bdiff_jax.train import train_step
+  from bdiff_jax.train.train_state import create_train_state
   net, obj = _KV(), _Regression()
   params = models.init_params(net, jax.random.PRNGKey(0), seq_len=3)
   rule = dizo_lib.DiZO(1e-2, interval=1, iterations=2, fresh_batches=True, eps=1e-2,

@@ -2,7 +2,7 @@
 
 `run_memory_benchmark(config, workdir)` measures, for every depth in `config.benchmark.depths`,
 sequence length in `config.benchmark.seq_lens` and backbone in `config.benchmark.backbones`, the
-real train step of `bdiff_jax.train_step.make_train_step` (forward + backward of the diffusion loss,
+real train step of `bdiff_jax.train.train_step.make_train_step` (forward + backward of the diffusion loss,
 gradient clipping, AdamW update and EMA, state donated) on random tokens:
 
   compiled memory  `jit(step).lower(state, batch).compile().memory_analysis()`: temp bytes (the
@@ -120,7 +120,7 @@ def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from bdiff_jax import train_state  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.train import train_state  # pylint: disable=g-import-not-at-top
   from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
   from bdiff_jax.benchmarks import step_memory  # pylint: disable=g-import-not-at-top
 

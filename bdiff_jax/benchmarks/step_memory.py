@@ -1,7 +1,7 @@
 """Compile the real train step for a config and read XLA's memory analysis: one definition for
 the memory benchmark and the comparison harness.
 
-The step is `bdiff_jax.train_step.make_train_step` (loss, backward or zeroth-order update,
+The step is `bdiff_jax.train.train_step.make_train_step` (loss, backward or zeroth-order update,
 EMA, donated state) of the configured objective, network and update rule, compiled for a batch
 of `train.batch_size x data.seq_len` token ids — from shapes alone, nothing is computed.
 """
@@ -12,11 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bdiff_jax import models, train_state
+from bdiff_jax import models
+from bdiff_jax.train import train_state
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime.platform_info import memory_stats  # re-exported: the one definition
 from bdiff_jax.objectives import build_objective
-from bdiff_jax.train_step import make_train_step
+from bdiff_jax.train.train_step import make_train_step
 
 
 @dataclasses.dataclass

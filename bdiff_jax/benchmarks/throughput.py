@@ -11,7 +11,7 @@ The model on both sides (what ../shared/bench/torch_reference.py specifies): bid
 pre-norm transformer, learned positions, GELU MLP (4x), untied head over the V real tokens,
 continuous-time ELBO of absorbing masked diffusion with a linear schedule on masked positions
 only, AdamW, gradient clipping at 1. Ours is the project's real train step
-(`bdiff_jax.train_step.make_train_step`) at that shape; it also does its usual extra work: adaLN time
+(`bdiff_jax.train.train_step.make_train_step`) at that shape; it also does its usual extra work: adaLN time
 conditioning (the PyTorch model adds a linear embedding of t instead), and an EMA of the params.
 
 Systems measured (each a persistent worker process, so that its compiled step stays warm):
@@ -103,7 +103,8 @@ def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
   (0: all at once).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from bdiff_jax import train_state, train_step  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.train import train_state  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.train import train_step  # pylint: disable=g-import-not-at-top
   from bdiff_jax.optim import update_rule  # pylint: disable=g-import-not-at-top
   from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()

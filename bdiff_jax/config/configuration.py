@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_wall_seconds = 0.0  # stop (with a checkpoint) after this much time; 0 = no limit
   # Fit num_steps (then an upper limit) to max_wall_seconds: the trainer times the first steps
   # (inside the warmup) and picks the longest schedule that ends within the budget, so that the
-  # learning rate decays fully on any machine (bdiff_jax/wall_schedule.py).
+  # learning rate decays fully on any machine (bdiff_jax/train/wall_schedule.py).
   c.train.fit_steps_to_wall = False
   # Stop (with a checkpoint) at this step without changing the LR schedule, e.g. to split one
   # run of num_steps over several jobs; 0 = run to num_steps.

@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 
-from bdiff_jax import baselines, experiment
+from bdiff_jax import baselines
+from bdiff_jax.train import experiment
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter

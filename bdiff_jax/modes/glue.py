@@ -56,8 +56,8 @@ from bdiff_jax.data import glue, glue_encoding
 from bdiff_jax.errors import DataError
 from bdiff_jax.errors import UserError
 from bdiff_jax.runtime.reporter import Reporter
-from bdiff_jax.train_state import create_train_state
-from bdiff_jax.train_step import make_train_step
+from bdiff_jax.train.train_state import create_train_state
+from bdiff_jax.train.train_step import make_train_step
 
 
 def _take(arrays: dict, idx: np.ndarray) -> dict:

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax import experiment, sample_quality
+from bdiff_jax import sample_quality
+from bdiff_jax.train import experiment
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing

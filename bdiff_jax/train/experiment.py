@@ -12,7 +12,8 @@ from typing import Any
 
 import jax
 
-from bdiff_jax import models, train_state
+from bdiff_jax import models
+from bdiff_jax.train import train_state
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from bdiff_jax import models
 from bdiff_jax.optim import update_rule as update_rule_lib
 from bdiff_jax.runtime import sharding as sharding_lib
-from bdiff_jax.train_state import TrainState
+from bdiff_jax.train.train_state import TrainState
 
 
 def loss_fn(params, objective, network, tokens, key, *, train: bool = True):
