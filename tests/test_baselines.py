@@ -5,7 +5,7 @@ import types
 
 import numpy as np
 
-from bdiff_jax import baselines
+from bdiff_jax.evaluation import baselines
 
 
 def _splits(train, valid, test, vocab):

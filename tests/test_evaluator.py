@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import evaluator as evaluator_lib
+from bdiff_jax.evaluation import evaluator as evaluator_lib
 from bdiff_jax.runtime import sharding
 from bdiff_jax.models import init_params
 from bdiff_jax.objectives import build_objective

@@ -6,7 +6,7 @@ import os
 import matplotlib.pyplot as plt
 import pytest
 
-from bdiff_jax import plotting
+from bdiff_jax.evaluation import plotting
 from bdiff_jax.runtime import metrics_log
 
 

@@ -1,4 +1,4 @@
-"""Sample quality (bdiff_jax/sample_quality.py) and its table in `--mode=sample`.
+"""Sample quality (bdiff_jax/evaluation/sample_quality.py) and its table in `--mode=sample`.
 
 Unit tests of the metrics, the judge's NLL against its evaluator, and end to end on two tiny
 workdirs trained here on a synthetic corpus (a diffusion model and its autoregressive judge).
@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from bdiff_jax import models, sample_quality
+from bdiff_jax import models
+from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.data import wikitext2
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.evaluator import Evaluator
+from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
 from bdiff_jax.objectives import build_objective

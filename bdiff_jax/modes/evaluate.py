@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from bdiff_jax import baselines
+from bdiff_jax.evaluation import baselines
 from bdiff_jax.train import experiment
 from bdiff_jax.config import configuration
 from bdiff_jax.runtime import workdir as workdir_lib

@@ -1,6 +1,6 @@
 """`--mode=sample`: restore a checkpoint, draw samples (optionally around a prompt), report them
 and write them to `<workdir>/samples_step<N>.txt`; for unconditional samples also a table of
-their quality (`bdiff_jax/sample_quality.py`: generative perplexity under the judge
+their quality (`bdiff_jax/evaluation/sample_quality.py`: generative perplexity under the judge
 `config.sample.judge_workdir`, unigram entropy) at the step counts `config.sample.quality_steps`,
 reported and written to `<workdir>/sample_quality_step<N>.json`. Neither file is ever
 overwritten (`_1`, `_2`, ... are added).
@@ -19,7 +19,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax import sample_quality
+from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.train import experiment
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration

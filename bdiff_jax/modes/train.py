@@ -21,7 +21,7 @@ from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import interrupt
-from bdiff_jax import plotting
+from bdiff_jax.evaluation import plotting
 from bdiff_jax.train import wall_schedule
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import metrics_log

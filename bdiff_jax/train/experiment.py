@@ -19,7 +19,7 @@ from bdiff_jax.config import configuration
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.optim import update_rule
 from bdiff_jax.data import pipeline
-from bdiff_jax.evaluator import Evaluator
+from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.objectives import Objective, build_objective
 
 

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax import baselines, models
+from bdiff_jax import models
+from bdiff_jax.evaluation import baselines
 
 
 @flax.struct.dataclass

@@ -1,0 +1,1 @@
+"""Evaluation: the compiled evaluator, count-based baselines, sample quality and plots."""
