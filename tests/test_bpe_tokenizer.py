@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from bdiff_jax.data import glue_encoding
+from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.data.bpe_tokenizer import TokenizerFilesError, load_bpe_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -1,5 +1,5 @@
 """Candidate scoring, the cross-entropy over candidates, flags, failures and zeroth-order rows of
-the GLUE benchmark (bdiff_jax.classification, glue_encoding, glue_models, modes.glue)."""
+the GLUE benchmark (bdiff_jax.glue.objectives, glue.encoding, glue.rows, modes.glue)."""
 
 import os
 
@@ -8,9 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import classification, glue_models, glue_report
+from bdiff_jax.glue import objectives as classification
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue import report as glue_report
 from bdiff_jax.optim import update_rule
-from bdiff_jax.data import glue, glue_encoding, glue_prompts
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
 from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import UserError
@@ -161,7 +165,7 @@ def test_update_rule_forward_passes_and_gradients(sst2, rule):
   g = c.glue
   train, _, _, full = glue_mode.task_splits("SST-2", g, 0)
   steps = 3
-  row = glue_models.build_row(glue_models.parse_rows(g.rows)[0], g, full, seed=0,
+  row = glue_rows.build_row(glue_rows.parse_rows(g.rows)[0], g, full, seed=0,
                               total_steps=steps)
   enc = glue_encoding.encode_split(train, row.encoder, scoring=row.scoring, seq_len=g.seq_len)
   batch = {k: jnp.asarray(v[:4]) for k, v in enc.items() if k != "labels"}
@@ -180,7 +184,7 @@ def test_update_rule_forward_passes_and_gradients(sst2, rule):
   for _ in range(steps):
     state, metrics = step(state, batch)
   jax.effects_barrier()
-  want = glue_models.forward_passes(row.rule, steps)
+  want = glue_rows.forward_passes(row.rule, steps)
   assert want["backward"] == 0
   expected = 2 * g.zo.num_perturbations * steps + (
       2 * g.dizo.iterations * (steps // g.dizo.interval) if rule == "dizo" else 0)

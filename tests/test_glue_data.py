@@ -11,10 +11,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from bdiff_jax import glue_metrics
-from bdiff_jax.data import glue
-from bdiff_jax.data import glue_download
-from bdiff_jax.data import glue_sampling
+from bdiff_jax.glue import metrics as glue_metrics
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import download as glue_download
+from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

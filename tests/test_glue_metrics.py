@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bdiff_jax import glue_metrics as gm
+from bdiff_jax.glue import metrics as gm
 from bdiff_jax.errors import ConfigError
 
 # A binary example used throughout:

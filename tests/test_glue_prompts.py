@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from bdiff_jax.data import glue
-from bdiff_jax.data import glue_encoding
-from bdiff_jax.data import glue_prompts as gp
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import prompts as gp
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
 from bdiff_jax.errors import ConfigError

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import glue_models
+from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import (CheckpointError, ConfigError, DataError, DiskFullError,
                               NonFiniteLossError, StorageError, WorkdirBusyError)
@@ -211,7 +211,7 @@ def test_run_seed_stops_at_the_step_boundary(sst2):
       self.checks += 1
       return self.checks > 1  # the check before the unit says no; the one after step 1, yes
 
-  spec = glue_models.parse_rows(g.rows)[0]
+  spec = glue_rows.parse_rows(g.rows)[0]
   with pytest.raises(glue_mode.Interrupted) as e:
     glue_mode.run_seed(spec, "SST-2", g, 0, QUIET, {"stop": StopAfterFirstStep()})
   assert e.value.where == "in SST-2 adamw_opt_head seed 0 after step 1 of 3"
@@ -219,7 +219,7 @@ def test_run_seed_stops_at_the_step_boundary(sst2):
 
 def test_nonfinite_start_parameter_is_named_before_training(sst2, monkeypatch):
   g = _config(sst2, "opt:adamw:head").glue
-  build = glue_models.build_row
+  build = glue_rows.build_row
 
   def poisoned(*args, **kwargs):
     row = build(*args, **kwargs)
@@ -228,8 +228,8 @@ def test_nonfinite_start_parameter_is_named_before_training(sst2, monkeypatch):
     row.params = jax.tree_util.tree_unflatten(tree, leaves)
     return row
 
-  monkeypatch.setattr(glue_models, "build_row", poisoned)
-  spec = glue_models.parse_rows(g.rows)[0]
+  monkeypatch.setattr(glue_rows, "build_row", poisoned)
+  spec = glue_rows.parse_rows(g.rows)[0]
   with pytest.raises(CheckpointError, match=r"non-finite value\(s\).*before any training") as e:
     glue_mode.run_seed(spec, "SST-2", g, 0, QUIET, {})
   path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(

@@ -1,4 +1,4 @@
-"""Candidate scores with the output head only at the positions read (bdiff_jax.classification).
+"""Candidate scores with the output head only at the positions read (bdiff_jax.glue.objectives).
 
 `CausalPrompt.scores` and `ClozePrompt.scores` with an `apply` from `models.bind` run the head
 only at the label positions (causal: the first `max_label_tokens` positions with score_mask = 1,
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import classification, models
+from bdiff_jax import models
+from bdiff_jax.glue import objectives as classification
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models.classifier import OPTLM
 from bdiff_jax.models.hf_checkpoint import load_opt

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from bdiff_jax import glue_baselines, glue_metrics
-from bdiff_jax.data import glue, glue_sampling
+from bdiff_jax.glue import baselines as glue_baselines
+from bdiff_jax.glue import metrics as glue_metrics
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError
 
 
@@ -81,7 +83,7 @@ def test_bow_ridge_baseline_gives_pearson_for_sts_b():
 
 
 def test_flags_of_a_row_that_cannot_be_told_from_an_untrained_one():
-  from bdiff_jax import glue_report  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.glue import report as glue_report  # pylint: disable=g-import-not-at-top
   ok = glue_report.flags([0.8, 0.8], 0.5, [[0.5, 0.5]] * 2, selected_steps=[10, 20],
                          changes=[1e-2, 2e-2], standard_error=0.05)
   assert ok == []
@@ -103,7 +105,7 @@ def _record(row, forwards, devs, seed=0, task="SST-2"):
 
 
 def test_dizo_and_mezo_are_compared_at_equal_forward_passes():
-  from bdiff_jax import glue_report  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.glue import report as glue_report  # pylint: disable=g-import-not-at-top
   records = [_record("mezo_opt", [0, 10, 20, 30], [0.5, 0.6, 0.7, 0.8]),
              _record("mezo_opt", [0, 10, 20, 30], [0.5, 0.6, 0.9, 0.8], seed=1),
              _record("dizo_opt", [0, 14, 28], [0.5, 0.7, 0.75]),
@@ -116,7 +118,7 @@ def test_dizo_and_mezo_are_compared_at_equal_forward_passes():
 
 
 def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
-  from bdiff_jax import glue_models  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.glue import rows as glue_rows  # pylint: disable=g-import-not-at-top
   from bdiff_jax.modes import glue as glue_mode  # pylint: disable=g-import-not-at-top
   from bdiff_jax.runtime.reporter import QUIET  # pylint: disable=g-import-not-at-top
   from configs import glue as glue_config  # pylint: disable=g-import-not-at-top
@@ -134,19 +136,19 @@ def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
             "curve": [{"selection": score}]}
 
   monkeypatch.setattr(glue_mode, "run_seed", fake_run_seed)
-  chosen, grid = glue_mode.choose_learning_rate(glue_models.RowSpec("opt", "mezo", False),
+  chosen, grid = glue_mode.choose_learning_rate(glue_rows.RowSpec("opt", "mezo", False),
                                                 "SST-2", g, QUIET)
   assert chosen.zo.learning_rate == 1e-3 and g.zo.learning_rate == 5e-5  # g is not changed
   assert seen == [(1e-4, 7, 0), (1e-3, 7, 0), (1e-2, 7, 0)]
   assert [c["learning_rate"] for c in grid] == [1e-4, 1e-3, 1e-2]
   assert chosen.num_steps == g.num_steps and chosen.zo.num_steps == g.zo.num_steps
-  same, none = glue_mode.choose_learning_rate(glue_models.RowSpec("opt", "adamw", False),
+  same, none = glue_mode.choose_learning_rate(glue_rows.RowSpec("opt", "adamw", False),
                                               "SST-2", g, QUIET)
   assert same is g and none is None
 
 
 def test_the_table_is_regenerated_from_glue_json(tmp_path, capsys):
-  from bdiff_jax import glue_report  # pylint: disable=g-import-not-at-top
+  from bdiff_jax.glue import report as glue_report  # pylint: disable=g-import-not-at-top
   meta = {"level": "cpu", "description": "d"}
   path = tmp_path / "glue.json"
   path.write_text(json.dumps({"meta": meta, "rows": [], "records": []}))

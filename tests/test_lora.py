@@ -155,21 +155,21 @@ def test_lora_errors():
 
 
 def test_glue_build_rule_takes_peft():
-  from bdiff_jax import glue_models
+  from bdiff_jax.glue import rows as glue_rows
   g = helpers.load_config("configs/glue.py", "test").glue
   wrapped = {"lora": {"x": jnp.ones(3)}, "base": {"y": jnp.ones(5)}}
-  count = lambda **kw: update_rule.trainable_count(glue_models.build_rule("mezo", g, 10, **kw),
+  count = lambda **kw: update_rule.trainable_count(glue_rows.build_rule("mezo", g, 10, **kw),
                                                    wrapped)
   assert count() == 8  # no glue.peft: every parameter
   g.peft = "lora"
   assert count() == 3 and count(peft="none") == 8  # the argument wins over glue.peft
   g.peft = "none"
-  rule = glue_models.build_rule("mezo", g, 10, peft="lora")
+  rule = glue_rows.build_rule("mezo", g, 10, peft="lora")
   assert rule.trainable(("lora", "opt", "q_proj", "kernel", "a"))
   assert not rule.trainable(("base", "opt", "q_proj", "kernel"))
-  assert glue_models.forward_passes(rule, 7) == {"forward": 14, "backward": 0}
-  adamw = glue_models.build_rule("adamw", g, 7, peft="lora")
-  assert glue_models.forward_passes(adamw, 7) == {"forward": 7, "backward": 7}
+  assert glue_rows.forward_passes(rule, 7) == {"forward": 14, "backward": 0}
+  adamw = glue_rows.build_rule("adamw", g, 7, peft="lora")
+  assert glue_rows.forward_passes(adamw, 7) == {"forward": 7, "backward": 7}
 
 
 def test_train_also_trains_a_head_in_full_beside_the_factors():

@@ -14,14 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax import glue_models, models
+from bdiff_jax import models
+from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.train import train_state
 from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order
-from bdiff_jax.data import glue, glue_encoding
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models.opt import OPT
@@ -153,7 +155,7 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   g.seq_len = c.data.seq_len
   g.zo.freeze = "embeddings"  # the default, "none", trains every leaf (MeZO's setting)
   full = glue.load_split("SST-2", "train", g.glue_dir)
-  row = glue_models.build_row(glue_models.RowSpec("opt", "dizo", False), g, full, seed=0,
+  row = glue_rows.build_row(glue_rows.RowSpec("opt", "dizo", False), g, full, seed=0,
                               total_steps=3)  # DiZO: MeZO's rule (trainable) + its targets
   assert row.init.startswith(f"OPT architecture pretrained on WikiText-2 (autoregressive), "
                              f"{tmp_path / 'wd'} (")
@@ -179,5 +181,5 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   config_compat.write_config_atomically(c2, tmp_path / "std")
   g.opt_dir = str(tmp_path / "std")
   with pytest.raises(ConfigError, match="backbone 'standard'"):
-    glue_models.build_row(glue_models.RowSpec("opt", "mezo", False), g, full, seed=0,
+    glue_rows.build_row(glue_rows.RowSpec("opt", "mezo", False), g, full, seed=0,
                           total_steps=3)

@@ -405,8 +405,8 @@ def test_the_freeze_choice_is_honoured_by_every_factory(factory, freeze):
   # won), and the LM factory left OPT's embed_positions trainable: two factories, two sets.
   params = _named_params()
   if factory == "glue":
-    from bdiff_jax import glue_models
-    rule = glue_models.build_rule("mezo", _glue_config(freeze), 10)
+    from bdiff_jax.glue import rows as glue_rows
+    rule = glue_rows.build_rule("mezo", _glue_config(freeze), 10)
   elif factory == "lm":
     rule = update_rule.zeroth_order_rule(_lm_train_config(freeze), 10, "mezo")
   else:
@@ -524,7 +524,8 @@ def _regression_batches(n: int, seed: int = 0):
 
 
 def test_dizo_train_step_with_fresh_batches():
-  from bdiff_jax import glue_models, models
+  from bdiff_jax import models
+  from bdiff_jax.glue import rows as glue_rows
   from bdiff_jax.train import train_step
   from bdiff_jax.train.train_state import create_train_state
   net, obj = _KV(), _Regression()
@@ -543,7 +544,7 @@ def test_dizo_train_step_with_fresh_batches():
   new, m = step(state, batch)
   jax.effects_barrier()
   assert float(m["projected"]) == 1.0
-  assert len(obj.calls) == glue_models.forward_passes(rule, 1)["forward"] == 2 + 2 * 2
+  assert len(obj.calls) == glue_rows.forward_passes(rule, 1)["forward"] == 2 + 2 * 2
   # ...and γ iteration 1's batch (batch 2) changes the projection, not the MeZO step's loss.
   other = dict(batch, y=batch["y"].at[2].multiply(-3.0))
   new2, m2 = step(fresh(), other)
@@ -559,16 +560,16 @@ def test_dizo_train_step_with_fresh_batches():
 
 
 def test_glue_dizo_fresh_batches_and_forward_passes():
-  from bdiff_jax import glue_models
+  from bdiff_jax.glue import rows as glue_rows
   g = _glue_config(False)
   assert g.dizo.fresh_batches  # the benchmark's default, as the reference draws them
   g.dizo.fresh_batches = False
-  assert update_rule.batches_per_step(glue_models.build_rule("dizo", g, 10)) == 1
+  assert update_rule.batches_per_step(glue_rows.build_rule("dizo", g, 10)) == 1
   g.dizo.fresh_batches = True
-  rule = glue_models.build_rule("dizo", g, 10)
+  rule = glue_rows.build_rule("dizo", g, 10)
   assert update_rule.batches_per_step(rule) == 1 + g.dizo.iterations
-  fp = glue_models.forward_passes(rule, 10)
+  fp = glue_rows.forward_passes(rule, 10)
   assert fp == {"forward": 2 * 10 + 2 * g.dizo.iterations * (10 // g.dizo.interval),
                 "backward": 0}
-  assert glue_models.forward_passes(glue_models.build_rule("adamw", g, 10), 10) == {
+  assert glue_rows.forward_passes(glue_rows.build_rule("adamw", g, 10), 10) == {
       "forward": 10, "backward": 10}

@@ -42,17 +42,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, glue_starts
+from bdiff_jax.glue import baselines as glue_baselines
+from bdiff_jax.glue import metrics as glue_metrics
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue import report as glue_report
+from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax import models
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import workdir as workdir_lib
-from bdiff_jax.glue_settings import (dev_splits, row_steps, task_seq_len, task_splits,
+from bdiff_jax.glue.settings import (dev_splits, row_steps, task_seq_len, task_splits,
                                      uses_grid, validate)
-from bdiff_jax.glue_units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
+from bdiff_jax.glue.units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
 from bdiff_jax.runtime.platform_info import memory_stats
-from bdiff_jax.data import glue, glue_encoding
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.errors import DataError
 from bdiff_jax.errors import UserError
 from bdiff_jax.runtime.reporter import Reporter
@@ -125,7 +130,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
                     "lower glue.selection / glue.selection_fraction, or use a task with more "
                     "training examples.")
   steps = row_steps(spec, g)
-  row = glue_models.build_row(spec, g, full, seed=seed, total_steps=steps)
+  row = glue_rows.build_row(spec, g, full, seed=seed, total_steps=steps)
   check_finite_params(row.params, f"{spec.name} on {task}: the start parameters ({row.init})")
   # The first seed's network, objective and rule (not its parameters, which would stay in
   # memory for the task's remaining seeds): the same program.
@@ -192,7 +197,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     if step % int(g.eval_every) == 0 or step == steps:
       params = state.params
       sel, score = measure(params, arrays["selection"], groups["selection"])
-      point = {"step": step, "forward": glue_models.forward_passes(row.rule, step)["forward"],
+      point = {"step": step, "forward": glue_rows.forward_passes(row.rule, step)["forward"],
                "train_seconds": seconds, "wall_seconds": time.time() - start,
                "selection": score, "selection_metric": sel[primary]}
       if step == 0:
@@ -237,7 +242,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
           "selection_best": best, "selected_step": best_step,
           "relative_param_change": change, "curve": curve,
           "prediction_distribution": dist, "train_seconds": seconds, "steps": steps,
-          "forward_passes": glue_models.forward_passes(row.rule, steps),
+          "forward_passes": glue_rows.forward_passes(row.rule, steps),
           "step_memory_bytes": int(mem["held_bytes"]),
           **sizes,
           "init": row.init, "scoring": row.scoring, "rule": spec.rule, "oov_rate": oov,
@@ -310,7 +315,7 @@ def run(config, workdir: str, reporter: Reporter) -> GlueResult:
   """
   g = config.glue
   validate(g)
-  specs = glue_models.parse_rows(g.rows)
+  specs = glue_rows.parse_rows(g.rows)
   tasks = [glue.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
   workdir = workdir_lib.prepare_writable_workdir(workdir)
   with workdir_lib.WorkdirLock(workdir), GlueInterrupt() as stop:

@@ -23,7 +23,7 @@ Rules may also declare (read with getattr; the defaults are those of AdamW):
     rule.trainable(path_names) -> bool   the leaves the rule perturbs and updates (None: all).
 
 `make_rule` is the one factory (LM training: `build_update_rule`; GLUE rows:
-`glue_models.build_rule`); it takes plain values, among them the freeze choice ("none" |
+`glue.rows.build_rule`); it takes plain values, among them the freeze choice ("none" |
 "embeddings") and the parameter-efficient variant ("none" | "lora", `bdiff_jax/optim/lora.py`).
 """
 

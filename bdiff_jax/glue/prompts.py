@@ -80,7 +80,7 @@ from typing import Callable
 
 import numpy as np
 
-from bdiff_jax.data.glue import Example, task_spec
+from bdiff_jax.glue.tasks import Example, task_spec
 from bdiff_jax.errors import ConfigError
 
 SPACINGS = ("natural", "word")

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bdiff_jax.data.glue import task_spec
+from bdiff_jax.glue.tasks import task_spec
 from bdiff_jax.errors import ConfigError
 
 ArrayLike = Sequence[float] | np.ndarray

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from bdiff_jax.data import glue
+from bdiff_jax.glue import tasks as glue
 from bdiff_jax.errors import DataError
 
 _GLUE = "https://dl.fbaipublicfiles.com/glue/data/"

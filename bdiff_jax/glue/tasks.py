@@ -305,7 +305,7 @@ def location_fix(spec: TaskSpec, root: str) -> str:
   names = " and ".join(spec.files.values())
   return (f"put {spec.name}'s {names} in {os.path.join(root, spec.directory)}/ (the official "
           f"{spec.benchmark.upper()} zip unpacked; online, "
-          f"bdiff_jax.data.glue_download.download_task({spec.name!r}, root) does this), then pass "
+          f"bdiff_jax.glue.download.download_task({spec.name!r}, root) does this), then pass "
           f"that root as glue_dir or set {env}.")
 
 

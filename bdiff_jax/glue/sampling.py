@@ -20,7 +20,7 @@ cannot satisfy.
 
 import numpy as np
 
-from bdiff_jax.data.glue import GlueSplit
+from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.errors import ConfigError
 
 # LM-BFF's bins for stratifying STS-B (a regression task): class 0 = score < 2.5, 1 = >= 2.5.

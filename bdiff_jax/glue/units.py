@@ -14,7 +14,7 @@ from bdiff_jax.train import nonfinite
 from bdiff_jax.runtime import interrupt
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import CheckpointError, DataError, NonFiniteLossError
-from bdiff_jax.glue_settings import uses_grid
+from bdiff_jax.glue.settings import uses_grid
 from bdiff_jax.runtime.reporter import Reporter
 
 

@@ -23,7 +23,7 @@ A row is written `model:rule[:head][:lora]` (config `glue.rows`, comma-separated
          query/value kernels train (rank `glue.lora_rank`, alpha `glue.lora_alpha`).
 
 Prompt scoring follows the network: a causal LM (OPT, an autoregressive bdiff model) scores
-candidates causally, a masked-diffusion model at a [MASK] (`classification.py`).
+candidates causally, a masked-diffusion model at a [MASK] (`glue/objectives.py`).
 """
 
 import dataclasses
@@ -35,15 +35,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bdiff_jax import classification, models
+from bdiff_jax import models
+from bdiff_jax.glue import objectives as classification
 from bdiff_jax.train import train_state
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
-from bdiff_jax.data import glue_encoding, glue_prompts
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
-from bdiff_jax.data.glue import GlueSplit
+from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.errors import CheckpointError, ConfigError
 from bdiff_jax.models.classifier import OPTLM, PooledClassifier
 from bdiff_jax.models.hf_checkpoint import load_opt

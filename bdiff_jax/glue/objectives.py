@@ -7,7 +7,7 @@ Three ways to turn a network into a classifier, as objects with one interface:
                                                  batch["target"] (a distribution over C)
     predict(scores) -> int class ids [B] (or float scores for a regression head)
 
-`batch` is a dict of fixed-shape arrays built by `bdiff_jax.data.glue_encoding` (one compilation
+`batch` is a dict of fixed-shape arrays built by `bdiff_jax.glue.encoding` (one compilation
 per shape); `apply(tokens, t=None, *, padding_mask=None)` is the network with its parameters
 bound, as for the LM objectives (`models.bind`), so the ONE train step
 (`train_step.make_train_step`) trains these objectives with any update rule.
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax.data.glue_prompts import STSB_MAX
+from bdiff_jax.glue.prompts import STSB_MAX
 from bdiff_jax.errors import ConfigError
 
 

@@ -8,8 +8,9 @@ import os
 
 import numpy as np
 
-from bdiff_jax import glue_models
-from bdiff_jax.data import glue, glue_sampling
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError
 
 
@@ -69,7 +70,7 @@ def validate(g) -> None:
   if str(g.starts_dir) and not float(g.starts_budget_seconds) > 0:
     raise ConfigError(f"glue.starts_budget_seconds={g.starts_budget_seconds} must be > 0.",
                       "set e.g. 1800 (the main command's 30 minutes).")
-  specs = glue_models.parse_rows(g.rows)
+  specs = glue_rows.parse_rows(g.rows)
   if any(s.model == "opt" for s in specs) and not str(g.starts_dir):
     where = str(g.opt_dir)
     if not where or not os.path.isdir(where):

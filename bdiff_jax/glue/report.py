@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from bdiff_jax import glue_metrics
+from bdiff_jax.glue import metrics as glue_metrics
 from bdiff_jax.runtime import workdir as workdir_lib
 
 CONSTANT_FRACTION = 0.99  # a seed whose most frequent prediction has this share is "constant"
@@ -298,10 +298,10 @@ def write(workdir: str, rows: list[dict], records: list[dict], meta: dict,
 
 
 def main(argv: list[str]) -> int:
-  """`python -m bdiff_jax.glue_report GLUE_JSON [GLUE_JSON ...]`: prints the table of each
+  """`python -m bdiff_jax.glue.report GLUE_JSON [GLUE_JSON ...]`: prints the table of each
   results file again (what a README or paper quotes is regenerated from glue.json, not typed)."""
   if len(argv) < 2:
-    print("usage: python -m bdiff_jax.glue_report <workdir>/glue.json [more glue.json ...]")
+    print("usage: python -m bdiff_jax.glue.report <workdir>/glue.json [more glue.json ...]")
     return 2
   for path in argv[1:]:
     try:

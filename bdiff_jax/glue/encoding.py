@@ -1,4 +1,4 @@
-"""GLUE examples -> fixed-shape arrays for the classification objectives (`classification.py`).
+"""GLUE examples -> fixed-shape arrays for the classification objectives (`glue/objectives.py`).
 
 `encode_split(split, encoder, scoring=..., seq_len=L)` renders every example with its task's
 prompt (`glue_prompts.render`) and returns a dict of numpy arrays with a leading example axis N,
@@ -35,8 +35,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from bdiff_jax.data import glue_prompts
-from bdiff_jax.data.glue import GlueSplit
+from bdiff_jax.glue import prompts as glue_prompts
+from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.errors import ConfigError
 
 SCORINGS = ("causal", "cloze", "head")
