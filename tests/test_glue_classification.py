@@ -12,7 +12,7 @@ from bdiff_jax.glue import objectives as classification
 from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue import report as glue_report
 from bdiff_jax.optim import update_rule
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import readers as glue_readers
 from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
@@ -50,7 +50,7 @@ def sst2(tmp_path_factory):
 
 
 def test_causal_score_is_mean_label_logprob_under_left_padding(sst2):
-  split = glue.load_split("SST-2", "dev", sst2).select([1])
+  split = glue_readers.load_split("SST-2", "dev", sst2).select([1])
   cfg, params = load_opt(OPT_DIR)
   tok = load_bpe_tokenizer(OPT_DIR)
   enc = glue_encoding.encode_split(split, glue_encoding.BPEEncoder(tok), scoring="causal",
@@ -71,7 +71,7 @@ def test_causal_score_is_mean_label_logprob_under_left_padding(sst2):
 
 
 def test_cloze_score_is_log_softmax_at_the_mask(sst2):
-  split = glue.load_split("SST-2", "dev", sst2).select([0, 1])
+  split = glue_readers.load_split("SST-2", "dev", sst2).select([0, 1])
   tok = WordTokenizer.from_corpus(["it was terrible great . a movie film", "number 0 1"])
   enc = glue_encoding.encode_split(split, glue_encoding.WordEncoder(tok), scoring="cloze",
                                    seq_len=12)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from bdiff_jax.glue import metrics as glue_metrics
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import readers as glue_readers
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue import download as glue_download
 from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError, DataError
@@ -133,23 +134,23 @@ SUPERGLUE = {
 
 def _make_glue(root, task, files=None):
   for name, lines in (files or SYNTHETIC[task][0]).items():
-    _write(os.path.join(root, glue.TASKS[task].directory, name), lines)
+    _write(os.path.join(root, glue_tasks.TASKS[task].directory, name), lines)
   return root
 
 
 def _make_superglue(root, task, rows=None):
   rows = rows or SUPERGLUE[task][0]
   for name in ("train.jsonl", "val.jsonl"):
-    _write(os.path.join(root, glue.TASKS[task].directory, name), [json.dumps(r) for r in rows])
+    _write(os.path.join(root, glue_tasks.TASKS[task].directory, name), [json.dumps(r) for r in rows])
   return root
 
 
 @pytest.fixture(scope="module")
 def real_sst2():
-  root = os.environ.get(glue.GLUE_DIR_ENV) or os.path.join(REPO, "..", "shared", "data", "glue")
+  root = os.environ.get(glue_tasks.GLUE_DIR_ENV) or os.path.join(REPO, "..", "shared", "data", "glue")
   if not os.path.isfile(os.path.join(root, "SST-2", "train.tsv")):
-    pytest.skip(f"SST-2 not found under {root}; set {glue.GLUE_DIR_ENV}")
-  return glue.load_task("SST-2", root, verify_counts=True)
+    pytest.skip(f"SST-2 not found under {root}; set {glue_tasks.GLUE_DIR_ENV}")
+  return glue_readers.load_task("SST-2", root, verify_counts=True)
 
 
 def test_real_sst2_matches_published_counts(real_sst2):
@@ -175,15 +176,15 @@ def test_real_sst2_matches_published_counts(real_sst2):
 def test_glue_layouts(tmp_path, task):
   files, first_texts, labels = SYNTHETIC[task]
   _make_glue(tmp_path, task)
-  splits = glue.load_task(task, tmp_path)
-  assert set(splits) == set(glue.TASKS[task].files)
+  splits = glue_readers.load_task(task, tmp_path)
+  assert set(splits) == set(glue_tasks.TASKS[task].files)
   train = splits["train"]
   assert train[0].texts == first_texts
   np.testing.assert_allclose(train.labels, labels)
   assert len(train.texts) == len(first_texts) == len(train.segment_names)
   assert train.labels.dtype == (np.float32 if task == "STS-B" else np.int64)
   for name, split in splits.items():
-    assert len(split) == len(files[glue.TASKS[task].files[name]]) - (task != "CoLA")
+    assert len(split) == len(files[glue_tasks.TASKS[task].files[name]]) - (task != "CoLA")
 
 
 def test_raw_quotes_crlf_and_bom_are_read_verbatim(tmp_path):
@@ -193,7 +194,7 @@ def test_raw_quotes_crlf_and_bom_are_read_verbatim(tmp_path):
   path = os.path.join(tmp_path, "MRPC", "train.tsv")
   _write(path, lines, newline="\r\n", bom=True)
   _write(os.path.join(tmp_path, "MRPC", "dev.tsv"), lines)
-  split = glue.load_split("mrpc", "train", tmp_path)
+  split = glue_readers.load_split("mrpc", "train", tmp_path)
   assert len(split) == 2 and split.labels.tolist() == [1, 0]
   assert split[0].texts == ('"Quoted text', 'He said "no" .')
 
@@ -201,15 +202,15 @@ def test_raw_quotes_crlf_and_bom_are_read_verbatim(tmp_path):
 def test_superglue_jsonl(tmp_path):
   for task, (rows, first_texts, labels) in SUPERGLUE.items():
     _make_superglue(tmp_path, task)
-    dev = glue.load_split(task, "dev", tmp_path)
-    assert dev.path.endswith(os.path.join(glue.TASKS[task].directory, "val.jsonl"))
+    dev = glue_readers.load_split(task, "dev", tmp_path)
+    assert dev.path.endswith(os.path.join(glue_tasks.TASKS[task].directory, "val.jsonl"))
     assert dev[0].texts == first_texts
     np.testing.assert_array_equal(dev.labels, labels)
 
 
 def test_multirc_is_flattened_per_answer_with_question_groups(tmp_path):
   _make_superglue(tmp_path, "MultiRC")
-  split = glue.load_split("MultiRC", "train", tmp_path)
+  split = glue_readers.load_split("MultiRC", "train", tmp_path)
   assert split.segment_names == ("paragraph", "question", "answer")
   assert split.label_names == ("false", "true") and split.num_labels == 2
   assert split.texts[2] == ("Force", "Nothing", "Yes", "A", "B")
@@ -223,7 +224,7 @@ def test_multirc_is_flattened_per_answer_with_question_groups(tmp_path):
   assert sub[1].texts == ("Force moves things.", "What moves things?", "Force")
   # Other tasks carry no groups, also after select.
   _make_superglue(tmp_path, "WSC")
-  wsc = glue.load_split("WSC", "train", tmp_path)
+  wsc = glue_readers.load_split("WSC", "train", tmp_path)
   assert wsc.groups is None and wsc.select([1]).groups is None
   assert wsc[0].segment("span2") == "He" and wsc[0].segment("span1") == "Mark"
 
@@ -232,7 +233,7 @@ def test_bad_multirc_and_wsc_rows_name_the_line(tmp_path):
   def error(task, rows):
     _make_superglue(tmp_path, task, rows)
     with pytest.raises(DataError) as info:
-      glue.load_split(task, "train", tmp_path)
+      glue_readers.load_split(task, "train", tmp_path)
     message = str(info.value)
     assert "\n" not in message and "Fix:" in message
     return message
@@ -263,12 +264,12 @@ def test_bad_multirc_and_wsc_rows_name_the_line(tmp_path):
 @pytest.mark.parametrize("task, questions", [("WSC", None), ("MultiRC", {"train": 5_131,
                                                                          "dev": 953})])
 def test_real_superglue_files_match_published_counts(task, questions):
-  root = os.environ.get(glue.SUPERGLUE_DIR_ENV) or os.path.join(REPO, "..", "shared", "data",
+  root = os.environ.get(glue_tasks.SUPERGLUE_DIR_ENV) or os.path.join(REPO, "..", "shared", "data",
                                                                   "superglue")
   if not os.path.isfile(os.path.join(root, task, "val.jsonl")):
-    pytest.skip(f"{task} not found under {root}; set {glue.SUPERGLUE_DIR_ENV}")
-  for split_name, split in glue.load_task(task, root, verify_counts=True).items():
-    assert len(split) == glue.PUBLISHED_ROWS[task][split_name]
+    pytest.skip(f"{task} not found under {root}; set {glue_tasks.SUPERGLUE_DIR_ENV}")
+  for split_name, split in glue_readers.load_task(task, root, verify_counts=True).items():
+    assert len(split) == glue_tasks.PUBLISHED_ROWS[task][split_name]
     if questions:
       assert np.unique(split.groups).size == questions[split_name]
       assert np.all(np.diff(split.groups) >= 0)  # questions in file order
@@ -276,40 +277,40 @@ def test_real_superglue_files_match_published_counts(task, questions):
 
 def test_mnli_mismatched_dev(tmp_path):
   _make_glue(tmp_path, "MNLI")
-  mismatched = glue.load_split("MNLI", "dev_mismatched", tmp_path)
+  mismatched = glue_readers.load_split("MNLI", "dev_mismatched", tmp_path)
   assert mismatched.split == "dev_mismatched" and mismatched.path.endswith("dev_mismatched.tsv")
   assert mismatched[0].texts == ("c", "d") and mismatched.labels.tolist() == [1]
-  matched = glue.load_split("mnli", "dev_matched", tmp_path)
+  matched = glue_readers.load_split("mnli", "dev_matched", tmp_path)
   assert matched[0].texts == ("a", "b") and matched.labels.tolist() == [0]
-  assert glue.PUBLISHED_ROWS["MNLI"]["dev_mismatched"] == 9_832
+  assert glue_tasks.PUBLISHED_ROWS["MNLI"]["dev_mismatched"] == 9_832
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):
   _make_glue(tmp_path, "RTE")
-  monkeypatch.setenv(glue.GLUE_DIR_ENV, str(tmp_path))
-  assert len(glue.load_split("RTE", "train")) == 2
-  monkeypatch.delenv(glue.GLUE_DIR_ENV)
+  monkeypatch.setenv(glue_tasks.GLUE_DIR_ENV, str(tmp_path))
+  assert len(glue_readers.load_split("RTE", "train")) == 2
+  monkeypatch.delenv(glue_tasks.GLUE_DIR_ENV)
   with pytest.raises(DataError, match="BDIFF_GLUE_DIR is not set"):
-    glue.load_split("RTE", "train")
-  monkeypatch.delenv(glue.SUPERGLUE_DIR_ENV, raising=False)
+    glue_readers.load_split("RTE", "train")
+  monkeypatch.delenv(glue_tasks.SUPERGLUE_DIR_ENV, raising=False)
   with pytest.raises(DataError, match="BDIFF_SUPERGLUE_DIR is not set"):
-    glue.load_split("CB", "train")
+    glue_readers.load_split("CB", "train")
 
 
 def test_unknown_task_or_split(tmp_path):
   with pytest.raises(ConfigError, match="unknown GLUE/SuperGLUE task 'SST-5'"):
-    glue.load_split("SST-5", "train", tmp_path)
+    glue_readers.load_split("SST-5", "train", tmp_path)
   with pytest.raises(ConfigError, match="MNLI has no split 'dev'.*dev_matched, dev_mismatched"):
-    glue.load_split("MNLI", "dev", tmp_path)
+    glue_readers.load_split("MNLI", "dev", tmp_path)
   with pytest.raises(ConfigError, match="no split 'test'"):
-    glue.load_split("RTE", "test", tmp_path)
+    glue_readers.load_split("RTE", "test", tmp_path)
 
 
 def _error(tmp_path, task, split, files=None):
   if files is not None:
     _make_glue(tmp_path, task, files)
   with pytest.raises(DataError) as info:
-    glue.load_split(task, split, tmp_path)
+    glue_readers.load_split(task, split, tmp_path)
   message = str(info.value)
   assert "\n" not in message and "Fix:" in message
   return message
@@ -371,7 +372,7 @@ def test_bad_jsonl_rows(tmp_path):
   def error(task, rows):
     _make_superglue(tmp_path, task, rows)
     with pytest.raises(DataError) as info:
-      glue.load_split(task, "train", tmp_path)
+      glue_readers.load_split(task, "train", tmp_path)
     return str(info.value)
   # BoolQ labels are JSON booleans; 1 is not one of them.
   assert "line 1: label '1' is not one of false, true" in error(
@@ -380,14 +381,14 @@ def test_bad_jsonl_rows(tmp_path):
       "CB", [{"premise": "p", "hypothesis": "h", "label": "neutral"}, {"premise": "p"}])
   _write(os.path.join(tmp_path, "WiC", "train.jsonl"), ['{"word": "a",'])
   with pytest.raises(DataError, match="line 1 is not valid JSON"):
-    glue.load_split("WiC", "train", tmp_path)
+    glue_readers.load_split("WiC", "train", tmp_path)
 
 
 def test_verify_counts(tmp_path):
   _make_glue(tmp_path, "WNLI")
   with pytest.raises(DataError, match="has 2 examples; the published WNLI train split has 635"):
-    glue.load_split("WNLI", "train", tmp_path, verify_counts=True)
-  assert len(glue.load_split("WNLI", "train", tmp_path)) == 2
+    glue_readers.load_split("WNLI", "train", tmp_path, verify_counts=True)
+  assert len(glue_readers.load_split("WNLI", "train", tmp_path)) == 2
 
 
 # --- few-shot sampling -----------------------------------------------------------------------
@@ -395,9 +396,9 @@ def test_verify_counts(tmp_path):
 def _toy_split(labels, task="MNLI"):
   labels = np.asarray(labels)
   n = len(labels)
-  spec = glue.TASKS[task]
+  spec = glue_tasks.TASKS[task]
   texts = tuple(tuple(f"{name}{i}" for i in range(n)) for name in spec.segment_names)
-  return glue.GlueSplit(task=task, split="train", texts=texts,
+  return glue_tasks.GlueSplit(task=task, split="train", texts=texts,
                         labels=labels.astype(np.float32 if spec.is_regression else np.int64),
                         label_names=spec.label_names, segment_names=spec.segment_names,
                         source_rows=np.arange(n) + 100, path="toy")
@@ -484,7 +485,7 @@ def test_download_task_from_zip_url(tmp_path):
   root = tmp_path / "glue"
   task_dir = glue_download.download_task("RTE", root, url=url, verify_counts=False)
   assert task_dir == str(root / "RTE") and sorted(os.listdir(root)) == ["RTE"]
-  assert len(glue.load_split("RTE", "train", root)) == 2
+  assert len(glue_readers.load_split("RTE", "train", root)) == 2
   # Present now: no fetch happens (the URL no longer exists).
   os.remove(tmp_path / "src.zip")
   assert glue_download.download_task("RTE", root, url=url) == task_dir
@@ -514,12 +515,12 @@ def test_build_mrpc_splits_by_dev_ids(tmp_path):
   ids = tmp_path / "dev_ids.tsv"
   _write(str(ids), _tsv(("20", "21")))
   glue_download.build_mrpc(str(msr), str(ids), str(tmp_path / "MRPC"))
-  train = glue.load_split("MRPC", "train", tmp_path)
-  dev = glue.load_split("MRPC", "dev", tmp_path)
+  train = glue_readers.load_split("MRPC", "train", tmp_path)
+  dev = glue_readers.load_split("MRPC", "dev", tmp_path)
   assert train.texts == (("A.", "E."), ("B.", "F.")) and train.labels.tolist() == [1, 1]
   assert dev.texts == (('C "q".',), ("D.",)) and dev.labels.tolist() == [0]
 
 
 def test_every_task_has_a_download_source():
   """Each task the readers know can be fetched (WSC and MultiRC had no entry: KeyError)."""
-  assert set(glue_download.ZIP_URLS) | {"MRPC"} == set(glue.TASKS)
+  assert set(glue_download.ZIP_URLS) | {"MRPC"} == set(glue_tasks.TASKS)

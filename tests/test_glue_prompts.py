@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.glue import prompts as gp
 from bdiff_jax.data import tokenizer as tokenizer_lib
@@ -17,11 +17,11 @@ TINY_OPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 
 
 def _ex(task, *texts, label=0):
-  return glue.Example(task, texts, label, glue.TASKS[task].segment_names)
+  return glue_tasks.Example(task, texts, label, glue_tasks.TASKS[task].segment_names)
 
 
 def test_every_task_has_a_template_with_one_word_per_class():
-  for name, spec in glue.TASKS.items():
+  for name, spec in glue_tasks.TASKS.items():
     assert name in gp.TEMPLATES["end"] and name in gp.TEMPLATES["mid"]
     if name == "COPA":
       assert gp.verbalizer(name) == ()
@@ -141,7 +141,7 @@ def test_label_words_follow_class_ids():
   # Class ids from the readers: RTE/QNLI 0 = entailment, WNLI 1 = entailment, MNLI 1 = neutral,
   # CB 1 = contradiction, MRPC/QQP 1 = paraphrase.
   word = lambda task, label: gp.render(task, _ex(task, *(["x"] * len(
-      glue.TASKS[task].segment_names)), label=label)).candidates[label]
+      glue_tasks.TASKS[task].segment_names)), label=label)).candidates[label]
   assert word("RTE", 0) == "Yes" and word("QNLI", 1) == "No"
   assert word("WNLI", 1) == "Yes" and word("WNLI", 0) == "No"
   assert [word("MNLI", k) for k in range(3)] == ["Yes", "Maybe", "No"]
@@ -190,14 +190,14 @@ def test_render_rejects_mismatches():
 def _marked_split(task):
   """A one-example split of `task` whose segment s holds the word `mark<s>q` (not first, so that
   templates that capitalise or lower-case a segment's first letter leave it alone)."""
-  spec = glue.TASKS[task]
+  spec = glue_tasks.TASKS[task]
   texts = [f"the mark{s}q here." for s in range(len(spec.segment_names))]
   if task == "WiC":
     texts[0] = "mark0q"
   if task == "COPA":
     texts[3] = "effect"  # not free text: it picks the conjunction
   label = 2.5 if spec.is_regression else 1
-  return glue.GlueSplit(
+  return glue_tasks.GlueSplit(
       task=task, split="dev", texts=tuple((t,) for t in texts),
       labels=np.asarray([label], np.float32 if spec.is_regression else np.int64),
       label_names=spec.label_names, segment_names=spec.segment_names,
@@ -206,7 +206,7 @@ def _marked_split(task):
 
 def _word_encoder():
   lines = []
-  for task in glue.TASKS:
+  for task in glue_tasks.TASKS:
     split = _marked_split(task)
     for slot in gp.SLOTS:
       p = gp.render(task, split[0], slot=slot, spacing="word")
@@ -227,7 +227,7 @@ def _decode(encoder, ids):
 @pytest.mark.parametrize("make_encoder", [_word_encoder, _bpe_encoder], ids=["word", "bpe"])
 def test_causal_context_holds_every_segment(make_encoder):
   encoder = make_encoder()
-  for task, spec in glue.TASKS.items():
+  for task, spec in glue_tasks.TASKS.items():
     split = _marked_split(task)
     enc = glue_encoding.encode_split(split, encoder, scoring="causal", seq_len=256)
     markers = [f"mark{s}q" for s in range(len(spec.segment_names))]
@@ -252,7 +252,7 @@ def test_causal_context_holds_every_segment(make_encoder):
 
 def test_cloze_keeps_every_segment_around_the_mask():
   encoder = _word_encoder()
-  for task, spec in glue.TASKS.items():
+  for task, spec in glue_tasks.TASKS.items():
     if task == "COPA":
       continue  # its candidates are multi-word choices, not cloze label words
     split = _marked_split(task)
@@ -270,7 +270,7 @@ def test_cloze_keeps_every_segment_around_the_mask():
 def test_end_slot_templates_end_with_the_label():
   # Only SST-2 and CoLA keep a template "." after the slot (not scored); COPA, WiC, CB, BoolQ,
   # SuperGLUE-RTE, WSC, MultiRC and the pair tasks end with the label word.
-  for task, spec in glue.TASKS.items():
+  for task, spec in glue_tasks.TASKS.items():
     ex = _ex(task, *(["cause" if n == "question" and task == "COPA" else "x y."
                       for n in spec.segment_names]))
     for spacing in gp.SPACINGS:

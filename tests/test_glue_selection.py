@@ -8,17 +8,17 @@ import pytest
 
 from bdiff_jax.glue import baselines as glue_baselines
 from bdiff_jax.glue import metrics as glue_metrics
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError
 
 
 def _split(texts, labels, task="SST-2"):
-  spec = glue.TASKS[task]
+  spec = glue_tasks.TASKS[task]
   labels = np.asarray(labels)
   if len(spec.segment_names) == 1:
     texts = (tuple(texts),)
-  return glue.GlueSplit(task=task, split="train", texts=texts,
+  return glue_tasks.GlueSplit(task=task, split="train", texts=texts,
                         labels=labels.astype(np.float32 if spec.is_regression else np.int64),
                         label_names=spec.label_names, segment_names=spec.segment_names,
                         source_rows=np.arange(len(labels)), path="toy")

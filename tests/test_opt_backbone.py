@@ -22,7 +22,7 @@ from bdiff_jax.runtime import checkpointing
 from bdiff_jax.train import train_state
 from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import readers as glue_readers
 from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import ConfigError
@@ -154,7 +154,7 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   g.opt_dir = str(tmp_path / "wd")
   g.seq_len = c.data.seq_len
   g.zo.freeze = "embeddings"  # the default, "none", trains every leaf (MeZO's setting)
-  full = glue.load_split("SST-2", "train", g.glue_dir)
+  full = glue_readers.load_split("SST-2", "train", g.glue_dir)
   row = glue_rows.build_row(glue_rows.RowSpec("opt", "dizo", False), g, full, seed=0,
                               total_steps=3)  # DiZO: MeZO's rule (trainable) + its targets
   assert row.init.startswith(f"OPT architecture pretrained on WikiText-2 (autoregressive), "

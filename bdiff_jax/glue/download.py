@@ -21,7 +21,8 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import readers as glue_readers
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.errors import DataError
 
 _GLUE = "https://dl.fbaipublicfiles.com/glue/data/"
@@ -51,17 +52,17 @@ MRPC_URLS = {
 }
 
 
-def _fetch(url: str, dest: str, spec: glue.TaskSpec, root: str, timeout: float) -> None:
+def _fetch(url: str, dest: str, spec: glue_tasks.TaskSpec, root: str, timeout: float) -> None:
   try:
     with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
       shutil.copyfileobj(response, out)
   except (urllib.error.URLError, OSError, ValueError) as e:
     reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
     raise DataError(f"could not download {spec.name} from {url} ({reason}).",
-                    glue.location_fix(spec, root)) from None
+                    glue_tasks.location_fix(spec, root)) from None
 
 
-def _extract_folder(zip_path: str, folder: str, dest: str, spec: glue.TaskSpec,
+def _extract_folder(zip_path: str, folder: str, dest: str, spec: glue_tasks.TaskSpec,
                     root: str) -> None:
   """Extracts the members under `folder/` of the zip into `dest/folder/`."""
   try:
@@ -71,14 +72,14 @@ def _extract_folder(zip_path: str, folder: str, dest: str, spec: glue.TaskSpec,
         parts = m.split("/")
         if m.startswith("/") or ".." in parts:
           raise DataError(f"{spec.name} zip {zip_path} has an unsafe member name {m!r}.",
-                          glue.location_fix(spec, root))
+                          glue_tasks.location_fix(spec, root))
       if not members:
         raise DataError(f"{spec.name} zip {zip_path} has no {folder}/ folder.",
-                        glue.location_fix(spec, root))
+                        glue_tasks.location_fix(spec, root))
       z.extractall(dest, members=members)
   except zipfile.BadZipFile:
     raise DataError(f"{spec.name} download {zip_path} is not a zip archive.",
-                    glue.location_fix(spec, root)) from None
+                    glue_tasks.location_fix(spec, root)) from None
 
 
 def build_mrpc(msr_train_path: str, dev_ids_path: str, out_dir: str) -> None:
@@ -88,7 +89,7 @@ def build_mrpc(msr_train_path: str, dev_ids_path: str, out_dir: str) -> None:
   byte-order mark) whose (#1 ID, #2 ID) pair is listed in `dev_ids_path` (two tab-separated ids
   per line) go to dev.tsv, the others to train.tsv; both keep the header.
   """
-  spec = glue.task_spec("MRPC")
+  spec = glue_tasks.task_spec("MRPC")
   with open(dev_ids_path, encoding="utf-8-sig") as f:
     dev_ids = {tuple(line.strip().split("\t")[:2]) for line in f if line.strip()}
   with open(msr_train_path, encoding="utf-8-sig") as f:
@@ -116,7 +117,7 @@ def download_task(task: str, glue_dir: str | os.PathLike | None = None, *,
   """Makes `<root>/<TASK>` hold the task's labelled splits, downloading them if missing.
 
   Args:
-    task: a task name in `glue.TASKS`.
+    task: a task name in `glue_tasks.TASKS`.
     glue_dir: the data root (default: BDIFF_GLUE_DIR / BDIFF_SUPERGLUE_DIR); created if absent.
     url: the zip to fetch instead of `ZIP_URLS[task]` (e.g. a mirror or a file:// URL).
     mrpc_urls: for MRPC, {"train": ..., "dev_ids": ...} instead of `MRPC_URLS`.
@@ -130,8 +131,8 @@ def download_task(task: str, glue_dir: str | os.PathLike | None = None, *,
     DataError: the directory exists but is incomplete, the download fails, or the downloaded
       files are not the task's (one line with the manual fix).
   """
-  spec = glue.task_spec(task)
-  root = glue.resolve_data_dir(spec.name, glue_dir)
+  spec = glue_tasks.task_spec(task)
+  root = glue_tasks.resolve_data_dir(spec.name, glue_dir)
   task_dir = os.path.join(root, spec.directory)
   missing = [f for f in spec.files.values() if not os.path.isfile(os.path.join(task_dir, f))]
   if not missing:
@@ -139,7 +140,7 @@ def download_task(task: str, glue_dir: str | os.PathLike | None = None, *,
   if os.path.exists(task_dir):
     raise DataError(f"{spec.name} directory {task_dir} exists but lacks {', '.join(missing)}; "
                     "not overwriting it.", f"move {task_dir} away and download again, or "
-                    + glue.location_fix(spec, root))
+                    + glue_tasks.location_fix(spec, root))
   os.makedirs(root, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix=f".{spec.directory}-download-", dir=root) as tmp:
     staged = os.path.join(tmp, "staged")
@@ -157,6 +158,6 @@ def download_task(task: str, glue_dir: str | os.PathLike | None = None, *,
       if folder != spec.directory:
         os.rename(os.path.join(staged, folder), os.path.join(staged, spec.directory))
     for split in spec.splits:   # raises DataError before anything is moved into place
-      glue.load_split(spec.name, split, staged, verify_counts=verify_counts)
+      glue_readers.load_split(spec.name, split, staged, verify_counts=verify_counts)
     os.rename(os.path.join(staged, spec.directory), task_dir)
   return task_dir

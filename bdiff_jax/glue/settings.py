@@ -9,7 +9,8 @@ import os
 import numpy as np
 
 from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import readers as glue_readers
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError
 
@@ -38,7 +39,7 @@ def validate(g) -> None:
     raise ConfigError("glue.tasks is empty.", "list tasks, e.g. --config.glue.tasks=SST-2,RTE.")
   for t in str(g.tasks).split(","):
     if t.strip():
-      glue.task_spec(t.strip())
+      glue_tasks.task_spec(t.strip())
   if not 0.0 <= float(g.selection_fraction) < 1.0:
     raise ConfigError(f"glue.selection_fraction={g.selection_fraction} must be in [0, 1).",
                       "set it to e.g. 0.1, or 0 for no cap.")
@@ -86,7 +87,7 @@ def task_seq_len(g, task: str) -> int:
   for the longest task's padding."""
   for item in str(g.get("seq_len_by_task", "")).split(","):
     name, _, value = item.partition(":")
-    if name.strip() and glue.task_spec(name.strip()).name == glue.task_spec(task).name:
+    if name.strip() and glue_tasks.task_spec(name.strip()).name == glue_tasks.task_spec(task).name:
       return int(value)
   return int(g.seq_len)
 
@@ -95,7 +96,7 @@ def _check_seq_len_by_task(g) -> None:
   for item in [i for i in str(g.get("seq_len_by_task", "")).split(",") if i.strip()]:
     name, _, value = item.partition(":")
     try:
-      glue.task_spec(name.strip())
+      glue_tasks.task_spec(name.strip())
       ok = 1 <= int(value) <= int(g.seq_len)
     except ValueError:
       ok = False
@@ -126,15 +127,15 @@ def _data_dir(spec, g) -> str | None:
 
 def dev_splits(task: str) -> tuple[str, ...]:
   """The task's evaluation splits: ("dev",), or MNLI's ("dev_matched", "dev_mismatched")."""
-  return glue.task_spec(task).splits[1:]
+  return glue_tasks.task_spec(task).splits[1:]
 
 
 def task_splits(task: str, g, seed: int):
   """(train, selection, {dev split: dev}, full train) of `task` for `seed` (module docstring)."""
-  spec = glue.task_spec(task)
+  spec = glue_tasks.task_spec(task)
   root = _data_dir(spec, g)
-  full = glue.load_split(spec.name, "train", root)
-  devs = {name: glue_sampling.subsample(glue.load_split(spec.name, name, root),
+  full = glue_readers.load_split(spec.name, "train", root)
+  devs = {name: glue_sampling.subsample(glue_readers.load_split(spec.name, name, root),
                                         int(g.eval_max), seed=0) for name in dev_splits(task)}
   n = int(g.selection)
   if float(g.selection_fraction) > 0:

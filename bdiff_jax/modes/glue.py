@@ -56,7 +56,7 @@ from bdiff_jax.glue.units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrup
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
 from bdiff_jax.runtime.platform_info import memory_stats
-from bdiff_jax.glue import tasks as glue
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.errors import DataError
 from bdiff_jax.errors import UserError
@@ -86,7 +86,7 @@ def evaluate(row, score_fn, params, arrays, task, batch_size, groups=None):
   preds = row.objective.predict(scores)
   labels = arrays["labels"]
   metrics = glue_metrics.task_metrics(task, preds, labels, groups=groups)
-  spec = glue.task_spec(task)
+  spec = glue_tasks.task_spec(task)
   dist = (None if spec.is_regression else
           glue_metrics.prediction_distribution(preds, spec.num_labels))
   return metrics, dist, preds
@@ -316,7 +316,7 @@ def run(config, workdir: str, reporter: Reporter) -> GlueResult:
   g = config.glue
   validate(g)
   specs = glue_rows.parse_rows(g.rows)
-  tasks = [glue.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
+  tasks = [glue_tasks.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
   workdir = workdir_lib.prepare_writable_workdir(workdir)
   with workdir_lib.WorkdirLock(workdir), GlueInterrupt() as stop:
     # Both digests of the settings as given, before use_starts fills in the start models' dirs.
