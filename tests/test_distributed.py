@@ -40,10 +40,12 @@ def test_initialize_arguments_from_the_environment():
 
 _TRAIN = r"""
 import json, os, sys
-from bdiff_jax import distributed
+from bdiff_jax.runtime import distributed
 started = distributed.initialize()
 import jax, ml_collections, numpy as np
-from bdiff_jax import checkpointing, sharding, train_step
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import sharding
+from bdiff_jax.train import train_step
 from tests import helpers
 
 ckpt_dir, mode = sys.argv[1], sys.argv[2]

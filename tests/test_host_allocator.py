@@ -84,7 +84,7 @@ def test_unknown_mode_is_an_error_and_main_says_so_in_one_line(tmp_path):
 
 _FAULTS = """
 import resource
-from bdiff_jax import host_allocator
+from bdiff_jax.runtime import host_allocator
 print(host_allocator.configure())
 import jax, jax.numpy as jnp
 a = jax.random.normal(jax.random.PRNGKey(0), (2048, 32), jnp.float32)

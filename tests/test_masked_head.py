@@ -302,7 +302,7 @@ def test_default_xla_flags_are_accepted_by_this_jaxlib():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("BDIFF_XLA_FLAGS", None)
   env.pop("XLA_FLAGS", None)
-  code = ("from bdiff_jax import xla_flags; print(xla_flags.apply_default_flags()); "
+  code = ("from bdiff_jax.runtime import xla_flags; print(xla_flags.apply_default_flags()); "
           "import jax.numpy as jnp; print(float(jnp.sum(jnp.ones((64, 64)))))")
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")

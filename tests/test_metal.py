@@ -264,7 +264,7 @@ _PROBE = textwrap.dedent('''
     import json
     import os
     import jax.numpy as jnp
-    from bdiff_jax import platform_info
+    from bdiff_jax.runtime import platform_info
     from tests import helpers
     c = helpers.load_config("configs/wikitext2.py", os.environ.get("PROBE_PRESET", ""))
     backend, note = platform_info.start_backend()

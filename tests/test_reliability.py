@@ -57,7 +57,7 @@ import builtins, errno, json, os, runpy, sys, time
 spec = json.loads(os.environ["BDIFF_TEST_CHILD"])
 
 def pause_at(pause):
-  from bdiff_jax import metrics_log
+  from bdiff_jax.runtime import metrics_log
   _write = metrics_log.MetricsLog.write
   def write(self, kind, step, **values):
     _write(self, kind, step, **values)

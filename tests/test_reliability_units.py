@@ -393,7 +393,7 @@ def test_corrupt_checkpoint_in_a_fresh_process_prints_exactly_one_line(saved_wor
       import numpy as np
       from absl import logging
       logging.set_verbosity(logging.ERROR)
-      from bdiff_jax import checkpointing
+      from bdiff_jax.runtime import checkpointing
       from bdiff_jax.errors import UserError
       abstract = {{f"layer{{i:02d}}": {{"w": jax.ShapeDtypeStruct((64, 64), np.float32),
                                        "b": jax.ShapeDtypeStruct((64,), np.float32)}}
@@ -1079,7 +1079,7 @@ def test_peer_watchdog_names_the_lost_process_after_the_timeout():
 
 _PEERS = r"""
 import os, sys, time
-from bdiff_jax import distributed
+from bdiff_jax.runtime import distributed
 distributed.initialize()
 import jax
 from jax.experimental import multihost_utils

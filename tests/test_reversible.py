@@ -340,8 +340,11 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from bdiff_jax import configuration, train_state, train_step, update_rule
-    from bdiff_jax import sharding as mesh_lib
+    from bdiff_jax.config import configuration
+    from bdiff_jax.train import train_state
+    from bdiff_jax.train import train_step
+    from bdiff_jax.optim import update_rule
+    from bdiff_jax.runtime import sharding as mesh_lib
     from bdiff_jax.models import init_params
     from bdiff_jax.objectives import build_objective
     from tests.helpers import network

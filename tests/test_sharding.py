@@ -66,7 +66,10 @@ def test_one_device_mesh_replicates_and_splits_rows():
 _EIGHT_DEVICES = r"""
 import json, sys, tempfile
 import jax, ml_collections, numpy as np
-from bdiff_jax import checkpointing, sharding, train_state, train_step
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import sharding
+from bdiff_jax.train import train_state
+from bdiff_jax.train import train_step
 from tests import helpers
 
 out = {"devices": jax.device_count()}
@@ -131,7 +134,10 @@ print(json.dumps(out))
 _ONE_DEVICE_RESUME = r"""
 import json, sys
 import jax, numpy as np
-from bdiff_jax import checkpointing, sharding, train_state, train_step
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import sharding
+from bdiff_jax.train import train_state
+from bdiff_jax.train import train_step
 from tests import helpers
 
 c = helpers.tiny_config(backbone="reversible", dropout_rate=0.1)

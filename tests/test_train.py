@@ -86,7 +86,7 @@ def test_indivisible_batch_is_a_config_error():
 _DP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from tests.test_train import tiny_config, setup, make_step
-    from bdiff_jax import sharding as mesh_lib
+    from bdiff_jax.runtime import sharding as mesh_lib
     assert jax.local_device_count() == 4, jax.devices()
     results = {}
     for backbone in ("standard", "reversible"):
