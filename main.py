@@ -11,6 +11,11 @@
 Override any config field with --config.<field>=<value>. Bad input (data, config files and
 values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
 multi-process run with one such line and exit status 3 (bdiff_jax/runtime/distributed.py).
+
+Before anything can start JAX, flag parsing calls `bootstrap()` (bdiff_jax/runtime/bootstrap.py:
+host allocator, XLA flags, the distributed runtime). JAX itself, the modes and what surrounds a
+mode's run (bdiff_jax/modes/launch.py) are imported by name only once the flags are parsed, so that
+--help and flag errors do not pay for importing them.
 """
 
 import importlib
@@ -24,11 +29,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from bdiff_jax.runtime import host_allocator
-from bdiff_jax.runtime import xla_flags
+from bdiff_jax.errors import UserError
+from bdiff_jax.runtime import bootstrap
 
-# --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use, so that
-# --help and flag errors do not pay for importing JAX.
+# --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use (by
+# bdiff_jax/modes/launch.py), so that --help and flag errors do not pay for importing JAX.
 MODES = {
     "train": "bdiff_jax.modes.train",
     "eval": "bdiff_jax.modes.evaluate",
@@ -38,10 +43,11 @@ MODES = {
     "glue": "bdiff_jax.modes.glue",
 }
 
+# What runs a mode: checks the config serves it, applies --prompt, calls the mode's `run`.
+LAUNCH = "bdiff_jax.modes.launch"
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).",
                                           lock_config=True)
-# The sections a config of these modes must have (those of configuration.base_config()).
-TRAINER_MODES = ("train", "eval", "sample")
 
 
 class ConfigFileError(Exception):
@@ -125,33 +131,19 @@ def _last_line(text: str) -> str:
   return lines[-1] if lines else str(text)
 
 
-def _start_distributed() -> None:
-  """Starts JAX's distributed runtime for a multi-process run (settings from the environment:
-  see bdiff_jax/runtime/distributed.py), before the config file can touch a JAX backend."""
-  from bdiff_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+def _parse_flags(argv):
+  """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
+  # First, before any thread allocates and before anything can start JAX's backend (the config
+  # file's automatic preset looks at the devices): the host allocator keeps freed memory for
+  # reuse (BDIFF_HOST_ALLOCATOR=system disables it), our XLA flags (user flags win;
+  # BDIFF_XLA_FLAGS=none disables ours), and JAX's distributed runtime for a multi-process run
+  # (settings from the environment: bdiff_jax/runtime/distributed.py), except for --help.
   try:
-    distributed.initialize()
+    bootstrap.bootstrap(
+        distributed=not any(a in ("--help", "-h", "--helpfull") for a in argv[1:]))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-
-
-def _parse_flags(argv):
-  """absl flag parsing, but bad flags, overrides or arguments are one clear line and exit 2."""
-  # First, before any thread allocates: keep freed host memory for reuse instead of
-  # page-faulting every step's buffers in again (bdiff_jax/runtime/host_allocator.py;
-  # BDIFF_HOST_ALLOCATOR=system disables it).
-  try:
-    host_allocator.configure()
-  except ValueError as e:
-    _fail(f"{e}.", f"unset {host_allocator.ENV_VAR} or set it to one of "
-          f"{', '.join(host_allocator.MODES)}.")
-  # Before anything can start JAX's backend (the config file's automatic preset looks at the
-  # devices): XLA reads XLA_FLAGS once. User flags win; BDIFF_XLA_FLAGS=none disables ours.
-  xla_flags.apply_default_flags()
-  if not any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-    _start_distributed()
   try:
     argv = flags.FLAGS(argv)
   except ConfigFileError as e:
@@ -196,66 +188,25 @@ def _load_config():
           "pass --config=<an existing configs/*.py file>[:<one of its presets>].")
 
 
-def check_mode_fields(config, mode: str, config_arg: str) -> None:
-  """Raises ConfigError when `config` lacks fields that --mode=`mode` reads (e.g. the GLUE
-  config, which has only a `glue` section, given to --mode=train)."""
-  if mode not in TRAINER_MODES:
-    return
-  from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
-
-  def paths(c, prefix=""):
-    for key, value in c.items():
-      if hasattr(value, "items"):
-        yield from paths(value, f"{prefix}{key}.")
-      else:
-        yield f"{prefix}{key}"
-
-  base = configuration.base_config()
-  have = set(paths(config))
-  missing = [p for p in paths(base) if p not in have]
-  if missing:
-    sections = [k for k, v in base.items() if hasattr(v, "items") and k not in config]
-    lacks = (f"has no {', '.join(sections)} section" + ("s" if len(sections) > 1 else "")
-             if sections else f"lacks config.{missing[0]}" +
-             (f" and {len(missing) - 1} more field(s)" if len(missing) > 1 else ""))
-    other = [k for k in config.keys() if k not in base]
-    serves = (f" (its own section(s): {', '.join(other)}; see the file's docstring for its "
-              "--mode)" if other else "")
-    raise ConfigError(
-        f"config {config_arg} cannot serve --mode={mode}: it {lacks}{serves}.",
-        f"pass the --mode that config is for (e.g. configs/glue.py with --mode=glue), or a "
-        f"config made from configuration.base_config() (e.g. configs/wikitext2.py) for "
-        f"--mode={mode}.")
-
-
 def main(argv):
   del argv  # _parse_flags refuses stray arguments
   logging.set_verbosity(logging.ERROR)  # orbax logs every save/restore (INFO, WARNING)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  from bdiff_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.runtime.reporter import Reporter  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.config.compat import explicit_overrides_from_argv  # pylint: disable=g-import-not-at-top
+  launch = importlib.import_module(LAUNCH)  # imports JAX: after bootstrap(), not for --help
   try:
     config = _load_config()
-    check_mode_fields(config, _MODE.value, flags.FLAGS["config"].config_filename)
-    if _PROMPT.value is not None:
-      config.sample.prompt = _PROMPT.value
-    options = {}
-    if _MODE.value in ("eval", "sample"):  # they take the model from the workdir's config.json
-      options["explicit_overrides"] = explicit_overrides_from_argv(sys.argv)
-    result = importlib.import_module(MODES[_MODE.value]).run(config, _WORKDIR.value, Reporter(),
-                                                             **options)
+    result = launch.run_mode(config, _MODE.value, MODES[_MODE.value], _WORKDIR.value,
+                             config_arg=flags.FLAGS["config"].config_filename,
+                             prompt=_PROMPT.value, argv=sys.argv)
   except UserError as e:
     _exit_with_error(f"error: {e}", 2)
   except Exception as e:  # pylint: disable=broad-except
-    from bdiff_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
-    line = distributed.lost_peer_line(e)
+    line = launch.lost_peer_line(e)
     if line is None:
       raise
     # os._exit: a normal exit would wait for JAX's shutdown barrier, then abort with a C++ dump.
-    _exit_with_error(line, distributed.LOST_PEER_EXIT_CODE)
+    _exit_with_error(line, launch.LOST_PEER_EXIT_CODE)
   except KeyboardInterrupt:  # before the trainer's own handler is installed, or a second Ctrl-C
     print("error: interrupted (Ctrl-C) before anything more could be saved. Fix: rerun the "
           "same command; training resumes from its latest checkpoint, --mode=glue from its "

@@ -10,32 +10,27 @@ import signal
 
 import pytest
 
-from bdiff_jax.runtime import host_allocator
+from bdiff_jax.runtime import bootstrap
 from bdiff_jax.runtime import xla_flags
 
-# As main.py does first thing (every child it starts does it too): freed host memory is kept for
-# reuse, so each step's large buffers are not page-faulted in again (bdiff_jax/runtime/host_allocator.py).
-host_allocator.configure()
-
-# One persistent XLA compilation cache for the session, shared by the in-process tests, every
-# subprocess and every pytest-xdist worker: identical programs (the smoke preset's steps in many
-# fresh processes, the same tiny model in several tests) compile once. Set before JAX is
+# As main.py does first thing (every child it starts does it too; bdiff_jax/runtime/bootstrap.py):
+# freed host memory is kept for reuse, so each step's large buffers are not page-faulted in
+# again, and the same XLA flags as main.py, before any test starts JAX's backend: in-process and
+# subprocess runs must compute identically (e.g. resume tests compare losses bit for bit).
+# Besides: one persistent XLA compilation cache for the session, shared by the in-process tests,
+# every subprocess and every pytest-xdist worker: identical programs (the smoke preset's steps in
+# many fresh processes, the same tiny model in several tests) compile once. Set before JAX is
 # imported, which reads it then. It lives in .pytest_cache (entries are keyed by the program and
 # the JAX version, so a stale entry is never used).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+bootstrap.bootstrap(compilation_cache_dir=os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
     "jax_compilation_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 # A suite started in the background by a non-interactive shell (`nohup ... &`, a CI script)
 # inherits SIGINT ignored, and so would every process it starts; the interrupt tests need Ctrl-C
 # to reach this process and its children, as it does from a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
   signal.signal(signal.SIGINT, signal.default_int_handler)
-
-# The same XLA flags as main.py, before any test starts JAX's backend: in-process and
-# subprocess runs must compute identically (e.g. resume tests compare losses bit for bit).
-xla_flags.apply_default_flags()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 

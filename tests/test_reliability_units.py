@@ -33,6 +33,7 @@ from bdiff_jax.runtime import interrupt
 from bdiff_jax.runtime import metrics_log
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.data import pipeline, wikitext2
+from bdiff_jax.modes import launch
 from bdiff_jax.errors import (CheckpointError, ConfigError, ConfigMismatchError, DiskFullError,
                               StorageError, UserError, WorkdirBusyError, WorkdirError)
 
@@ -783,9 +784,9 @@ def test_a_config_for_another_mode_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=rf"config configs/glue.py:test cannot serve "
                                           rf"--mode={mode}: it has no data, .* sections \(its "
                                           r"own section\(s\): glue"):
-      main.check_mode_fields(glue, mode, "configs/glue.py:test")
-  main.check_mode_fields(glue, "glue", "configs/glue.py:test")  # its own mode: not ours to check
-  main.check_mode_fields(configuration.base_config(), "train", "x.py")
+      launch.check_mode_fields(glue, mode, "configs/glue.py:test")
+  launch.check_mode_fields(glue, "glue", "configs/glue.py:test")  # its own mode: not ours to check
+  launch.check_mode_fields(configuration.base_config(), "train", "x.py")
 
 
 def test_config_file_syntax_error_through_main_is_one_line(tmp_path):

@@ -37,27 +37,25 @@ import statistics
 import sys
 import time
 
+from bdiff_jax.errors import UserError
+from bdiff_jax.runtime import bootstrap
+from bdiff_jax.runtime import host_allocator
+
 if __name__ == "__main__":
   # As main.py does, before JAX starts a thread: the host allocator's settings and our XLA
-  # flags (bdiff_jax/runtime/host_allocator.py, bdiff_jax/runtime/xla_flags.py), so the samplers are timed as
-  # the program runs them.
-  from bdiff_jax.runtime import host_allocator  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
+  # flags (bdiff_jax/runtime/bootstrap.py), so the samplers are timed as the program runs them.
   try:
-    host_allocator.configure()
-  except ValueError as _e:
-    sys.exit(f"error: {_e}. Fix: unset {host_allocator.ENV_VAR} or set it to one of "
-             f"{', '.join(host_allocator.MODES)}.")
-  xla_flags.apply_default_flags()
+    bootstrap.bootstrap()
+  except UserError as _e:
+    sys.exit(f"error: {_e}")
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.diffusion import sampling
 from bdiff_jax.diffusion import schedules
-from bdiff_jax.errors import UserError
 from bdiff_jax.models import build_network, init_params
 from bdiff_jax.objectives import objective_class
 
@@ -203,7 +201,6 @@ def main(argv=None) -> dict:
   parser.add_argument("--vocab", type=int, default=WIKITEXT2_VOCAB)
   parser.add_argument("--out", default="sampling_speed.json")
   args = parser.parse_args(argv)
-  from bdiff_jax.runtime import host_allocator  # pylint: disable=g-import-not-at-top
   settings = {"host_allocator": "retain" if host_allocator.retaining() else "system",
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
   print(f"host allocator: {settings['host_allocator']}; XLA_FLAGS: {settings['xla_flags']!r}")
