@@ -62,6 +62,7 @@ checks the real one before the first step; `python -m bdiff_jax.benchmarks.throu
 """
 
 from bdiff_jax.config.configuration import base_config
+from bdiff_jax.runtime import platform_info
 
 PRESETS = ("auto", "smoke", "cpu", "cpu_opt", "gpu", "tpu", "default")
 # Below this much accelerator memory the gpu preset's step (5.6 GiB, see above) may not fit
@@ -71,7 +72,6 @@ GPU_PRESET_MIN_BYTES = 8 * 2**30
 
 def _auto() -> tuple[str, str]:
   """(preset, reason) for this machine."""
-  from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top
   p = platform_info.detect()
   if p.backend == "tpu":
     return "tpu", f"a TPU backend: {p.describe()}"
@@ -100,7 +100,6 @@ def _metal_note() -> str:
   """Where the Metal plugin is installed, a forced preset starts JAX's backend here too, as
   `_auto` does, so that a plugin that cannot start means the CPU and a note, not a traceback
   later; "" (and nothing started) without the plugin."""
-  from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top
   if not platform_info.metal_plugin_installed():
     return ""
   _, note = platform_info.start_backend()

@@ -1,6 +1,7 @@
-"""The throughput benchmark (bdiff_jax/benchmarks/throughput.py): its system specs, its FLOP
-count, and one tiny interleaved run of two of our workers (an A/B of the same code). PyTorch is
-not needed (it is a bench-only requirement); the numbers themselves are not tested."""
+"""The throughput benchmark (bdiff_jax/benchmarks/throughput.py, throughput_jax.py): its system
+specs, its FLOP count, and one tiny interleaved run of two of our workers (an A/B of the same
+code). PyTorch is not needed (it is a bench-only requirement); the numbers themselves are not
+tested."""
 
 import argparse
 import json
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from bdiff_jax.benchmarks import throughput
+from bdiff_jax.benchmarks import throughput_jax
 from tests import helpers
 
 
@@ -44,7 +46,7 @@ def test_system_specs():
   args, _ = parse("jax:masked/model.head=adaptive/train.batch_size=8@none")
   assert (args["loss"], args["flags"]) == ("masked", "none")
   assert args["overrides"] == ["model.head=adaptive", "train.batch_size=8"]
-  config = throughput.our_config(shape, overrides=args["overrides"])
+  config = throughput_jax.our_config(shape, overrides=args["overrides"])
   assert (config.model.head, config.train.batch_size) == ("adaptive", 8)
   with pytest.raises(SystemExit, match="bad override"):
     parse("jax:masked/head=adaptive")

@@ -52,10 +52,15 @@ import sys
 import time
 from typing import Any, Optional
 
+import jax
 import ml_collections
+import numpy as np
 
+from bdiff_jax.benchmarks import step_memory
+from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import train_state
 
 BACKBONES = ("standard", "reversible/recompute", "reversible/autodiff")
 RESULTS_FILE = "memory_benchmark.json"
@@ -117,13 +122,6 @@ def _rss_mb() -> float:
 def measure_one(config: ml_collections.ConfigDict, backbone: str, depth: int,
                 seq_len: int) -> dict[str, Any]:
   """Compiles and runs the train step of one configuration in this process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from bdiff_jax.train import train_state  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.benchmarks import step_memory  # pylint: disable=g-import-not-at-top
-
   jax.numpy.zeros(()).block_until_ready()
   rss_baseline = _rss_mb()
   b = config.benchmark

@@ -1,8 +1,5 @@
 r"""Train-step throughput of the project against a PyTorch implementation of the same step.
 
-(Longer than 400 lines because it holds both systems it compares, the project's step and a
-PyTorch step of the same maths, and the interleaving harness that runs them side by side.)
-
     python -m bdiff_jax.benchmarks.throughput --shape reference      # d256 L4 H4 seq128 B32 V33278
     python -m bdiff_jax.benchmarks.throughput --shape cpu            # configs/wikitext2.py:cpu dims
     python -m bdiff_jax.benchmarks.throughput --memory_preset default   # XLA memory analysis only
@@ -11,8 +8,9 @@ The model on both sides (what ../shared/bench/torch_reference.py specifies): bid
 pre-norm transformer, learned positions, GELU MLP (4x), untied head over the V real tokens,
 continuous-time ELBO of absorbing masked diffusion with a linear schedule on masked positions
 only, AdamW, gradient clipping at 1. Ours is the project's real train step
-(`bdiff_jax.train.train_step.make_train_step`) at that shape; it also does its usual extra work: adaLN time
-conditioning (the PyTorch model adds a linear embedding of t instead), and an EMA of the params.
+(`bdiff_jax.train.train_step.make_train_step`, built in `throughput_jax.py`) at that shape; it
+also does its usual extra work: adaLN time conditioning (the PyTorch model adds a linear
+embedding of t instead), and an EMA of the params.
 
 Systems measured (each a persistent worker process, so that its compiled step stays warm):
   jax:<loss>[/<override>...][@<flags>]  ours; <loss> = "masked" (head at masked positions
@@ -20,12 +18,14 @@ Systems measured (each a persistent worker process, so that its compiled step st
                         head at a time, for memory) or "full" (head at every position);
                         <override> = a config override "section.field=value" for this system
                         only, e.g. `jax:masked/model.head=adaptive`;
-                        <flags> = XLA_FLAGS for the worker, default: `xla_flags.apply_default_flags()`,
+                        <flags> = XLA_FLAGS for the worker, default:
+                        `xla_flags.apply_default_flags()`,
                         "none": no flags of ours.
   base[:<loss>[@<flags>]]  ours as built from another checkout (`--baseline_src DIR`, e.g. a
                         `git worktree` of the commit before a change): an A/B of a code change
                         in one run. Plain `base`: full head, no flags; with <loss>, as jax:.
-  torch_eager, torch_compile   the PyTorch step (needs torch: requirements-bench.txt).
+  torch_eager, torch_compile   the PyTorch step (`throughput_torch.py`; needs torch:
+                        requirements-bench.txt).
 Host allocator (bdiff_jax/runtime/host_allocator.py): our workers apply the project's malloc settings,
 as main.py does (`--allocator system` leaves glibc's defaults); the PyTorch workers run with
 glibc's defaults, as the reference script does (`--torch_allocator retain` gives them ours:
@@ -50,12 +50,13 @@ Writes JSON (`--out`, default throughput_<shape>.json in the current directory).
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,7 +66,6 @@ VOCAB = 33278  # WikiText-2 v1 words incl. <eos>
 
 def get_preset_config(preset: str):
   """configs/wikitext2.py:<preset> ("default" or "" for the default preset)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("_wt2_config",
                                                 os.path.join(_REPO, "configs", "wikitext2.py"))
   module = importlib.util.module_from_spec(spec)
@@ -91,216 +91,26 @@ def step_matmul_flops(shape: dict[str, int], head_rows: float) -> float:
   return 3.0 * (shape["layers"] * per_layer + head_rows * 2 * d * shape["vocab"])
 
 
-# ------------------------------------------------------------------------------------------------
-# Our train step. The ONE place that knows how the project builds it.
-
-
-def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
-  """(step_fn, state): the project's jitted train step and an initial train state.
-
-  loss: "masked" (head at the masked positions only, the default training path) or "full"
-  (head at every position); chunk_rows: with "masked", run the head this many rows at a time
-  (0: all at once).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.train import train_state  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.train import train_step  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.optim import update_rule  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.diffusion.masked_head = loss == "masked"
-  config.diffusion.head_chunk_rows = int(chunk_rows)
-  objective = build_objective(config, mask_id=network.spec.vocab_size)
-  rule = update_rule.build_update_rule(config.train)
-  state = jax.jit(lambda: train_state.init_train_state(network, rule, seed=0,
-                                                       seq_len=config.data.seq_len))()
-  step = train_step.make_train_step(objective, network, rule, ema_decay=config.train.ema_decay)
-  return step, state
-
-
-def our_config(shape: dict[str, int], *, preset: str = "", overrides=()):
-  """The project's config at `shape` with the reference architecture (or a preset's model).
-
-  `overrides`: "section.field=value" strings applied last (values parsed as JSON, else str).
-  """
-  from bdiff_jax.config import configuration  # pylint: disable=g-import-not-at-top
-  if preset:
-    c = get_preset_config(preset)
-  else:
-    c = configuration.base_config()
-    m = c.model
-    m.num_layers, m.emb_dim, m.num_heads = shape["layers"], shape["d"], shape["heads"]
-    m.num_kv_heads, m.head_dim, m.mlp_dim = shape["heads"], shape["d"] // shape["heads"], 4 * shape["d"]
-    m.positional, m.tie_embeddings, m.block, m.dropout_rate = "learned", False, "simple", 0.0
-    c.data.seq_len, c.train.batch_size = shape["seq"], shape["batch"]
-  for item in overrides:
-    path, _, value = item.partition("=")
-    section, _, field = path.partition(".")
-    try:
-      c[section][field] = json.loads(value)
-    except json.JSONDecodeError:
-      c[section][field] = value
-  return c
-
-
-def _jax_worker(args: dict[str, Any], reply) -> None:
-  if args.get("flags") is None:
-    from bdiff_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
-    xla_flags.apply_default_flags()
-  else:
-    os.environ["XLA_FLAGS"] = "" if args["flags"] == "none" else args["flags"]
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bdiff_jax import models  # pylint: disable=g-import-not-at-top
-  from bdiff_jax.objectives import objective_class  # pylint: disable=g-import-not-at-top
-  shape = args["shape"]
-  config = our_config(shape, preset=args.get("preset", ""),
-                      overrides=[*args.get("set", ()), *args.get("overrides", ())])
-  network = models.build_network(config.model, vocab_size=shape["vocab"],
-                                 max_len=config.data.seq_len,
-                                 causal=objective_class(config.model.objective).causal)
-  loss, _, chunk_rows = args["loss"].partition(":")
-  step, state = build_our_step(config, network, loss=loss, chunk_rows=int(chunk_rows or 0))
-  batch = jax.random.randint(jax.random.PRNGKey(2), (config.train.batch_size,
-                                                    config.data.seq_len), 0, shape["vocab"])
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  info = {"compile_s": time.perf_counter() - t0, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "jax": jax.__version__, "allocator": args["allocator_applied"]}
-  mem = compiled.memory_analysis()
-  info["memory"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-                    ("temp", "argument", "output", "alias")}
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  info["xla_flops"] = float((cost or {}).get("flops", -1.0))
-  if args.get("compile_only"):
-    reply(info)
-    return
-  state, metrics = compiled(state, batch)
-  info["loss"] = float(metrics["loss"])
-  a = jax.random.normal(jax.random.PRNGKey(3), (2048, 2048), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x).lower(a).compile()
-  matmul(a).block_until_ready()
-  reply(info)
-  for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["cmd"] == "steps":
-      times = []
-      for _ in range(cmd["n"]):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-      reply({"times": times, "loss": float(metrics["loss"]), "max_rss_mib": _max_rss_mib()})
-    elif cmd["cmd"] == "gemm":
-      times = []
-      for _ in range(3):
-        t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-      reply({"gflops": 2 * 2048**3 / min(times) / 1e9})
-    else:
-      return
-
-
-# ------------------------------------------------------------------------------------------------
-# The PyTorch step (the same model and loss as ../shared/bench/torch_reference.py).
-
-
-def _torch_worker(args: dict[str, Any], reply) -> None:
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  s = args["shape"]
-  d, heads, length, vocab = s["d"], s["heads"], s["seq"], s["vocab"]
-  torch.manual_seed(0)
-
-  class Layer(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d)
-      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-      self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-      b = x.shape[0]
-      qkv = self.qkv(self.norm_attn(x)).reshape(b, length, 3, heads, d // heads)
-      q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-      y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, d)
-      x = x + self.proj(y)
-      return x + self.down(F.gelu(self.up(self.norm_mlp(x))))
-
-  class Denoiser(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.embed = nn.Embedding(vocab + 1, d)
-      self.positions = nn.Parameter(torch.zeros(length, d))
-      self.time = nn.Linear(1, d)
-      self.layers = nn.ModuleList([Layer() for _ in range(s["layers"])])
-      self.norm = nn.LayerNorm(d)
-      self.head = nn.Linear(d, vocab)
-
-    def hidden(self, tokens, t):
-      h = self.embed(tokens) + self.positions + self.time(t[:, None])[:, None]
-      for layer in self.layers:
-        h = layer(h)
-      return self.norm(h)
-
-  model = Denoiser()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  batch_size = s["batch"]
-
-  def step(tokens):
-    offset = torch.rand(1)
-    t = ((offset + torch.arange(batch_size) / batch_size) % 1.0).clamp_min(1e-3)
-    masked = torch.rand(batch_size, length) < t[:, None]
-    h = model.hidden(torch.where(masked, vocab, tokens), t)
-    nll = F.cross_entropy(model.head(h[masked]), tokens[masked], reduction="none")
-    weight = (1.0 / t)[:, None].expand(batch_size, length)[masked]
-    loss = (nll * weight).sum() / (batch_size * length)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return loss
-
-  if args["compile"]:
-    step = torch.compile(step)
-  tokens = torch.randint(0, vocab, (batch_size, length))
-  t0 = time.perf_counter()
-  for _ in range(3):  # compile / warm up
-    step(tokens)
-  reply({"compile_s": time.perf_counter() - t0, "torch": torch.__version__,
-         "threads": torch.get_num_threads(), "allocator": args["allocator_applied"]})
-  for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["cmd"] != "steps":
-      return
-    times = []
-    for _ in range(cmd["n"]):
-      t0 = time.perf_counter()
-      loss = float(step(tokens).detach())
-      times.append(time.perf_counter() - t0)
-    reply({"times": times, "loss": loss, "max_rss_mib": _max_rss_mib()})
-
-
 def _max_rss_mib() -> float:
   """This process's peak resident memory so far (the host allocator keeps what it frees)."""
-  import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @functools.cache
-def _host_allocator():
-  """This checkout's bdiff_jax/runtime/host_allocator.py, loaded by path: a base system's worker runs
-  this file with another checkout first on its path, which may predate the module."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "runtime/host_allocator.py")
-  spec = importlib.util.spec_from_file_location("_bdiff_host_allocator", path)
+def _this_checkout(relpath: str, name: str):
+  """A module of this checkout loaded by its path (relative to bdiff_jax/), not by name: a base
+  system's worker runs this file with another checkout first on its path, whose modules may
+  differ or predate these."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _host_allocator():
+  """This checkout's bdiff_jax/runtime/host_allocator.py."""
+  return _this_checkout(os.path.join("runtime", "host_allocator.py"), "_bdiff_host_allocator")
 
 
 def _apply_allocator(mode: str) -> str:
@@ -319,7 +129,11 @@ def _worker_main(payload: str) -> None:
     out.write(json.dumps(obj) + "\n")
     out.flush()
 
-  (_jax_worker if args["kind"] == "jax" else _torch_worker)(args, reply)
+  # The side measured, loaded only now (after the allocator settings): a PyTorch worker never
+  # imports JAX, ours never PyTorch.
+  side = _this_checkout(os.path.join("benchmarks", f"throughput_{args['kind']}.py"),
+                        f"_bdiff_throughput_{args['kind']}")
+  side.worker(args, reply, max_rss_mib=_max_rss_mib, preset_config=get_preset_config)
 
 
 # ------------------------------------------------------------------------------------------------
