@@ -31,6 +31,7 @@ from bdiff_jax.runtime import checkpoint_digests
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import interrupt
 from bdiff_jax.runtime import metrics_log
+from bdiff_jax.runtime import orbax_failures
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.data import pipeline, wikitext2
 from bdiff_jax.modes import launch
@@ -347,7 +348,7 @@ def test_loops_tolerate_closing_for_a_checkpointers_life_and_after_a_failure(sav
     return type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
 
   # A fresh count and the standard policy (an earlier failed save in this process keeps its hold).
-  monkeypatch.setattr(checkpointing, "_TOLERANT_LOOPS", checkpointing._TolerantLoops())  # pylint: disable=protected-access
+  monkeypatch.setattr(orbax_failures, "TOLERANT_LOOPS", orbax_failures.TolerantLoops())
   previous = asyncio.get_event_loop_policy()
   asyncio.set_event_loop_policy(None)
   try:

@@ -1,8 +1,5 @@
 """WikiText-2 as token arrays, training batches and evaluation blocks.
 
-(Longer than 400 lines because preparing the shared cache safely under concurrency — private
-build, publish by rename, reuse of a winner — sits next to the loader that needs it.)
-
 `load_wikitext2` validates the source files, prepares the TFDS dataset (once), reads it back with
 `as_data_source`, builds the tokenizer from the train split and encodes every split into one
 int32 stream: each line's tokens followed by `<eos>`, lines in file order. The encoded arrays are

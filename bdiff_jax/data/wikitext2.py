@@ -1,8 +1,5 @@
 """WikiText-2 as a TFDS dataset (array_record files, read back with `as_data_source`).
 
-(Longer than 400 lines because the TFDS builder, the checks of the source files and the
-download fallback all work from the same per-file facts kept here.)
-
 One example per line of `wiki.{train,valid,test}.tokens` (config `v1`, the default) or
 `wiki.{train,valid,test}.raw` (config `raw`): `{"text": the line without its newline,
 "line": its 0-based index}`, in file order (`disable_shuffling=True`). Neither building nor reading

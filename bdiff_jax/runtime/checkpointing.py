@@ -1,8 +1,5 @@
 """Checkpoints with orbax's `CheckpointManager` (current `ocp.args` API), with integrity digests.
 
-(Longer than 400 lines because orbax's failure modes, a full disk, a closed event loop, late
-logs of a failed save, are contained here, next to the saves and restores they affect.)
-
 Two managers under the workdir:
   checkpoints/       the latest `keep` checkpoints, saved every `train.checkpoint_every` steps;
   checkpoints_best/  the single best checkpoint by the validation bound (lower is better).
@@ -33,20 +30,17 @@ rewritten by a restore.
 
 Failures print one line. A restore that orbax itself rejects raises `CheckpointError`; orbax's
 tensorstore reads that were still in flight when it gave up are kept from printing "Event loop is
-closed" tracebacks (see `_TolerantLoops`), and the managers are closed. A save that
+closed" tracebacks (see `orbax_failures.TolerantLoops`), and the managers are closed. A save that
 fails with ENOSPC / EDQUOT / EROFS / EACCES raises the one-line `DiskFullError` / `StorageError`;
 orbax writes into a temporary directory and deletes old steps only after a successful commit, so
 earlier checkpoints stay byte-identical.
 """
 
-import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import sys
-import threading
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -55,6 +49,7 @@ from etils import epath
 from bdiff_jax.runtime.checkpoint_digests import (MANIFEST_FORMAT, MARKER_KEY, check_step_dir,
                                           write_manifest)
 from bdiff_jax.errors import CheckpointError
+from bdiff_jax.runtime import orbax_failures
 from bdiff_jax.runtime.workdir import find_os_error, os_error_to_user_error
 
 BEST_METRIC = "valid_nll_per_token"
@@ -76,113 +71,6 @@ class CheckpointCorruptError(CheckpointError):
 
 
 # --------------------------------------------------------------------------------------------
-# Orbax's event loops.
-
-
-class _ClosedTolerantLoop(asyncio.SelectorEventLoop):
-  """An event loop that drops callbacks scheduled after it was closed.
-
-  Orbax runs each restore in a fresh event loop and closes it as soon as one read fails; the
-  tensorstore reads still in flight then call `call_soon_threadsafe` on the closed loop from
-  their own threads, which prints a "RuntimeError: Event loop is closed" traceback per read.
-  Nobody awaits those results any more, so dropping them is safe.
-  """
-
-  def call_soon_threadsafe(self, callback, *args, context=None):
-    if self.is_closed():
-      return None
-    try:
-      return super().call_soon_threadsafe(callback, *args, context=context)
-    except RuntimeError:
-      if self.is_closed():
-        return None
-      raise
-
-
-class _ClosedTolerantPolicy(asyncio.DefaultEventLoopPolicy):
-  _loop_factory = _ClosedTolerantLoop
-
-
-class _TolerantLoops:
-  """Makes every asyncio loop created while held a `_ClosedTolerantLoop`, for the process.
-
-  The event-loop policy is process-wide, and orbax creates loops in its own threads at any time
-  while a checkpointer lives: in its background commit threads (which can outlive a failed
-  `save` call and start new loops after it returned) and in its restores. So each `Checkpointer`
-  holds the tolerant policy from before its managers exist until it is closed; holds are counted,
-  and the previous policy comes back when the last one is released. Only the standard policy is
-  swapped (a custom one such as uvloop's is left alone). A checkpointer whose save or restore
-  failed never releases its hold: orbax's threads may still be winding down until the process
-  ends, and a loop they create then must tolerate being closed too.
-  """
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._holds = 0
-    self._previous: Optional[asyncio.AbstractEventLoopPolicy] = None
-
-  def acquire(self) -> bool:
-    """Takes a hold; returns whether it must be released (False: a custom policy is in use)."""
-    with self._lock:
-      if self._holds == 0:
-        previous = asyncio.get_event_loop_policy()
-        if type(previous) is not asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
-          return False
-        self._previous = previous
-        asyncio.set_event_loop_policy(_ClosedTolerantPolicy())
-      self._holds += 1
-      return True
-
-  def release(self) -> None:
-    with self._lock:
-      self._holds -= 1
-      if self._holds == 0:
-        # Only if nobody replaced the tolerant policy since (we would undo their change).
-        if isinstance(asyncio.get_event_loop_policy(), _ClosedTolerantPolicy):
-          asyncio.set_event_loop_policy(self._previous)
-        self._previous = None
-
-
-_TOLERANT_LOOPS = _TolerantLoops()
-
-
-class _HoldRecords(logging.Filter):
-  """Keeps the records logged through a logger instead of emitting them."""
-
-  def __init__(self):
-    super().__init__()
-    self.records: list[logging.LogRecord] = []
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    self.records.append(record)
-    return False
-
-
-@contextlib.contextmanager
-def _held_absl_logs() -> Iterator[_HoldRecords]:
-  """Holds back what orbax logs (through absl's "absl" logger) within the block.
-
-  A save that fails for lack of disk space makes orbax log the same error, with a traceback, from
-  each of its threads (hundreds of lines); we report it as one line instead. The caller replays
-  `held.records` (via `_replay`) unless it turned the failure into a one-line error.
-  """
-  logger = logging.getLogger("absl")
-  held = _HoldRecords()
-  logger.addFilter(held)
-  try:
-    yield held
-  finally:
-    logger.removeFilter(held)
-
-
-def _replay(held: _HoldRecords) -> None:
-  logger = logging.getLogger("absl")
-  for record in held.records:
-    logger.handle(record)
-  held.records.clear()
-
-
-# --------------------------------------------------------------------------------------------
 # The checkpointer.
 
 
@@ -200,7 +88,7 @@ class Checkpointer:
     self._closed = False
     # A save failed with a reported OS error (see _after_failed_save), or orbax failed a restore.
     self._failed = False
-    self._muted: Optional[_HoldRecords] = None
+    self._muted: Optional[orbax_failures.HoldRecords] = None
     if not read_only and jax.process_index() == 0:
       removed = [os.path.relpath(p, self.workdir) for d in (self.latest_dir, self.best_dir)
                  for p in remove_unfinished_saves(d)]
@@ -208,7 +96,7 @@ class Checkpointer:
         print(f"note: removed {len(removed)} unfinished checkpoint folder(s) left by a failed "
               f"or interrupted save: {', '.join(removed)} (committed checkpoints are "
               "untouched).", file=sys.stderr, flush=True)
-    self._holds_loops = _TOLERANT_LOOPS.acquire()  # before orbax can create a loop
+    self._holds_loops = orbax_failures.TOLERANT_LOOPS.acquire()  # before orbax can create a loop
     names = ("state", "meta")
     try:
       self.latest = ocp.CheckpointManager(
@@ -228,7 +116,7 @@ class Checkpointer:
   def _release_loops(self) -> None:
     if self._holds_loops:
       self._holds_loops = False
-      _TOLERANT_LOOPS.release()
+      orbax_failures.TOLERANT_LOOPS.release()
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -270,7 +158,7 @@ class Checkpointer:
     written = []
     marker = {MARKER_KEY: MANIFEST_FORMAT}
     reserve = os.path.join(self.workdir, _reserve_name())
-    with _held_absl_logs() as held:
+    with orbax_failures.held_absl_logs() as held:
       try:
         try:
           with open(reserve, "wb") as f:  # fails early, before orbax, on a full disk
@@ -297,12 +185,12 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         os_error = find_os_error(e)
         if os_error is None:
-          _replay(held)
+          orbax_failures.replay(held)
           raise
         self._after_failed_save(step)
         raise os_error_to_user_error(
             os_error, f"saving checkpoint {step} in {self.workdir}") from None
-      _replay(held)
+      orbax_failures.replay(held)
 
   def _after_failed_save(self, step: int) -> None:
     """After a save failed with an OS error reported as one line: the managers keep that error
@@ -311,7 +199,7 @@ class Checkpointer:
     failed) still gets its manifest, so that the step is not refused as unverifiable later."""
     self._failed = True
     if self._muted is None:
-      self._muted = _HoldRecords()
+      self._muted = orbax_failures.HoldRecords()
       logging.getLogger("absl").addFilter(self._muted)
     self.wait()
     for manager in (self.latest, self.best) if jax.process_index() == 0 else ():
@@ -442,7 +330,7 @@ class Checkpointer:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        self._failed = True  # its in-flight reads may outlive this call (see _TolerantLoops)
+        self._failed = True  # its in-flight reads may outlive this call (see orbax_failures.TolerantLoops)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(
