@@ -2,7 +2,7 @@
 
 `bow_baseline` trains, on exactly the examples a benchmark row trains on, an L2-regularised
 linear model on unigram + bigram features of the text, and scores it on the same dev set with the
-same metrics (`glue_metrics.task_metrics`):
+same metrics (`glue.metrics.task_metrics`):
 
 - classification: multinomial logistic regression (softmax cross-entropy);
 - regression (STS-B): ridge regression (squared error), reported as Pearson / Spearman.

@@ -1,7 +1,7 @@
 """GLUE examples -> fixed-shape arrays for the classification objectives (`glue/objectives.py`).
 
 `encode_split(split, encoder, scoring=..., seq_len=L)` renders every example with its task's
-prompt (`glue_prompts.render`) and returns a dict of numpy arrays with a leading example axis N,
+prompt (`glue.prompts.render`) and returns a dict of numpy arrays with a leading example axis N,
 padded to fixed shapes so that one compiled step serves every batch:
 
   scoring="causal"  the end-slot prompt (`render(..., slot="end")`: the label word comes after

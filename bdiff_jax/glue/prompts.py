@@ -16,7 +16,7 @@ before the label slot, a space or a newline). Two template forms, by where the l
   candidate); compare the candidates' log-probabilities at the masked positions. Tasks without
   an LM-BFF template (single sentences, SuperGLUE) render the same in both forms.
 
-`glue_encoding.encode_split` uses "end" for causal scoring and "mid" for cloze scoring.
+`glue.encoding.encode_split` uses "end" for causal scoring and "mid" for cloze scoring.
 
 Templates (label words in class-id order; `s1'` = s1 without a final . ? !, `s2l` = s2 with its
 first letter lower-cased). End-slot pair templates are written here in the style of MeZO's OPT

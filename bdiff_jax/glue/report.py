@@ -8,7 +8,7 @@ of it (the dev standard error of the metric, mean over seeds), it selected step 
 untrained parameters) or its selected parameters did not move (relative change below
 `STATIC_CHANGE`). Beside every row: the step-0 (zero-shot) dev metric and selection
 score, the majority class and the bag-of-words baseline of the row's training examples
-(`glue_baselines`). `equal_forward` compares each DiZO row with its MeZO row at the same number
+(`glue.baselines`). `equal_forward` compares each DiZO row with its MeZO row at the same number
 of forward passes (the smaller of their budgets), read off the recorded curves.
 """
 

@@ -103,7 +103,7 @@ class Row:
   spec: RowSpec
   network: Any  # flax module with the bdiff network interface
   params: Any  # initial parameters
-  encoder: Any  # glue_encoding.WordEncoder | BPEEncoder
+  encoder: Any  # glue.encoding.WordEncoder | BPEEncoder
   scoring: str  # "causal" | "cloze" | "head"
   objective: classification.ClassificationObjective
   rule: Any  # update_rule.UpdateRule

@@ -3,14 +3,14 @@
 Per task and seed (`task_splits`): the dev split (at most `glue.eval_max` examples, the same for
 every seed; MNLI: dev_matched and dev_mismatched, each reported) is the test set; a selection
 slice of train (`glue.selection` examples, at most `glue.selection_fraction` of train when that
-is > 0), class-balanced when `glue.selection_balanced` (`glue_sampling.holdout`), selects the
+is > 0), class-balanced when `glue.selection_balanced` (`glue.sampling.holdout`), selects the
 checkpoint; the train set is `glue.k_per_class` examples per class of the rest
-(`glue_sampling.few_shot`), or with k_per_class=0 all of the rest, then at most
-`glue.train_examples` of it (0 = no cap; `glue_sampling.subsample`).
+(`glue.sampling.few_shot`), or with k_per_class=0 all of the rest, then at most
+`glue.train_examples` of it (0 = no cap; `glue.sampling.subsample`).
 
 Every row trains `glue.num_steps` steps of batch `glue.batch_size` through the one train step
 (`train_step.make_train_step`) with its update rule. At step 0 and every `glue.eval_every` steps
-(and the last) it measures the selection score (`glue_metrics.selection_score`: informedness,
+(and the last) it measures the selection score (`glue.metrics.selection_score`: informedness,
 which is 0 for any constant predictor, or Pearson for STS-B; the primary metric would let a
 majority-class predictor win) and, with `glue.dev_curve`, the dev metric, and records them with
 the forward passes and seconds so far (the record's `curve`). The params of the best selection
@@ -20,7 +20,7 @@ change ||theta - theta_0|| / ||theta_0|| (float64, all leaves), so that an untra
 pass for a trained one. Zeroth-order rows with `glue.zo.learning_rates` first train each
 candidate learning rate for `glue.zo.grid_steps` steps on the first seed and use the one with the
 best selection score for every seed (the record's `lr_grid`). Beside each task: the majority
-class and a bag-of-words model (`glue_baselines`) trained on each seed's train set. Any exception
+class and a bag-of-words model (`glue.baselines`) trained on each seed's train set. Any exception
 fails the run (no row is skipped); the config is validated before anything runs (`validate`).
 
 Reliability (`run`, docs/glue.md): the workdir is locked and proven writable first; every
@@ -311,7 +311,7 @@ def run(config, workdir: str, reporter: Reporter) -> GlueResult:
   the same command reuses them: a run stopped by SIGKILL, SIGINT or SIGTERM resumes. SIGINT /
   SIGTERM stop it at the next train step with one line saying what was kept and exit 130 / 143
   (`GlueResult.exit_code`). The results go to glue.* unless glue.json holds another settings'
-  results: then to glue-<digest>.* (`glue_report.results_stem`).
+  results: then to glue-<digest>.* (`glue.report.results_stem`).
   """
   g = config.glue
   validate(g)

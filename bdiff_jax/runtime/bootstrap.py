@@ -14,7 +14,7 @@ allocates) starts, and what therefore cannot be left to module imports:
      (`distributed.initialize`, settings from the environment), before anything (a config
      file's automatic preset, say) can touch a backend. JAX is imported only here.
 
-Entry points: main.py (in its flag parsing), the benchmarks run as scripts
+Entry points: main.py (in its flag parsing), the Colab notebook, the benchmarks run as scripts
 (`benchmarks/sampling_speed.py`), and the test session (tests/conftest.py). Worker processes
 that measure the allocator's effect set it themselves (`benchmarks/throughput.py`).
 
