@@ -24,11 +24,11 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bdiff_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bdiff_jax.train import train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.optim import update_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bdiff_jax.objectives import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bdiff_jax.train import train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.train.train_step import make_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB = 33_279  # WikiText-2 word level: 33,278 words + [MASK]

@@ -13,11 +13,11 @@ import jax
 import numpy as np
 
 from bdiff_jax import models
-from bdiff_jax.train import train_state
-from bdiff_jax.optim import update_rule
 from bdiff_jax.config import configuration
-from bdiff_jax.runtime import xla_flags
 from bdiff_jax.objectives import build_objective, objective_class
+from bdiff_jax.optim import update_rule
+from bdiff_jax.runtime import xla_flags
+from bdiff_jax.train import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/wikitext2.py:smoke"

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 
 from bdiff_jax import models
-from bdiff_jax.train import train_state
-from bdiff_jax.optim import update_rule
+from bdiff_jax.config import configuration
 from bdiff_jax.diffusion import elbo
 from bdiff_jax.diffusion import schedules
-from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
 from bdiff_jax.objectives import build_objective
+from bdiff_jax.optim import update_rule
+from bdiff_jax.train import train_state
 from tests.helpers import tiny_config
 
 VOCAB, LENGTH, BATCH = 50, 16, 4

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax.objectives import ar_sampling
-from bdiff_jax.diffusion import sampling
 from bdiff_jax.config import configuration
+from bdiff_jax.diffusion import sampling
 from bdiff_jax.errors import UserError
 from bdiff_jax.models import init_params
+from bdiff_jax.objectives import ar_sampling
 from tests.helpers import network
 
 VOCAB, LENGTH, BATCH = 13, 8, 3

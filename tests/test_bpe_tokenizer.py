@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.data.bpe_tokenizer import TokenizerFilesError, load_bpe_tokenizer
+from bdiff_jax.glue import encoding as glue_encoding
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 VARIANTS = os.path.join(FIXTURES, "tokenizer_variants")

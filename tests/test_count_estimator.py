@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bdiff_jax.config import configuration
 from bdiff_jax.diffusion import corruption
 from bdiff_jax.diffusion import schedules
-from bdiff_jax.config import configuration
 from bdiff_jax.diffusion.corruption import corrupt_count, counts_from_uniform
 from bdiff_jax.diffusion.elbo import diffusion_loss, nll_bound
+from bdiff_jax.diffusion.masked_head import count_capacity
 from bdiff_jax.diffusion.time_draws import eval_times, sample_times
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.diffusion.masked_head import count_capacity
 from tests.test_diffusion import EXACT, MASK_ID as TOY_MASK, NEG_LOG_P, SEQUENCES
 
 V = 5

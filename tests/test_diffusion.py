@@ -19,9 +19,9 @@ from bdiff_jax.diffusion import schedules
 from bdiff_jax.diffusion.corruption import corrupt
 from bdiff_jax.diffusion.elbo import diffusion_loss
 from bdiff_jax.diffusion.elbo import nll_bound
+from bdiff_jax.diffusion.elbo import weighted_masked_nll
 from bdiff_jax.diffusion.time_draws import sample_times
 from bdiff_jax.diffusion.time_draws import stratified_times
-from bdiff_jax.diffusion.elbo import weighted_masked_nll
 
 V = 3
 L = 3

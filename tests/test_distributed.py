@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from bdiff_jax.runtime import distributed
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.runtime import distributed
 from tests import helpers
 
 

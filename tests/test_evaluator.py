@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bdiff_jax.evaluation import evaluator as evaluator_lib
-from bdiff_jax.runtime import sharding
 from bdiff_jax.models import init_params
 from bdiff_jax.objectives import build_objective
+from bdiff_jax.runtime import sharding
 from tests import helpers
 
 VOCAB, SEQ = 30, 8

@@ -8,22 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax.glue import objectives as classification
-from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.glue import report as glue_report
-from bdiff_jax.optim import update_rule
-from bdiff_jax.glue import readers as glue_readers
-from bdiff_jax.glue import encoding as glue_encoding
-from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
 from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import UserError
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import objectives as classification
+from bdiff_jax.glue import prompts as glue_prompts
+from bdiff_jax.glue import readers as glue_readers
+from bdiff_jax.glue import report as glue_report
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.models import bind
 from bdiff_jax.models.classifier import OPTLM
 from bdiff_jax.models.hf_checkpoint import load_opt
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.modes import glue as glue_mode
+from bdiff_jax.optim import update_rule
 from bdiff_jax.train.train_state import create_train_state
-from bdiff_jax.models import bind
 from bdiff_jax.train.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers

@@ -11,12 +11,12 @@ import zipfile
 import numpy as np
 import pytest
 
+from bdiff_jax.errors import ConfigError, DataError
+from bdiff_jax.glue import download as glue_download
 from bdiff_jax.glue import metrics as glue_metrics
 from bdiff_jax.glue import readers as glue_readers
-from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.glue import download as glue_download
 from bdiff_jax.glue import sampling as glue_sampling
-from bdiff_jax.errors import ConfigError, DataError
+from bdiff_jax.glue import tasks as glue_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

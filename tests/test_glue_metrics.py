@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from bdiff_jax.glue import metrics as gm
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import metrics as gm
 
 # A binary example used throughout:
 #   pred   1 1 0 0 1 0 1 1

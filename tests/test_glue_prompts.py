@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.glue import encoding as glue_encoding
-from bdiff_jax.glue import prompts as gp
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import prompts as gp
+from bdiff_jax.glue import tasks as glue_tasks
 
 TINY_OPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_opt")
 

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import (CheckpointError, ConfigError, DataError, DiskFullError,
                               NonFiniteLossError, StorageError, WorkdirBusyError)
+from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.modes import glue as glue_mode
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import QUIET
 from tests import helpers
 from tests.test_glue_classification import _config, write_sst2

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from bdiff_jax import models
-from bdiff_jax.glue import objectives as classification
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import objectives as classification
 from bdiff_jax.models.classifier import OPTLM
 from bdiff_jax.models.hf_checkpoint import load_opt
 from tests import helpers

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import baselines as glue_baselines
 from bdiff_jax.glue import metrics as glue_metrics
-from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue import sampling as glue_sampling
-from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import tasks as glue_tasks
 
 
 def _split(texts, labels, task="SST-2"):

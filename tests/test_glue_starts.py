@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax.runtime.reporter import QUIET, Reporter
 from tests import helpers
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from bdiff_jax import models
-from bdiff_jax.train import train_step
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order as zo
-from bdiff_jax.errors import ConfigError
+from bdiff_jax.train import train_step
 from bdiff_jax.train.train_state import create_train_state
 from tests import helpers
 

@@ -24,15 +24,15 @@ import numpy as np
 import pytest
 
 from bdiff_jax import models
-from bdiff_jax.diffusion import schedules
 from bdiff_jax.config import configuration
-from bdiff_jax.runtime import xla_flags
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.diffusion.corruption import corrupt
 from bdiff_jax.diffusion.elbo import diffusion_loss, diffusion_loss_gathered, nll_bound
 from bdiff_jax.diffusion.elbo import nll_bound_gathered
-from bdiff_jax.diffusion.time_draws import sample_times
 from bdiff_jax.diffusion.masked_head import head_nll, masked_capacity
+from bdiff_jax.diffusion.time_draws import sample_times
 from bdiff_jax.models import Network
+from bdiff_jax.runtime import xla_flags
 from tests.helpers import network
 
 VOCAB = 37

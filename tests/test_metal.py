@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bdiff_jax.runtime import platform_info
 from bdiff_jax.benchmarks import step_memory
 from bdiff_jax.errors import UserError
+from bdiff_jax.runtime import platform_info
 from bdiff_jax.train.train_step import make_train_step
 from tests import helpers
 

@@ -15,20 +15,20 @@ import numpy as np
 import pytest
 
 from bdiff_jax import models
-from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.config import compat as config_compat
-from bdiff_jax.runtime import checkpointing
-from bdiff_jax.train import train_state
-from bdiff_jax.optim import update_rule
-from bdiff_jax.optim import zeroth_order
-from bdiff_jax.glue import readers as glue_readers
-from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.data.tokenizer import WordTokenizer
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import readers as glue_readers
+from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
+from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.objectives import build_objective
+from bdiff_jax.optim import update_rule
+from bdiff_jax.optim import zeroth_order
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.train import train_state
 from bdiff_jax.train.train_step import make_train_step
 from configs import glue as glue_config
 from tests import helpers

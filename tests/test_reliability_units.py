@@ -27,16 +27,16 @@ import pytest
 
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
+from bdiff_jax.data import pipeline, wikitext2
+from bdiff_jax.errors import (CheckpointError, ConfigError, ConfigMismatchError, DiskFullError,
+                              StorageError, UserError, WorkdirBusyError, WorkdirError)
+from bdiff_jax.modes import launch
 from bdiff_jax.runtime import checkpoint_digests
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import interrupt
 from bdiff_jax.runtime import metrics_log
 from bdiff_jax.runtime import orbax_failures
 from bdiff_jax.runtime import workdir as workdir_lib
-from bdiff_jax.data import pipeline, wikitext2
-from bdiff_jax.modes import launch
-from bdiff_jax.errors import (CheckpointError, ConfigError, ConfigMismatchError, DiskFullError,
-                              StorageError, UserError, WorkdirBusyError, WorkdirError)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

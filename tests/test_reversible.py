@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bdiff_jax.config import configuration
 from bdiff_jax.diffusion import elbo
 from bdiff_jax.diffusion import schedules
-from bdiff_jax.config import configuration
 from bdiff_jax.models import count_params, init_params
 from bdiff_jax.models.layers import AttentionSublayer, MlpSublayer, TimeEmbedding
 from bdiff_jax.models.network import Network

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from bdiff_jax import models
-from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.data import wikitext2
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode

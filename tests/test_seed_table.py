@@ -3,8 +3,8 @@
 import json
 import os
 
-from bdiff_jax.runtime import metrics_log
 from bdiff_jax.benchmarks import seed_table
+from bdiff_jax.runtime import metrics_log
 
 
 def test_plateau_is_a_stall_the_run_then_leaves():

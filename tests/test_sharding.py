@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
-from bdiff_jax.runtime import sharding
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.runtime import sharding
 from tests import helpers
 
 

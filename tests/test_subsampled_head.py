@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdiff_jax.diffusion import schedules
 from bdiff_jax.config import configuration
+from bdiff_jax.diffusion import schedules
 from bdiff_jax.diffusion.elbo import diffusion_loss_gathered
-from bdiff_jax.errors import ConfigError
 from bdiff_jax.diffusion.masked_head import head_nll, masked_nll_sums, subsampled_nll_sums
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.objectives import build_objective
 from tests.helpers import network
 

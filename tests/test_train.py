@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import sharding as mesh_lib
 from bdiff_jax.train import train_step
-from bdiff_jax.optim import update_rule
 from tests import helpers
 
 tiny_config = helpers.tiny_config

@@ -11,12 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from bdiff_jax.train import wall_schedule
-from bdiff_jax.optim import update_rule
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import train as train_mode
+from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime.reporter import QUIET
+from bdiff_jax.train import wall_schedule
 from tests.helpers import load_config, train_losses
 
 

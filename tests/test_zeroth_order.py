@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.optim import dizo as dizo_lib
 from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order as zo
-from bdiff_jax.errors import ConfigError
 
 F32_HALF_ULP = 2.0 ** -24  # relative rounding error of one float32 operation
 

@@ -53,10 +53,10 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.diffusion import sampling
 from bdiff_jax.diffusion import schedules
 from bdiff_jax.models import build_network, init_params
+from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.objectives import objective_class
 
 WIKITEXT2_VOCAB = 33_278

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax import models
-from bdiff_jax.train import train_state
+from bdiff_jax.objectives import build_objective
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime.platform_info import memory_stats  # re-exported: the one definition
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train import train_state
 from bdiff_jax.train.train_step import make_train_step
 
 

@@ -10,10 +10,10 @@ import os
 
 import ml_collections
 
-from bdiff_jax.optim import zeroth_order
 from bdiff_jax.diffusion import corruption
-from bdiff_jax.models import adaptive_head
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.models import adaptive_head
+from bdiff_jax.optim import zeroth_order
 
 BACKBONES = ("standard", "reversible", "opt")
 BLOCKS = ("simple", "qwen3")

@@ -23,8 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from bdiff_jax.errors import ConfigError
 from bdiff_jax.diffusion.schedules import Schedule
+from bdiff_jax.errors import ConfigError
 
 CORRUPTION_MODES = ("absorbing", "prototype_mix")
 # How `bdiff_jax.diffusion.elbo` draws masks: per-token at a time t, or an exact count k.

@@ -48,10 +48,10 @@ from bdiff_jax.diffusion.corruption import check_estimator
 from bdiff_jax.diffusion.corruption import corrupt
 from bdiff_jax.diffusion.corruption import corrupt_count
 from bdiff_jax.diffusion.corruption import counts_from_uniform
-from bdiff_jax.diffusion.masked_head import RowsNllFn
 from bdiff_jax.diffusion.masked_head import count_capacity
 from bdiff_jax.diffusion.masked_head import masked_capacity
 from bdiff_jax.diffusion.masked_head import masked_nll_sums
+from bdiff_jax.diffusion.masked_head import RowsNllFn
 from bdiff_jax.diffusion.masked_head import subsampled_nll_sums
 from bdiff_jax.diffusion.schedules import Schedule
 from bdiff_jax.diffusion.time_draws import eval_times, sample_times

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax.models.cross_entropy import token_nll
 from bdiff_jax.diffusion.schedules import Schedule
+from bdiff_jax.models.cross_entropy import token_nll
 
 HeadFn = Callable[[jnp.ndarray], jnp.ndarray]  # [..., D] -> logits [..., V]
 # (rows [C, D], targets int32[C]) -> -log p(target | row), float[C]: the output head and its

@@ -22,9 +22,9 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import metrics as glue_metrics
 from bdiff_jax.glue.tasks import GlueSplit
-from bdiff_jax.errors import ConfigError
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 

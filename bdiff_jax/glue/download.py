@@ -21,9 +21,9 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from bdiff_jax.errors import DataError
 from bdiff_jax.glue import readers as glue_readers
 from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.errors import DataError
 
 _GLUE = "https://dl.fbaipublicfiles.com/glue/data/"
 _SUPERGLUE = "https://dl.fbaipublicfiles.com/glue/superglue/data/v2/"

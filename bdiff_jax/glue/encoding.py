@@ -35,9 +35,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.glue.tasks import GlueSplit
-from bdiff_jax.errors import ConfigError
 
 SCORINGS = ("causal", "cloze", "head")
 

@@ -31,8 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bdiff_jax.glue.tasks import task_spec
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue.tasks import task_spec
 
 ArrayLike = Sequence[float] | np.ndarray
 

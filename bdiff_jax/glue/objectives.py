@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax.glue.prompts import STSB_MAX
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue.prompts import STSB_MAX
 
 
 def soft_cross_entropy(scores: jax.Array, target: jax.Array) -> jax.Array:

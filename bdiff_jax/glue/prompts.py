@@ -80,8 +80,8 @@ from typing import Callable
 
 import numpy as np
 
-from bdiff_jax.glue.tasks import Example, task_spec
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue.tasks import Example, task_spec
 
 SPACINGS = ("natural", "word")
 SLOTS = ("end", "mid")

@@ -36,20 +36,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from bdiff_jax import models
-from bdiff_jax.glue import objectives as classification
-from bdiff_jax.train import train_state
-from bdiff_jax.optim import lora
-from bdiff_jax.optim import update_rule
-from bdiff_jax.runtime import checkpointing
-from bdiff_jax.glue import encoding as glue_encoding
-from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.data.bpe_tokenizer import load_bpe_tokenizer
-from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.errors import CheckpointError, ConfigError
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import objectives as classification
+from bdiff_jax.glue import prompts as glue_prompts
+from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.models.classifier import OPTLM, PooledClassifier
 from bdiff_jax.models.hf_checkpoint import load_opt
 from bdiff_jax.objectives import build_objective
+from bdiff_jax.optim import lora
+from bdiff_jax.optim import update_rule
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.train import train_state
 
 BDIFF_MODELS = {"reversible_qwen3": "reversible", "standard_qwen3": "standard"}
 MODELS = (*BDIFF_MODELS, "opt")

@@ -20,8 +20,8 @@ cannot satisfy.
 
 import numpy as np
 
-from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue.tasks import GlueSplit
 
 # LM-BFF's bins for stratifying STS-B (a regression task): class 0 = score < 2.5, 1 = >= 2.5.
 STSB_THRESHOLD = 2.5

@@ -8,11 +8,11 @@ import os
 
 import numpy as np
 
-from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.glue import readers as glue_readers
-from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue import readers as glue_readers
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue import sampling as glue_sampling
+from bdiff_jax.glue import tasks as glue_tasks
 
 
 def _positive_int(g, key: str, minimum: int = 1, prefix: str = "glue") -> None:

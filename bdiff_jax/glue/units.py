@@ -10,12 +10,12 @@ import signal
 
 import numpy as np
 
-from bdiff_jax.train import nonfinite
-from bdiff_jax.runtime import interrupt
-from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.errors import CheckpointError, DataError, NonFiniteLossError
 from bdiff_jax.glue.settings import uses_grid
+from bdiff_jax.runtime import interrupt
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import nonfinite
 
 
 UNITS_DIR = "glue_units"

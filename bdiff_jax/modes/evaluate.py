@@ -11,11 +11,11 @@ import hashlib
 import json
 import os
 
-from bdiff_jax.evaluation import baselines
-from bdiff_jax.train import experiment
 from bdiff_jax.config import configuration
+from bdiff_jax.evaluation import baselines
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import experiment
 
 
 def evaluate_checkpoint(exp: experiment.Experiment, reporter: Reporter) -> dict:

@@ -42,24 +42,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bdiff_jax.glue import baselines as glue_baselines
-from bdiff_jax.glue import metrics as glue_metrics
-from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.glue import report as glue_report
-from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax import models
-from bdiff_jax.optim import update_rule
-from bdiff_jax.runtime import workdir as workdir_lib
+from bdiff_jax.errors import DataError
+from bdiff_jax.errors import UserError
+from bdiff_jax.glue import baselines as glue_baselines
+from bdiff_jax.glue import encoding as glue_encoding
+from bdiff_jax.glue import metrics as glue_metrics
+from bdiff_jax.glue import report as glue_report
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue import starts as glue_starts
+from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue.settings import (dev_splits, row_steps, task_seq_len, task_splits,
                                      uses_grid, validate)
 from bdiff_jax.glue.units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
+from bdiff_jax.optim import update_rule
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.platform_info import memory_stats
-from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.glue import encoding as glue_encoding
-from bdiff_jax.errors import DataError
-from bdiff_jax.errors import UserError
 from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train.train_state import create_train_state
 from bdiff_jax.train.train_step import make_train_step

@@ -19,17 +19,17 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from bdiff_jax.evaluation import sample_quality
-from bdiff_jax.train import experiment
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
-from bdiff_jax.runtime import checkpointing
-from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.errors import ConfigError, UserError
+from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.modes import evaluate as evaluate_mode
 from bdiff_jax.objectives import objective_class
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import experiment
 
 JUDGE_KEY_INDEX = 0  # the model's draws use their step count (>= 1)
 

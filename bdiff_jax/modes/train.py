@@ -15,25 +15,25 @@ from typing import Optional
 
 import jax
 
-from bdiff_jax.train import experiment
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
+from bdiff_jax.data import pipeline
+from bdiff_jax.errors import CheckpointError, NonFiniteLossError, UserError
+from bdiff_jax.evaluation import plotting
+from bdiff_jax.modes import evaluate as evaluate_mode
+from bdiff_jax.modes import sample as sample_mode
+from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import interrupt
-from bdiff_jax.evaluation import plotting
-from bdiff_jax.train import wall_schedule
-from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import metrics_log
 from bdiff_jax.runtime import platform_info
-from bdiff_jax.train.nonfinite import check_finite_weights, nonfinite_message
-from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime import sharding as sharding_lib
-from bdiff_jax.data import pipeline
-from bdiff_jax.errors import CheckpointError, NonFiniteLossError, UserError
-from bdiff_jax.modes import evaluate as evaluate_mode
-from bdiff_jax.modes import sample as sample_mode
+from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import experiment
+from bdiff_jax.train import wall_schedule
+from bdiff_jax.train.nonfinite import check_finite_weights, nonfinite_message
 from bdiff_jax.train.train_step import make_train_step
 
 FINISHED = "finished"  # reached train.num_steps

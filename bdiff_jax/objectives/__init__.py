@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdiff_jax import models
-from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.diffusion import corruption
 from bdiff_jax.diffusion import elbo
 from bdiff_jax.diffusion import sampling
 from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.objectives import ar_sampling
 
 # apply(tokens int32[B, L], t float32[B] | None, *, padding_mask bool[B, L] | None) -> [B, L, V]
 Apply = Callable[..., jax.Array]

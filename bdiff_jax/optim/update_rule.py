@@ -33,10 +33,10 @@ from typing import Any, Callable, Optional, Protocol
 import jax
 import optax
 
+from bdiff_jax.errors import ConfigError
 from bdiff_jax.optim import dizo
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import zeroth_order
-from bdiff_jax.errors import ConfigError
 from bdiff_jax.optim.zeroth_order import Predicate
 
 LossFn = Callable[[Any], tuple[jax.Array, dict]]

@@ -46,10 +46,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bdiff_jax.runtime.checkpoint_digests import (MANIFEST_FORMAT, MARKER_KEY, check_step_dir,
-                                          write_manifest)
 from bdiff_jax.errors import CheckpointError
 from bdiff_jax.runtime import orbax_failures
+from bdiff_jax.runtime.checkpoint_digests import (MANIFEST_FORMAT, MARKER_KEY, check_step_dir,
+                                          write_manifest)
 from bdiff_jax.runtime.workdir import find_os_error, os_error_to_user_error
 
 BEST_METRIC = "valid_nll_per_token"

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import jax
 
-from bdiff_jax.runtime import host_allocator
 from bdiff_jax.errors import UserError
+from bdiff_jax.runtime import host_allocator
 
 
 class ResourceError(UserError):

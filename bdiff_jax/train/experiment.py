@@ -13,14 +13,14 @@ from typing import Any
 import jax
 
 from bdiff_jax import models
-from bdiff_jax.train import train_state
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
-from bdiff_jax.runtime import checkpointing
-from bdiff_jax.optim import update_rule
 from bdiff_jax.data import pipeline
 from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.objectives import Objective, build_objective
+from bdiff_jax.optim import update_rule
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.train import train_state
 
 
 @dataclasses.dataclass

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdiff_jax.runtime import checkpointing
 from bdiff_jax.errors import CheckpointError
+from bdiff_jax.runtime import checkpointing
 
 
 def nonfinite_leaves(params) -> list[str]:

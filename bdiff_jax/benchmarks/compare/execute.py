@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 import jax
 
-from bdiff_jax.runtime import checkpointing
-from bdiff_jax.runtime import metrics_log
 from bdiff_jax.benchmarks.compare.measure import MEMORY_FIELDS
 from bdiff_jax.benchmarks.compare.plan import RunPlan
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import train
+from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import metrics_log
 from bdiff_jax.runtime.reporter import Reporter
 
 RUN_FILE = "compare_run.json"

@@ -18,8 +18,8 @@ import os
 
 import ml_collections
 
-from bdiff_jax.config import configuration
 from bdiff_jax.benchmarks.compare import overrides as overrides_lib
+from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.objectives import objective_class
 
