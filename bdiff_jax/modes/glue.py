@@ -52,8 +52,8 @@ from bdiff_jax.glue import report as glue_report
 from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.glue.settings import (dev_splits, row_steps, task_seq_len, task_splits,
-                                     uses_grid, validate)
+from bdiff_jax.glue.settings import (dev_splits, row_settings, row_steps, task_seq_len,
+                                     task_splits, uses_grid, validate)
 from bdiff_jax.glue.units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
@@ -355,7 +355,8 @@ def _run(g, specs, tasks, workdir, reporter, units, stop, digest) -> GlueResult:
     base = task_baselines(task, g)
     baselines.append(base)
     for row_spec in specs:
-      g_row, grid = choose_learning_rate(row_spec, task, g, reporter, units=units, stop=stop)
+      g_row, grid = choose_learning_rate(row_spec, task, row_settings(g, row_spec), reporter,
+                                         units=units, stop=stop)
       programs = {"stop": stop}
       recs = []
       for s in g.seeds:
