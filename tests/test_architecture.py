@@ -166,7 +166,7 @@ def test_no_branching_on_objective_names():
         consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
         if any(c.value in _OBJECTIVE_NAMES for c in consts):
           offenders.append(f"{rel}:{node.lineno}")
-  assert not offenders, f"compare against objective names outside objectives/__init__.py: {offenders}"
+  assert not offenders, f"objective names compared outside objectives/__init__.py: {offenders}"
 
 
 def test_modules_are_short():

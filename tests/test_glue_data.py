@@ -141,13 +141,15 @@ def _make_glue(root, task, files=None):
 def _make_superglue(root, task, rows=None):
   rows = rows or SUPERGLUE[task][0]
   for name in ("train.jsonl", "val.jsonl"):
-    _write(os.path.join(root, glue_tasks.TASKS[task].directory, name), [json.dumps(r) for r in rows])
+    _write(os.path.join(root, glue_tasks.TASKS[task].directory, name),
+           [json.dumps(r) for r in rows])
   return root
 
 
 @pytest.fixture(scope="module")
 def real_sst2():
-  root = os.environ.get(glue_tasks.GLUE_DIR_ENV) or os.path.join(REPO, "..", "shared", "data", "glue")
+  root = (os.environ.get(glue_tasks.GLUE_DIR_ENV) or
+          os.path.join(REPO, "..", "shared", "data", "glue"))
   if not os.path.isfile(os.path.join(root, "SST-2", "train.tsv")):
     pytest.skip(f"SST-2 not found under {root}; set {glue_tasks.GLUE_DIR_ENV}")
   return glue_readers.load_task("SST-2", root, verify_counts=True)

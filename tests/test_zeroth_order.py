@@ -18,7 +18,7 @@ F32_HALF_ULP = 2.0 ** -24  # relative rounding error of one float32 operation
 
 
 class AdamWRule:
-  """Reference first-order rule for the same protocol (the real one is bdiff_jax/optim/update_rule.py)."""
+  """Reference first-order rule for the same protocol (the real one: optim/update_rule.py)."""
 
   name = "adamw"
 

@@ -2,8 +2,8 @@
 
 `run_memory_benchmark(config, workdir)` measures, for every depth in `config.benchmark.depths`,
 sequence length in `config.benchmark.seq_lens` and backbone in `config.benchmark.backbones`, the
-real train step of `bdiff_jax.train.train_step.make_train_step` (forward + backward of the diffusion loss,
-gradient clipping, AdamW update and EMA, state donated) on random tokens:
+real train step of `bdiff_jax.train.train_step.make_train_step` (forward + backward of the
+diffusion loss, gradient clipping, AdamW update and EMA, state donated) on random tokens:
 
   compiled memory  `jit(step).lower(state, batch).compile().memory_analysis()`: temp bytes (the
                    activations and other scratch buffers XLA allocates inside the step), argument

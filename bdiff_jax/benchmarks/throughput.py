@@ -24,10 +24,12 @@ Systems measured (each a persistent worker process, so that its compiled step st
   base[:<loss>[@<flags>]]  ours as built from another checkout (`--baseline_src DIR`, e.g. a
                         `git worktree` of the commit before a change): an A/B of a code change
                         in one run. Plain `base`: full head, no flags; with <loss>, as jax:.
+                        The checkout must have the sub-package layout (bdiff_jax/train/, ...):
+                        throughput_jax.py imports the project by those paths.
   torch_eager, torch_compile   the PyTorch step (`throughput_torch.py`; needs torch:
                         requirements-bench.txt).
-Host allocator (bdiff_jax/runtime/host_allocator.py): our workers apply the project's malloc settings,
-as main.py does (`--allocator system` leaves glibc's defaults); the PyTorch workers run with
+Host allocator (bdiff_jax/runtime/host_allocator.py): our workers apply the project's malloc
+settings, as main.py does (`--allocator system` leaves glibc's defaults); the PyTorch workers run with
 glibc's defaults, as the reference script does (`--torch_allocator retain` gives them ours:
 PyTorch's CPU allocator also gets its large buffers from malloc). A `%retain` or `%system`
 suffix sets it for one system (`--systems jax:masked,jax:masked%system,torch_compile`). Each

@@ -175,7 +175,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.top_p = 1.0
   c.sample.prompt = ""  # words; "[MASK]" marks a hole to infill
   c.sample.seed = 0
-  # The sample quality table (bdiff_jax/evaluation/sample_quality.py), in --mode=sample and after training:
+  # The sample quality table (bdiff_jax/evaluation/sample_quality.py), in --mode=sample and after
+  # training:
   # the workdir of an autoregressive model trained on the same data and vocabulary, whose exact
   # NLL gives the samples' generative perplexity; "" = none (entropies only).
   c.sample.judge_workdir = ""

@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from bdiff_jax.errors import ConfigError, UserError
 from bdiff_jax.runtime.reporter import Reporter
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WIKITEXT2_CONFIG = os.path.join(REPO, "configs", "wikitext2.py")
 BUDGET_SECONDS = 1800.0  # the main command's budget (configs/wikitext2.py:cpu)
 NAMES = ("reversible_qwen3", "standard_qwen3", "opt")

@@ -7,8 +7,8 @@ The train step hands every rule the same things and asks for the same things bac
 
 `loss_fn(params) -> (loss, aux)` has the batch and the objective's randomness already bound, so
 evaluating it twice sees the same masks and dropout. A first-order rule differentiates it; a
-zeroth-order rule (MeZO/DiZO, `bdiff_jax/optim/zeroth_order.py`) evaluates it at perturbed parameters
-and keeps no gradient buffer. `key` is this step's own key for the rule's randomness
+zeroth-order rule (MeZO/DiZO, `bdiff_jax/optim/zeroth_order.py`) evaluates it at perturbed
+parameters and keeps no gradient buffer. `key` is this step's own key for the rule's randomness
 (perturbation directions); `step` the 0-based step being taken (traced). Everything runs inside
 one jitted step with the state donated.
 

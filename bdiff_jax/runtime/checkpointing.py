@@ -330,7 +330,8 @@ class Checkpointer:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        self._failed = True  # its in-flight reads may outlive this call (see orbax_failures.TolerantLoops)
+        # Its in-flight reads may outlive this call (see orbax_failures.TolerantLoops).
+        self._failed = True
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(
