@@ -265,4 +265,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # One process of a multi-process run does its work in a child process, so that a lost
+  # coordinator is one error line (bdiff_jax/supervisor.py); any other run goes on here.
+  from bdiff_jax import supervisor  # pylint: disable=g-import-not-at-top
+  supervisor.run_if_multiprocess()
   app.run(main, flags_parser=_parse_flags)
