@@ -220,7 +220,8 @@ class PeerWatchdog:
                       "or stopped with an error: see its output)")
 
   def _line(self, peer: int, why: str) -> str:
-    return (f"error: lost process {peer} of this {self.count}-process run: {why}; process "
+    name = f"process {peer}" + (" (the coordinator)" if peer == 0 else "")
+    return (f"error: lost {name} of this {self.count}-process run: {why}; process "
             f"{self.index} stops too. Fix: restart all {self.count} processes with the same "
             "command (a missing host must come back first); training resumes from the latest "
             f"checkpoint. ({PEER_TIMEOUT_ENV} sets the wait, now {self.timeout:g} s.)")
@@ -239,10 +240,15 @@ def lost_peer_line(e: BaseException) -> Optional[str]:
   None (a single-process run, or another error)."""
   if not any(sign in str(e) for sign in _LOST_PEER_SIGNS) or _coordination_client() is None:
     return None  # not a lost peer, or no distributed runtime (a single-process run)
-  return (f"error: lost a peer of this {jax.process_count()}-process run: process "
-          f"{jax.process_index()}'s collective failed ({_first_line(e)}); it stops too. Fix: "
-          f"restart all {jax.process_count()} processes with the same command; training "
-          "resumes from the latest checkpoint.")
+  count, index = jax.process_count(), jax.process_index()
+  if count == 2:  # the other one; with more, the error does not say which peer (an address)
+    lost = "process 0 (the coordinator)" if index == 1 else "process 1"
+  else:
+    lost = (f"one of the other {count - 1} processes (the collective does not say which: see "
+            "their output)")
+  return (f"error: lost {lost} of this {count}-process run: process {index}'s collective "
+          f"failed ({_first_line(e)}); it stops too. Fix: restart all {count} processes with "
+          "the same command; training resumes from the latest checkpoint.")
 
 
 def _first_line(e: BaseException) -> str:

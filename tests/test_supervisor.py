@@ -202,8 +202,8 @@ def test_watchdog_ends_a_process_whose_coordinator_hangs():
   dog._thread.start()  # pylint: disable=protected-access
   dog._thread.join(timeout=10)  # pylint: disable=protected-access
   assert lines and time.monotonic() - t0 < 0.5 + 0.1 + 1.0
-  assert lines[0].startswith("error: lost process 0 of this 2-process run: the coordination "
-                             "service it hosts has not answered for 0.5 s")
+  assert lines[0].startswith("error: lost process 0 (the coordinator) of this 2-process run: "
+                             "the coordination service it hosts has not answered for 0.5 s")
   store.release.set()
   dog.finish(done=False)
 
