@@ -88,7 +88,10 @@ def lost_line(dump: bytes, environ: Mapping[str, str]) -> str:
   text = dump.decode("utf-8", "replace")
   status = text[text.find("absl::Status:"):] if "absl::Status:" in text else ""
   status_line = status.split("\n", 1)[0][len("absl::Status:"):].strip().split(". ", 1)[0]
-  named = [int(t) for t in re.findall(r"/task:(\d+)", status) if int(t) != index]
+  tasks = re.findall(r"/task:(\d+)", status)
+  unhealthy = re.search(r"stopped sending heartbeats\):\s*([\d,\s]+)", status)
+  tasks += re.findall(r"\d+", unhealthy.group(1)) if unhealthy else []
+  named = [int(t) for t in tasks if int(t) != index]
   run = f"this {count}-process run" if count else "this multi-process run"
   if named:
     lost = f"process {named[0]} of {run}: the coordination service reports it gone"

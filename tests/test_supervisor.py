@@ -65,6 +65,13 @@ def test_the_line_names_the_lost_process_and_how_to_resume():
                        b"/job:jax_worker/replica:0/task:2 stopped sending heartbeats;")
   assert supervisor.lost_line(named, dict(ENV, JAX_NUM_PROCESSES="3")).startswith(
       "error: lost process 2 of this 3-process run: the coordination service reports it gone")
+  # The service's own verdict after its heartbeat timeout (BDIFF_PEER_TIMEOUT >= 100 s).
+  unhealthy = (b"F1206 19:25:28.366589 16028 client.h:80] Terminating process because the JAX "
+               b"distributed service detected fatal errors. absl::Status: UNAVAILABLE: The "
+               b"following tasks are unhealthy (stopped sending heartbeats):\n2\nThe tasks have "
+               b"crashed.\n")
+  assert supervisor.lost_line(unhealthy, dict(ENV, JAX_NUM_PROCESSES="3")).startswith(
+      "error: lost process 2 of this 3-process run")
   assert "this multi-process run" in supervisor.lost_line(b"", {})
 
 
