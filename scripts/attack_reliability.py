@@ -354,6 +354,7 @@ def main():
     t0 = time.time()
     try:
       met, evidence = case(inp, t)
+      met = bool(met)
     except Exception as e:  # pylint: disable=broad-except
       met, evidence = False, f"attack script failed: {type(e).__name__}: {e}"[:300]
     rows.append((name, met, evidence))
