@@ -10,7 +10,9 @@
 
 Override any config field with --config.<field>=<value>. Bad input (data, config files and
 values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
-multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py).
+multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py; each process of
+such a run does its work in a child of a JAX-free supervisor, bdiff_jax/supervisor.py, so that a
+lost coordinator is one line too).
 """
 
 import importlib

@@ -152,6 +152,11 @@ def test_the_supervisor_passes_exit_statuses_and_output_through(tmp_path):
   assert lines[1].startswith("error: lost process 0 (the coordinator) of this 2-process run")
 
 
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                           reason="/proc and PR_SET_PDEATHSIG")
+
+
+@LINUX
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signals_reach_the_child_once(sig):
   p = _supervised("wait")
@@ -237,6 +242,7 @@ def _line_starting(prefix, proc):
   raise AssertionError(f"exit {proc.wait()}: {proc.stderr.read()}")
 
 
+@LINUX
 def test_killing_the_coordinator_is_one_line_in_the_survivor():
   with socket.socket() as s:
     s.bind(("localhost", 0))
