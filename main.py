@@ -10,7 +10,9 @@
 
 Override any config field with --config.<field>=<value>. Bad input (data, config files and
 values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
-multi-process run with one such line and exit status 3 (bdiff_jax/runtime/distributed.py).
+multi-process run with one such line and exit status 3 (bdiff_jax/runtime/distributed.py; each
+process of such a run does its work in a child of a JAX-free supervisor,
+bdiff_jax/runtime/supervisor.py, so that a lost coordinator is one line too).
 
 Before anything can start JAX, flag parsing calls `bootstrap()` (bdiff_jax/runtime/bootstrap.py:
 host allocator, XLA flags, the distributed runtime). JAX itself, the modes and what surrounds a
@@ -31,6 +33,7 @@ from ml_collections import config_flags
 
 from bdiff_jax.errors import UserError
 from bdiff_jax.runtime import bootstrap
+from bdiff_jax.runtime import supervisor  # JAX-free, as bootstrap
 
 # --mode -> the module whose `run(config, workdir, reporter)` it calls. Imported on use (by
 # bdiff_jax/modes/launch.py), so that --help and flag errors do not pay for importing JAX.
@@ -216,4 +219,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # One process of a multi-process run does its work in a child process, so that a lost
+  # coordinator is one error line (bdiff_jax/runtime/supervisor.py); any other run goes on here.
+  supervisor.run_if_multiprocess()
   app.run(main, flags_parser=_parse_flags)
