@@ -146,20 +146,32 @@ def test_two_process_evaluation_equals_one_process_eval(trained, real_data_dir,
     np.testing.assert_allclose(a["word_ppl_per_seed"], b["word_ppl_per_seed"], rtol=1e-5)
 
 
-def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_dir):
+def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_dir, tmp_path):
   workdir, _, after_training = trained
   step = after_training["step"]
   outs = _two_processes(_args(workdir, real_data_dir, shared_tfds_dir, "--mode=eval"))
   assert "results written to" in outs[0].stdout and _reports(outs[1]) == [], outs[1].stdout
   again = _load(os.path.join(workdir, "eval_best.json"))
   assert again["results"] == after_training["results"]  # the same program: the same numbers
-  outs = _two_processes(_args(workdir, real_data_dir, shared_tfds_dir, "--mode=sample"))
+  # Sampling with a judge (an autoregressive model trained in one process): its checkpoint is
+  # restored onto the mesh too and scores the samples there.
+  judge = tmp_path / "judge"
+  helpers.assert_ok(helpers.run_main(
+      _args(judge, real_data_dir, shared_tfds_dir, "--config.mesh.fsdp=1",
+            "--config.train.num_steps=4", "--config.model.objective=autoregressive",
+            "--config.model.time_conditioning=none"), env_extra=helpers.tiny_compile_env()))
+  outs = _two_processes(_args(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
+                              f"--config.sample.judge_workdir={judge}",
+                              "--config.sample.quality_steps=8,16"))
   _only_process_0_wrote(outs, WRITES[1:])
   assert _files(workdir, "samples_step*") == [f"samples_step{step}.txt",
                                               f"samples_step{step}_1.txt"]
   first, second = (open(os.path.join(workdir, f)).read().split("\n", 1)[1]
                    for f in (f"samples_step{step}.txt", f"samples_step{step}_1.txt"))
   assert first == second  # the same key, program and mesh: the same samples
+  table = _load(os.path.join(workdir, f"sample_quality_step{step}_1.json"))
+  assert [r["name"] for r in table["rows"]] == ["diffusion@8", "diffusion@16", "ar", "real"]
+  assert all(1.0 < r["gen_ppl"] < 1e6 for r in table["rows"]), table["rows"]
 
 
 def test_eval_batch_not_a_multiple_of_the_devices_is_one_line(real_data_dir, shared_tfds_dir,
