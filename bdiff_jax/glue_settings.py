@@ -1,11 +1,13 @@
 """The GLUE benchmark's settings (`config.glue`, configs/glue.py): checked before anything runs
 (`validate`: one line naming the field), and what they decide per task and row: the encoded
-length of a task, a row's steps, whether a row chooses its learning rate on a grid, and a task's
-train, selection and dev sets for a seed (`task_splits`)."""
+length of a task, a row's own settings (`row_settings`: a LoRA zeroth-order row's `glue.lora_zo`),
+a row's steps, whether a row chooses its learning rate on a grid, and a task's train, selection
+and dev sets for a seed (`task_splits`)."""
 
 import math
 import os
 
+import ml_collections
 import numpy as np
 
 from bdiff_jax import glue_models
@@ -63,6 +65,7 @@ def validate(g) -> None:
       want = "a finite number > 0" if minimum is None else f"a finite number >= {minimum:g}"
       raise ConfigError(f"glue.{key}={v!r} must be {want}.",
                         f"set --config.glue.{key} to {want}.")
+  _check_lora_zo(g)
   _positive_int(g, "lora_rank")
   if not float(g.lora_alpha) > 0:
     raise ConfigError(f"glue.lora_alpha={g.lora_alpha} must be > 0.", "set e.g. 16.")
@@ -102,6 +105,46 @@ def _check_seq_len_by_task(g) -> None:
       raise ConfigError(f"glue.seq_len_by_task entry {item!r} is not TASK:LENGTH with "
                         f"1 <= LENGTH <= glue.seq_len ({g.seq_len}).",
                         "write e.g. --config.glue.seq_len_by_task=SST-2:64,RTE:128.")
+
+
+# `glue.lora_zo` fields that replace `glue.zo`'s for zeroth-order rows with the `lora` option;
+# 0 / () = keep glue.zo's.
+LORA_ZO_FIELDS = ("eps", "learning_rate", "learning_rates")
+
+
+def _check_lora_zo(g) -> None:
+  if "lora_zo" not in g:
+    return
+  for key in ("eps", "learning_rate"):
+    v = g.lora_zo[key]
+    if (isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v)
+        or v < 0):
+      raise ConfigError(f"glue.lora_zo.{key}={v!r} must be a finite number >= 0 (0: glue.zo's).",
+                        f"set --config.glue.lora_zo.{key} to e.g. 1e-2, or 0.")
+  lrs = tuple(g.lora_zo.learning_rates)
+  if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 for lr in lrs):
+    raise ConfigError(f"glue.lora_zo.learning_rates={lrs!r} must be positive numbers.",
+                      "set e.g. --config.glue.lora_zo.learning_rates='(1e-3,1e-2,1e-1)', or () "
+                      "for glue.zo.learning_rates.")
+
+
+def row_settings(g, spec):
+  """`config.glue` as row `spec` uses it: for a zeroth-order row with the `lora` option, `glue.zo`
+  with the non-zero fields of `glue.lora_zo` in place (LoRA factors start at zero and need a
+  larger perturbation and rate than full weights to move: docs/glue.md); every other row, `g`
+  as it is. Without `lora_zo`, so that a unit's settings say what it ran with (and the units of
+  every other row keep the digests they had before `lora_zo` existed)."""
+  if "lora_zo" not in g:
+    return g
+  out = ml_collections.ConfigDict(g.to_dict())
+  del out["lora_zo"]
+  if spec.rule == "adamw" or spec.peft != "lora":
+    return out
+  for key in LORA_ZO_FIELDS:
+    v = g.lora_zo[key]
+    if (tuple(v) if key == "learning_rates" else float(v)):
+      out.zo[key] = tuple(v) if key == "learning_rates" else float(v)
+  return out
 
 
 def row_steps(spec, g) -> int:

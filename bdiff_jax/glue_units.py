@@ -13,7 +13,7 @@ import numpy as np
 from bdiff_jax import interrupt, nonfinite
 from bdiff_jax import workdir as workdir_lib
 from bdiff_jax.errors import CheckpointError, DataError, NonFiniteLossError
-from bdiff_jax.glue_settings import uses_grid
+from bdiff_jax.glue_settings import row_settings, uses_grid
 from bdiff_jax.reporter import Reporter
 
 
@@ -32,7 +32,9 @@ def settings_digest(settings: dict) -> str:
 
 def unit_settings(g, spec) -> dict:
   """What a unit of row `spec` depends on: `config.glue` minus `UNIT_EXCLUDED`, plus the seed of
-  the learning-rate grid (the first seed) for a row with a grid, whose choice every seed uses."""
+  the learning-rate grid (the first seed) for a row with a grid, whose choice every seed uses.
+  The row's own settings (`row_settings`: a LoRA zeroth-order row's `glue.lora_zo` applied)."""
+  g = row_settings(g, spec)
   out = {k: v for k, v in g.to_dict().items() if k not in UNIT_EXCLUDED}
   if uses_grid(spec, g):
     out["lr_grid_seed"] = int(g.seeds[0])
@@ -61,9 +63,10 @@ class Units:
     self.names = []
     for task in tasks:
       for spec in specs:
-        if uses_grid(spec, g):
+        g_row = row_settings(g, spec)
+        if uses_grid(spec, g_row):
           self.names += [(unit_name(task, spec.name, int(g.seeds[0]), lr=float(lr)), spec.name)
-                         for lr in g.zo.learning_rates]
+                         for lr in g_row.zo.learning_rates]
         self.names += [(unit_name(task, spec.name, int(s)), spec.name) for s in g.seeds]
     try:
       os.makedirs(directory, exist_ok=True)

@@ -45,8 +45,8 @@ import numpy as np
 from bdiff_jax import glue_baselines, glue_metrics, glue_models, glue_report, glue_starts
 from bdiff_jax import models, update_rule
 from bdiff_jax import workdir as workdir_lib
-from bdiff_jax.glue_settings import (dev_splits, row_steps, task_seq_len, task_splits,
-                                     uses_grid, validate)
+from bdiff_jax.glue_settings import (dev_splits, row_settings, row_steps, task_seq_len,
+                                     task_splits, uses_grid, validate)
 from bdiff_jax.glue_units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
@@ -349,7 +349,8 @@ def _run(g, specs, tasks, workdir, reporter, units, stop, digest) -> GlueResult:
     base = task_baselines(task, g)
     baselines.append(base)
     for row_spec in specs:
-      g_row, grid = choose_learning_rate(row_spec, task, g, reporter, units=units, stop=stop)
+      g_row, grid = choose_learning_rate(row_spec, task, row_settings(g, row_spec), reporter,
+                                         units=units, stop=stop)
       programs = {"stop": stop}
       recs = []
       for s in g.seeds:

@@ -1,0 +1,71 @@
+"""Per-row settings of the GLUE benchmark: a LoRA zeroth-order row takes `glue.lora_zo`, every
+other row `glue.zo`, and the units of the other rows keep their digests."""
+
+import pytest
+
+from bdiff_jax import glue_models
+from bdiff_jax.errors import ConfigError
+from bdiff_jax.glue_settings import row_settings, uses_grid, validate
+from bdiff_jax.glue_units import Units, settings_digest, unit_settings
+from configs import glue as glue_config
+
+
+def _g(level="cpu"):
+  c = glue_config.get_config(level)
+  return c.glue
+
+
+def _spec(text):
+  return glue_models.parse_rows(text)[0]
+
+
+def test_lora_row_takes_lora_zo_and_others_keep_zo():
+  g = _g()
+  lora = row_settings(g, _spec("opt:mezo:lora"))
+  full = row_settings(g, _spec("opt:mezo"))
+  adamw = row_settings(g, _spec("opt:adamw:lora"))
+  assert lora.zo.eps == 1e-2 and tuple(lora.zo.learning_rates) == (1e-3, 1e-2, 1e-1)
+  assert full.zo.eps == g.zo.eps == 1e-3
+  assert tuple(full.zo.learning_rates) == tuple(g.zo.learning_rates)
+  assert adamw.zo.eps == g.zo.eps  # a first-order LoRA row has no zeroth-order settings to take
+  for out in (lora, full, adamw):
+    assert "lora_zo" not in out
+  # Zero fields inherit: the single learning rate was not set for LoRA.
+  assert lora.zo.learning_rate == g.zo.learning_rate
+
+
+def test_units_of_other_rows_keep_their_digests():
+  g = _g()
+  spec = _spec("opt:mezo")
+  without = dict(g.to_dict())
+  del without["lora_zo"]
+  before = {k: v for k, v in without.items() if k not in ("seeds", "tasks", "rows", "level",
+                                                          "description")}
+  before["lr_grid_seed"] = 0
+  assert settings_digest(unit_settings(g, spec)) == settings_digest(before)
+  g.lora_zo.eps = 5e-2
+  assert settings_digest(unit_settings(g, spec)) == settings_digest(before)
+  lora = _spec("opt:mezo:lora")
+  d1 = settings_digest(unit_settings(g, lora))
+  g.lora_zo.eps = 1e-2
+  assert settings_digest(unit_settings(g, lora)) != d1
+
+
+def test_units_list_the_lora_rows_own_grid(tmp_path):
+  g = _g()
+  specs = glue_models.parse_rows("opt:mezo,opt:mezo:lora")
+  units = Units(str(tmp_path / "u"), g, specs, ["SST-2"])
+  lora_trials = [n for n, row in units.names if row == "mezo_opt_lora" and "grid-lr" in n]
+  full_trials = [n for n, row in units.names if row == "mezo_opt" and "grid-lr" in n]
+  assert len(lora_trials) == 3 and any("grid-lr0.1__" in n for n in lora_trials)
+  assert len(full_trials) == len(g.zo.learning_rates)
+  assert uses_grid(specs[1], row_settings(g, specs[1]))
+
+
+@pytest.mark.parametrize("field,value", [("eps", -1.0), ("learning_rate", float("nan")),
+                                         ("learning_rates", (1e-3, 0.0))])
+def test_bad_lora_zo_is_one_config_error(field, value):
+  g = _g()
+  g.lora_zo[field] = value
+  with pytest.raises(ConfigError, match=f"glue.lora_zo.{field}"):
+    validate(g)
