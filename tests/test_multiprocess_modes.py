@@ -8,7 +8,8 @@ equals a one-process `--mode=eval` of the same checkpoint (one device) up to flo
 `--mode=eval` and `--mode=sample` in two processes reproduce the training's evaluation and
 samples exactly (the same programs). An evaluation batch that the devices do not divide is
 refused in one line before the workdir exists. The evaluator and the samplers on a mesh (one
-process, 4 devices, FSDP-sharded parameters) give one device's numbers and samples.
+process, 4 devices, FSDP-sharded parameters) give one device's numbers and samples. Those tests
+start child processes (`slow`); one fast test runs the mesh path in this process.
 """
 
 import glob
@@ -18,13 +19,17 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
+import jax
 import numpy as np
 import pytest
 
+from bdiff_jax import evaluator as evaluator_lib
+from bdiff_jax import experiment, sharding
+from bdiff_jax.models import init_params
+from bdiff_jax.objective import build_objective
 from tests import helpers
-
-pytestmark = pytest.mark.slow
 
 CONFIG = "configs/wikitext2.py:smoke"
 WRITES = ("results written to", "samples written to", "sample quality written to")
@@ -111,6 +116,7 @@ def trained(tmp_path_factory, real_data_dir, shared_tfds_dir):
   return workdir, outs, _load(os.path.join(workdir, "eval_best.json"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_evaluate_and_sample(trained):
   workdir, outs, evaluation = trained
   _only_process_0_wrote(outs)
@@ -136,6 +142,7 @@ def test_two_processes_train_evaluate_and_sample(trained):
   assert os.path.exists(os.path.join(workdir, "training_curves.png"))
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_equals_one_process_eval(trained, real_data_dir,
                                                         shared_tfds_dir, tmp_path):
   workdir, _, two = trained
@@ -156,6 +163,7 @@ def test_two_process_evaluation_equals_one_process_eval(trained, real_data_dir,
     np.testing.assert_allclose(a["word_ppl_per_seed"], b["word_ppl_per_seed"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_dir, tmp_path):
   workdir, _, after_training = trained
   step = after_training["step"]
@@ -184,6 +192,7 @@ def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_d
   assert all(1.0 < r["gen_ppl"] < 1e6 for r in table["rows"]), table["rows"]
 
 
+@pytest.mark.slow
 def test_eval_batch_not_a_multiple_of_the_devices_is_one_line(real_data_dir, shared_tfds_dir,
                                                               tmp_path):
   workdir = tmp_path / "never"
@@ -265,6 +274,7 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_evaluator_and_sampler_on_a_mesh_equal_one_device():
   """The programs every process of a multi-process run takes part in, here in one process with
   4 devices on a data=2 x fsdp=2 mesh: the same numbers as on one device."""
@@ -284,3 +294,30 @@ def test_evaluator_and_sampler_on_a_mesh_equal_one_device():
       np.testing.assert_allclose(a["word_ppl_per_seed"], b["word_ppl_per_seed"], rtol=1e-5)
     np.testing.assert_allclose(r["rows_mesh"], r["rows_one"], rtol=1e-6)
     assert r["sample_mesh"] == r["sample_one"], name
+
+
+def test_one_process_has_no_inference_mesh_and_a_mesh_evaluator_agrees():
+  """Fast, in this process: one process evaluates without a mesh (inference_mesh is None); the
+  mesh path (rows fed through `sharding.shard_batch`, the key through `sharding.replicate`, the
+  NLLs gathered) on this process's devices gives the numbers of the one-device path."""
+  c = helpers.tiny_config(num_layers=1)
+  assert experiment.inference_mesh(c) is None
+  vocab = 30
+  objective = build_objective(c, mask_id=vocab)
+  net = helpers.network(c.model, vocab_size=vocab, max_len=c.data.seq_len)
+  params = jax.jit(lambda k: init_params(net, k, seq_len=c.data.seq_len))(jax.random.key(0))
+  mesh = sharding.make_mesh(None)
+  kw = dict(seq_len=c.data.seq_len, batch_size=4 * mesh.devices.size, num_time_samples=2)
+  rng = np.random.default_rng(0)
+  splits = types.SimpleNamespace(valid=rng.integers(0, vocab, 150).astype(np.int32),
+                                 test=rng.integers(0, vocab, 77).astype(np.int32),
+                                 tokenizer=types.SimpleNamespace())
+  one = evaluator_lib.Evaluator(objective, net, **kw).evaluate(params, splits, seeds=(0, 1))
+  on_mesh = evaluator_lib.Evaluator(objective, net, mesh=mesh, **kw)
+  got = on_mesh.evaluate(params, splits, seeds=(0, 1))
+  for split in ("valid", "test"):
+    np.testing.assert_allclose(got[split]["nll_per_token"], one[split]["nll_per_token"],
+                               rtol=1e-6)
+  key = sharding.replicate(jax.random.PRNGKey(3), mesh)
+  assert key.sharding.is_fully_replicated and (np.asarray(key) ==
+                                               np.asarray(jax.random.PRNGKey(3))).all()
