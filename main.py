@@ -10,7 +10,9 @@
 
 Override any config field with --config.<field>=<value>. Bad input (data, config files and
 values, checkpoints, prompts) ends with one line `error: ...` and exit status 2; a lost peer of a
-multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py).
+multi-process run with one such line and exit status 3 (bdiff_jax/distributed.py; each process of
+such a run does its work in a child of a JAX-free supervisor, bdiff_jax/supervisor.py, so that a
+lost coordinator is one line too).
 """
 
 import importlib
@@ -265,4 +267,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # One process of a multi-process run does its work in a child process, so that a lost
+  # coordinator is one error line (bdiff_jax/supervisor.py); any other run goes on here.
+  from bdiff_jax import supervisor  # pylint: disable=g-import-not-at-top
+  supervisor.run_if_multiprocess()
   app.run(main, flags_parser=_parse_flags)

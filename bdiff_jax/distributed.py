@@ -9,6 +9,8 @@ parses the command line:
   JAX_NUM_PROCESSES=N                with the number of processes
   JAX_PROCESS_ID=i                   and this process's index, 0 <= i < N;
   BDIFF_PEER_TIMEOUT=seconds         how long a silent peer is waited for (default 30; see below).
+  BDIFF_SUPERVISOR=off               no supervisor process (see below; a lost coordinator is then
+                                     jaxlib's abort).
   BDIFF_DISTRIBUTED=auto|on|off      auto (default): start the runtime when the address is set or
                                      a cluster is detected: a SLURM job step with several tasks,
                                      or a multi-host Cloud TPU slice (JAX then finds the
@@ -28,17 +30,19 @@ function: jaxlib fails to pass it the error (`std::bad_cast`) and terminates the
 each process runs a daemon thread that writes a heartbeat counter into the coordination
 service's key-value store every `PEER_BEAT_SECONDS` and reads the others'. A peer whose counter
 has not moved for `BDIFF_PEER_TIMEOUT` seconds (default 30; below JAX's heartbeat timeout, so
-the thread acts first), or a key-value store that stays unreachable that long (process 0, which
-hosts it, is gone), ends the process with one line `error: lost process <i> ...` and exit status
-3, within BDIFF_PEER_TIMEOUT + PEER_BEAT_SECONDS seconds of the loss. At a normal exit the
-thread is stopped and joined (a daemon thread killed inside a jaxlib call at interpreter exit
-aborts the process) and the process marks itself done in the store, so that a slower peer does
-not report it as lost; after an uncaught exception it does not, so the peers report it.
+the thread acts first), or a key-value store that fails or does not answer for that long
+(process 0, which hosts it, is gone, stopped or cut off), ends the process with one line
+`error: lost process <i> ...` and exit status 3, within BDIFF_PEER_TIMEOUT + PEER_BEAT_SECONDS
+seconds of the loss. At a normal exit the thread is stopped and joined (a daemon thread killed
+inside a jaxlib call at interpreter exit aborts the process) and the process marks itself done
+in the store, so that a slower peer does not report it as lost; after an uncaught exception it
+does not, so the peers report it.
 
-Not covered: when process 0 dies, the survivors' JAX clients lose the coordination service at
-once and jaxlib terminates them from C++ within seconds (`client.h: Terminating process because
-the JAX distributed service detected fatal errors`, SIGABRT, exit 134), before any Python code
-can run; only a supervisor process could turn that into one line.
+When process 0's process dies, its sockets close and the survivors' JAX clients terminate them
+from C++ within seconds (`client.h: Terminating process because the JAX distributed service
+detected fatal errors`, SIGABRT), before any Python code can run: `main.py` therefore runs every
+process of a multi-process run under `bdiff_jax.supervisor`, a JAX-free parent that turns that
+death into the same one line and exit 3.
 """
 
 import atexit
@@ -52,62 +56,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bdiff_jax.distributed_env import MODES, initialize_arguments  # pylint: disable=unused-import
 from bdiff_jax.errors import ConfigError
 
-MODES = ("auto", "on", "off")
 PEER_TIMEOUT_ENV = "BDIFF_PEER_TIMEOUT"
 DEFAULT_PEER_TIMEOUT = 30.0
 PEER_BEAT_SECONDS = 2.0
 LOST_PEER_EXIT_CODE = 3
-
-
-def _int_env(environ: Mapping[str, str], name: str) -> int:
-  value = environ.get(name, "")
-  try:
-    return int(value)
-  except ValueError:
-    raise ConfigError(
-        f"{name}={value!r} is not an integer (JAX_COORDINATOR_ADDRESS is set).",
-        "set JAX_NUM_PROCESSES=<number of processes> and JAX_PROCESS_ID=<0..N-1> in every "
-        "process's environment.") from None
-
-
-def _cluster_detected(environ: Mapping[str, str]) -> bool:
-  """A SLURM step with several tasks, or a multi-host Cloud TPU slice."""
-  try:
-    slurm_tasks = int(environ.get("SLURM_NTASKS", "1") or 1)
-  except ValueError:
-    slurm_tasks = 1
-  if "SLURM_JOB_ID" in environ and slurm_tasks > 1:
-    return True
-  tpu_hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in tpu_hosts or bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-
-
-def initialize_arguments(environ: Mapping[str, str]) -> Optional[dict]:
-  """The keyword arguments of `jax.distributed.initialize` for this environment, or None for a
-  single-process run.
-
-  Raises:
-    ConfigError: BDIFF_DISTRIBUTED has another value, or the coordinator address is set without a
-      valid process count and index.
-  """
-  mode = environ.get("BDIFF_DISTRIBUTED", "auto") or "auto"
-  if mode not in MODES:
-    raise ConfigError(f"BDIFF_DISTRIBUTED={mode!r} is not one of auto, on, off.",
-                      "unset it (auto) or set it to on or off.")
-  if mode == "off":
-    return None
-  address = environ.get("JAX_COORDINATOR_ADDRESS", "")
-  if address:
-    num, index = _int_env(environ, "JAX_NUM_PROCESSES"), _int_env(environ, "JAX_PROCESS_ID")
-    if num < 1 or not 0 <= index < num:
-      raise ConfigError(f"JAX_PROCESS_ID={index} is not in [0, JAX_NUM_PROCESSES={num}).",
-                        "number the processes 0..N-1 and give all of them the same N.")
-    return {"coordinator_address": address, "num_processes": num, "process_id": index}
-  if mode == "on" or _cluster_detected(environ):
-    return {}
-  return None
 
 
 def peer_timeout(environ: Mapping[str, str]) -> float:
@@ -174,6 +129,7 @@ class PeerWatchdog:
     self._unreachable_since: Optional[float] = None
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
+    self._worker: Optional[threading.Thread] = None  # the beat in flight
 
   def _key(self, kind: str, index: int) -> str:
     return f"{self.PREFIX}/{kind}/{index}"
@@ -191,8 +147,9 @@ class PeerWatchdog:
     """Stops beating (waiting for a beat in flight) and, with `done`, marks this process done,
     so that peers do not report it as lost."""
     self._stop.set()
-    if self._thread is not None and self._thread is not threading.current_thread():
-      self._thread.join(timeout=10.0)
+    for thread in (self._thread, self._worker):
+      if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=10.0)
     if not done:
       return
     try:
@@ -201,9 +158,25 @@ class PeerWatchdog:
       pass
 
   def _run(self) -> None:
+    # Each beat's calls run in their own thread: a coordination service whose process is
+    # stopped or whose host is off the network does not fail them, it never answers (jaxlib
+    # aborts only after its 100 s heartbeat timeout), and that must end this process within
+    # the timeout too.
     while not self._stop.wait(self.beat):
-      line = self.check()
-      if line is not None and not self._stop.is_set():
+      result = []
+      self._worker = threading.Thread(target=lambda out=result: out.append(self.check()),
+                                      name="bdiff-peer-beat", daemon=True)
+      self._worker.start()
+      self._worker.join(timeout=self.timeout)
+      if self._stop.is_set():
+        return
+      if self._worker.is_alive():
+        line = self._line(0, "the coordination service it hosts has not answered for "
+                          f"{self.timeout:g} s (its process is stopped or its host is "
+                          "unreachable)")
+      else:
+        line = result[0] if result else None
+      if line is not None:
         self._exit(line)
         return
 
@@ -247,7 +220,8 @@ class PeerWatchdog:
                       "or stopped with an error: see its output)")
 
   def _line(self, peer: int, why: str) -> str:
-    return (f"error: lost process {peer} of this {self.count}-process run: {why}; process "
+    name = f"process {peer}" + (" (the coordinator)" if peer == 0 else "")
+    return (f"error: lost {name} of this {self.count}-process run: {why}; process "
             f"{self.index} stops too. Fix: restart all {self.count} processes with the same "
             "command (a missing host must come back first); training resumes from the latest "
             f"checkpoint. ({PEER_TIMEOUT_ENV} sets the wait, now {self.timeout:g} s.)")
@@ -266,10 +240,15 @@ def lost_peer_line(e: BaseException) -> Optional[str]:
   None (a single-process run, or another error)."""
   if not any(sign in str(e) for sign in _LOST_PEER_SIGNS) or _coordination_client() is None:
     return None  # not a lost peer, or no distributed runtime (a single-process run)
-  return (f"error: lost a peer of this {jax.process_count()}-process run: process "
-          f"{jax.process_index()}'s collective failed ({_first_line(e)}); it stops too. Fix: "
-          f"restart all {jax.process_count()} processes with the same command; training "
-          "resumes from the latest checkpoint.")
+  count, index = jax.process_count(), jax.process_index()
+  if count == 2:  # the other one; with more, the error does not say which peer (an address)
+    lost = "process 0 (the coordinator)" if index == 1 else "process 1"
+  else:
+    lost = (f"one of the other {count - 1} processes (the collective does not say which: see "
+            "their output)")
+  return (f"error: lost {lost} of this {count}-process run: process {index}'s collective "
+          f"failed ({_first_line(e)}); it stops too. Fix: restart all {count} processes with "
+          "the same command; training resumes from the latest checkpoint.")
 
 
 def _first_line(e: BaseException) -> str:

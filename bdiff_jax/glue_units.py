@@ -135,16 +135,13 @@ class GlueInterrupt(interrupt.GracefulInterrupt):
   next step (finished units are already kept; the unit in flight is dropped), a second one
   aborts at once (`abort`, exit 128 + signal number)."""
 
-  def _handle(self, signum: int, frame) -> None:  # pylint: disable=unused-argument
-    name = signal.Signals(signum).name
-    if self._signum is None:
-      self._signum = signum
-      self._write(f"received {name}: stopping after the current step; finished GLUE units are "
-                  "kept (send it again to abort at once)")
-      return
-    self._write(f"received {name} again: aborting now (exit {128 + signum}); the finished GLUE "
-                "units are intact; rerun the same command to resume")
-    self._abort(128 + signum)
+  def first_notice(self, signum: int) -> str:
+    return (f"received {signal.Signals(signum).name}: stopping after the current step; finished "
+            "GLUE units are kept (send it again to abort at once)")
+
+  def again_notice(self, signum: int) -> str:
+    return (f"received {signal.Signals(signum).name} again: aborting now (exit {128 + signum}); "
+            "the finished GLUE units are intact; rerun the same command to resume")
 
 
 class GlueResult(dict):

@@ -15,6 +15,9 @@ is lost; orbax only ever publishes a checkpoint by renaming a complete directory
 checkpoints are intact. (If the abort lands in the sub-second window between a step directory's
 commit and its digest manifest, that step is refused at restore as unverifiable; see
 checkpointing.)
+In a process that main.py's supervisor runs (one process of a multi-process run), the same
+signal again within DUPLICATE_SECONDS of the first is ignored: it is the first request delivered
+twice (the supervisor forwards what a scheduler also sent to its child), not a second Ctrl-C.
 A signal that was ignored when the context was entered (SIG_IGN, as for SIGINT of a job a script
 started in the background) stays ignored.
 
@@ -30,10 +33,20 @@ On exit the previous handlers are restored.
 import os
 import signal
 import threading
+import time
 from typing import Callable, Optional, TextIO
 
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+# In a supervised child (BDIFF_SUPERVISED=1, set by bdiff_jax/supervisor.py), a repeat of the
+# first signal this soon is the same request delivered twice (a scheduler that signals every
+# process of a job reaches the child directly and through the supervisor), not a second Ctrl-C.
+DUPLICATE_SECONDS = 1.0
+
+
+def _duplicate_window() -> float:
+  return DUPLICATE_SECONDS if os.environ.get("BDIFF_SUPERVISED") == "1" else 0.0
 
 _NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
@@ -43,17 +56,23 @@ class GracefulInterrupt:
 
   def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), *,
                stream: Optional[TextIO] = None,
-               abort: Callable[[int], None] = os._exit):  # pylint: disable=protected-access
+               abort: Callable[[int], None] = os._exit,  # pylint: disable=protected-access
+               duplicate_seconds: Optional[float] = None):
     """Args:
       signals: the signals to catch.
       stream: where the one-line notices go (default: file descriptor 2, stderr).
       abort: called with the exit code on the second signal (tests pass a recorder).
+      duplicate_seconds: a repeat of the first signal within this time is ignored (default:
+        DUPLICATE_SECONDS in a supervised child, else 0).
     """
     self._signals = tuple(signals)
     self._stream = stream
     self._abort = abort
     self._previous: dict[int, object] = {}
     self._signum: Optional[int] = None
+    self._first_at = 0.0
+    self._duplicate_seconds = (_duplicate_window() if duplicate_seconds is None
+                               else duplicate_seconds)
     self.installed = False
 
   def __enter__(self) -> "GracefulInterrupt":
@@ -88,16 +107,23 @@ class GracefulInterrupt:
       pass  # a closed or broken stderr must not turn a stop into a crash
 
   def _handle(self, signum: int, frame) -> None:  # pylint: disable=unused-argument
-    name = _NAMES.get(signum, f"signal {signum}")
+    now = time.monotonic()
     if self._signum is None:
-      self._signum = signum
-      self._write(f"received {name}: stopping after the current step and saving a checkpoint "
-                  "(send it again to abort at once without saving)")
+      self._signum, self._first_at = signum, now
+      self._write(self.first_notice(signum))
       return
-    code = 128 + signum
-    self._write(f"received {name} again: aborting now without saving (exit {code}); earlier "
-                "checkpoints are intact")
-    self._abort(code)
+    if signum == self._signum and now - self._first_at < self._duplicate_seconds:
+      return  # the same request delivered twice (see the module docstring)
+    self._write(self.again_notice(signum))
+    self._abort(128 + signum)
+
+  def first_notice(self, signum: int) -> str:
+    return (f"received {_NAMES.get(signum, f'signal {signum}')}: stopping after the current "
+            "step and saving a checkpoint (send it again to abort at once without saving)")
+
+  def again_notice(self, signum: int) -> str:
+    return (f"received {_NAMES.get(signum, f'signal {signum}')} again: aborting now without "
+            f"saving (exit {128 + signum}); earlier checkpoints are intact")
 
   def stop_requested(self) -> bool:
     """True once a signal arrived; check it after every training step."""

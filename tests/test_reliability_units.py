@@ -1066,8 +1066,9 @@ def test_peer_watchdog_names_the_lost_process_after_the_timeout():
   now[0] = 30.0
   assert dogs[1].check() is None
   now[0] = 30.5
-  assert dogs[1].check().startswith("error: lost process 0 of this 3-process run: the "
-                                    "coordination service it hosts has been unreachable")
+  assert dogs[1].check().startswith("error: lost process 0 (the coordinator) of this "
+                                    "3-process run: the coordination service it hosts has been "
+                                    "unreachable")
   with pytest.raises(ConfigError, match="BDIFF_PEER_TIMEOUT='0' is not a positive number"):
     distributed.peer_timeout({"BDIFF_PEER_TIMEOUT": "0"})
   assert distributed.peer_timeout({}) == distributed.DEFAULT_PEER_TIMEOUT
@@ -1143,7 +1144,11 @@ def test_a_collective_failing_for_a_lost_peer_is_one_line(monkeypatch):
   monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
   monkeypatch.setattr(distributed.jax, "process_index", lambda: 1)
   line = distributed.lost_peer_line(gloo)
-  assert line.startswith("error: lost a peer of this 2-process run: process 1's collective "
-                         "failed (UNKNOWN: Gloo all-reduce failed") and "\n" not in line
-  assert "Fix: restart all 2 processes" in line
+  assert line.startswith("error: lost process 0 (the coordinator) of this 2-process run: "
+                         "process 1's collective failed (UNKNOWN: Gloo all-reduce failed")
+  assert "Fix: restart all 2 processes" in line and "\n" not in line
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 3)
+  assert distributed.lost_peer_line(gloo).startswith(
+      "error: lost one of the other 2 processes (the collective does not say which: see their "
+      "output) of this 3-process run: process 1's collective failed")
   assert distributed.lost_peer_line(ValueError("shapes do not match")) is None
