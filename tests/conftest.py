@@ -69,7 +69,8 @@ def pytest_configure(config):
 # `--dist loadfile` hands whole modules to whichever worker is free, in collection order;
 # starting with the long ones lets the two workers finish together instead of one waiting
 # for a long module picked up last. Within a module the order is unchanged.
-_SLOW_MODULES_FIRST = ("test_end_to_end", "test_reliability", "test_reversible",
+_SLOW_MODULES_FIRST = ("test_end_to_end", "test_multiprocess_modes",
+                       "test_reliability", "test_reversible",
                        "test_autoregressive", "test_sampling", "test_train", "test_compare",
                        "test_sharding", "test_glue_learning", "test_glue_classification",
                        "test_glue_starts", "test_metal", "test_glue_scoring", "test_notebook",

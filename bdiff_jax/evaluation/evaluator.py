@@ -13,6 +13,15 @@ a short last batch is filled with all-padding rows, which contribute exactly 0. 
 built once per experiment and reused by periodic and final evaluations, so evaluation compiles
 once per process.
 
+Placement. In one process every evaluation (periodic, final, `--mode=eval`) runs one
+single-device program. With a `mesh` (a multi-process run: `experiment.inference_mesh`) the
+program runs over the run's global mesh instead, every process taking part: the parameters in the
+training layout (`sharding.state_shardings`: replicated, or FSDP-sharded), each batch's rows split
+over all devices (each process feeds the rows its devices hold, `sharding.shard_batch`), the key
+replicated, the per-row NLLs gathered to every process, which sum them alike. Each row is scored
+by the same computation with the same random draws (threefry keys are partitionable), so the
+numbers equal the single-device program's up to float rounding.
+
 Reported per split, as mean and spread (std) over the evaluation seeds:
   nll_per_token   total NLL / number of tokens (nats)
   bits_per_token  nll_per_token / ln 2
@@ -23,7 +32,7 @@ Reported per split, as mean and spread (std) over the evaluation seeds:
 """
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +40,7 @@ import numpy as np
 
 from bdiff_jax import models
 from bdiff_jax.data import pipeline
+from bdiff_jax.runtime import sharding as sharding_lib
 
 SPLITS = ("valid", "test")
 
@@ -79,27 +89,55 @@ class Evaluator:
   """Per-split NLL of a network under an objective: one jitted function, one input shape."""
 
   def __init__(self, objective, network, *, seq_len: int, batch_size: int,
-               num_time_samples: int):
+               num_time_samples: int, mesh: Optional[jax.sharding.Mesh] = None):
+    """`mesh`: None (one device), or the global mesh every process evaluates on (see the module
+    docstring).
+
+    Raises:
+      ConfigError: `batch_size` is not a multiple of the mesh's devices.
+    """
     self.objective = objective
     self.network = network
     self.seq_len = int(seq_len)
     self.batch_size = int(batch_size)
     self.num_time_samples = int(num_time_samples)
+    self.mesh = mesh
+    if mesh is not None:
+      sharding_lib.check_batch_divisible(self.batch_size, mesh, "eval.batch_size")
 
     def nll(params, tokens, valid, key):
       return objective.sequence_nll(models.bind(network, params, train=False), tokens, valid, key,
                                     num_samples=self.num_time_samples)
 
-    self._nll = jax.jit(nll)
+    # On a mesh the rows' NLLs are gathered to every device, so each process reads them all.
+    self._nll = jax.jit(nll, out_shardings=None if mesh is None else
+                        sharding_lib.replicated(mesh))
+
+  def place(self, params):
+    """`params` where this evaluator's program takes them: on this process's first device, or in
+    the training layout on the mesh (a no-op for a training state's or a restored state's)."""
+    if self.mesh is None:
+      return jax.device_put(params, jax.local_devices()[0])
+    return jax.device_put(params, sharding_lib.state_shardings(params, self.mesh))
+
+  def _batch_nll(self, params, batch: np.ndarray, valid: np.ndarray, key) -> np.ndarray:
+    """float64[batch_size]: the NLL of each row of one batch (`params` placed by `place`)."""
+    if self.mesh is None:
+      out = self._nll(params, jnp.asarray(batch), jnp.asarray(valid), key)
+    else:
+      out = self._nll(params, sharding_lib.shard_batch(batch, self.mesh),
+                      sharding_lib.shard_batch(valid, self.mesh),
+                      sharding_lib.replicate(key, self.mesh))
+    return np.asarray(out, np.float64)
 
   def split_nll(self, params, tokens: np.ndarray, key) -> tuple[float, int]:
-    """(total NLL in nats, number of tokens) over a token stream for one evaluation key."""
+    """(total NLL in nats, number of tokens) over a token stream for one evaluation key
+    (`params` placed by `place`)."""
     total, count = 0.0, 0
     for i, (batch, valid) in enumerate(padded_batches(
         tokens, seq_len=self.seq_len, batch_size=self.batch_size,
         pad_id=self.objective.mask_id)):
-      out = self._nll(params, jnp.asarray(batch), jnp.asarray(valid), jax.random.fold_in(key, i))
-      out = np.asarray(out, np.float64)
+      out = self._batch_nll(params, batch, valid, jax.random.fold_in(key, i))
       total += float(out[valid.any(axis=1)].sum())
       count += int(valid.sum())
     return total, count
@@ -118,12 +156,11 @@ class Evaluator:
     tokens[:, :length] = rows
     valid = np.zeros((n, self.seq_len), bool)
     valid[:, :length] = True
-    params = jax.device_put(params, jax.local_devices()[0])  # as `evaluate` places them
+    params = self.place(params)  # as `evaluate` places them
     out = []
     for i, (b, v) in enumerate(_fixed_batches(tokens, valid, batch_size=self.batch_size,
                                                pad_id=self.objective.mask_id)):
-      nll = self._nll(params, jnp.asarray(b), jnp.asarray(v), jax.random.fold_in(key, i))
-      out.append(np.asarray(nll, np.float64))
+      out.append(self._batch_nll(params, b, v, jax.random.fold_in(key, i)))
     return np.concatenate(out)[:n] if out else np.zeros(0, np.float64)
 
   def evaluate(self, params, splits, *, seeds, max_tokens: int = 0, spread: bool = False,
@@ -137,8 +174,9 @@ class Evaluator:
     # One placement for every call: parameters restored from a checkpoint live on one device,
     # a training state's on the run's mesh; as they are, the two would compile `nll` twice
     # (the placement is part of the compiled program) and could differ in rounding. Every
-    # evaluation (periodic, final, --mode=eval) runs the same single-device program.
-    params = jax.device_put(params, jax.local_devices()[0])
+    # evaluation (periodic, final, --mode=eval) runs the same program: the single-device one,
+    # or in a multi-process run the mesh's.
+    params = self.place(params)
     results = {}
     for split_index, name in enumerate(split_names):
       full = getattr(splits, name)

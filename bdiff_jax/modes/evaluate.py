@@ -5,14 +5,20 @@ evaluation and its `settings` (checkpoint, step, evaluation settings); an evalua
 settings never replaces it but goes to `eval_<which>_<digest>.json`, the digest being the first
 8 hex digits of the settings' SHA-256. Every file is written atomically (a temporary file, then
 `os.replace`), so a crash leaves the previous content or the new one, never a mix.
+
+Multi-process (`bdiff_jax/runtime/distributed.py`): every process restores the checkpoint and evaluates
+over the global mesh (`experiment.inference_mesh`); process 0 alone holds the workdir lock,
+reports and writes the results and the baselines' cache.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 
 from bdiff_jax.config import configuration
 from bdiff_jax.evaluation import baselines
+from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train import experiment
@@ -30,15 +36,22 @@ def evaluate_checkpoint(exp: experiment.Experiment, reporter: Reporter) -> dict:
 
 def evaluate_params(exp: experiment.Experiment, params, meta: dict, desc: str,
                     reporter: Reporter) -> dict:
-  """Evaluates restored `params` (see `evaluate_checkpoint`) and writes eval_<which>.json."""
+  """Evaluates restored `params` (see `evaluate_checkpoint`) and writes eval_<which>.json.
+
+  In a multi-process run every process evaluates (one program over the mesh) and returns the
+  results; process 0 alone computes the baselines (the other processes' "baselines" is None),
+  reports and writes."""
   config = exp.config
   results = exp.evaluator.evaluate(params, exp.splits, seeds=config.eval.seeds,
                                    max_tokens=config.eval.max_tokens)
+  settings = eval_settings(config, desc, meta.get("step"))
+  if not distributed.is_main_process():
+    return {"checkpoint": desc, "step": meta.get("step"), "results": results,
+            "baselines": None, "settings": settings}
   reference = baselines.cached(exp.splits, exp.workdir, seq_len=config.data.seq_len,
                                max_tokens=config.eval.max_tokens)
   reporter.info(f"checkpoint: {desc}\n{exp.evaluator.format_results(results)}\n"
                 f"{baselines.format_baselines(reference)}")
-  settings = eval_settings(config, desc, meta.get("step"))
   out = {"checkpoint": desc, "step": meta.get("step"), "results": results,
          "baselines": reference, "settings": settings}
   path = results_path(exp.workdir, str(config.eval.checkpoint), settings)
@@ -129,8 +142,18 @@ def open_trained(config, workdir: str, reporter: Reporter, explicit_overrides=()
   return workdir, config
 
 
+def main_process_lock(workdir: str):
+  """The workdir lock, held by process 0 alone (the only writer) in a multi-process run."""
+  if distributed.is_main_process():
+    return workdir_lib.WorkdirLock(workdir)
+  return contextlib.nullcontext()
+
+
 def run(config, workdir: str, reporter: Reporter, explicit_overrides=(), **unused) -> dict:
   del unused
+  if not distributed.is_main_process():
+    reporter = Reporter(verbose=False)
   workdir, config = open_trained(config, workdir, reporter, explicit_overrides)
-  with workdir_lib.WorkdirLock(workdir):
-    return evaluate_checkpoint(experiment.build(config, workdir), reporter)
+  mesh = experiment.inference_mesh(config)
+  with main_process_lock(workdir):
+    return evaluate_checkpoint(experiment.build(config, workdir, mesh=mesh), reporter)

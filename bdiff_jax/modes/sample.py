@@ -9,6 +9,11 @@ Keys: every draw takes fold_in(PRNGKey(sample.seed), i), with i the step count o
 sampled model (>= 1; the samples file is its draw at sample.num_steps, which the table scores
 too) and i = JUDGE_KEY_INDEX = 0 for the judge's own samples. The root key itself is never used,
 so no two draws share a key.
+
+Multi-process (`bdiff_jax/runtime/distributed.py`): every process restores the checkpoint (and the
+judge's) onto the global mesh and runs the same samplers and judge over it
+(`experiment.inference_mesh`), so all hold the same samples and table; process 0 alone holds the
+workdir lock, reports and writes the files.
 """
 
 import dataclasses
@@ -27,6 +32,8 @@ from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.modes import evaluate as evaluate_mode
 from bdiff_jax.objectives import objective_class
 from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import distributed
+from bdiff_jax.runtime import sharding as sharding_lib
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train import experiment
@@ -66,14 +73,21 @@ def encode_prompt(exp: experiment.Experiment) -> Optional[np.ndarray]:
 def draw_samples(exp: experiment.Experiment, params, key: jax.Array, *,
                  num_steps: Optional[int] = None, prompt_ids=None) -> np.ndarray:
   """int32[num_samples, length] from the objective's sampler with config.sample (and
-  `num_steps` sampler steps when given), compiled as one program."""
+  `num_steps` sampler steps when given), compiled as one program.
+
+  With `exp.mesh` (a multi-process run) the program runs over the global mesh with `params` in
+  the training layout on it and the key replicated; its samples come back whole to every
+  process (the same ones in each)."""
   c = exp.config.sample
   if num_steps is not None and num_steps != c.num_steps:
     c = types.SimpleNamespace(**{**c.to_dict(), "num_steps": int(num_steps)})
-  sample = jax.jit(lambda p, k: exp.objective.sample(
-      exp.network, p, k, sample_config=c, max_len=exp.config.data.seq_len,
-      prompt_ids=prompt_ids))
-  out = np.asarray(sample(params, key))
+  fn = lambda p, k: exp.objective.sample(exp.network, p, k, sample_config=c,
+                                         max_len=exp.config.data.seq_len, prompt_ids=prompt_ids)
+  if exp.mesh is None:
+    out = np.asarray(jax.jit(fn)(params, key))
+  else:
+    sample = jax.jit(fn, out_shardings=sharding_lib.replicated(exp.mesh))
+    out = np.asarray(sample(exp.evaluator.place(params), sharding_lib.replicate(key, exp.mesh)))
   if (out == exp.objective.mask_id).any():
     raise AssertionError("sampler emitted [MASK]; this is a bug")
   return out
@@ -145,7 +159,8 @@ def open_judge(exp: experiment.Experiment) -> Optional[Judge]:
   if config is None:
     return None
   judge_exp = experiment.build(config, os.path.abspath(config.sample.judge_workdir),
-                               splits=exp.splits)  # same vocabulary: checked above
+                               splits=exp.splits,  # same vocabulary: checked above
+                               mesh=exp.mesh)
   params, meta, desc = experiment.restore_params(judge_exp)
   return Judge(exp=judge_exp, params=params, desc=desc, step=meta.get("step"))
 
@@ -190,6 +205,8 @@ def quality_report(exp: experiment.Experiment, params, meta: dict, desc: str, sa
                 f"{c.temperature}; {judged}\n{sample_quality.format_table(rows)}\n{legend}")
   out = {"checkpoint": desc, "step": meta.get("step"), "objective": exp.objective.name,
          "settings": settings, "rows": rows}
+  if not distributed.is_main_process():
+    return out
   path = workdir_lib.unique_path(exp.workdir, f"sample_quality_step{meta.get('step')}", ".json")
   evaluate_mode.write_json_atomically(path, out)
   reporter.info(f"sample quality written to {path}")
@@ -210,11 +227,12 @@ def write_samples(exp: experiment.Experiment, params, meta: dict, desc: str, rep
             f"top_p={c.top_p}; seed={c.seed}")
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
   reporter.info(f"{header}\n{body}")
-  # Never overwrite earlier samples: samples_step<N>.txt, then samples_step<N>_1.txt, ...
-  path = workdir_lib.unique_path(exp.workdir, f"samples_step{meta.get('step')}", ".txt")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(header + "\n" + body + "\n")
-  reporter.info(f"samples written to {path}")
+  if distributed.is_main_process():  # the only writer of a multi-process run
+    # Never overwrite earlier samples: samples_step<N>.txt, then samples_step<N>_1.txt, ...
+    path = workdir_lib.unique_path(exp.workdir, f"samples_step{meta.get('step')}", ".txt")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(header + "\n" + body + "\n")
+    reporter.info(f"samples written to {path}")
   if prompt_ids is None:
     quality_report(exp, params, meta, desc, out, judge, reporter)
   else:
@@ -226,9 +244,12 @@ def write_samples(exp: experiment.Experiment, params, meta: dict, desc: str, rep
 def run(config, workdir: str, reporter: Reporter, explicit_overrides=(), **unused) -> list[str]:
   """Restores config.eval.checkpoint and samples (with config.sample.prompt)."""
   del unused
+  if not distributed.is_main_process():
+    reporter = Reporter(verbose=False)
   workdir, config = evaluate_mode.open_trained(config, workdir, reporter, explicit_overrides)
-  with workdir_lib.WorkdirLock(workdir):
-    exp = experiment.build(config, workdir)
+  mesh = experiment.inference_mesh(config)
+  with evaluate_mode.main_process_lock(workdir):
+    exp = experiment.build(config, workdir, mesh=mesh)
     prompt_ids = encode_prompt(exp)  # fail on a bad prompt before restoring anything
     c = config.sample
     if prompt_ids is not None and (c.judge_workdir.strip() or c.quality_steps.strip()):

@@ -156,9 +156,10 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
 
   Multi-process (`bdiff_jax.runtime.distributed`): every process trains (one SPMD step over the global
   mesh, checkpoints saved and restored collectively) and reads only its rows of each batch;
-  process 0 alone holds the lock and writes config.json, metrics, plots and samples, and the
-  others report nothing. Evaluation (periodic and final) and sampling are skipped in a
-  multi-process run: run `--mode=eval` / `--mode=sample` afterwards in one process.
+  the periodic evaluations (and so the best checkpoint), the final evaluation and the samples
+  run over the same mesh with every process taking part (`experiment.inference_mesh`); process
+  0 alone holds the lock and writes config.json, metrics, evaluations, plots and samples, and
+  the others report nothing.
   """
   del unused
   # Everything that can be checked without the workdir is checked before it is created or
@@ -166,6 +167,7 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   configuration.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh)
   sharding_lib.check_batch_divisible(config.train.batch_size, mesh)
+  eval_mesh = experiment.inference_mesh(config)  # None in one process: one device
   batches = pipeline.TrainBatches(pipeline.load_wikitext2(config.data, None).train,
                                   config.data.seq_len, config.train.batch_size, config.seed)
   created = not os.path.exists(workdir)
@@ -185,7 +187,7 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
           changes = config_compat.schedule_changes(saved, config)
         else:
           changes = []
-        exp = experiment.build(config, workdir)
+        exp = experiment.build(config, workdir, mesh=eval_mesh)
         sample_mode.judge_config(exp)  # a bad sample.judge_workdir fails now, not after training
         log = metrics_log.MetricsLog(workdir) if main else metrics_log.NullMetricsLog()
         return _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted)
@@ -225,7 +227,7 @@ def _loop(exp, rules: StopRules, step_fn, state, start: int, mesh, batches, buff
                                             stop.stop_requested(),
                                             rules.checkpoint_is_due(time.time() - t_saved))
     deciding = fit is not None and step == fit[1] and not (interrupted or out_of_time)
-    if (rules.is_eval_step(step) or deciding) and jax.process_count() == 1:
+    if rules.is_eval_step(step) or deciding:
       buffer.flush(step)
       best, v = _periodic_eval(exp, state, step, log)
       reporter.info(f"step {step}: valid word ppl {v['word_ppl']:.2f} "
@@ -340,8 +342,7 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
     elif window[1] < rules.stop_step:
       def decide(state, step, *, step_seconds, save_seconds, elapsed):
         t = time.time()  # the periodic evaluation of this step compiled it: time a warm one
-        if jax.process_count() == 1:
-          jax.block_until_ready(_valid_subset(exp, state))
+        jax.block_until_ready(_valid_subset(exp, state))
         timing = wall_schedule.Timing(step=step_seconds, event=time.time() - t + save_seconds,
                                       compile=compile_seconds)
         fitted = wall_schedule.fit_and_record(
@@ -383,15 +384,13 @@ def _train(exp, mesh, batches, log, ckpt, reporter, changes, fitted=False) -> Tr
     reporter.info(f"stopped at train.stop_at_step={rules.stop_step}; rerun with the same config "
                   "to continue.")
     return result
-  if jax.process_count() > 1:
-    reporter.info(f"{jax.process_count()} processes: no evaluation or samples here; run "
-                  "--mode=eval and --mode=sample on this workdir in one process.")
-    return result
-  # Finished, or out of wall-clock budget: evaluate what we have, exactly as --mode=eval does.
+  # Finished, or out of wall-clock budget: evaluate what we have, exactly as --mode=eval does
+  # (in a multi-process run every process takes part; process 0 writes).
   params, meta, desc = experiment.restore_params(exp)
   result.evaluation = evaluate_mode.evaluate_params(exp, params, meta, desc, reporter)
   sample_mode.write_samples(exp, params, meta, desc, reporter, judge=sample_mode.open_judge(exp))
-  plotting.plot_training_curves(workdir, baselines=result.evaluation.get("baselines"),
-                                twin_workdir=exp.config.sample.judge_workdir,
-                                upper_bound=exp.objective.is_upper_bound)
+  if distributed.is_main_process():
+    plotting.plot_training_curves(workdir, baselines=result.evaluation.get("baselines"),
+                                  twin_workdir=exp.config.sample.judge_workdir,
+                                  upper_bound=exp.objective.is_upper_bound)
   return result

@@ -19,7 +19,8 @@ be a multiple of the number of devices. Plain data parallelism (the state replic
 device) is the fsdp = 1 case.
 
 Multi-process: the mesh spans `jax.devices()` of every process; `global_batch` builds the global
-batch array from the rows each process's devices hold, read by that process alone.
+batch array from the rows each process's devices hold, read by that process alone, and
+`replicate` puts a small host value that every process holds alike (a PRNG key) on every device.
 """
 
 from typing import Any, Callable, Optional, Sequence
@@ -146,6 +147,14 @@ def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """A host batch (the whole global batch, every process holding it) on `mesh`."""
   batch = np.asarray(batch)
   return global_batch(mesh, batch.shape, lambda start, stop: batch[start:stop])
+
+
+def replicate(value: Any, mesh: Mesh) -> jax.Array:
+  """A host value (or a single-device array) that every process holds with the same contents,
+  replicated on every device of `mesh`: e.g. an evaluation or sampling key beside parameters
+  that live on a multi-process mesh (a jitted program cannot mix the two placements)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
 
 
 def place_state(state: Any, mesh: Mesh) -> tuple[Any, Any]:

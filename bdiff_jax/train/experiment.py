@@ -3,12 +3,17 @@
 Config -> data -> objective -> network -> update rule -> (abstract) TrainState -> checkpoint.
 Eval and sample in a new process rebuild exactly this and restore into it, so they see what
 training saw.
+
+Placement (`inference_mesh`): in one process evaluation and sampling run on one device, the
+restored parameters there. In a multi-process run every process takes part: the experiment
+carries the run's global mesh, checkpoints are restored collectively into the training layout on
+it, and the evaluator and the samplers run over it (process 0 alone writes their files).
 """
 
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
@@ -20,6 +25,7 @@ from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.objectives import Objective, build_objective
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
+from bdiff_jax.runtime import sharding as sharding_lib
 from bdiff_jax.train import train_state
 
 
@@ -32,6 +38,8 @@ class Experiment:
   network: Any
   update_rule: Any
   evaluator: Evaluator  # built once: periodic and final evaluations share its compilation
+  # None: evaluation and sampling on one device; a multi-process run's global mesh (see above).
+  mesh: Optional[Any] = None
 
   @property
   def tokenizer(self):
@@ -63,10 +71,25 @@ def build_network(config, objective: Objective, *, vocab_size: int) -> models.Ne
                               causal=objective.causal)
 
 
-def build(config, workdir: str, splits=None) -> Experiment:
+def inference_mesh(config) -> Optional[Any]:
+  """The mesh evaluation and sampling run on: None in one process (one device, as always); in a
+  multi-process run the global mesh of `config.mesh`, the one training uses.
+
+  Raises:
+    ConfigError: the mesh does not fit the devices, or eval.batch_size is not a multiple of them.
+  """
+  if jax.process_count() == 1:
+    return None
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+  return mesh
+
+
+def build(config, workdir: str, splits=None, mesh=None) -> Experiment:
   """The experiment of `config` in `workdir`. `splits`: data already loaded for another
   experiment on the same data and vocabulary (the caller checked the workdir's vocab.json), e.g.
-  the judge of `--mode=sample`; None loads it (and writes or checks `<workdir>/vocab.json`)."""
+  the judge of `--mode=sample`; None loads it (and writes or checks `<workdir>/vocab.json`).
+  `mesh`: where evaluation and sampling run (`inference_mesh`; None: one device)."""
   configuration.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if splits is None:
@@ -75,18 +98,30 @@ def build(config, workdir: str, splits=None) -> Experiment:
   network = build_network(config, objective, vocab_size=splits.tokenizer.vocab_size)
   evaluator = Evaluator(objective, network, seq_len=config.data.seq_len,
                         batch_size=config.eval.batch_size,
-                        num_time_samples=config.eval.num_time_samples)
+                        num_time_samples=config.eval.num_time_samples, mesh=mesh)
   return Experiment(config=config, workdir=workdir, splits=splits, objective=objective,
                     network=network, update_rule=update_rule.build_update_rule(config.train),
-                    evaluator=evaluator)
+                    evaluator=evaluator, mesh=mesh)
 
 
 def restore_params(exp: Experiment, which=None) -> tuple[Any, dict, str]:
-  """(params for inference, checkpoint meta, description). EMA params when eval.use_ema."""
+  """(params for inference, checkpoint meta, description). EMA params when eval.use_ema.
+
+  Without `exp.mesh` onto this process's first device, whatever mesh and processes saved the
+  checkpoint (without a target placement orbax would refuse one saved by several processes:
+  "topology mismatch"); with it (a multi-process run) every process restores together, straight
+  into the training layout on the mesh."""
   which = exp.config.eval.checkpoint if which is None else which
+  target = exp.abstract_state()
+  if exp.mesh is None:
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: one_device, target)
+  else:
+    shardings = sharding_lib.state_shardings(target, exp.mesh)
+  target = sharding_lib.with_shardings(target, shardings)
   ckpt = checkpointing.Checkpointer(exp.workdir, read_only=True)
   try:
-    state, meta, desc = ckpt.restore(which, exp.abstract_state())
+    state, meta, desc = ckpt.restore(which, target)
   finally:
     ckpt.close()
   params = state.ema_params if exp.config.eval.use_ema else state.params
