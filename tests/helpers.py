@@ -15,8 +15,8 @@ import numpy as np
 from bdiff_jax import models
 from bdiff_jax.config import configuration
 from bdiff_jax.objectives import build_objective, objective_class
-from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import xla_flags
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +142,7 @@ def train_setup(c, vocab=50):
   objective = build_objective(c, mask_id=vocab)
   net = models.build_network(c.model, vocab_size=vocab, max_len=c.data.seq_len,
                              causal=objective.causal)
-  rule = update_rule.build_update_rule(c.train)
+  rule = builder.build_update_rule(c.train)
   # One compiled program (the library's own runs jit their initialisation too); eagerly, the
   # initialisers dispatch dozens of separately compiled ops (~3 s per call on 2 cores).
   state = jax.jit(lambda k_params, k_train: train_state.create_train_state(

@@ -23,7 +23,7 @@ from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
 from bdiff_jax.objectives import build_objective
-from bdiff_jax.optim import update_rule
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 from tests.helpers import tiny_config
 
@@ -125,7 +125,7 @@ def test_unigram_initialisation_predicts_the_unigram_model():
     net = _network(config)
     counts = np.arange(VOCAB, 0, -1).astype(np.float64) ** 1.5  # frequency-sorted ids
     unigram = jnp.asarray(np.log(counts / counts.sum()))
-    rule = update_rule.build_update_rule(config.train)
+    rule = builder.build_update_rule(config.train)
     state = train_state.init_train_state(net, rule, seed=0, seq_len=LENGTH, head_bias=unigram)
     # Zero every kernel of the head (the tied head's kernels are the embedding rows).
     params = dict(state.params, cluster_kernel=jnp.zeros_like(state.params["cluster_kernel"]),

@@ -25,9 +25,9 @@ from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
 from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.objectives import build_objective
-from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order
 from bdiff_jax.runtime import checkpointing
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 from bdiff_jax.train.train_step import make_train_step
 from configs import glue as glue_config
@@ -52,7 +52,7 @@ def _setup():
   objective = build_objective(c, mask_id=VOCAB)
   net = models.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
                              causal=objective.causal)
-  rule = update_rule.build_update_rule(c.train)
+  rule = builder.build_update_rule(c.train)
   state = jax.jit(lambda: train_state.init_train_state(net, rule, seed=0,
                                                        seq_len=c.data.seq_len))()
   state = jax.device_get(state)  # host copies: the train step donates what it is given

@@ -343,7 +343,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     from bdiff_jax.config import configuration
     from bdiff_jax.train import train_state
     from bdiff_jax.train import train_step
-    from bdiff_jax.optim import update_rule
+    from bdiff_jax.train import builder
     from bdiff_jax.runtime import sharding as mesh_lib
     from bdiff_jax.models import init_params
     from bdiff_jax.objectives import build_objective
@@ -364,7 +364,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
       m.reversible_backward = backward
       nets[backward] = network(m, vocab_size=50, max_len=16)
     params = jax.jit(lambda k: init_params(nets["recompute"], k, seq_len=16))(jax.random.key(0))
-    opt = update_rule.build_update_rule(c.train)
+    opt = builder.build_update_rule(c.train)
     rng = jax.random.key_data(jax.random.key(1))
 
     # Gradients of the trainer's loss (the diffusion ELBO) with the batch sharded over 4 devices.

@@ -13,6 +13,8 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.optim import dizo as dizo_lib
 from bdiff_jax.optim import update_rule
 from bdiff_jax.optim import zeroth_order as zo
+from bdiff_jax.config import rule_settings
+from bdiff_jax.train import builder
 
 F32_HALF_ULP = 2.0 ** -24  # relative rounding error of one float32 operation
 
@@ -330,21 +332,21 @@ def test_zeroth_order_step_memory_is_below_adamw_and_independent_of_leaf_count()
 
 
 def test_default_config_builds_both_rules():
-  train = zo.default_config()
-  zo.validate(train)
+  train = rule_settings.default_config()
+  rule_settings.validate(train)
   train.zo.schedule = "linear"
   train.zo.num_perturbations = 2
-  mezo = update_rule.zeroth_order_rule(train, 100, "mezo")
+  mezo = builder.zeroth_order_rule(train, 100, "mezo")
   assert type(mezo) is zo.MeZO and mezo.eps == 1e-3 and mezo.num_perturbations == 2
   assert float(mezo.lr(0)) == pytest.approx(1e-6) and float(mezo.lr(50)) == pytest.approx(5e-7)
   assert float(mezo.lr(100)) == 0.0
   assert not mezo.trainable(("embed", "embedding")) and mezo.trainable(("head", "kernel"))
-  dizo = update_rule.zeroth_order_rule(train, 100, "dizo")
+  dizo = builder.zeroth_order_rule(train, 100, "dizo")
   assert isinstance(dizo, dizo_lib.DiZO) and (dizo.interval, dizo.iterations, dizo.tau) == (50, 10, 0.2)
   assert dizo.targets(("backbone", "layers", "attn", "attention", "key", "kernel"))
   assert not dizo.targets(("backbone", "layers", "attn", "attention", "query", "kernel"))
   with pytest.raises(ConfigError, match="'mezo' or 'dizo'"):
-    update_rule.zeroth_order_rule(train, 100, "sgd")
+    builder.zeroth_order_rule(train, 100, "sgd")
 
 
 @pytest.mark.parametrize("section,field,value", [
@@ -353,10 +355,10 @@ def test_default_config_builds_both_rules():
     ("dizo", "iterations", 0), ("dizo", "eps_p", 0.0), ("dizo", "step_size", -2.0),
     ("dizo", "tau", 1.0), ("dizo", "targets", "qkv")])
 def test_validate_names_the_bad_field(section, field, value):
-  train = zo.default_config()
+  train = rule_settings.default_config()
   train[section][field] = value
   with pytest.raises(ConfigError, match=f"config.train.{section}.{field}="):
-    zo.validate(train)
+    rule_settings.validate(train)
 
 
 # ----------------------------------------------------------- one factory, one freeze choice
@@ -388,7 +390,7 @@ def _glue_config(freeze_embeddings: bool):
 
 
 def _lm_train_config(freeze_embeddings: bool):
-  train = zo.default_config()
+  train = rule_settings.default_config()
   train.zo.freeze_embeddings = freeze_embeddings
   train.zo.learning_rate = 1e-2
   return train
@@ -408,7 +410,7 @@ def test_the_freeze_choice_is_honoured_by_every_factory(factory, freeze):
     from bdiff_jax.glue import rows as glue_rows
     rule = glue_rows.build_rule("mezo", _glue_config(freeze), 10)
   elif factory == "lm":
-    rule = update_rule.zeroth_order_rule(_lm_train_config(freeze), 10, "mezo")
+    rule = builder.zeroth_order_rule(_lm_train_config(freeze), 10, "mezo")
   else:
     rule = update_rule.make_rule("mezo", 10, zo=update_rule.ZOSettings(learning_rate=1e-2),
                                  freeze="embeddings" if freeze else "none")
@@ -431,10 +433,10 @@ def test_the_freeze_choice_is_honoured_by_every_factory(factory, freeze):
 
 def test_freeze_choice_of_a_config_section_and_bad_values():
   import ml_collections
-  assert update_rule.freeze_choice(zo.default_config().zo) == "embeddings"  # the LM default
-  assert update_rule.freeze_choice(_glue_config(False).zo) == "none"
+  assert builder.freeze_choice(rule_settings.default_config().zo) == "embeddings"  # the LM default
+  assert builder.freeze_choice(_glue_config(False).zo) == "none"
   section = ml_collections.ConfigDict(dict(freeze="none", freeze_embeddings=True))
-  assert update_rule.freeze_choice(section) == "none"  # the explicit choice wins
+  assert builder.freeze_choice(section) == "none"  # the explicit choice wins
   with pytest.raises(ConfigError, match="freeze='all'"):
     update_rule.make_rule("mezo", 10, freeze="all")
   with pytest.raises(ConfigError, match="peft='prefix'"):
@@ -465,7 +467,7 @@ def test_zeroth_order_losses_are_evaluated_without_dropout():
   assert float(m["loss_plus"]) == float(m["loss_minus"])
   np.testing.assert_allclose(float(m["loss_plus"]), eval_loss, rtol=1e-6)
   assert update_rule.is_deterministic(rule) and not update_rule.is_deterministic(
-      update_rule.build_update_rule(c.train))
+      builder.build_update_rule(c.train))
   assert update_rule.is_deterministic(dizo_lib.DiZO(0.0))
 
 

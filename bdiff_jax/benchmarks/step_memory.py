@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from bdiff_jax import models
 from bdiff_jax.objectives import build_objective
-from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime.platform_info import memory_stats  # re-exported: the one definition
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 from bdiff_jax.train.train_step import make_train_step
 
@@ -39,7 +39,7 @@ def step_parts(config, vocab_size: int) -> StepParts:
   objective = build_objective(config, mask_id=vocab_size)
   network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
                                  causal=objective.causal)
-  rule = update_rule.build_update_rule(config.train)
+  rule = builder.build_update_rule(config.train)
   state = train_state.abstract_train_state(network, rule, seq_len=seq_len)
   return StepParts(objective=objective, network=network, rule=rule, abstract_state=state)
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from bdiff_jax import models
 from bdiff_jax.config import configuration
 from bdiff_jax.objectives import build_objective, objective_class
-from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import xla_flags
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 from bdiff_jax.train import train_step
 
@@ -36,7 +36,7 @@ def build_our_step(config, network, *, loss: str, chunk_rows: int = 0):
   config.diffusion.masked_head = loss == "masked"
   config.diffusion.head_chunk_rows = int(chunk_rows)
   objective = build_objective(config, mask_id=network.spec.vocab_size)
-  rule = update_rule.build_update_rule(config.train)
+  rule = builder.build_update_rule(config.train)
   state = jax.jit(lambda: train_state.init_train_state(network, rule, seed=0,
                                                        seq_len=config.data.seq_len))()
   step = train_step.make_train_step(objective, network, rule, ema_decay=config.train.ema_decay)

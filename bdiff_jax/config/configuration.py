@@ -12,8 +12,8 @@ import ml_collections
 
 from bdiff_jax.diffusion import corruption
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.config import rule_settings
 from bdiff_jax.models import adaptive_head
-from bdiff_jax.optim import zeroth_order
 
 BACKBONES = ("standard", "reversible", "opt")
 BLOCKS = ("simple", "qwen3")
@@ -118,8 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   # How parameters are updated: "adamw" (backpropagation + AdamW), or the zeroth-order rules
   # "mezo" / "dizo" (two forward passes per step, no gradient; settings in train.zo/train.dizo).
   c.train.update_rule = "adamw"
-  c.train.zo = zeroth_order.default_config().zo
-  c.train.dizo = zeroth_order.default_config().dizo
+  c.train.zo = rule_settings.default_config().zo
+  c.train.dizo = rule_settings.default_config().dizo
   c.train.batch_size = 32
   c.train.num_steps = 10_000
   c.train.learning_rate = 3e-4
@@ -334,7 +334,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _in_unit("diffusion.uniform_fraction", d.uniform_fraction)
   t = c.train
   _choice("train.update_rule", t.update_rule, ("adamw", "mezo", "dizo"))
-  zeroth_order.validate(t)
+  rule_settings.validate(t)
   for f in ("batch_size", "num_steps", "learning_rate", "log_every", "eval_every",
             "checkpoint_every", "keep_checkpoints"):
     _positive(f"train.{f}", t[f])

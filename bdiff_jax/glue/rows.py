@@ -49,6 +49,7 @@ from bdiff_jax.objectives import build_objective
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 
 BDIFF_MODELS = {"reversible_qwen3": "reversible", "standard_qwen3": "standard"}
@@ -131,7 +132,7 @@ def _restore_bdiff(workdir: str, which: str):
   objective = build_objective(cfg, mask_id=tok.mask_id)
   network = models.build_network(cfg.model, vocab_size=tok.vocab_size,
                                  max_len=cfg.data.seq_len, causal=objective.causal)
-  abstract = train_state.abstract_train_state(network, update_rule.build_update_rule(cfg.train),
+  abstract = train_state.abstract_train_state(network, builder.build_update_rule(cfg.train),
                                               seq_len=cfg.data.seq_len)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   try:
@@ -257,7 +258,8 @@ def _frozen(names) -> bool:
 
 def build_rule(name: str, glue, total_steps: int, *, peft=None):
   """The update rule `name` with the row budget `total_steps` (for LR schedules): a thin call
-  into `update_rule.make_rule` with the plain values of `glue.adamw` / `glue.zo` / `glue.dizo`.
+  into `train.builder.update_rule_from_sections` (the LM train mode's too) with the sections
+  `glue.adamw` / `glue.zo` / `glue.dizo`.
 
   Zeroth-order rules freeze by `glue.zo.freeze` ("none" | "embeddings") or the boolean
   `glue.zo.freeze_embeddings`; AdamW trains every parameter. peft ("none" | "lora"; None:
@@ -267,12 +269,9 @@ def build_rule(name: str, glue, total_steps: int, *, peft=None):
   """
   peft = str(glue.get("peft", "none") if peft is None else peft)
   if name == "adamw":
-    return update_rule.make_rule("adamw", total_steps, peft=peft,
-                                 adamw=update_rule.AdamWSettings.from_config(glue.adamw))
-  return update_rule.make_rule(
-      name, total_steps, zo=update_rule.ZOSettings.from_config(glue.zo),
-      dizo_settings=update_rule.DiZOSettings.from_config(glue.dizo),
-      freeze=update_rule.freeze_choice(glue.zo), peft=peft)
+    return builder.update_rule_from_sections("adamw", total_steps, adamw=glue.adamw, peft=peft)
+  return builder.update_rule_from_sections(name, total_steps, zo=glue.zo, dizo=glue.dizo,
+                                           peft=peft)
 
 
 def forward_passes(rule, num_steps: int) -> dict:

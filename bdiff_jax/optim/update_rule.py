@@ -22,9 +22,10 @@ Rules may also declare (read with getattr; the defaults are those of AdamW):
                                  1 + its γ iterations. Default 1 (`loss_fn(params)`).
     rule.trainable(path_names) -> bool   the leaves the rule perturbs and updates (None: all).
 
-`make_rule` is the one factory (LM training: `build_update_rule`; GLUE rows:
-`glue.rows.build_rule`); it takes plain values, among them the freeze choice ("none" |
-"embeddings") and the parameter-efficient variant ("none" | "lora", `bdiff_jax/optim/lora.py`).
+`make_rule` is the one factory; it takes plain values: settings dataclasses, the freeze choice
+("none" | "embeddings") and the parameter-efficient variant ("none" | "lora",
+`bdiff_jax/optim/lora.py`). The config's sections become those values in `train.builder` (LM
+training and GLUE rows alike).
 """
 
 import dataclasses
@@ -55,24 +56,25 @@ class UpdateRule(Protocol):
     ...
 
 
-def learning_rate_schedule(train_config) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then cosine decay to `end_learning_rate_fraction`."""
-  lr = train_config.learning_rate
+def learning_rate_schedule(settings) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then cosine decay to `end_learning_rate_fraction`
+  (`settings`: an `AdamWSettings`, or anything with its fields)."""
+  lr = settings.learning_rate
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=train_config.warmup_steps,
-      decay_steps=max(train_config.num_steps, train_config.warmup_steps + 1),
-      end_value=lr * train_config.end_learning_rate_fraction)
+      init_value=0.0, peak_value=lr, warmup_steps=settings.warmup_steps,
+      decay_steps=max(settings.num_steps, settings.warmup_steps + 1),
+      end_value=lr * settings.end_learning_rate_fraction)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def make_optimizer(settings) -> optax.GradientTransformation:
   """AdamW with warmup + cosine decay and global-norm clipping; no decay on vectors."""
   decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
   # The clip slot is always present (identity when grad_clip=0) so that the optimizer state has
   # the same structure whatever the value: a run can be resumed with clipping changed.
-  parts = [optax.clip_by_global_norm(train_config.grad_clip) if train_config.grad_clip > 0
+  parts = [optax.clip_by_global_norm(settings.grad_clip) if settings.grad_clip > 0
            else optax.identity()]
-  parts.append(optax.adamw(learning_rate_schedule(train_config), b1=train_config.b1,
-                           b2=train_config.b2, weight_decay=train_config.weight_decay,
+  parts.append(optax.adamw(learning_rate_schedule(settings), b1=settings.b1,
+                           b2=settings.b2, weight_decay=settings.weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts)
 
@@ -153,27 +155,8 @@ def trainable_predicate(freeze: str = "none", peft: str = "none") -> Optional[Pr
   return None
 
 
-def freeze_choice(zo_config) -> str:
-  """The freeze choice of a config section: its `freeze` ("none" | "embeddings") when it has
-  one, else the older boolean `freeze_embeddings` (True -> "embeddings"); neither: "none"."""
-  if "freeze" in zo_config:
-    return str(zo_config.freeze)
-  return "embeddings" if zo_config.get("freeze_embeddings", False) else "none"
-
-
-class _FromConfig:
-  """`from_config(section)`: the settings dataclass of a config section's fields of the same
-  names (other fields of the section are ignored; a field the section lacks takes its default,
-  and a field without a default must be there)."""
-
-  @classmethod
-  def from_config(cls, section):
-    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)
-                  if f.name in section or f.default is dataclasses.MISSING})
-
-
 @dataclasses.dataclass(frozen=True)
-class AdamWSettings(_FromConfig):
+class AdamWSettings:
   """AdamW with linear warmup, cosine decay and clipping (`make_optimizer`); num_steps is the
   schedule's length (make_rule sets it to total_steps)."""
   learning_rate: float
@@ -187,7 +170,7 @@ class AdamWSettings(_FromConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class ZOSettings(_FromConfig):
+class ZOSettings:
   """MeZO's (and DiZO's MeZO part's) settings; see zeroth_order.default_config."""
   learning_rate: float = 1e-6
   schedule: str = "constant"
@@ -197,7 +180,7 @@ class ZOSettings(_FromConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class DiZOSettings(_FromConfig):
+class DiZOSettings:
   """DiZO's projection settings; fresh_batches: a new batch per γ iteration (the reference's
   choice; the train step then takes 1 + iterations stacked batches)."""
   interval: int = 50
@@ -257,25 +240,3 @@ def trainable_count(rule, params) -> int:
   trainable = getattr(rule, "trainable", None)
   names, leaves, _ = zeroth_order.flat_leaves(params)
   return int(sum(v.size for nm, v in zip(names, leaves) if trainable is None or trainable(nm)))
-
-
-def zeroth_order_rule(train_config, total_steps: int, name: str):
-  """MeZO or DiZO ("mezo" | "dizo") from config.train.zo / config.train.dizo."""
-  if name not in ("mezo", "dizo"):
-    raise ConfigError(f"unknown zeroth-order update rule {name!r}.", "use 'mezo' or 'dizo'.")
-  zeroth_order.validate(train_config)
-  return make_rule(name, total_steps, zo=ZOSettings.from_config(train_config.zo),
-                   dizo_settings=DiZOSettings.from_config(train_config.dizo),
-                   freeze=freeze_choice(train_config.zo))
-
-
-def build_update_rule(train_config) -> UpdateRule:
-  """The update rule of `config.train.update_rule`: AdamW (first order), MeZO or DiZO."""
-  name = train_config.update_rule
-  if name not in RULES:
-    raise ConfigError(f"config.train.update_rule={name!r} is not one of "
-                      f"{', '.join(map(repr, RULES))}.", "pass one of those values.")
-  if name in ("mezo", "dizo"):
-    return zeroth_order_rule(train_config, train_config.num_steps, name)
-  return make_rule("adamw", train_config.num_steps,
-                   adamw=AdamWSettings.from_config(train_config))

@@ -23,9 +23,9 @@ from bdiff_jax.config import configuration
 from bdiff_jax.data import pipeline
 from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.objectives import Objective, build_objective
-from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import sharding as sharding_lib
+from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 
 
@@ -100,7 +100,7 @@ def build(config, workdir: str, splits=None, mesh=None) -> Experiment:
                         batch_size=config.eval.batch_size,
                         num_time_samples=config.eval.num_time_samples, mesh=mesh)
   return Experiment(config=config, workdir=workdir, splits=splits, objective=objective,
-                    network=network, update_rule=update_rule.build_update_rule(config.train),
+                    network=network, update_rule=builder.build_update_rule(config.train),
                     evaluator=evaluator, mesh=mesh)
 
 

@@ -17,12 +17,12 @@ import jax
 
 from bdiff_jax.data import pipeline
 from bdiff_jax.errors import CheckpointError, NonFiniteLossError
-from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import metrics_log
 from bdiff_jax.runtime import sharding as sharding_lib
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import builder
 from bdiff_jax.train import experiment
 from bdiff_jax.train import wall_schedule
 from bdiff_jax.train.nonfinite import nonfinite_message
@@ -310,7 +310,7 @@ def _fit_schedule(t: Trainer, state, step: int, clock: Clock) -> None:
       agree=distributed.agreed_int if jax.process_count() > 1 else None)
   if fitted is not None:
     t.exp.config = fitted  # the same run from here on as one configured with its num_steps
-    t.exp.update_rule = update_rule.build_update_rule(fitted.train)
+    t.exp.update_rule = builder.build_update_rule(fitted.train)
     t.step_fn = t.compiler.compile(state, step)
   t.rules = StopRules.from_config(t.exp.config.train)
   clock.saved = time.time()

@@ -1,0 +1,64 @@
+"""The one place the config becomes objects: the update rule here (`experiment.build` adds the
+data, objective, network and evaluator). Below it, `optim` takes plain values: settings
+dataclasses (`update_rule.AdamWSettings`, `ZOSettings`, `DiZOSettings`), the freeze choice and
+the parameter-efficient variant as strings.
+
+The LM train mode reads `config.train` (AdamW's fields, `train.zo`, `train.dizo`); a GLUE row
+reads `glue.adamw`, `glue.zo`, `glue.dizo` (`glue.rows.build_rule`): both go through
+`update_rule_from_sections`, so both freeze the same leaves for the same choice.
+"""
+
+import dataclasses
+
+from bdiff_jax.config import rule_settings
+from bdiff_jax.errors import ConfigError
+from bdiff_jax.optim import update_rule as rules
+
+
+def settings(cls, section):
+  """The settings dataclass `cls` of a config section's fields of the same names (other fields
+  of the section are ignored; a field the section lacks takes its default, and a field without
+  a default must be there)."""
+  return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)
+                if f.name in section or f.default is dataclasses.MISSING})
+
+
+def freeze_choice(zo_config) -> str:
+  """The freeze choice of a config section: its `freeze` ("none" | "embeddings") when it has
+  one, else the older boolean `freeze_embeddings` (True -> "embeddings"); neither: "none"."""
+  if "freeze" in zo_config:
+    return str(zo_config.freeze)
+  return "embeddings" if zo_config.get("freeze_embeddings", False) else "none"
+
+
+def update_rule_from_sections(name: str, total_steps: int, *, adamw=None, zo=None, dizo=None,
+                              peft: str = "none") -> rules.UpdateRule:
+  """The update rule `name` for `total_steps` steps from its config sections: `adamw` (AdamW's
+  fields) for "adamw"; `zo` (MeZO's, and the freeze choice) and `dizo` for "mezo" / "dizo".
+  AdamW trains every parameter (or only LoRA factors with peft="lora")."""
+  if name == "adamw":
+    return rules.make_rule("adamw", total_steps, peft=peft,
+                           adamw=settings(rules.AdamWSettings, adamw))
+  return rules.make_rule(name, total_steps, zo=settings(rules.ZOSettings, zo),
+                         dizo_settings=settings(rules.DiZOSettings, dizo),
+                         freeze=freeze_choice(zo), peft=peft)
+
+
+def zeroth_order_rule(train_config, total_steps: int, name: str) -> rules.UpdateRule:
+  """MeZO or DiZO ("mezo" | "dizo") from config.train.zo / config.train.dizo."""
+  if name not in ("mezo", "dizo"):
+    raise ConfigError(f"unknown zeroth-order update rule {name!r}.", "use 'mezo' or 'dizo'.")
+  rule_settings.validate(train_config)
+  return update_rule_from_sections(name, total_steps, zo=train_config.zo,
+                                   dizo=train_config.dizo)
+
+
+def build_update_rule(train_config) -> rules.UpdateRule:
+  """The update rule of `config.train.update_rule`: AdamW (first order), MeZO or DiZO."""
+  name = train_config.update_rule
+  if name not in rules.RULES:
+    raise ConfigError(f"config.train.update_rule={name!r} is not one of "
+                      f"{', '.join(map(repr, rules.RULES))}.", "pass one of those values.")
+  if name in ("mezo", "dizo"):
+    return zeroth_order_rule(train_config, train_config.num_steps, name)
+  return update_rule_from_sections("adamw", train_config.num_steps, adamw=train_config)
