@@ -48,7 +48,7 @@ def step_memory(config, backbone: str, data: int, fsdp: int) -> dict:
   c.model.backbone = backbone
   c.model.time_conditioning = "none"
   objective = build_objective(c, mask_id=VOCAB - 1)
-  net = models.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
+  net = builder.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
                              causal=objective.causal)
   rule = builder.build_update_rule(c.train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}))

@@ -112,7 +112,7 @@ def train_losses(workdir) -> dict:
 def network(model_config, *, vocab_size: int, max_len: int) -> models.Network:
   """The network of a `config.model` section, causal when its objective says so."""
   causal = objective_class(model_config.objective).causal
-  return models.build_network(model_config, vocab_size=vocab_size, max_len=max_len,
+  return builder.build_network(model_config, vocab_size=vocab_size, max_len=max_len,
                               causal=causal)
 
 
@@ -140,7 +140,7 @@ def tiny_config(**model):
 def train_setup(c, vocab=50):
   """(objective, network, update rule, initial state, a random batch) of config `c`."""
   objective = build_objective(c, mask_id=vocab)
-  net = models.build_network(c.model, vocab_size=vocab, max_len=c.data.seq_len,
+  net = builder.build_network(c.model, vocab_size=vocab, max_len=c.data.seq_len,
                              causal=objective.causal)
   rule = builder.build_update_rule(c.train)
   # One compiled program (the library's own runs jit their initialisation too); eagerly, the

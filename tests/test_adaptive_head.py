@@ -38,7 +38,7 @@ def _config(**model):
 
 
 def _network(config):
-  return models.build_network(config.model, vocab_size=VOCAB, max_len=LENGTH, causal=False)
+  return builder.build_network(config.model, vocab_size=VOCAB, max_len=LENGTH, causal=False)
 
 
 def _params(net):
@@ -177,7 +177,7 @@ def test_autoregressive_likelihood_is_exact():
     config = tiny_config(head="adaptive", adaptive_cutoffs=(2, 4), adaptive_shrink=2,
                          dtype="float64", objective="autoregressive", time_conditioning="none")
     objective = build_objective(config, mask_id=vocab)
-    net = models.build_network(config.model, vocab_size=vocab, max_len=length, causal=True)
+    net = builder.build_network(config.model, vocab_size=vocab, max_len=length, causal=True)
     params = _params(net)
     grid = jnp.stack(jnp.meshgrid(*[jnp.arange(vocab)] * length, indexing="ij"),
                      -1).reshape(-1, length)
@@ -202,7 +202,7 @@ def test_bad_settings_are_one_config_error(model, words):
 
 def test_cutoffs_beyond_the_vocabulary_and_opt_are_refused():
   with pytest.raises(ConfigError, match=r"below the vocabulary size \(20\)"):
-    models.build_network(_config(adaptive_cutoffs=(10, 25)).model, vocab_size=20, max_len=LENGTH,
+    builder.build_network(_config(adaptive_cutoffs=(10, 25)).model, vocab_size=20, max_len=LENGTH,
                          causal=False)
   c = configuration.base_config()
   c.model.update(backbone="opt", objective="autoregressive", time_conditioning="none",

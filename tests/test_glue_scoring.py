@@ -22,6 +22,7 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import objectives as classification
 from bdiff_jax.models.classifier import OPTLM
 from bdiff_jax.models.hf_checkpoint import load_opt
+from bdiff_jax.train import builder
 from tests import helpers
 from tests.helpers import tiny_config
 
@@ -149,7 +150,7 @@ def _bdiff(objective, *, dtype="float64", **model):
     kw["time_conditioning"] = "none"
   kw.update(model)
   c = tiny_config(**kw)
-  net = models.build_network(c.model, vocab_size=VOCAB, max_len=LENGTH,
+  net = builder.build_network(c.model, vocab_size=VOCAB, max_len=LENGTH,
                              causal=objective == "autoregressive")
   params = models.init_params(net, jax.random.key(0), seq_len=LENGTH)
   # Non-zero biases, so that every bias path is exercised.

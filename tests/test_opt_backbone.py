@@ -50,7 +50,7 @@ def _setup():
   jitted init (the op-by-op init of the scanned layers takes seconds)."""
   c = opt_config_tiny(num_layers=1)
   objective = build_objective(c, mask_id=VOCAB)
-  net = models.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
+  net = builder.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
                              causal=objective.causal)
   rule = builder.build_update_rule(c.train)
   state = jax.jit(lambda: train_state.init_train_state(net, rule, seed=0,

@@ -23,6 +23,7 @@ from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
 from bdiff_jax.objectives import build_objective
 from bdiff_jax.runtime.reporter import Reporter
+from bdiff_jax.train import builder
 from tests.helpers import SMOKE, run_main, tiny_config
 
 # ------------------------------------------------------------------------------------ metrics
@@ -60,7 +61,7 @@ def test_gen_ppl_equals_the_judges_exact_nll(length):
   c = tiny_config(objective="autoregressive", time_conditioning="none")
   vocab, seq_len = 50, c.data.seq_len
   objective = build_objective(c, mask_id=vocab)
-  net = models.build_network(c.model, vocab_size=vocab, max_len=seq_len, causal=True)
+  net = builder.build_network(c.model, vocab_size=vocab, max_len=seq_len, causal=True)
   params = models.init_params(net, jax.random.PRNGKey(0), seq_len=seq_len)
   evaluator = Evaluator(objective, net, seq_len=seq_len, batch_size=4, num_time_samples=1)
   rows = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (6, length), 0, vocab), np.int32)

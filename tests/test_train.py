@@ -183,10 +183,10 @@ def test_remat_gives_the_same_loss_and_gradients_with_less_memory():
 def test_a_saved_model_config_without_remat_still_builds():
   """The config.json of a workdir trained before model.remat existed: the default (off)."""
   import ml_collections
-  from bdiff_jax import models
+  from bdiff_jax.train import builder
   c = tiny_config()
   saved = c.model.to_dict()
   del saved["remat"]
-  spec = models.spec_from_config(ml_collections.ConfigDict(saved), vocab_size=50, max_len=16,
-                                 causal=False)
+  spec = builder.model_spec(ml_collections.ConfigDict(saved), vocab_size=50, max_len=16,
+                             causal=False)
   assert spec.remat is False and spec.num_layers == c.model.num_layers

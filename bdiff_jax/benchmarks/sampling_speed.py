@@ -55,9 +55,10 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bdiff_jax.diffusion import sampling
 from bdiff_jax.diffusion import schedules
-from bdiff_jax.models import build_network, init_params
+from bdiff_jax.models import init_params
 from bdiff_jax.objectives import ar_sampling
 from bdiff_jax.objectives import objective_class
+from bdiff_jax.train import builder
 
 WIKITEXT2_VOCAB = 33_278
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,7 +149,7 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
   for conditioning in ("adaln", "none"):
     m = cpu_model_config()
     m.time_conditioning = conditioning
-    net = build_network(m, vocab_size=vocab, max_len=length,
+    net = builder.build_network(m, vocab_size=vocab, max_len=length,
                         causal=objective_class(m.objective).causal)
     params = jax.jit(lambda k, net=net: init_params(net, k, seq_len=length))(jax.random.key(1))
     common = dict(length=length, mask_id=mask_id, batch_size=samples)
@@ -172,7 +173,7 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
 
   m = cpu_model_config()
   m.objective, m.time_conditioning = "autoregressive", "none"
-  ar_net = build_network(m, vocab_size=vocab, max_len=length,
+  ar_net = builder.build_network(m, vocab_size=vocab, max_len=length,
                          causal=objective_class(m.objective).causal)
   ar_params = jax.jit(lambda k: init_params(ar_net, k, seq_len=length))(jax.random.key(2))
   ar_common = dict(length=length, num_samples=samples, bos_id=vocab)

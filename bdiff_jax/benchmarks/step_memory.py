@@ -37,7 +37,7 @@ def step_parts(config, vocab_size: int) -> StepParts:
   """The objective, network, update rule and abstract train state of `config`."""
   seq_len = int(config.data.seq_len)
   objective = build_objective(config, mask_id=vocab_size)
-  network = models.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
+  network = builder.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
                                  causal=objective.causal)
   rule = builder.build_update_rule(config.train)
   state = train_state.abstract_train_state(network, rule, seq_len=seq_len)

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bdiff_jax import models
 from bdiff_jax.config import configuration
 from bdiff_jax.objectives import build_objective, objective_class
 from bdiff_jax.runtime import xla_flags
@@ -84,7 +83,7 @@ def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config) -> None:
   preset = args.get("preset", "")
   config = our_config(shape, preset_config=preset_config(preset) if preset else None,
                       overrides=[*args.get("set", ()), *args.get("overrides", ())])
-  network = models.build_network(config.model, vocab_size=shape["vocab"],
+  network = builder.build_network(config.model, vocab_size=shape["vocab"],
                                  max_len=config.data.seq_len,
                                  causal=objective_class(config.model.objective).causal)
   loss, _, chunk_rows = args["loss"].partition(":")

@@ -130,7 +130,7 @@ def _restore_bdiff(workdir: str, which: str):
     cfg = ml_collections.ConfigDict(json.load(f))
   tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "vocab.json"))
   objective = build_objective(cfg, mask_id=tok.mask_id)
-  network = models.build_network(cfg.model, vocab_size=tok.vocab_size,
+  network = builder.build_network(cfg.model, vocab_size=tok.vocab_size,
                                  max_len=cfg.data.seq_len, causal=objective.causal)
   abstract = train_state.abstract_train_state(network, builder.build_update_rule(cfg.train),
                                               seq_len=cfg.data.seq_len)
@@ -201,7 +201,7 @@ def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
     cfg.model.block = "qwen3"
     tok = _scratch_vocab(train)
     lm_obj = build_objective(cfg, mask_id=tok.mask_id)
-    network = models.build_network(cfg.model, vocab_size=tok.vocab_size,
+    network = builder.build_network(cfg.model, vocab_size=tok.vocab_size,
                                    max_len=glue.seq_len, causal=lm_obj.causal)
     params = models.init_params(network, key, seq_len=glue.seq_len)
     init = "from scratch"

@@ -1,4 +1,5 @@
-"""Networks: `build_network(config.model, vocab_size, max_len)` and helpers."""
+"""Networks: `build_network(spec)` (a `ModelSpec`; `train.builder` makes it from `config.model`)
+and helpers."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +8,11 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
 from bdiff_jax.models.network import Network, output_bias_params
 from bdiff_jax.models.opt_network import OPTNetwork, opt_spec
-from bdiff_jax.models.spec import ModelSpec, spec_from_config
+from bdiff_jax.models.spec import ModelSpec
 
 
-def build_network(model_config, *, vocab_size: int, max_len: int, causal: bool):
-  """The network of `config.model` (a `Network`, or an `OPTNetwork` for backbone "opt");
-  `causal` comes from the objective (`Objective.causal`)."""
-  spec = spec_from_config(model_config, vocab_size=vocab_size, max_len=max_len, causal=causal)
+def build_network(spec: ModelSpec):
+  """The network of `spec` (a `Network`, or an `OPTNetwork` for backbone "opt")."""
   if spec.head == "adaptive":
     problem = adaptive_head.layout_problem(spec.vocab_size, spec.adaptive_cutoffs,
                                            spec.emb_dim, spec.adaptive_shrink)
@@ -72,4 +71,4 @@ def count_params(params) -> int:
 
 
 __all__ = ["BoundNetwork", "Network", "ModelSpec", "OPTNetwork", "bind", "build_network",
-           "init_params", "count_params", "output_bias_params", "spec_from_config"]
+           "init_params", "count_params", "output_bias_params"]

@@ -1,4 +1,5 @@
-"""`ModelSpec`: the hashable, validated description of a network, made from `config.model`."""
+"""`ModelSpec`: the hashable, validated description of a network (`train.builder.model_spec`
+makes it from `config.model`)."""
 
 import dataclasses
 
@@ -59,15 +60,3 @@ class ModelSpec:
     # Row vocab_size embeds [MASK]. The AR model never sees it; the row is kept so that both
     # objectives share one parameter layout.
     return self.vocab_size + 1
-
-
-def spec_from_config(model_config, *, vocab_size: int, max_len: int, causal: bool) -> ModelSpec:
-  """The spec of `config.model`; `causal` comes from the objective (`Objective.causal`)."""
-  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"vocab_size", "max_len", "causal"}
-  # A field missing from `model_config` keeps its default: the config.json of a workdir trained
-  # before that field existed (e.g. model.remat) still describes its network.
-  values = {k: model_config[k] for k in fields if k in model_config}
-  if "adaptive_cutoffs" in values:  # a list in a saved config.json; the spec must be hashable
-    values["adaptive_cutoffs"] = tuple(int(c) for c in values["adaptive_cutoffs"])
-  return ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), causal=bool(causal),
-                   **values)

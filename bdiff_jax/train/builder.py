@@ -1,7 +1,8 @@
-"""The one place the config becomes objects: the update rule here (`experiment.build` adds the
-data, objective, network and evaluator). Below it, `optim` takes plain values: settings
-dataclasses (`update_rule.AdamWSettings`, `ZOSettings`, `DiZOSettings`), the freeze choice and
-the parameter-efficient variant as strings.
+"""The one place the config becomes objects: the network (`model_spec`, `build_network`) and the
+update rule here (`experiment.build` adds the data, objective and evaluator). Below it,
+`models` and `optim` take plain values: a `ModelSpec`, settings dataclasses
+(`update_rule.AdamWSettings`, `ZOSettings`, `DiZOSettings`), the freeze choice and the
+parameter-efficient variant as strings.
 
 The LM train mode reads `config.train` (AdamW's fields, `train.zo`, `train.dizo`); a GLUE row
 reads `glue.adamw`, `glue.zo`, `glue.dizo` (`glue.rows.build_rule`): both go through
@@ -10,9 +11,30 @@ reads `glue.adamw`, `glue.zo`, `glue.dizo` (`glue.rows.build_rule`): both go thr
 
 import dataclasses
 
+from bdiff_jax import models
 from bdiff_jax.config import rule_settings
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.optim import update_rule as rules
+
+
+def model_spec(model_config, *, vocab_size: int, max_len: int, causal: bool) -> models.ModelSpec:
+  """The spec of `config.model`; `causal` comes from the objective (`Objective.causal`)."""
+  fields = ({f.name for f in dataclasses.fields(models.ModelSpec)} -
+            {"vocab_size", "max_len", "causal"})
+  # A field missing from `model_config` keeps its default: the config.json of a workdir trained
+  # before that field existed (e.g. model.remat) still describes its network.
+  values = {k: model_config[k] for k in fields if k in model_config}
+  if "adaptive_cutoffs" in values:  # a list in a saved config.json; the spec must be hashable
+    values["adaptive_cutoffs"] = tuple(int(c) for c in values["adaptive_cutoffs"])
+  return models.ModelSpec(vocab_size=int(vocab_size), max_len=int(max_len), causal=bool(causal),
+                          **values)
+
+
+def build_network(model_config, *, vocab_size: int, max_len: int, causal: bool):
+  """The network of `config.model` (a `Network`, or an `OPTNetwork` for backbone "opt");
+  `causal` comes from the objective (`Objective.causal`)."""
+  return models.build_network(model_spec(model_config, vocab_size=vocab_size, max_len=max_len,
+                                         causal=causal))
 
 
 def settings(cls, section):

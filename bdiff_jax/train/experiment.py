@@ -67,7 +67,7 @@ class Experiment:
 
 def build_network(config, objective: Objective, *, vocab_size: int) -> models.Network:
   """The network of `config.model` with the flags `objective` implies."""
-  return models.build_network(config.model, vocab_size=vocab_size, max_len=config.data.seq_len,
+  return builder.build_network(config.model, vocab_size=vocab_size, max_len=config.data.seq_len,
                               causal=objective.causal)
 
 
