@@ -14,7 +14,8 @@ import numpy as np
 
 from bdiff_jax import models
 from bdiff_jax.config import configuration
-from bdiff_jax.objectives import build_objective, objective_class
+from bdiff_jax.objectives import objective_class
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime import xla_flags
 from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
@@ -113,7 +114,7 @@ def network(model_config, *, vocab_size: int, max_len: int) -> models.Network:
   """The network of a `config.model` section, causal when its objective says so."""
   causal = objective_class(model_config.objective).causal
   return builder.build_network(model_config, vocab_size=vocab_size, max_len=max_len,
-                              causal=causal)
+                               causal=causal)
 
 
 def tiny_config(**model):
@@ -141,7 +142,7 @@ def train_setup(c, vocab=50):
   """(objective, network, update rule, initial state, a random batch) of config `c`."""
   objective = build_objective(c, mask_id=vocab)
   net = builder.build_network(c.model, vocab_size=vocab, max_len=c.data.seq_len,
-                             causal=objective.causal)
+                              causal=objective.causal)
   rule = builder.build_update_rule(c.train)
   # One compiled program (the library's own runs jit their initialisation too); eagerly, the
   # initialisers dispatch dozens of separately compiled ops (~3 s per call on 2 cores).

@@ -22,7 +22,7 @@ from bdiff_jax.diffusion import elbo
 from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import adaptive_head
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
 from tests.helpers import tiny_config
@@ -203,7 +203,7 @@ def test_bad_settings_are_one_config_error(model, words):
 def test_cutoffs_beyond_the_vocabulary_and_opt_are_refused():
   with pytest.raises(ConfigError, match=r"below the vocabulary size \(20\)"):
     builder.build_network(_config(adaptive_cutoffs=(10, 25)).model, vocab_size=20, max_len=LENGTH,
-                         causal=False)
+                          causal=False)
   c = configuration.base_config()
   c.model.update(backbone="opt", objective="autoregressive", time_conditioning="none",
                  head="adaptive")

@@ -24,7 +24,7 @@ from bdiff_jax.config import configuration
 from bdiff_jax.models import cross_entropy, init_params
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime.reporter import QUIET
 from tests.helpers import assert_ok, load_config, network, run_main, train_losses
 

@@ -9,7 +9,7 @@ import pytest
 
 from bdiff_jax.evaluation import evaluator as evaluator_lib
 from bdiff_jax.models import init_params
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime import sharding
 from tests import helpers
 

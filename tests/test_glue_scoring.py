@@ -151,7 +151,7 @@ def _bdiff(objective, *, dtype="float64", **model):
   kw.update(model)
   c = tiny_config(**kw)
   net = builder.build_network(c.model, vocab_size=VOCAB, max_len=LENGTH,
-                             causal=objective == "autoregressive")
+                              causal=objective == "autoregressive")
   params = models.init_params(net, jax.random.key(0), seq_len=LENGTH)
   # Non-zero biases, so that every bias path is exercised.
   params = jax.tree_util.tree_map_with_path(

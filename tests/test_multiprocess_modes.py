@@ -27,7 +27,7 @@ import pytest
 
 from bdiff_jax.evaluation import evaluator as evaluator_lib
 from bdiff_jax.models import init_params
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime import sharding
 from bdiff_jax.train import experiment
 from tests import helpers
@@ -223,7 +223,7 @@ from bdiff_jax.runtime import sharding
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import init_params
 from bdiff_jax.modes import sample as sample_mode
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from tests import helpers
 
 VOCAB, SEQ = 30, 16

@@ -24,7 +24,7 @@ from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
 from bdiff_jax.objectives import ar_sampling
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.optim import zeroth_order
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.train import builder
@@ -51,7 +51,7 @@ def _setup():
   c = opt_config_tiny(num_layers=1)
   objective = build_objective(c, mask_id=VOCAB)
   net = builder.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
-                             causal=objective.causal)
+                              causal=objective.causal)
   rule = builder.build_update_rule(c.train)
   state = jax.jit(lambda: train_state.init_train_state(net, rule, seed=0,
                                                        seq_len=c.data.seq_len))()

@@ -346,7 +346,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     from bdiff_jax.train import builder
     from bdiff_jax.runtime import sharding as mesh_lib
     from bdiff_jax.models import init_params
-    from bdiff_jax.objectives import build_objective
+    from bdiff_jax.train.builder import build_objective
     from tests.helpers import network
 
     assert jax.device_count() == 4, jax.devices()

@@ -21,7 +21,7 @@ from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train import builder
 from tests.helpers import SMOKE, run_main, tiny_config

@@ -10,6 +10,7 @@ import pytest
 from bdiff_jax.config import configuration
 from bdiff_jax.diffusion import schedules
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.train import builder
 
 SCHEDULES = [schedules.linear(), schedules.cosine(), schedules.polynomial(2.0),
              schedules.polynomial(0.5), schedules.polynomial(3.0)]
@@ -100,7 +101,7 @@ def test_get_schedule_and_from_config():
   poly = schedules.get_schedule("polynomial", 3.0)
   assert float(poly.mask_prob(jnp.float32(0.5))) == pytest.approx(0.125)
   cfg = configuration.base_config()
-  assert schedules.from_config(cfg.diffusion).name == cfg.diffusion.schedule
+  assert builder.build_objective(cfg, mask_id=9).schedule.name == cfg.diffusion.schedule
   with pytest.raises(ConfigError):
     schedules.get_schedule("quadratic")
   with pytest.raises(ConfigError):

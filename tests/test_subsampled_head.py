@@ -25,7 +25,7 @@ from bdiff_jax.diffusion import schedules
 from bdiff_jax.diffusion.elbo import diffusion_loss_gathered
 from bdiff_jax.diffusion.masked_head import head_nll, masked_nll_sums, subsampled_nll_sums
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from tests.helpers import network
 
 B, L, D, V = 4, 8, 6, 11

@@ -150,7 +150,7 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
     m = cpu_model_config()
     m.time_conditioning = conditioning
     net = builder.build_network(m, vocab_size=vocab, max_len=length,
-                        causal=objective_class(m.objective).causal)
+                                causal=objective_class(m.objective).causal)
     params = jax.jit(lambda k, net=net: init_params(net, k, seq_len=length))(jax.random.key(1))
     common = dict(length=length, mask_id=mask_id, batch_size=samples)
     fast = _jit_sampler(net, sampling.sample, positions=False, num_steps=steps, **common)
@@ -174,7 +174,7 @@ def run(*, reps: int, length: int, steps: int, samples: int, vocab: int) -> dict
   m = cpu_model_config()
   m.objective, m.time_conditioning = "autoregressive", "none"
   ar_net = builder.build_network(m, vocab_size=vocab, max_len=length,
-                         causal=objective_class(m.objective).causal)
+                                 causal=objective_class(m.objective).causal)
   ar_params = jax.jit(lambda k: init_params(ar_net, k, seq_len=length))(jax.random.key(2))
   ar_common = dict(length=length, num_samples=samples, bos_id=vocab)
   ar_old = jax.jit(functools.partial(full_forward_ar_sample, ar_net, **ar_common))

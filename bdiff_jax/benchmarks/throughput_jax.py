@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax.config import configuration
-from bdiff_jax.objectives import build_objective, objective_class
+from bdiff_jax.objectives import objective_class
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime import xla_flags
 from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
@@ -84,8 +85,8 @@ def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config) -> None:
   config = our_config(shape, preset_config=preset_config(preset) if preset else None,
                       overrides=[*args.get("set", ()), *args.get("overrides", ())])
   network = builder.build_network(config.model, vocab_size=shape["vocab"],
-                                 max_len=config.data.seq_len,
-                                 causal=objective_class(config.model.objective).causal)
+                                  max_len=config.data.seq_len,
+                                  causal=objective_class(config.model.objective).causal)
   loss, _, chunk_rows = args["loss"].partition(":")
   step, state = build_our_step(config, network, loss=loss, chunk_rows=int(chunk_rows or 0))
   batch = jax.random.randint(jax.random.PRNGKey(2), (config.train.batch_size,

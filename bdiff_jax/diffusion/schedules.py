@@ -63,7 +63,3 @@ def get_schedule(name: str, exponent: float = 2.0) -> Schedule:
     return polynomial(exponent)
   raise ConfigError(f"unknown masking schedule {name!r}.",
                     "use --config.diffusion.schedule=linear, cosine or polynomial.")
-
-
-def from_config(diffusion_config) -> Schedule:
-  return get_schedule(diffusion_config.schedule, diffusion_config.schedule_exponent)

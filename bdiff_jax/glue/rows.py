@@ -45,7 +45,7 @@ from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.models.classifier import OPTLM, PooledClassifier
 from bdiff_jax.models.hf_checkpoint import load_opt
-from bdiff_jax.objectives import build_objective
+from bdiff_jax.train.builder import build_objective
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import checkpointing
@@ -131,7 +131,7 @@ def _restore_bdiff(workdir: str, which: str):
   tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "vocab.json"))
   objective = build_objective(cfg, mask_id=tok.mask_id)
   network = builder.build_network(cfg.model, vocab_size=tok.vocab_size,
-                                 max_len=cfg.data.seq_len, causal=objective.causal)
+                                  max_len=cfg.data.seq_len, causal=objective.causal)
   abstract = train_state.abstract_train_state(network, builder.build_update_rule(cfg.train),
                                               seq_len=cfg.data.seq_len)
   ckpt = checkpointing.Checkpointer(workdir, read_only=True)
@@ -202,7 +202,7 @@ def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
     tok = _scratch_vocab(train)
     lm_obj = build_objective(cfg, mask_id=tok.mask_id)
     network = builder.build_network(cfg.model, vocab_size=tok.vocab_size,
-                                   max_len=glue.seq_len, causal=lm_obj.causal)
+                                    max_len=glue.seq_len, causal=lm_obj.causal)
     params = models.init_params(network, key, seq_len=glue.seq_len)
     init = "from scratch"
   n = models.count_params(params)

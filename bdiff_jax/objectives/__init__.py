@@ -1,10 +1,11 @@
-"""Training objectives as objects, built once from the config by `build_objective`.
+"""Training objectives as objects, built once from the config by `train.builder.build_objective`.
 
 An `Objective` owns everything that depends on what the model is trained to do: the training loss,
 the per-sequence negative log-likelihood used for evaluation (exact or an upper bound), the
 sampler, and the network flags the objective implies (causal attention, time conditioning). The
-rest of the project asks the objective instead of comparing names: `build_objective` is the only
-place where `config.model.objective` is read.
+rest of the project asks the objective instead of comparing names: `objective_class` is the only
+place that looks a name up. Objectives take plain values (`DiffusionSettings`, numbers), never a
+config.
 
 A network enters as `apply(tokens, t=None, *, padding_mask=None) -> logits [B, L, V]`, the network
 with its parameters (and dropout key) bound; `V` real tokens, no `[MASK]` column.
@@ -24,6 +25,7 @@ The `[MASK]` id (which doubles as the AR model's BOS) has one source: the tokeni
 """
 
 import abc
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -42,6 +44,20 @@ from bdiff_jax.objectives import ar_sampling
 Apply = Callable[..., jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+  """The masked-diffusion objective's settings (the fields of `config.diffusion`)."""
+  schedule: str
+  schedule_exponent: float
+  antithetic: bool
+  corruption: str
+  uniform_fraction: float
+  estimator: str
+  masked_head: bool
+  head_chunk_rows: int
+  train_positions_per_seq: int
+
+
 class Objective(abc.ABC):
   """What the model is trained to do. Immutable; built once per experiment."""
 
@@ -51,9 +67,13 @@ class Objective(abc.ABC):
   is_upper_bound: bool = False  # sequence_nll is an upper bound (True) or exact (False)
   metric_kind: str = ""  # how evaluation results are described to readers
 
-  def __init__(self, config, *, mask_id: int):
+  def __init__(self, *, mask_id: int, time_conditioned: bool,
+               diffusion: Optional[DiffusionSettings] = None):
+    """`time_conditioned`: the network takes a time input (config.model.time_conditioning is
+    not "none"); `diffusion`: the diffusion settings (used by objectives with a time)."""
+    del diffusion
     self.mask_id = int(mask_id)
-    self.time_conditioned = config.model.time_conditioning != "none"
+    self.time_conditioned = bool(time_conditioned)
 
   @abc.abstractmethod
   def loss(self, apply: Apply, tokens: jax.Array, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -87,10 +107,11 @@ class MaskedDiffusion(Objective):
   is_upper_bound = True
   metric_kind = "diffusion NLL upper bound (ELBO)"
 
-  def __init__(self, config, *, mask_id: int):
-    super().__init__(config, mask_id=mask_id)
-    d = config.diffusion
-    self.schedule = schedules.from_config(d)
+  def __init__(self, *, mask_id: int, time_conditioned: bool,
+               diffusion: Optional[DiffusionSettings] = None):
+    super().__init__(mask_id=mask_id, time_conditioned=time_conditioned)
+    d = diffusion
+    self.schedule = schedules.get_schedule(d.schedule, d.schedule_exponent)
     self.antithetic = bool(d.antithetic)
     self.corruption = str(d.corruption)
     self.uniform_fraction = float(d.uniform_fraction)
@@ -172,8 +193,9 @@ class Autoregressive(Objective):
   is_upper_bound = False
   metric_kind = "autoregressive NLL (exact)"
 
-  def __init__(self, config, *, mask_id: int):
-    super().__init__(config, mask_id=mask_id)
+  def __init__(self, *, mask_id: int, time_conditioned: bool,
+               diffusion: Optional[DiffusionSettings] = None):
+    super().__init__(mask_id=mask_id, time_conditioned=time_conditioned)
     if self.time_conditioned and not self.uses_time:
       raise ConfigError(
           "config.model.time_conditioning must be 'none' for the autoregressive objective "
@@ -229,9 +251,3 @@ def objective_class(name: str) -> type[Objective]:
                       f"{', '.join(map(repr, NAMES))}.",
                       "set --config.model.objective to one of those values.")
   return _OBJECTIVES[name]
-
-
-def build_objective(config, *, mask_id: int) -> Objective:
-  """The objective of `config.model.objective`; the one place that reads that name."""
-  return objective_class(config.model.objective)(config, mask_id=mask_id)
-

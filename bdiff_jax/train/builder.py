@@ -1,6 +1,7 @@
-"""The one place the config becomes objects: the network (`model_spec`, `build_network`) and the
-update rule here (`experiment.build` adds the data, objective and evaluator). Below it,
-`models` and `optim` take plain values: a `ModelSpec`, settings dataclasses
+"""The one place the config becomes objects: the objective (`build_objective`), the network
+(`model_spec`, `build_network`) and the update rule here (`experiment.build` adds the data and
+the evaluator). Below it, `objectives`, `diffusion`, `models` and `optim` take plain values:
+`DiffusionSettings`, a `ModelSpec`, settings dataclasses
 (`update_rule.AdamWSettings`, `ZOSettings`, `DiZOSettings`), the freeze choice and the
 parameter-efficient variant as strings.
 
@@ -14,7 +15,15 @@ import dataclasses
 from bdiff_jax import models
 from bdiff_jax.config import rule_settings
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.objectives import DiffusionSettings, Objective, objective_class
 from bdiff_jax.optim import update_rule as rules
+
+
+def build_objective(config, *, mask_id: int) -> Objective:
+  """The objective of `config.model.objective` with the settings of `config.diffusion`."""
+  return objective_class(config.model.objective)(
+      mask_id=mask_id, time_conditioned=config.model.time_conditioning != "none",
+      diffusion=settings(DiffusionSettings, config.diffusion))
 
 
 def model_spec(model_config, *, vocab_size: int, max_len: int, causal: bool) -> models.ModelSpec:

@@ -22,7 +22,7 @@ from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
 from bdiff_jax.data import pipeline
 from bdiff_jax.evaluation.evaluator import Evaluator
-from bdiff_jax.objectives import Objective, build_objective
+from bdiff_jax.objectives import Objective
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import sharding as sharding_lib
 from bdiff_jax.train import builder
@@ -68,7 +68,7 @@ class Experiment:
 def build_network(config, objective: Objective, *, vocab_size: int) -> models.Network:
   """The network of `config.model` with the flags `objective` implies."""
   return builder.build_network(config.model, vocab_size=vocab_size, max_len=config.data.seq_len,
-                              causal=objective.causal)
+                               causal=objective.causal)
 
 
 def inference_mesh(config) -> Optional[Any]:
@@ -94,7 +94,7 @@ def build(config, workdir: str, splits=None, mesh=None) -> Experiment:
   os.makedirs(workdir, exist_ok=True)
   if splits is None:
     splits = pipeline.load_wikitext2(config.data, workdir)
-  objective = build_objective(config, mask_id=splits.tokenizer.mask_id)
+  objective = builder.build_objective(config, mask_id=splits.tokenizer.mask_id)
   network = build_network(config, objective, vocab_size=splits.tokenizer.vocab_size)
   evaluator = Evaluator(objective, network, seq_len=config.data.seq_len,
                         batch_size=config.eval.batch_size,
