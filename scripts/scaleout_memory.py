@@ -24,7 +24,6 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bdiff_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from bdiff_jax.train.builder import build_objective  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.train import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import platform_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bdiff_jax.runtime import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -47,9 +46,7 @@ def step_memory(config, backbone: str, data: int, fsdp: int) -> dict:
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.backbone = backbone
   c.model.time_conditioning = "none"
-  objective = build_objective(c, mask_id=VOCAB - 1)
-  net = builder.build_network(c.model, vocab_size=VOCAB, max_len=c.data.seq_len,
-                              causal=objective.causal)
+  objective, net = builder.build_model(c, vocab_size=VOCAB, mask_id=VOCAB - 1)
   rule = builder.build_update_rule(c.train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}))
   abstract = train_state.abstract_train_state(net, rule, seq_len=c.data.seq_len)

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from bdiff_jax import models
-from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime.platform_info import memory_stats  # re-exported: the one definition
 from bdiff_jax.train import builder
 from bdiff_jax.train import train_state
@@ -36,9 +35,7 @@ class StepParts:
 def step_parts(config, vocab_size: int) -> StepParts:
   """The objective, network, update rule and abstract train state of `config`."""
   seq_len = int(config.data.seq_len)
-  objective = build_objective(config, mask_id=vocab_size)
-  network = builder.build_network(config.model, vocab_size=vocab_size, max_len=seq_len,
-                                  causal=objective.causal)
+  objective, network = builder.build_model(config, vocab_size=vocab_size, max_len=seq_len)
   rule = builder.build_update_rule(config.train)
   state = train_state.abstract_train_state(network, rule, seq_len=seq_len)
   return StepParts(objective=objective, network=network, rule=rule, abstract_state=state)

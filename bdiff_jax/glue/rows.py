@@ -45,12 +45,10 @@ from bdiff_jax.glue import prompts as glue_prompts
 from bdiff_jax.glue.tasks import GlueSplit
 from bdiff_jax.models.classifier import OPTLM, PooledClassifier
 from bdiff_jax.models.hf_checkpoint import load_opt
-from bdiff_jax.train.builder import build_objective
 from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
-from bdiff_jax.runtime import checkpointing
 from bdiff_jax.train import builder
-from bdiff_jax.train import train_state
+from bdiff_jax.train import experiment
 
 BDIFF_MODELS = {"reversible_qwen3": "reversible", "standard_qwen3": "standard"}
 MODELS = (*BDIFF_MODELS, "opt")
@@ -121,26 +119,13 @@ def _scratch_vocab(train: GlueSplit) -> tokenizer_lib.WordTokenizer:
 
 
 def _restore_bdiff(workdir: str, which: str):
-  """(config, tokenizer, objective, network, params) of a bdiff workdir's checkpoint."""
+  """(config, tokenizer, objective, network, params, where) of a bdiff workdir's checkpoint."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"{path} does not exist.",
                           "set glue.init_workdir to a trained bdiff workdir (or '' for scratch).")
-  with open(path, encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "vocab.json"))
-  objective = build_objective(cfg, mask_id=tok.mask_id)
-  network = builder.build_network(cfg.model, vocab_size=tok.vocab_size,
-                                  max_len=cfg.data.seq_len, causal=objective.causal)
-  abstract = train_state.abstract_train_state(network, builder.build_update_rule(cfg.train),
-                                              seq_len=cfg.data.seq_len)
-  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-  try:
-    state, _, desc = ckpt.restore(which, abstract)
-  finally:
-    ckpt.close()
-  params = state.ema_params if cfg.eval.use_ema else state.params
-  return cfg, tok, objective, network, params, f"{workdir} ({desc})"
+  m = experiment.restore_model(workdir, which)
+  return m.config, m.tokenizer, m.objective, m.network, m.params, m.where
 
 
 def _workdir_model(directory: str):
@@ -200,9 +185,8 @@ def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
     cfg.model.backbone = BDIFF_MODELS[spec.model]
     cfg.model.block = "qwen3"
     tok = _scratch_vocab(train)
-    lm_obj = build_objective(cfg, mask_id=tok.mask_id)
-    network = builder.build_network(cfg.model, vocab_size=tok.vocab_size,
-                                    max_len=glue.seq_len, causal=lm_obj.causal)
+    lm_obj, network = builder.build_model(cfg, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
+                                          max_len=glue.seq_len)
     params = models.init_params(network, key, seq_len=glue.seq_len)
     init = "from scratch"
   n = models.count_params(params)

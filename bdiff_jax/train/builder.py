@@ -11,6 +11,7 @@ reads `glue.adamw`, `glue.zo`, `glue.dizo` (`glue.rows.build_rule`): both go thr
 """
 
 import dataclasses
+from typing import Any, Optional
 
 from bdiff_jax import models
 from bdiff_jax.config import rule_settings
@@ -24,6 +25,18 @@ def build_objective(config, *, mask_id: int) -> Objective:
   return objective_class(config.model.objective)(
       mask_id=mask_id, time_conditioned=config.model.time_conditioning != "none",
       diffusion=settings(DiffusionSettings, config.diffusion))
+
+
+def build_model(config, *, vocab_size: int, mask_id: Optional[int] = None,
+                max_len: Optional[int] = None) -> tuple[Objective, Any]:
+  """(objective, network) of `config`: the network with the flags its objective implies.
+  mask_id: the `[MASK]` id (None: `vocab_size`, the tokenizer's); max_len: the learned
+  positions (None: config.data.seq_len)."""
+  objective = build_objective(config, mask_id=vocab_size if mask_id is None else mask_id)
+  network = build_network(config.model, vocab_size=vocab_size,
+                          max_len=config.data.seq_len if max_len is None else max_len,
+                          causal=objective.causal)
+  return objective, network
 
 
 def model_spec(model_config, *, vocab_size: int, max_len: int, causal: bool) -> models.ModelSpec:

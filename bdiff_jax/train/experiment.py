@@ -16,11 +16,14 @@ import os
 from typing import Any, Optional
 
 import jax
+import ml_collections
 
 from bdiff_jax import models
 from bdiff_jax.config import compat as config_compat
 from bdiff_jax.config import configuration
 from bdiff_jax.data import pipeline
+from bdiff_jax.data import tokenizer as tokenizer_lib
+from bdiff_jax.errors import CheckpointError
 from bdiff_jax.evaluation.evaluator import Evaluator
 from bdiff_jax.objectives import Objective
 from bdiff_jax.runtime import checkpointing
@@ -65,12 +68,6 @@ class Experiment:
     return models.count_params(self.abstract_state().params)
 
 
-def build_network(config, objective: Objective, *, vocab_size: int) -> models.Network:
-  """The network of `config.model` with the flags `objective` implies."""
-  return builder.build_network(config.model, vocab_size=vocab_size, max_len=config.data.seq_len,
-                               causal=objective.causal)
-
-
 def inference_mesh(config) -> Optional[Any]:
   """The mesh evaluation and sampling run on: None in one process (one device, as always); in a
   multi-process run the global mesh of `config.mesh`, the one training uses.
@@ -94,8 +91,8 @@ def build(config, workdir: str, splits=None, mesh=None) -> Experiment:
   os.makedirs(workdir, exist_ok=True)
   if splits is None:
     splits = pipeline.load_wikitext2(config.data, workdir)
-  objective = builder.build_objective(config, mask_id=splits.tokenizer.mask_id)
-  network = build_network(config, objective, vocab_size=splits.tokenizer.vocab_size)
+  objective, network = builder.build_model(config, vocab_size=splits.tokenizer.vocab_size,
+                                           mask_id=splits.tokenizer.mask_id)
   evaluator = Evaluator(objective, network, seq_len=config.data.seq_len,
                         batch_size=config.eval.batch_size,
                         num_time_samples=config.eval.num_time_samples, mesh=mesh)
@@ -126,6 +123,39 @@ def restore_params(exp: Experiment, which=None) -> tuple[Any, dict, str]:
     ckpt.close()
   params = state.ema_params if exp.config.eval.use_ema else state.params
   return params, meta, desc + (" (EMA params)" if exp.config.eval.use_ema else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredModel:
+  """A trained workdir's model, for a start outside its own modes (a GLUE row)."""
+  config: Any  # its config.json
+  tokenizer: Any
+  objective: Objective
+  network: Any
+  params: Any  # of the checkpoint asked for (EMA params when its eval.use_ema)
+  where: str  # "<workdir> (<checkpoint>)"
+
+
+def restore_model(workdir: str, which) -> RestoredModel:
+  """The model of `workdir`: its config.json (the saved-config loader), vocab.json, the objective
+  and network built from them, and the params of checkpoint `which`."""
+  saved = config_compat.load_saved_config(workdir)
+  if saved is None:
+    raise CheckpointError(f"{os.path.join(workdir, config_compat.CONFIG_FILE)} does not exist.",
+                          "point at a trained bdiff workdir.")
+  cfg = ml_collections.ConfigDict(saved)
+  tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "vocab.json"))
+  objective, network = builder.build_model(cfg, vocab_size=tok.vocab_size, mask_id=tok.mask_id)
+  abstract = train_state.abstract_train_state(network, builder.build_update_rule(cfg.train),
+                                              seq_len=cfg.data.seq_len)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    state, _, desc = ckpt.restore(which, abstract)
+  finally:
+    ckpt.close()
+  params = state.ema_params if cfg.eval.use_ema else state.params
+  return RestoredModel(config=cfg, tokenizer=tok, objective=objective, network=network,
+                       params=params, where=f"{workdir} ({desc})")
 
 
 def config_for_workdir(config, workdir: str, explicit_overrides=()) -> tuple[Any, list]:
