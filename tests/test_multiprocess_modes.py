@@ -27,8 +27,8 @@ import pytest
 
 from bdiff_jax.evaluation import evaluator as evaluator_lib
 from bdiff_jax.models import init_params
+from bdiff_jax.runtime import distributed, sharding
 from bdiff_jax.train.builder import build_objective
-from bdiff_jax.runtime import sharding
 from bdiff_jax.train import experiment
 from tests import helpers
 
@@ -53,15 +53,14 @@ def _free_port() -> int:
 
 
 def _env(address: str, index: int) -> dict:
-  """Process `index`'s environment. Without the session's persistent compilation cache
-  (conftest.py): with it, a two-process sample with a judge hung in the judge's scoring program
-  (both processes waiting in its collective) whenever process 0 loaded that program from the
-  cache while process 1 compiled it (on CPU their cache keys differ, so only process 0 ever hits:
-  jax's accelerator-config hash covers each process's own devices); every fresh compile passed.
-  docs/scale_out.md says so."""
+  """Process `index`'s environment, with the session's persistent compilation cache configured
+  (conftest.py) as a user's may be: a multi-process CPU run turns it off itself
+  (`distributed._no_persistent_cache_on_cpu`; with it, a two-process sample with a judge hung in
+  the judge's scoring program whenever process 0 loaded that program from the cache while process
+  1 compiled it; docs/scale_out.md)."""
   return helpers.subprocess_env(**helpers.tiny_compile_env(devices=2),
                                 JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=2,
-                                JAX_PROCESS_ID=index, JAX_ENABLE_COMPILATION_CACHE="false")
+                                JAX_PROCESS_ID=index)
 
 
 def _two_processes(args, timeout=300):
@@ -121,6 +120,11 @@ def trained(tmp_path_factory, real_data_dir, shared_tfds_dir):
 def test_two_processes_train_evaluate_and_sample(trained):
   workdir, outs, evaluation = trained
   _only_process_0_wrote(outs)
+  # The session's persistent compilation cache (conftest.py) was configured; the run turned it
+  # off and said so once.
+  assert os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  assert outs[0].stderr.count("note: the persistent compilation cache") == 1, outs[0].stderr
+  assert "persistent compilation cache" not in outs[1].stderr
   assert "UPPER BOUNDS" in outs[0].stdout and "valid word ppl" in outs[0].stdout
   # The periodic evaluations ran (process 0 logged each once) and chose a best checkpoint.
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -219,7 +223,7 @@ _MESH_EVAL = r"""
 import json, types
 import jax, ml_collections, numpy as np
 from bdiff_jax.evaluation import evaluator as evaluator_lib
-from bdiff_jax.runtime import sharding
+from bdiff_jax.runtime import distributed, sharding
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.models import init_params
 from bdiff_jax.modes import sample as sample_mode
@@ -277,6 +281,23 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 @pytest.mark.slow
+def test_multi_process_cpu_run_turns_the_persistent_cache_off(capsys):
+  """A configured persistent cache is turned off in a multi-process CPU run, with one note
+  (distributed._no_persistent_cache_on_cpu, called by distributed.initialize); accelerators and
+  runs without a cache are left alone."""
+  assert distributed.cache_hangs("/tmp/cache", True, "cpu")
+  assert not distributed.cache_hangs("/tmp/cache", False, "cpu")
+  assert not distributed.cache_hangs(None, True, "cpu")
+  assert not distributed.cache_hangs("/tmp/cache", True, "gpu")
+  assert jax.config.jax_compilation_cache_dir  # the session's (conftest.py)
+  try:
+    distributed._no_persistent_cache_on_cpu()  # pylint: disable=protected-access
+    assert not jax.config.jax_enable_compilation_cache
+    assert capsys.readouterr().err.count("note: the persistent compilation cache") == 1
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+
+
 def test_evaluator_and_sampler_on_a_mesh_equal_one_device():
   """The programs every process of a multi-process run takes part in, here in one process with
   4 devices on a data=2 x fsdp=2 mesh: the same numbers as on one device."""

@@ -93,10 +93,33 @@ def initialize(environ: Optional[Mapping[str, str]] = None) -> bool:
   timeout = peer_timeout(environ)
   jax.distributed.initialize(**kwargs)
   if jax.process_count() > 1:
+    _no_persistent_cache_on_cpu()
     client = _coordination_client()
     if client is not None:
       PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout).start()
   return True
+
+
+def cache_hangs(cache_dir, enabled: bool, backend: str) -> bool:
+  """Whether a multi-process run with these cache settings must turn the persistent cache off."""
+  return bool(cache_dir) and bool(enabled) and backend == "cpu"
+
+
+def _no_persistent_cache_on_cpu() -> None:
+  """Turns JAX's persistent compilation cache off in a multi-process run on CPU, with one note.
+
+  On CPU the processes' cache keys differ (each process's own devices enter the key), so process 0
+  may load a program from the cache while the others compile it, and two-process runs then hung
+  in a collective of the autoregressive model's evaluation program every time (docs/scale_out.md,
+  "Known problem"). Compiling afresh never hung."""
+  if not cache_hangs(jax.config.jax_compilation_cache_dir,
+                     jax.config.jax_enable_compilation_cache, jax.default_backend()):
+    return
+  jax.config.update("jax_enable_compilation_cache", False)
+  if jax.process_index() == 0:
+    print(f"note: the persistent compilation cache ({jax.config.jax_compilation_cache_dir}) is off "
+          "in this multi-process CPU run (cached and fresh programs of different processes hung "
+          "in a collective; docs/scale_out.md)", file=sys.stderr, flush=True)
 
 
 def _coordination_client():
