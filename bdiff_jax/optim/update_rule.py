@@ -171,7 +171,7 @@ class AdamWSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ZOSettings:
-  """MeZO's (and DiZO's MeZO part's) settings; see zeroth_order.default_config."""
+  """MeZO's (and DiZO's MeZO part's) settings; the defaults: config/rule_settings.py."""
   learning_rate: float = 1e-6
   schedule: str = "constant"
   eps: float = 1e-3
