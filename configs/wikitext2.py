@@ -19,18 +19,17 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            of each split (a wiring check: the output bias starts at the unigram model; the
            cpu preset's adaptive head).
   cpu:     the bijective model (reversible backbone, simple block, untied embeddings, no time
-           conditioning), the count estimator, the adaptive softmax head; 5,000 steps of 4,096
-           tokens. 2026-12-06, AMD EPYC, --config.train.max_wall_seconds=0 (fixed steps), each
-           run on one core: bound 239.2 / 226.6 valid / test word-ppl (seed 0), 236.4 / 224.1
-           (seed 1), 238.3 / 224.5 (seed 2); 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no plateau
-           (unigram 968 / 914, bigram 328 / 305; README.md). 36 min of training on one core,
-           ~21 on 2 idle cores (~16,300 tokens/s), so the 30-minute limit does not cut it
-           there. The same
-           network trained autoregressively (--config.model.objective=autoregressive), seed 0:
-           155.4 / 144.9 exact (best checkpoint: step 3,000; it overfits after), so
-           diffusion / AR = 1.55 (test). The preset until 2026-12-06 (standard backbone, tied
-           embeddings, adaLN, 3,000 steps) gave 426 ± 38 / 402 ± 35 in 30 minutes on the Xeon of
-           that day (docs/results_log.md).
+           conditioning), the count estimator, the adaptive softmax head; 6,500 steps of 4,096
+           tokens, ~27 min of steps on 2 idle cores of the AMD EPYC of 2026-12-06 (~16,300
+           tokens/s) plus ~1 min of periodic evaluations. 2026-12-06, --config.train.
+           max_wall_seconds=0 (fixed steps), one core per run: bound 218.6 / 207.2 valid / test
+           word-ppl (seed 0; unigram 968 / 914, bigram 328 / 305; README.md). The same network
+           trained autoregressively (--config.model.objective=autoregressive), seed 0: 151.9 /
+           141.9 exact (best checkpoint: step 3,500; it overfits after), so diffusion / AR = 1.46
+           (test). The 5,000-step schedule before it: 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no
+           plateau. The preset until 2026-12-06 (standard backbone, tied embeddings, adaLN,
+           3,000 steps) gave 426 ± 38 / 402 ± 35 in 30 minutes on the Xeon of that day
+           (docs/results_log.md).
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64), the cpu preset's bijective model;
            not yet measured (no accelerator was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
@@ -189,9 +188,12 @@ def get_config(preset: str = ""):
     c.train.num_steps = 3000
     if preset == "cpu":
       # The AMD EPYC of 2026-12-06 runs this preset's step at ~16,300 tokens/s on 2 idle cores:
-      # 5,000 steps (20.5M tokens) in ~21 minutes; a slower machine is stopped by
-      # max_wall_seconds before the decay ends (the Xeon above: step ~2,600).
-      c.train.num_steps = 5000
+      # 6,500 steps (26.6M tokens) in ~27 minutes plus ~1 minute of periodic evaluations and
+      # checkpoints, so the schedule fills the 30-minute budget; a slower machine is stopped by
+      # max_wall_seconds near the end of the decay (the Xeon above: step ~2,600). 6,500 rather
+      # than 5,000 steps (~21 minutes, the preset until 2026-12-06): seed 0's bound 218.6 / 207.2
+      # against 239.2 / 226.6 (docs/results_log.md); the AR twin overfits either way.
+      c.train.num_steps = 6500
     # Not train.fit_steps_to_wall: on 2026-12-04 the schedule fitted to 30 minutes (1,649 steps,
     # fully decayed, 6.75M tokens) gave 501 / 472 against 412 / 382 for this 3,000-step
     # schedule cut at step 2,109 (8.64M tokens). The fit's timed steps 11-30 ran at 1.04 s

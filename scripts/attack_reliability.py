@@ -287,8 +287,11 @@ def _lost_process(victim, stop=False):
                              JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)) for i in (0, 1)]
     runs = [finish(p, time.time()) for p in resume]
     resumed = all(x.rc == 0 for x in runs) and "resum" in runs[0].text.lower()
+    why = "" if resumed else " (" + " | ".join(
+        [l for x in runs for l in x.text.splitlines() if l.startswith("error:")][:2]
+        or [runs[0].text[-300:]]) + ")"
     return ok and resumed, (f"{ev[:200]} ({waited:.1f} s after the kill, bound {bound} s); "
-                            f"rerun exit {[x.rc for x in runs]}, resumed: {resumed}")
+                            f"rerun exit {[x.rc for x in runs]}, resumed: {resumed}{why}")
   return case
 
 

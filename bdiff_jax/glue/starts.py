@@ -56,7 +56,7 @@ LOG = "pretrain.log"
 
 _QWEN3 = ("--config.model.block=qwen3",)
 # The cpu level's start models keep the WikiText-2 recipe they were measured with (docs/glue.md),
-# not the cpu preset's later choices (untied embeddings, no time conditioning, 5,000 steps).
+# not the cpu preset's later choices (untied embeddings, no time conditioning, 6,500 steps).
 _CPU_RECIPE = ("--config.model.tie_embeddings=true", "--config.model.time_conditioning=adaln",
                "--config.train.num_steps=3000")
 # What configs/wikitext2.py:cpu_opt sets on top of the cpu shape, for the smoke-sized OPT.

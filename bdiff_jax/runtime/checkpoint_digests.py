@@ -80,8 +80,10 @@ def check_step_dir(step_dir: str, step: int) -> tuple[str, str]:
   """Verifies one step directory against its manifest.
 
   Returns:
-    ("ok", ""), ("unverified", why) for a step written before digests existed, or
-    ("corrupt", what is wrong, naming the file).
+    ("ok", ""), ("unverified", why) for a step written before digests existed, ("unfinished",
+    why) for a step written with digests whose manifest is missing (the process died between
+    orbax's commit and the manifest, or the file was deleted), or ("corrupt", what is wrong,
+    naming the file).
   """
   path = os.path.join(step_dir, MANIFEST_NAME)
   try:
@@ -93,9 +95,9 @@ def check_step_dir(step_dir: str, step: int) -> tuple[str, str]:
       return "unverified", "it was written before checkpoint digests existed"
     if marked is None:
       return "corrupt", f"{os.path.join(step_dir, '_CHECKPOINT_METADATA')} is unreadable"
-    return "corrupt", (f"{path} is missing although the checkpoint was written with digests "
-                       "(the run was killed while finishing it, or the file was deleted), so "
-                       "its files cannot be verified")
+    return "unfinished", (f"{path} is missing although the checkpoint was written with digests "
+                          "(the run was killed while finishing it, or the file was deleted), so "
+                          "its files cannot be verified")
   except (OSError, ValueError) as e:
     return "corrupt", f"{path} is unreadable ({type(e).__name__})"
   files = manifest.get("files") if isinstance(manifest, dict) else None

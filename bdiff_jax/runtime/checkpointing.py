@@ -19,9 +19,13 @@ known to need a manifest.
 `restore` verifies the step directory before orbax reads a byte of it:
   manifest present      every listed file must exist with its size and SHA-256, and no other file
                         may be there; otherwise `CheckpointCorruptError` names the first bad file.
-  no manifest, marked   (the process died in the second between the commit and the manifest, or
-                        the manifest was deleted): the files cannot be verified, so this is a
-                        `CheckpointCorruptError` too.
+  no manifest, marked   (the process died between orbax's commit and the manifest, or the
+                        manifest was deleted): the newest step of its manager, the only one a
+                        kill can leave so, is restored unverified with one warning line (orbax
+                        publishes a step only whole: in a multi-process run a peer lost right
+                        after the commit leaves process 0 no time for the manifest, and refusing
+                        it would lose the whole run); any older step is a
+                        `CheckpointCorruptError`, since a later save finished after it.
   no manifest, unmarked (written before digests existed): restored unverified, with one warning
                         line on stderr.
 The error lists the other checkpoints that verify (`--config.eval.checkpoint=<step>`) and how to
@@ -277,9 +281,18 @@ class Checkpointer:
       manager, _, _ = self.resolve(step)
       if manager is bad_manager and step == bad_step:
         continue
-      if check_step_dir(self.step_dir(manager, step), step)[0] != "corrupt":
+      if self._status(manager, step)[0] in ("ok", "unverified"):
         good.add(step)
     return sorted(good)
+
+  def _status(self, manager: ocp.CheckpointManager, step: int) -> tuple[str, str]:
+    """`check_step_dir`'s verdict, with a missing manifest of the manager's newest step (a kill
+    between orbax's commit and the manifest) taken as unverified and any older one as corrupt."""
+    status, detail = check_step_dir(self.step_dir(manager, step), step)
+    if status == "unfinished":
+      newest = step == max(manager.all_steps(), default=None)
+      status = "unverified" if newest else "corrupt"
+    return status, detail
 
   def verify(self, manager: ocp.CheckpointManager, step: int) -> str:
     """Checks one checkpoint's digests; returns "ok" or "unverified" (warned on stderr).
@@ -288,7 +301,7 @@ class Checkpointer:
       CheckpointCorruptError: naming the bad file and the intact checkpoints to use instead.
     """
     step_dir = self.step_dir(manager, step)
-    status, detail = check_step_dir(step_dir, step)
+    status, detail = self._status(manager, step)
     if status == "unverified":
       print(f"warning: checkpoint {step_dir} has no digest manifest ({detail}); restoring it "
             "unverified.", file=sys.stderr, flush=True)
@@ -297,7 +310,7 @@ class Checkpointer:
     good = self.intact_alternatives(manager, step)
     best = self.best_step()
     best_ok = (best is not None and not (manager is self.best and step == best) and
-               check_step_dir(self.step_dir(self.best, best), best)[0] != "corrupt")
+               self._status(self.best, best)[0] in ("ok", "unverified"))
     if good or best_ok:
       uses = []
       if good:
