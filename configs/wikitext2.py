@@ -22,10 +22,11 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            conditioning), the count estimator, the adaptive softmax head; 6,500 steps of 4,096
            tokens, ~27 min of steps on 2 idle cores of the AMD EPYC of 2026-12-06 (~16,300
            tokens/s) plus ~1 min of periodic evaluations. 2026-12-06, --config.train.
-           max_wall_seconds=0 (fixed steps), one core per run: bound 218.6 / 207.2 valid / test
-           word-ppl (seed 0; unigram 968 / 914, bigram 328 / 305; README.md). The same network
+           max_wall_seconds=0 (fixed steps), one core per run: bound 217.7 ± 0.8 / 206.0 ± 1.4
+           valid / test word-ppl (3 seeds: 218.6 / 207.2, 217.4 / 206.4, 217.2 / 204.5; unigram
+           968 / 914, bigram 328 / 305; README.md). The same network
            trained autoregressively (--config.model.objective=autoregressive), seed 0: 151.9 /
-           141.9 exact (best checkpoint: step 3,500; it overfits after), so diffusion / AR = 1.46
+           141.9 exact (best checkpoint: step 3,500; it overfits after), so diffusion / AR = 1.44-1.46
            (test). The 5,000-step schedule before it: 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no
            plateau. The preset until 2026-12-06 (standard backbone, tied embeddings, adaLN,
            3,000 steps) gave 426 ± 38 / 402 ± 35 in 30 minutes on the Xeon of that day
