@@ -138,14 +138,27 @@ def row_settings(g, spec):
   every other row keep the digests they had before `lora_zo` existed)."""
   if "lora_zo" not in g:
     return g
-  out = ml_collections.ConfigDict(g.to_dict())
+  changes = {}
+  if spec.rule != "adamw" and spec.peft == "lora":
+    for key in LORA_ZO_FIELDS:
+      v = g.lora_zo[key]
+      v = tuple(v) if key == "learning_rates" else float(v)
+      if v:
+        changes[f"zo.{key}"] = v
+  out = with_changes(g, **changes)
   del out["lora_zo"]
-  if spec.rule == "adamw" or spec.peft != "lora":
-    return out
-  for key in LORA_ZO_FIELDS:
-    v = g.lora_zo[key]
-    if (tuple(v) if key == "learning_rates" else float(v)):
-      out.zo[key] = tuple(v) if key == "learning_rates" else float(v)
+  return out
+
+
+def with_changes(g, **changes):
+  """A copy of `config.glue` with `changes` ("zo.learning_rate": ...) applied."""
+  out = ml_collections.ConfigDict(g.to_dict())
+  for key, value in changes.items():
+    node, *rest = key.split(".")
+    if rest:
+      out[node][rest[0]] = value
+    else:
+      out[key] = value
   return out
 
 

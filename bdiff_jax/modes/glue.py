@@ -39,7 +39,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from bdiff_jax import models
@@ -53,7 +52,7 @@ from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax.glue import tasks as glue_tasks
 from bdiff_jax.glue.settings import (dev_splits, row_settings, row_steps, task_seq_len,
-                                     task_splits, uses_grid, validate)
+                                     task_splits, uses_grid, validate, with_changes)
 from bdiff_jax.glue.units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
@@ -250,18 +249,6 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
                                  else g.adamw.learning_rate),
           "sizes": {"train": len(train), "selection": len(selection),
                     **{name: len(d) for name, d in devs.items()}}}
-
-
-def with_changes(g, **changes):
-  """A copy of `config.glue` with `changes` ("zo.learning_rate": ...) applied."""
-  out = ml_collections.ConfigDict(g.to_dict())
-  for key, value in changes.items():
-    node, *rest = key.split(".")
-    if rest:
-      out[node][rest[0]] = value
-    else:
-      out[key] = value
-  return out
 
 
 def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, stop=None):
