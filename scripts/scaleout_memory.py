@@ -48,7 +48,7 @@ def step_memory(config, backbone: str, data: int, fsdp: int) -> dict:
   c.model.time_conditioning = "none"
   objective, net = builder.build_model(c, vocab_size=VOCAB, mask_id=VOCAB - 1)
   rule = builder.build_update_rule(c.train)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}))
+  mesh = sharding.make_mesh(data, fsdp)
   abstract = train_state.abstract_train_state(net, rule, seq_len=c.data.seq_len)
   shardings = sharding.state_shardings(abstract, mesh)
   step = make_train_step(objective, net, rule, ema_decay=c.train.ema_decay, mesh=mesh,

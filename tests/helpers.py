@@ -33,6 +33,20 @@ def load_config(path: str, preset: str = ""):
   return module.get_config(preset)
 
 
+def smoke_args(workdir, data_dir, tfds_dir, *extra, config: str = SMOKE, log_every: int = 1,
+               eval_tokens: int = 300, eval_batch_size: int = 8) -> list:
+  """main.py arguments of a very small run of the smoke preset on the real WikiText-2: 8 steps,
+  periodic evaluations and checkpoints at steps 4 and 8 on 128 tokens, the final evaluation on
+  `eval_tokens` tokens of each split; `extra` arguments last (a later one wins)."""
+  return ["--config", config, "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", f"--config.data.tfds_dir={tfds_dir}",
+          "--config.train.num_steps=8", f"--config.train.log_every={log_every}",
+          "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
+          f"--config.eval.max_tokens={eval_tokens}",
+          f"--config.eval.during_training_max_tokens={min(128, eval_tokens)}",
+          f"--config.eval.batch_size={eval_batch_size}", *extra]
+
+
 def wikitext2_dir() -> str:
   return os.environ.get("BDIFF_DATA_DIR") or os.path.join(REPO, "..", "shared", "data",
                                                           "wikitext-2")

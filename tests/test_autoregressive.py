@@ -26,7 +26,7 @@ from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.modes import train as train_mode
 from bdiff_jax.train.builder import build_objective
 from bdiff_jax.runtime.reporter import QUIET
-from tests.helpers import assert_ok, load_config, network, run_main, train_losses
+from tests.helpers import assert_ok, load_config, network, run_main, smoke_args, train_losses
 
 SMOKE = "configs/wikitext2.py:smoke"
 AR_ARGS = ("--config.model.objective=autoregressive", "--config.model.time_conditioning=none",
@@ -134,12 +134,8 @@ def test_loss_and_gradient_equal_log_softmax_and_gather():
 
 def _args(workdir, data_dir, tfds_dir, *extra):
   """A straight AR smoke run of 8 steps, with periodic evaluations at steps 4 and 8."""
-  return ["--config", SMOKE, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-          f"--config.data.tfds_dir={tfds_dir}", *AR_ARGS, "--config.train.num_steps=8",
-          "--config.train.log_every=1", "--config.train.eval_every=4",
-          "--config.train.checkpoint_every=4", "--config.eval.max_tokens=128",
-          "--config.eval.during_training_max_tokens=128", "--config.eval.batch_size=2",
-          "--config.sample.length=12", *extra]  # 128 tokens: one batch of 2 sequences
+  return smoke_args(workdir, data_dir, tfds_dir, *AR_ARGS, "--config.sample.length=12", *extra,
+                    eval_tokens=128, eval_batch_size=2)  # 128 tokens: one batch of 2 sequences
 
 
 def _config(data_dir, tfds_dir, **train_overrides):

@@ -28,6 +28,7 @@ from bdiff_jax.diffusion.elbo import diffusion_loss, nll_bound
 from bdiff_jax.diffusion.masked_head import count_capacity
 from bdiff_jax.diffusion.time_draws import eval_times, sample_times
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.modes import sample as sample_mode
 from tests.test_diffusion import EXACT, MASK_ID as TOY_MASK, NEG_LOG_P, SEQUENCES
 
 V = 5
@@ -267,7 +268,8 @@ def test_objective_trains_evaluates_and_samples_with_the_masked_fraction_as_time
   assert np.all(np.isfinite(nll)) and np.all(np.asarray(nll) > 0.0)
 
   key = jax.random.key(3)
-  got = objective.sample(net, params, key, sample_config=c.sample, max_len=16)
+  got = objective.sample(net, params, key, settings=sample_mode.sample_settings(c.sample),
+                         max_len=16)
   frac = lambda z: jnp.mean((z == 50).astype(jnp.float32), axis=-1)
   want = sampling.sample(lambda z, t: apply(z, frac(z)), key, length=16, num_steps=8,
                          mask_id=50, batch_size=2, schedule=objective.schedule,

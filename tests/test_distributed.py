@@ -42,7 +42,7 @@ _TRAIN = r"""
 import json, os, sys
 from bdiff_jax.runtime import distributed
 started = distributed.initialize()
-import jax, ml_collections, numpy as np
+import jax, numpy as np
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import sharding
 from bdiff_jax.train import train_step
@@ -51,7 +51,7 @@ from tests import helpers
 ckpt_dir, mode = sys.argv[1], sys.argv[2]
 c = helpers.tiny_config(dropout_rate=0.1)  # the reversible backbone: test_sharding.py
 objective, net, rule, state, _ = helpers.train_setup(c)
-mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 2}))
+mesh = sharding.make_mesh(fsdp=2)
 abstract = jax.eval_shape(lambda: state)
 shardings = sharding.state_shardings(abstract, mesh)
 state = jax.device_put(state, shardings)

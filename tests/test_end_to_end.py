@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import assert_ok, run_main, train_losses
+from tests.helpers import assert_ok, run_main, smoke_args, train_losses
 
 # Every test here runs main.py in new processes; they compile fast (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_compile_children")]
@@ -22,14 +22,9 @@ CONFIG = "configs/wikitext2.py:smoke"
 
 
 def _tiny(workdir, data_dir, tfds_dir, *extra):
-  """Args for a very small smoke run (the smoke preset with fewer steps/tokens)."""
-  return ["--config", CONFIG, "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", f"--config.data.tfds_dir={tfds_dir}",
-          "--config.train.num_steps=8", "--config.train.log_every=1",
-          "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
-          "--config.eval.max_tokens=300", "--config.eval.during_training_max_tokens=128",
-          "--config.eval.batch_size=8",  # 300 tokens are 5 sequences: one batch, little padding
-          *extra]
+  """Args for a very small smoke run (8 steps; the final evaluation on 300 tokens: 5
+  sequences, one batch of 8, little padding)."""
+  return smoke_args(workdir, data_dir, tfds_dir, *extra)
 
 
 def _user_error(proc, *needles):

@@ -59,7 +59,7 @@ def test_evaluation_compiles_once_across_evaluations():
     n_second = len(compiles) - n_first
     # Training evaluates its state's parameters, placed on the run's mesh; the final
     # evaluation, parameters restored from a checkpoint onto one device. Same program.
-    mesh = sharding.make_mesh(None)
+    mesh = sharding.make_mesh()
     on_mesh = sharding.place_state(params, mesh)[0]
     third = ev.evaluate(on_mesh, _splits(70, 37), seeds=(0, 1))
     n_third = len(compiles) - n_first - n_second

@@ -20,6 +20,7 @@ import pytest
 
 from bdiff_jax.benchmarks import step_memory
 from bdiff_jax.errors import UserError
+from bdiff_jax.modes import sample as sample_mode
 from bdiff_jax.runtime import platform_info
 from bdiff_jax.train.train_step import make_train_step
 from tests import helpers
@@ -151,7 +152,8 @@ def test_train_step_and_sampler_use_only_ops_jax_mps_executes(preset):
   tokens = jax.ShapeDtypeStruct((2, int(c.data.seq_len)), jnp.int32)
   ops = _ops(step.lower(parts.abstract_state, tokens))
   sample = jax.jit(lambda p, key: parts.objective.sample(
-      parts.network, p, key, sample_config=c.sample, max_len=int(c.data.seq_len)))
+      parts.network, p, key, settings=sample_mode.sample_settings(c.sample),
+      max_len=int(c.data.seq_len)))
   ops |= _ops(sample.lower(parts.abstract_state.params, jax.random.PRNGKey(0)))
   assert ops and ops <= JAX_MPS_0_10_11_OPS, sorted(ops - JAX_MPS_0_10_11_OPS)
 

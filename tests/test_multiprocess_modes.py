@@ -38,12 +38,8 @@ WRITES = ("results written to", "samples written to", "sample quality written to
 
 def _args(workdir, data_dir, tfds_dir, *extra):
   """A very small smoke run (8 steps, evaluations on a few hundred tokens) on a 2 x 2 mesh."""
-  return ["--config", CONFIG, "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", f"--config.data.tfds_dir={tfds_dir}",
-          "--config.train.num_steps=8", "--config.train.log_every=4",
-          "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
-          "--config.eval.max_tokens=300", "--config.eval.during_training_max_tokens=128",
-          "--config.eval.batch_size=8", "--config.mesh.fsdp=2", *extra]
+  return helpers.smoke_args(workdir, data_dir, tfds_dir, "--config.mesh.fsdp=2", *extra,
+                            log_every=4)
 
 
 def _free_port() -> int:
@@ -221,7 +217,7 @@ def test_eval_batch_not_a_multiple_of_the_devices_is_one_line(real_data_dir, sha
 
 _MESH_EVAL = r"""
 import json, types
-import jax, ml_collections, numpy as np
+import jax, numpy as np
 from bdiff_jax.evaluation import evaluator as evaluator_lib
 from bdiff_jax.runtime import distributed, sharding
 from bdiff_jax.errors import ConfigError
@@ -231,7 +227,7 @@ from bdiff_jax.train.builder import build_objective
 from tests import helpers
 
 VOCAB, SEQ = 30, 16
-mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 2}))
+mesh = sharding.make_mesh(fsdp=2)
 rng = np.random.default_rng(0)
 splits = types.SimpleNamespace(valid=rng.integers(0, VOCAB, 150).astype(np.int32),
                                test=rng.integers(0, VOCAB, 77).astype(np.int32),
@@ -329,7 +325,7 @@ def test_one_process_has_no_inference_mesh_and_a_mesh_evaluator_agrees():
   objective = build_objective(c, mask_id=vocab)
   net = helpers.network(c.model, vocab_size=vocab, max_len=c.data.seq_len)
   params = jax.jit(lambda k: init_params(net, k, seq_len=c.data.seq_len))(jax.random.key(0))
-  mesh = sharding.make_mesh(None)
+  mesh = sharding.make_mesh()
   kw = dict(seq_len=c.data.seq_len, batch_size=4 * mesh.devices.size, num_time_samples=2)
   rng = np.random.default_rng(0)
   splits = types.SimpleNamespace(valid=rng.integers(0, vocab, 150).astype(np.int32),

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, assert_ok, run_main, subprocess_env, train_losses
+from tests.helpers import REPO, assert_ok, run_main, smoke_args, subprocess_env, train_losses
 
 # Every test here runs main.py in new processes; they compile fast (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_compile_children")]
@@ -35,17 +35,14 @@ STEPS = 8
 
 def _args(workdir, data_dir, tfds_dir, *extra, config="configs/wikitext2.py:smoke"):
   """A tiny smoke run: a 2 x 32 model on 4 x 32 batches, 8 steps, tiny evaluation/samples."""
-  return ["--config", config, "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", f"--config.data.tfds_dir={tfds_dir}",
-          "--config.model.emb_dim=32", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
-          "--config.data.seq_len=32", "--config.train.batch_size=4",
-          f"--config.train.num_steps={STEPS}", "--config.train.warmup_steps=2",
-          "--config.train.log_every=1", "--config.train.eval_every=4",
-          "--config.train.checkpoint_every=4", "--config.eval.batch_size=2",
-          "--config.eval.max_tokens=64", "--config.eval.during_training_max_tokens=64",
-          "--config.eval.seeds=(0,)",
-          "--config.sample.num_samples=1", "--config.sample.length=8",
-          "--config.sample.num_steps=2", *extra]
+  assert STEPS == 8  # helpers.smoke_args's
+  return smoke_args(workdir, data_dir, tfds_dir,
+                    "--config.model.emb_dim=32", "--config.model.head_dim=16",
+                    "--config.model.mlp_dim=64", "--config.data.seq_len=32",
+                    "--config.train.batch_size=4", "--config.train.warmup_steps=2",
+                    "--config.eval.seeds=(0,)", "--config.sample.num_samples=1",
+                    "--config.sample.length=8", "--config.sample.num_steps=2", *extra,
+                    config=config, eval_tokens=64, eval_batch_size=2)
 
 
 # The child: optional fault injection, then main.py exactly as `python main.py ARGV` runs it.

@@ -56,7 +56,7 @@ def test_mesh_config_fields_validated_and_resumable():
 
 def test_one_device_mesh_replicates_and_splits_rows():
   import jax  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(None, jax.devices()[:1])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
   assert mesh.axis_names == ("data", "fsdp")
   assert sharding.local_row_range(mesh, 8) == (0, 8)
   batch = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
@@ -65,7 +65,7 @@ def test_one_device_mesh_replicates_and_splits_rows():
 
 _EIGHT_DEVICES = r"""
 import json, sys, tempfile
-import jax, ml_collections, numpy as np
+import jax, numpy as np
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import sharding
 from bdiff_jax.train import train_state
@@ -79,7 +79,7 @@ def run(rule_name, fsdp, steps, save_after=None, ckpt_dir=None):
   c.train.update_rule = rule_name
   c.train.zo.freeze_embeddings = False
   objective, net, rule, state, _ = helpers.train_setup(c)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}))
+  mesh = sharding.make_mesh(fsdp=fsdp)
   state, shardings = sharding.place_state(state, mesh)
   step = train_step.make_train_step(objective, net, rule, ema_decay=c.train.ema_decay, mesh=mesh,
                                     state_shardings=shardings)
@@ -142,7 +142,7 @@ from tests import helpers
 
 c = helpers.tiny_config(backbone="reversible", dropout_rate=0.1)
 objective, net, rule, state, _ = helpers.train_setup(c)
-mesh = sharding.make_mesh(None)
+mesh = sharding.make_mesh()
 shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
 target = sharding.with_shardings(jax.eval_shape(lambda: state), shardings)
 with checkpointing.Checkpointer(sys.argv[1], read_only=True) as ckpt:

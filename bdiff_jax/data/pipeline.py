@@ -104,8 +104,8 @@ def load_wikitext2(data_config: Any, workdir: str | os.PathLike | None) -> Split
   """Loads WikiText-2 as token arrays, preparing and caching it on first use.
 
   Args:
-    data_config: `config.data` (fields variant, data_dir, tfds_dir, verify_counts; anything with
-      those attributes or keys).
+    data_config: the fields variant, data_dir, tfds_dir and verify_counts of `config.data`, as
+      a dict (`config.data.to_dict()`) or anything with those attributes.
     workdir: the run's directory. The tokenizer is saved there as `vocab.json`; an existing
       `vocab.json` must match the data's vocabulary. None: no vocab.json.
 

@@ -18,7 +18,6 @@ workdir lock, reports and writes the files.
 
 import dataclasses
 import os
-import types
 from typing import Any, Optional
 
 import jax
@@ -30,7 +29,7 @@ from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.errors import ConfigError, UserError
 from bdiff_jax.evaluation import sample_quality
 from bdiff_jax.modes import evaluate as evaluate_mode
-from bdiff_jax.objectives import objective_class
+from bdiff_jax.objectives import SampleSettings, objective_class
 from bdiff_jax.runtime import checkpointing
 from bdiff_jax.runtime import distributed
 from bdiff_jax.runtime import sharding as sharding_lib
@@ -70,6 +69,15 @@ def encode_prompt(exp: experiment.Experiment) -> Optional[np.ndarray]:
   return prompt_ids
 
 
+def sample_settings(sample_config, num_steps: Optional[int] = None) -> SampleSettings:
+  """The sampler's settings from `config.sample` (`num_steps` in place of its own when given)."""
+  c = sample_config
+  return SampleSettings(
+      num_samples=int(c.num_samples), length=int(c.length),
+      num_steps=int(c.num_steps if num_steps is None else num_steps), grid=str(c.grid),
+      temperature=float(c.temperature), top_k=int(c.top_k), top_p=float(c.top_p))
+
+
 def draw_samples(exp: experiment.Experiment, params, key: jax.Array, *,
                  num_steps: Optional[int] = None, prompt_ids=None) -> np.ndarray:
   """int32[num_samples, length] from the objective's sampler with config.sample (and
@@ -78,10 +86,8 @@ def draw_samples(exp: experiment.Experiment, params, key: jax.Array, *,
   With `exp.mesh` (a multi-process run) the program runs over the global mesh with `params` in
   the training layout on it and the key replicated; its samples come back whole to every
   process (the same ones in each)."""
-  c = exp.config.sample
-  if num_steps is not None and num_steps != c.num_steps:
-    c = types.SimpleNamespace(**{**c.to_dict(), "num_steps": int(num_steps)})
-  fn = lambda p, k: exp.objective.sample(exp.network, p, k, sample_config=c,
+  settings = sample_settings(exp.config.sample, num_steps)
+  fn = lambda p, k: exp.objective.sample(exp.network, p, k, settings=settings,
                                          max_len=exp.config.data.seq_len, prompt_ids=prompt_ids)
   if exp.mesh is None:
     out = np.asarray(jax.jit(fn)(params, key))

@@ -89,10 +89,10 @@ def run(config, workdir: str, reporter: Reporter, **unused) -> TrainResult:
   # Everything that can be checked without the workdir is checked before it is created or
   # locked: the config's values, the mesh, the batch against the devices and the data.
   configuration.validate(config)
-  mesh = sharding_lib.make_mesh(config.mesh)
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding_lib.check_batch_divisible(config.train.batch_size, mesh)
   eval_mesh = experiment.inference_mesh(config)  # None in one process: one device
-  batches = pipeline.TrainBatches(pipeline.load_wikitext2(config.data, None).train,
+  batches = pipeline.TrainBatches(pipeline.load_wikitext2(config.data.to_dict(), None).train,
                                   config.data.seq_len, config.train.batch_size, config.seed)
   created = not os.path.exists(workdir)
   workdir = workdir_lib.prepare_writable_workdir(workdir)

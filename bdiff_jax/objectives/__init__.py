@@ -58,6 +58,19 @@ class DiffusionSettings:
   train_positions_per_seq: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """How to draw samples (the fields of `config.sample` a sampler uses; `modes/sample.py`
+  builds them)."""
+  num_samples: int
+  length: int
+  num_steps: int  # masked diffusion's sampler steps (autoregressive: one per token)
+  grid: str = "cosine"  # masked diffusion's time grid: "cosine" | "uniform"
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+
 class Objective(abc.ABC):
   """What the model is trained to do. Immutable; built once per experiment."""
 
@@ -89,10 +102,10 @@ class Objective(abc.ABC):
     """
 
   @abc.abstractmethod
-  def sample(self, network, params, key: jax.Array, *, sample_config, max_len: int,
+  def sample(self, network, params, key: jax.Array, *, settings: SampleSettings, max_len: int,
              prompt_ids: Optional[np.ndarray] = None) -> jax.Array:
-    """int32[num_samples, length] token ids (never `[MASK]`) drawn with `sample_config` from
-    `network` with `params` (jittable with the config and prompt static)."""
+    """int32[num_samples, length] token ids (never `[MASK]`) drawn with `settings` from
+    `network` with `params` (jittable with the settings and prompt static)."""
 
   def describe(self) -> str:
     return self.metric_kind
@@ -166,10 +179,10 @@ class MaskedDiffusion(Objective):
                                           tokens, key, chunk_rows=self.head_chunk_rows, **kw)
     return elbo.nll_bound(self._logits_fn(apply, padding_mask=valid), tokens, key, **kw)
 
-  def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
+  def sample(self, network, params, key, *, settings, max_len, prompt_ids=None):
     """The exact event-driven ancestral sampler (`sampling.sample`): the network is called only
     at steps that reveal something, its head only at the positions being revealed."""
-    c = sample_config
+    c = settings
     apply = models.bind(network, params, train=False)
     if self.estimator == "count":  # the network was trained on t = the masked fraction
       bound_apply = apply
@@ -227,11 +240,11 @@ class Autoregressive(Objective):
     # Causal: padding after the valid prefix cannot influence it; it is only excluded.
     return jnp.sum(jnp.where(valid, self.token_nll(apply, tokens), 0.0), axis=-1)
 
-  def sample(self, network, params, key, *, sample_config, max_len, prompt_ids=None):
+  def sample(self, network, params, key, *, settings, max_len, prompt_ids=None):
     """Left-to-right sampling with a key/value cache (`ar_sampling`): one token per network
     call; position i draws with fold_in(key, i)."""
     del max_len  # ar_sampling checks the length against the network's learned positions
-    c = sample_config
+    c = settings
     return ar_sampling.sample_autoregressive(
         network, params, key, length=c.length, num_samples=c.num_samples, bos_id=self.mask_id,
         prompt_ids=prompt_ids, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)

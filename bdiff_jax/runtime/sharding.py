@@ -57,12 +57,10 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
-def make_mesh(mesh_config: Any = None, devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """The (`data`, `fsdp`) mesh of `mesh_config` (`config.mesh`; None: data=-1, fsdp=1) over
-  `devices` (default: the global `jax.devices()`, every process's)."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """The (`data`, `fsdp`) mesh (`config.mesh`'s sizes; -1: the devices left) over `devices`
+  (default: the global `jax.devices()`, every process's)."""
   devices = list(devices if devices is not None else jax.devices())
-  data = -1 if mesh_config is None else mesh_config.data
-  fsdp = 1 if mesh_config is None else mesh_config.fsdp
   data, fsdp = mesh_shape(data, fsdp, len(devices))
   return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), AXES)
 

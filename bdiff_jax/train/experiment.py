@@ -20,7 +20,6 @@ import ml_collections
 
 from bdiff_jax import models
 from bdiff_jax.config import compat as config_compat
-from bdiff_jax.config import configuration
 from bdiff_jax.data import pipeline
 from bdiff_jax.data import tokenizer as tokenizer_lib
 from bdiff_jax.errors import CheckpointError
@@ -77,7 +76,7 @@ def inference_mesh(config) -> Optional[Any]:
   """
   if jax.process_count() == 1:
     return None
-  mesh = sharding_lib.make_mesh(config.mesh)
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding_lib.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
   return mesh
 
@@ -86,11 +85,11 @@ def build(config, workdir: str, splits=None, mesh=None) -> Experiment:
   """The experiment of `config` in `workdir`. `splits`: data already loaded for another
   experiment on the same data and vocabulary (the caller checked the workdir's vocab.json), e.g.
   the judge of `--mode=sample`; None loads it (and writes or checks `<workdir>/vocab.json`).
-  `mesh`: where evaluation and sampling run (`inference_mesh`; None: one device)."""
-  configuration.validate(config)
+  `mesh`: where evaluation and sampling run (`inference_mesh`; None: one device). The caller
+  validated `config` (`configuration.validate`: every mode does, first thing)."""
   os.makedirs(workdir, exist_ok=True)
   if splits is None:
-    splits = pipeline.load_wikitext2(config.data, workdir)
+    splits = pipeline.load_wikitext2(config.data.to_dict(), workdir)
   objective, network = builder.build_model(config, vocab_size=splits.tokenizer.vocab_size,
                                            mask_id=splits.tokenizer.mask_id)
   evaluator = Evaluator(objective, network, seq_len=config.data.seq_len,

@@ -28,7 +28,6 @@ placeholder numbers: a result that is missing or not finite is an error.
 All console output goes through the `Reporter` (default: `Reporter()`, lines to stdout).
 """
 
-import copy
 import os
 import time
 from typing import Any, Optional
@@ -65,8 +64,8 @@ def _device() -> str:
 def _vocab_size(the_plan: ComparisonPlan, config: ml_collections.ConfigDict,
                 workdir: str) -> int:
   """The WikiText-2 vocabulary every run trains on (prepares the shared TFDS copy once)."""
-  data = copy.deepcopy(the_plan.runs[0].config.data)  # the shared TFDS dir, the base data_dir
-  data.data_dir = config.data.data_dir
+  # The shared TFDS dir, the base data_dir.
+  data = {**the_plan.runs[0].config.data.to_dict(), "data_dir": config.data.data_dir}
   return pipeline.load_wikitext2(data, workdir).tokenizer.vocab_size
 
 
