@@ -1,7 +1,10 @@
 """End to end, through main.py in new processes, on the real WikiText-2 (smoke preset).
 
 Covers: train -> eval/sample in a new process reproduce the numbers; resume equivalence; bad
-inputs give one clear line, exit status != 0, and leave checkpoints untouched.
+inputs give one clear line, exit status != 0, and leave checkpoints untouched. The runs use the
+main command's backbone (reversible), at a learning rate that shows the loss falling in 8 steps;
+other end-to-end modules (test_reliability, test_multiprocess_modes) run the smoke preset's
+standard backbone.
 """
 
 import hashlib
@@ -21,10 +24,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_compile_children")
 CONFIG = "configs/wikitext2.py:smoke"
 
 
+REVERSIBLE = ("--config.model.backbone=reversible", "--config.train.learning_rate=1e-2")
+
+
 def _tiny(workdir, data_dir, tfds_dir, *extra):
-  """Args for a very small smoke run (8 steps; the final evaluation on 300 tokens: 5
-  sequences, one batch of 8, little padding)."""
-  return smoke_args(workdir, data_dir, tfds_dir, *extra)
+  """Args for a very small smoke run of the reversible backbone (8 steps; the final evaluation
+  on 300 tokens: 5 sequences, one batch of 8, little padding)."""
+  return smoke_args(workdir, data_dir, tfds_dir, *REVERSIBLE, *extra)
 
 
 def _user_error(proc, *needles):
@@ -58,7 +64,13 @@ def trained(tmp_path_factory, real_data_dir, shared_tfds_dir):
 
 def test_train_eval_restore_identical(trained, real_data_dir, shared_tfds_dir):
   workdir, proc = trained
-  assert "UPPER BOUNDS" in proc.stdout
+  assert "UPPER BOUNDS" in proc.stdout and "reversible backbone" in proc.stdout
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert np.mean([losses[s] for s in (6, 7, 8)]) < np.mean([losses[s] for s in (1, 2, 3)])
+  # Training ended with samples from the evaluated checkpoint: no [MASK] in them.
+  samples = [f for f in os.listdir(workdir) if f.startswith("samples_step")]
+  assert len(samples) == 1 and "[MASK]" not in open(os.path.join(workdir, samples[0])).read()
   with open(os.path.join(workdir, "eval_best.json")) as f:
     after_training = json.load(f)
   for name in ("valid", "test"):
@@ -179,24 +191,3 @@ def test_nan_loss_stops_and_keeps_checkpoint(trained, tmp_path, real_data_dir, s
   assert steps_after[: len(steps_before)] == steps_before
   for s in steps_before:  # every good checkpoint is still there, byte for byte
     assert _tree_digest(copy / "checkpoints" / str(s)) == before[s]
-
-
-def test_reversible_backbone_train_resume_eval_sample(tmp_path, real_data_dir, shared_tfds_dir):
-  """backbone=reversible through the same CLI: loss decreases; resume, eval, sample all work."""
-  workdir = tmp_path / "rev"
-  rev = ("--config.model.backbone=reversible", "--config.train.learning_rate=1e-2")
-  assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, *rev,
-                           "--config.train.stop_at_step=4")))
-  proc = assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, *rev)))
-  assert "reversible backbone" in proc.stdout and "resuming from latest step 4" in proc.stdout
-  losses = train_losses(workdir)
-  assert sorted(losses) == list(range(1, 9))
-  assert np.mean([losses[s] for s in (6, 7, 8)]) < np.mean([losses[s] for s in (1, 2, 3)])
-  # Training ended with samples from the evaluated checkpoint: no [MASK] in them.
-  samples = [f for f in os.listdir(workdir) if f.startswith("samples_step")]
-  assert samples and "[MASK]" not in open(os.path.join(workdir, samples[0])).read()
-  with open(os.path.join(workdir, "eval_best.json")) as f:
-    after_training = json.load(f)
-  assert_ok(run_main(_tiny(workdir, real_data_dir, shared_tfds_dir, *rev, "--mode=eval")))
-  with open(os.path.join(workdir, "eval_best.json")) as f:
-    assert json.load(f) == after_training
