@@ -12,12 +12,14 @@ the old units are recomputed by design, and these values are updated with that c
 """
 
 import hashlib
+import json
 import os
 
 import pytest
 
 from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue.units import Units, settings_digest, unit_settings
+from bdiff_jax.modes import glue as glue_mode
 from configs import glue as glue_config
 
 # Rows beyond each level's own, so that every kind of row (head, lora, each rule) is pinned.
@@ -50,9 +52,11 @@ PINNED = {
 
 
 def _settings(level):
-  g = glue_config.get_config(level).glue
-  g.glue_dir, g.superglue_dir, g.opt_dir = "/data/glue", "/data/superglue", "/data/opt"
-  return g, g.to_dict()
+  """(the plain settings, the ConfigDict's dict) of configs/glue.py:<level>."""
+  c = glue_config.get_config(level)
+  c.glue.glue_dir, c.glue.superglue_dir = "/data/glue", "/data/superglue"
+  c.glue.opt_dir = "/data/opt"
+  return glue_mode.glue_settings(c), c.glue.to_dict()
 
 
 @pytest.mark.parametrize("level", sorted(PINNED))
@@ -62,8 +66,21 @@ def test_settings_and_unit_digests_are_unchanged(level, tmp_path):
   tasks = [t.strip() for t in as_dict["tasks"].split(",")]
   units = Units(str(tmp_path / "units"), g, specs, tasks)
   names = [os.path.basename(units.path(n, r)) for n, r in units.names]
-  got = {"run": settings_digest(as_dict),
+  got = {"run": settings_digest(g.to_dict()),
          "rows": {s.name: settings_digest(unit_settings(g, s)) for s in specs},
          "units": len(names), "first_last": [names[0], names[-1]],
          "names_sha": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}
   assert got == PINNED[level]
+
+
+@pytest.mark.parametrize("arg", ["test", "quick", "cpu", "full,scale=0", "full,scale=2"])
+def test_the_settings_give_back_the_configs_dict(arg):
+  c = glue_config.get_config(arg)
+  g = glue_mode.glue_settings(c)
+  assert json.dumps(g.to_dict(), sort_keys=True) == json.dumps(c.glue.to_dict(), sort_keys=True)
+  assert settings_digest(g.to_dict()) == settings_digest(c.glue.to_dict())
+  # A setting an older config lacks stays out of the dict (and of the digest).
+  del c.glue["seq_len_by_task"], c.glue["lora_zo"]
+  g = glue_mode.glue_settings(c)
+  assert g.lora_zo is None and "lora_zo" not in g.to_dict()
+  assert json.dumps(g.to_dict(), sort_keys=True) == json.dumps(c.glue.to_dict(), sort_keys=True)
