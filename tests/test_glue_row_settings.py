@@ -1,5 +1,6 @@
 """Per-row settings of the GLUE benchmark: a LoRA zeroth-order row takes `glue.lora_zo`, every
-other row `glue.zo`, and the units of the other rows keep their digests."""
+other row `glue.zo`, and the units of the other rows keep their digests; the rules are built from
+the plain settings' sections."""
 
 import pytest
 
@@ -7,6 +8,7 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue.settings import GlueSettings, row_settings, uses_grid, validate, with_changes
 from bdiff_jax.glue.units import Units, settings_digest, unit_settings
+from bdiff_jax.optim import update_rule
 from configs import glue as glue_config
 
 
@@ -67,3 +69,13 @@ def test_bad_lora_zo_is_one_config_error(field, value):
   g = with_changes(_g(), **{f"lora_zo.{field}": value})
   with pytest.raises(ConfigError, match=f"glue.lora_zo.{field}"):
     validate(g)
+
+
+def test_rules_are_built_from_the_plain_sections():
+  g = with_changes(_g("test"), **{"zo.freeze": "embeddings", "dizo.fresh_batches": False})
+  assert g.zo["freeze"] == "embeddings" and "freeze" in g.zo and "nope" not in g.zo
+  mezo = glue_rows.build_rule("mezo", g, 10)
+  assert not mezo.trainable(("embed", "embedding")) and mezo.trainable(("head", "kernel"))
+  assert update_rule.batches_per_step(glue_rows.build_rule("dizo", g, 10)) == 1
+  lora = glue_rows.build_rule("adamw", g, 10, peft="lora")
+  assert lora.trainable(("lora", "q", "a")) and not lora.trainable(("base", "q", "kernel"))

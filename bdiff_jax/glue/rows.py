@@ -274,9 +274,9 @@ def _frozen(names) -> bool:
 
 
 def build_rule(name: str, glue, total_steps: int, *, peft: str = "none"):
-  """The update rule `name` with the row budget `total_steps` (for LR schedules), from the
-  sections `glue.adamw` / `glue.zo` / `glue.dizo` (`update_rule.make_rule`, as the LM train
-  mode's `train.builder.update_rule_from_sections`).
+  """The update rule `name` with the row budget `total_steps` (for LR schedules): a thin call
+  into `train.builder.update_rule_from_sections` (the LM train mode's too) with the sections
+  `glue.adamw` / `glue.zo` / `glue.dizo`.
 
   Zeroth-order rules freeze by `glue.zo.freeze` ("none" | "embeddings"); AdamW trains every
   parameter. peft ("none" | "lora") selects LoRA (the row's params must then be lora.wrap's).
@@ -285,11 +285,8 @@ def build_rule(name: str, glue, total_steps: int, *, peft: str = "none"):
   """
   if name == "adamw":
     return builder.update_rule_from_sections("adamw", total_steps, adamw=glue.adamw, peft=peft)
-  zo, dizo = dataclasses.asdict(glue.zo), dataclasses.asdict(glue.dizo)
-  return update_rule.make_rule(name, total_steps,
-                               zo=builder.settings(update_rule.ZOSettings, zo),
-                               dizo_settings=builder.settings(update_rule.DiZOSettings, dizo),
-                               freeze=str(glue.zo.freeze), peft=peft)
+  return builder.update_rule_from_sections(name, total_steps, zo=glue.zo, dizo=glue.dizo,
+                                           peft=peft)
 
 
 def forward_passes(rule, num_steps: int) -> dict:

@@ -20,8 +20,21 @@ from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.glue import tasks as glue_tasks
 
 
+class _Section:
+  """A section's fields also by name (`"eps" in zo`, `zo["eps"]`), as `train.builder` reads a
+  config section (`builder.update_rule_from_sections`)."""
+
+  def __contains__(self, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(self)}
+
+  def __getitem__(self, name: str):
+    if name not in self:
+      raise KeyError(name)
+    return getattr(self, name)
+
+
 @dataclasses.dataclass(frozen=True)
-class GlueZO:
+class GlueZO(_Section):
   """`glue.zo`: the zeroth-order rows' rule (MeZO's fields, the freeze choice), their learning-rate
   grid (`learning_rates`, `grid_steps`) and steps (`num_steps`, 0 = glue.num_steps)."""
   learning_rate: float
@@ -36,7 +49,7 @@ class GlueZO:
 
 
 @dataclasses.dataclass(frozen=True)
-class GlueDiZO:
+class GlueDiZO(_Section):
   """`glue.dizo`: DiZO's projection settings."""
   interval: int
   iterations: int
