@@ -6,7 +6,8 @@ digest.
 The values below were computed on the code before the settings became plain objects (commit
 5e757db, where `units.settings_digest(config.glue.to_dict())` and `units.Units` read the glue
 ConfigDict), for configs/glue.py's `cpu` and `test` levels with the paths that depend on where
-the repository lies set to fixed ones. They change only when a setting's default changes (in
+the repository lies set to fixed ones (and glue.bdiff.data.data_dir, which base_config() takes
+from $BDIFF_DATA_DIR, to ''). They change only when a setting's default changes (in
 configs/glue.py, or in base_config()'s sections that `glue.bdiff` / `glue.adamw` hold): then
 the old units are recomputed by design, and these values are updated with that change.
 """
@@ -56,6 +57,7 @@ def _settings(level):
   c = glue_config.get_config(level)
   c.glue.glue_dir, c.glue.superglue_dir = "/data/glue", "/data/superglue"
   c.glue.opt_dir = "/data/opt"
+  c.glue.bdiff.data.data_dir = ""  # base_config() takes it from $BDIFF_DATA_DIR
   return glue_mode.glue_settings(c), c.glue.to_dict()
 
 
