@@ -180,3 +180,44 @@ def test_modules_are_short():
 
 def test_config_objectives_match_registry():
   assert tuple(configuration.OBJECTIVES) == tuple(objectives.NAMES)
+
+
+# The sub-packages below the one config -> objects step (train/builder.py, and the modes that
+# read their own sections): they take plain values, never a ConfigDict.
+_PLAIN_VALUE_PACKAGES = ("glue", "diffusion", "optim", "models")
+
+
+def _config_dict_uses(rel, tree):
+  """`file:line` of each import of ml_collections and each call of a ConfigDict in `tree`."""
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      bad = any(a.name.split(".")[0] == "ml_collections" for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      bad = (node.module or "").split(".")[0] == "ml_collections"
+    elif isinstance(node, ast.Call):
+      f = node.func
+      bad = (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")) in (
+          "ConfigDict", "FrozenConfigDict")
+    else:
+      bad = False
+    if bad:
+      out.append(f"{rel}:{node.lineno}")
+  return out
+
+
+def test_packages_below_the_builder_take_plain_values():
+  """glue/, diffusion/, optim/ and models/ never import ml_collections nor make a ConfigDict: the
+  config becomes their plain values once, above them (train/builder.py, modes/glue.py)."""
+  found = []
+  for name, rel, path in _modules():
+    if "." in name and _package(name) in _PLAIN_VALUE_PACKAGES:
+      found += _config_dict_uses(rel, ast.parse(open(path, encoding="utf-8").read()))
+  assert not found, f"ml_collections / ConfigDict below the builder: {found}"
+
+
+def test_the_plain_value_check_sees_them():
+  tree = ast.parse("import ml_collections\nfrom ml_collections import config_dict\n"
+                   "import os\nx = ml_collections.ConfigDict({})\ny = ConfigDict()\n"
+                   "z = dict(a=1)\n")
+  assert _config_dict_uses("x.py", tree) == ["x.py:1", "x.py:2", "x.py:4", "x.py:5"]

@@ -161,8 +161,7 @@ _no_grad.defvjp(_raise_fwd, _raise_bwd)
 
 @pytest.mark.parametrize("rule", ["mezo", "dizo", "adamw"])
 def test_update_rule_forward_passes_and_gradients(sst2, rule):
-  c = _config(sst2, f"opt:{rule}")
-  g = c.glue
+  g = glue_mode.glue_settings(_config(sst2, f"opt:{rule}"))
   train, _, _, full = glue_mode.task_splits("SST-2", g, 0)
   steps = 3
   row = glue_rows.build_row(glue_rows.parse_rows(g.rows)[0], g, full, seed=0,
@@ -241,16 +240,16 @@ def test_selection_set_is_class_balanced(sst2, tmp_path):
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines[:1] + [ln.rsplit("\t", 1)[0] + "\t" + ("0" if i % 4 == 0 else "1")
                                     for i, ln in enumerate(lines[1:])]) + "\n")
-  g = _config(root, "opt:mezo").glue
+  g = glue_mode.glue_settings(_config(root, "opt:mezo"))
   for seed in (0, 1):
     train, selection, devs, _ = glue_mode.task_splits("SST-2", g, seed)
     assert np.bincount(selection.labels).tolist() == [4, 4]
     assert np.bincount(train.labels).tolist() == [4, 4]  # k_per_class=4 of the rest
     assert set(devs) == {"dev"}
-  g.k_per_class = 0  # the full train split minus the selection set
+  g = glue_mode.with_changes(g, k_per_class=0)  # the full train split minus the selection set
   train, selection, _, full = glue_mode.task_splits("SST-2", g, 0)
   assert len(train) == len(full) - 8 and not set(train.source_rows) & set(selection.source_rows)
-  g.train_examples = 10
+  g = glue_mode.with_changes(g, train_examples=10)
   assert len(glue_mode.task_splits("SST-2", g, 0)[0]) == 10
 
 
@@ -271,12 +270,12 @@ def test_config_is_validated_up_front(sst2, tmp_path, key, value, match):
 
 def test_opt_dir_has_no_silent_default():
   for level in ("quick", "cpu", "full"):
-    g = glue_config.get_config(level).glue
+    g = glue_mode.glue_settings(glue_config.get_config(level))
     assert g.opt_dir == "" and len(g.seeds) >= 3
     if level == "cpu":  # its opt rows start from the OPT model it pretrains under starts_dir
       assert g.starts_dir
       glue_mode.validate(g)
-      g.starts_dir = ""
+      g = glue_mode.with_changes(g, starts_dir="")
     with pytest.raises(UserError, match="needs glue.opt_dir"):
       glue_mode.validate(g)
   assert glue_config.get_config("test").glue.opt_dir == OPT_DIR
@@ -304,11 +303,11 @@ def test_mnli_reports_matched_and_mismatched(tmp_path):
 
 
 def test_seq_len_by_task():
-  g = glue_config.get_config("test").glue
-  g.seq_len_by_task = "sst-2:24"
+  g = glue_mode.with_changes(glue_mode.glue_settings(glue_config.get_config("test")),
+                             seq_len_by_task="sst-2:24")
   assert glue_mode.task_seq_len(g, "SST-2") == 24 and glue_mode.task_seq_len(g, "RTE") == 40
   glue_mode.validate(g)
   for bad in ("SST-2:99", "SST-2", "NOPE:8", "SST-2:x"):
-    g.seq_len_by_task = bad
+    g = glue_mode.with_changes(g, seq_len_by_task=bad)
     with pytest.raises(UserError, match="seq_len_by_task|unknown GLUE"):
       glue_mode.validate(g)

@@ -5,7 +5,6 @@ checks that the assertions catch one)."""
 
 import pytest
 
-from bdiff_jax.glue import settings as glue_settings
 from bdiff_jax.modes import glue as glue_mode
 from bdiff_jax.runtime.reporter import QUIET
 from configs import glue as glue_config
@@ -26,7 +25,9 @@ def _run(toy, workdir, row, **over):
   g.rows = row
   g.seeds = (0,)
   g.k_per_class = 0  # all of train minus the selection set: 32 examples
-  c.glue = glue_settings.with_changes(g, **over)
+  for key, value in over.items():  # "zo.learning_rate": ...
+    node, _, field = key.rpartition(".")
+    (g[node] if node else g)[field] = value
   out = glue_mode.run(c, str(workdir), QUIET)
   return out["records"][0], out["rows"][0]
 

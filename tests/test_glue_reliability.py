@@ -201,7 +201,7 @@ def test_sigterm_stops_after_the_unit_and_says_what_was_kept(sst2, tmp_path, mon
 
 
 def test_run_seed_stops_at_the_step_boundary(sst2):
-  g = _config(sst2, "opt:adamw:head").glue
+  g = glue_mode.glue_settings(_config(sst2, "opt:adamw:head"))
 
   class StopAfterFirstStep:
     checks = 0
@@ -213,12 +213,13 @@ def test_run_seed_stops_at_the_step_boundary(sst2):
 
   spec = glue_rows.parse_rows(g.rows)[0]
   with pytest.raises(glue_mode.Interrupted) as e:
-    glue_mode.run_seed(spec, "SST-2", g, 0, QUIET, {"stop": StopAfterFirstStep()})
+    glue_mode.run_seed(spec, "SST-2", g, 0, QUIET,
+                       glue_rows.RowPrograms(stop=StopAfterFirstStep()))
   assert e.value.where == "in SST-2 adamw_opt_head seed 0 after step 1 of 3"
 
 
 def test_nonfinite_start_parameter_is_named_before_training(sst2, monkeypatch):
-  g = _config(sst2, "opt:adamw:head").glue
+  g = glue_mode.glue_settings(_config(sst2, "opt:adamw:head"))
   build = glue_rows.build_row
 
   def poisoned(*args, **kwargs):
@@ -231,7 +232,7 @@ def test_nonfinite_start_parameter_is_named_before_training(sst2, monkeypatch):
   monkeypatch.setattr(glue_rows, "build_row", poisoned)
   spec = glue_rows.parse_rows(g.rows)[0]
   with pytest.raises(CheckpointError, match=r"non-finite value\(s\).*before any training") as e:
-    glue_mode.run_seed(spec, "SST-2", g, 0, QUIET, {})
+    glue_mode.run_seed(spec, "SST-2", g, 0, QUIET, glue_rows.RowPrograms())
   path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(
       build(spec, g, glue_mode.task_splits("SST-2", g, 0)[3], seed=0,
             total_steps=3).params)[0][0][0])

@@ -1,18 +1,19 @@
 """Per-row settings of the GLUE benchmark: a LoRA zeroth-order row takes `glue.lora_zo`, every
-other row `glue.zo`, and the units of the other rows keep their digests."""
+other row `glue.zo`, and the units of the other rows keep their digests; the rules are built from
+the plain settings' sections."""
 
 import pytest
 
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.glue.settings import row_settings, uses_grid, validate
+from bdiff_jax.glue.settings import GlueSettings, row_settings, uses_grid, validate, with_changes
 from bdiff_jax.glue.units import Units, settings_digest, unit_settings
+from bdiff_jax.optim import update_rule
 from configs import glue as glue_config
 
 
 def _g(level="cpu"):
-  c = glue_config.get_config(level)
-  return c.glue
+  return GlueSettings.from_dict(glue_config.get_config(level).glue.to_dict())
 
 
 def _spec(text):
@@ -29,7 +30,7 @@ def test_lora_row_takes_lora_zo_and_others_keep_zo():
   assert tuple(full.zo.learning_rates) == tuple(g.zo.learning_rates)
   assert adamw.zo.eps == g.zo.eps  # a first-order LoRA row has no zeroth-order settings to take
   for out in (lora, full, adamw):
-    assert "lora_zo" not in out
+    assert out.lora_zo is None and "lora_zo" not in out.to_dict()
   # Zero fields inherit: the single learning rate was not set for LoRA.
   assert lora.zo.learning_rate == g.zo.learning_rate
 
@@ -37,17 +38,17 @@ def test_lora_row_takes_lora_zo_and_others_keep_zo():
 def test_units_of_other_rows_keep_their_digests():
   g = _g()
   spec = _spec("opt:mezo")
-  without = dict(g.to_dict())
+  without = g.to_dict()
   del without["lora_zo"]
   before = {k: v for k, v in without.items() if k not in ("seeds", "tasks", "rows", "level",
                                                           "description")}
   before["lr_grid_seed"] = 0
   assert settings_digest(unit_settings(g, spec)) == settings_digest(before)
-  g.lora_zo.eps = 5e-2
+  g = with_changes(g, **{"lora_zo.eps": 5e-2})
   assert settings_digest(unit_settings(g, spec)) == settings_digest(before)
   lora = _spec("opt:mezo:lora")
   d1 = settings_digest(unit_settings(g, lora))
-  g.lora_zo.eps = 1e-2
+  g = with_changes(g, **{"lora_zo.eps": 1e-2})
   assert settings_digest(unit_settings(g, lora)) != d1
 
 
@@ -65,7 +66,16 @@ def test_units_list_the_lora_rows_own_grid(tmp_path):
 @pytest.mark.parametrize("field,value", [("eps", -1.0), ("learning_rate", float("nan")),
                                          ("learning_rates", (1e-3, 0.0))])
 def test_bad_lora_zo_is_one_config_error(field, value):
-  g = _g()
-  g.lora_zo[field] = value
+  g = with_changes(_g(), **{f"lora_zo.{field}": value})
   with pytest.raises(ConfigError, match=f"glue.lora_zo.{field}"):
     validate(g)
+
+
+def test_rules_are_built_from_the_plain_sections():
+  g = with_changes(_g("test"), **{"zo.freeze": "embeddings", "dizo.fresh_batches": False})
+  assert g.zo["freeze"] == "embeddings" and "freeze" in g.zo and "nope" not in g.zo
+  mezo = glue_rows.build_rule("mezo", g, 10)
+  assert not mezo.trainable(("embed", "embedding")) and mezo.trainable(("head", "kernel"))
+  assert update_rule.batches_per_step(glue_rows.build_rule("dizo", g, 10)) == 1
+  lora = glue_rows.build_rule("adamw", g, 10, peft="lora")
+  assert lora.trainable(("lora", "q", "a")) and not lora.trainable(("base", "q", "kernel"))

@@ -122,10 +122,11 @@ def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
   from bdiff_jax.modes import glue as glue_mode  # pylint: disable=g-import-not-at-top
   from bdiff_jax.runtime.reporter import QUIET  # pylint: disable=g-import-not-at-top
   from configs import glue as glue_config  # pylint: disable=g-import-not-at-top
-  g = glue_config.get_config("test").glue
-  g.zo.learning_rates = (1e-4, 1e-3, 1e-2)
-  g.zo.grid_steps = 7
-  g.zo.learning_rate = 5e-5
+  c = glue_config.get_config("test")
+  c.glue.zo.learning_rates = (1e-4, 1e-3, 1e-2)
+  c.glue.zo.grid_steps = 7
+  c.glue.zo.learning_rate = 5e-5
+  g = glue_mode.glue_settings(c)
   seen = []
   best = {1e-4: 0.1, 1e-3: 0.6, 1e-2: float("nan")}
 

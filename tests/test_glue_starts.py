@@ -1,4 +1,4 @@
-"""The GLUE start models pretrained by the train mode (bdiff_jax/glue/starts.py).
+"""The GLUE start models pretrained by the train mode (bdiff_jax/modes/glue_starts.py).
 
 * the commands are the train mode's (what a user runs by hand), one per row model;
 * a workdir is finished only when the train mode's end wrote its evaluation and plot after the
@@ -17,7 +17,7 @@ import time
 import pytest
 
 from bdiff_jax.errors import ConfigError
-from bdiff_jax.glue import starts as glue_starts
+from bdiff_jax.modes import glue_starts
 from bdiff_jax.runtime.reporter import QUIET, Reporter
 from tests import helpers
 

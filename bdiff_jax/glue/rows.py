@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from bdiff_jax import models
 from bdiff_jax.data import tokenizer as tokenizer_lib
@@ -49,6 +48,7 @@ from bdiff_jax.optim import lora
 from bdiff_jax.optim import update_rule
 from bdiff_jax.train import builder
 from bdiff_jax.train import experiment
+from bdiff_jax.train.train_step import make_train_step
 
 BDIFF_MODELS = {"reversible_qwen3": "reversible", "standard_qwen3": "standard"}
 MODELS = (*BDIFF_MODELS, "opt")
@@ -110,6 +110,38 @@ class Row:
   time_of_fraction: Any = float
 
 
+@dataclasses.dataclass
+class RowPrograms:
+  """What the seeds of one row on one task share: the first seed's network, objective and
+  update rule (`adopt`: the seeds change the parameters and the data, not the program), and
+  what is compiled from them once (`compile`): the train step (`make_train_step`) and the
+  candidate scorer. `stop` (a `runtime.interrupt.GracefulInterrupt`, optional) is checked
+  after every train step."""
+  stop: Any = None
+  network: Any = None
+  objective: Any = None
+  rule: Any = None
+  step: Any = None  # the train step, compiled for the first seed's state and batch
+  scores: Any = None  # jitted (params, batch) -> candidate scores float[B, C]
+
+  def adopt(self, row: Row) -> None:
+    """The first seed's parts for `row` (or `row`'s, when it is the first seed's): not its
+    parameters, which would stay in memory for the task's remaining seeds."""
+    if self.network is None:
+      self.network, self.objective, self.rule = row.network, row.objective, row.rule
+    else:
+      row.network, row.objective, row.rule = self.network, self.objective, self.rule
+
+  def compile(self, state, batch) -> None:
+    """Compiles the train step for `state` and `batch` and jits the scorer, once."""
+    if self.step is not None:
+      return
+    network, objective = self.network, self.objective
+    self.scores = jax.jit(lambda p, b: objective.scores(models.bind(network, p, train=False), b))
+    step_fn = make_train_step(objective, network, self.rule, ema_decay=0.0)
+    self.step = step_fn.lower(state, batch).compile()
+
+
 def _scratch_vocab(train: GlueSplit) -> tokenizer_lib.WordTokenizer:
   """A word vocabulary of the task's train text plus the template words of each candidate."""
   p = glue_prompts.render(train.task, train[0], spacing="word")
@@ -119,13 +151,15 @@ def _scratch_vocab(train: GlueSplit) -> tokenizer_lib.WordTokenizer:
 
 
 def _restore_bdiff(workdir: str, which: str):
-  """(config, tokenizer, objective, network, params, where) of a bdiff workdir's checkpoint."""
+  """(network spec, tokenizer, objective, network, params, where) of a bdiff workdir's
+  checkpoint; the spec (`models.ModelSpec`) says its backbone, block and positions (its
+  config.json's model fields and data.seq_len)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"{path} does not exist.",
                           "set glue.init_workdir to a trained bdiff workdir (or '' for scratch).")
   m = experiment.restore_model(workdir, which)
-  return m.config, m.tokenizer, m.objective, m.network, m.params, m.where
+  return m.network.spec, m.tokenizer, m.objective, m.network, m.params, m.where
 
 
 def _workdir_model(directory: str):
@@ -155,11 +189,11 @@ def _opt(glue):
                       f"{model.get('backbone')!r}, not an OPT model.",
                       "point glue.opt_dir at a Hugging Face OPT directory or at a workdir "
                       "trained with configs/wikitext2.py:cpu_opt (model.backbone=opt).")
-  cfg, tok, _, network, params, where = _restore_bdiff(glue.opt_dir, glue.init_checkpoint)
-  if int(glue.seq_len) > int(cfg.data.seq_len):
-    raise ConfigError(f"glue.seq_len={glue.seq_len} exceeds the {cfg.data.seq_len} learned "
+  spec, tok, _, network, params, where = _restore_bdiff(glue.opt_dir, glue.init_checkpoint)
+  if int(glue.seq_len) > int(spec.max_len):
+    raise ConfigError(f"glue.seq_len={glue.seq_len} exceeds the {spec.max_len} learned "
                       f"positions of the OPT model in {glue.opt_dir}.",
-                      f"set --config.glue.seq_len to at most {cfg.data.seq_len}.")
+                      f"set --config.glue.seq_len to at most {spec.max_len}.")
   n = models.count_params(params)
   init = (f"OPT architecture pretrained on WikiText-2 (autoregressive), {where}, "
           f"{n / 1e6:.1f} M parameters ({n:,}), word-level")
@@ -169,24 +203,23 @@ def _opt(glue):
 def init_workdir(glue, model: str) -> str:
   """The bdiff workdir the row `model` starts from: `glue.init_workdir_<backbone>` when set,
   else `glue.init_workdir` ('' = from scratch)."""
-  return str(glue.get(f"init_workdir_{BDIFF_MODELS[model]}", "") or glue.init_workdir)
+  return str(getattr(glue, f"init_workdir_{BDIFF_MODELS[model]}") or glue.init_workdir)
 
 
 def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
   workdir = init_workdir(glue, spec.model)
   if workdir:
-    cfg, tok, lm_obj, network, params, init = _restore_bdiff(workdir, glue.init_checkpoint)
-    if cfg.model.backbone != BDIFF_MODELS[spec.model] or cfg.model.block != "qwen3":
-      raise ConfigError(f"{workdir} holds a {cfg.model.backbone}/{cfg.model.block} "
+    saved, tok, lm_obj, network, params, init = _restore_bdiff(workdir, glue.init_checkpoint)
+    if saved.backbone != BDIFF_MODELS[spec.model] or saved.block != "qwen3":
+      raise ConfigError(f"{workdir} holds a {saved.backbone}/{saved.block} "
                         f"model, not {spec.model}.", "drop that row or use a matching workdir "
                         f"(glue.init_workdir_{BDIFF_MODELS[spec.model]}).")
   else:
-    cfg = ml_collections.ConfigDict(glue.bdiff.to_dict())
-    cfg.model.backbone = BDIFF_MODELS[spec.model]
-    cfg.model.block = "qwen3"
+    model = {**glue.bdiff["model"], "backbone": BDIFF_MODELS[spec.model], "block": "qwen3"}
     tok = _scratch_vocab(train)
-    lm_obj, network = builder.build_model(cfg, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
-                                          max_len=glue.seq_len)
+    lm_obj, network = builder.build_model_from_dict({**glue.bdiff, "model": model},
+                                                    vocab_size=tok.vocab_size,
+                                                    mask_id=tok.mask_id, max_len=glue.seq_len)
     params = models.init_params(network, key, seq_len=glue.seq_len)
     init = "from scratch"
   n = models.count_params(params)
@@ -240,18 +273,16 @@ def _frozen(names) -> bool:
   return update_rule.frozen_embeddings(names)
 
 
-def build_rule(name: str, glue, total_steps: int, *, peft=None):
+def build_rule(name: str, glue, total_steps: int, *, peft: str = "none"):
   """The update rule `name` with the row budget `total_steps` (for LR schedules): a thin call
   into `train.builder.update_rule_from_sections` (the LM train mode's too) with the sections
   `glue.adamw` / `glue.zo` / `glue.dizo`.
 
-  Zeroth-order rules freeze by `glue.zo.freeze` ("none" | "embeddings") or the boolean
-  `glue.zo.freeze_embeddings`; AdamW trains every parameter. peft ("none" | "lora"; None:
-  `glue.peft`, default "none") selects LoRA (the row's params must then be lora.wrap's).
+  Zeroth-order rules freeze by `glue.zo.freeze` ("none" | "embeddings"); AdamW trains every
+  parameter. peft ("none" | "lora") selects LoRA (the row's params must then be lora.wrap's).
   DiZO draws a fresh batch per γ iteration when `glue.dizo.fresh_batches` (the step then takes
   `update_rule.batches_per_step(rule)` stacked batches).
   """
-  peft = str(glue.get("peft", "none") if peft is None else peft)
   if name == "adamw":
     return builder.update_rule_from_sections("adamw", total_steps, adamw=glue.adamw, peft=peft)
   return builder.update_rule_from_sections(name, total_steps, zo=glue.zo, dizo=glue.dizo,

@@ -1,13 +1,16 @@
-"""The GLUE benchmark's settings (`config.glue`, configs/glue.py): checked before anything runs
-(`validate`: one line naming the field), and what they decide per task and row: the encoded
-length of a task, a row's own settings (`row_settings`: a LoRA zeroth-order row's `glue.lora_zo`),
-a row's steps, whether a row chooses its learning rate on a grid, and a task's train, selection
-and dev sets for a seed (`task_splits`)."""
+"""The GLUE benchmark's settings as plain values (`GlueSettings`, made once from `config.glue`,
+configs/glue.py, by the glue mode): checked before anything runs (`validate`: one line naming the
+field), and what they decide per task and row: the encoded length of a task, a row's own settings
+(`row_settings`: a LoRA zeroth-order row's `glue.lora_zo`), a row's steps, whether a row chooses
+its learning rate on a grid, and a task's train, selection and dev sets for a seed
+(`task_splits`)."""
 
+import copy
+import dataclasses
 import math
 import os
+from typing import Any, Optional
 
-import ml_collections
 import numpy as np
 
 from bdiff_jax.errors import ConfigError
@@ -17,15 +20,155 @@ from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.glue import tasks as glue_tasks
 
 
+class _Section:
+  """A section's fields also by name (`"eps" in zo`, `zo["eps"]`), as `train.builder` reads a
+  config section (`builder.update_rule_from_sections`)."""
+
+  def __contains__(self, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(self)}
+
+  def __getitem__(self, name: str):
+    if name not in self:
+      raise KeyError(name)
+    return getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueZO(_Section):
+  """`glue.zo`: the zeroth-order rows' rule (MeZO's fields, the freeze choice), their learning-rate
+  grid (`learning_rates`, `grid_steps`) and steps (`num_steps`, 0 = glue.num_steps)."""
+  learning_rate: float
+  schedule: str
+  eps: float
+  num_perturbations: int
+  weight_decay: float
+  freeze: str
+  learning_rates: tuple
+  num_steps: int
+  grid_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueDiZO(_Section):
+  """`glue.dizo`: DiZO's projection settings."""
+  interval: int
+  iterations: int
+  eps_p: float
+  step_size: float
+  tau: float
+  fresh_batches: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueLoraZO:
+  """`glue.lora_zo`: what a zeroth-order LoRA row uses instead of glue.zo's (0 / () = keep)."""
+  eps: float
+  learning_rate: float
+  learning_rates: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueSettings:
+  """`config.glue` in plain values, field for field (configs/glue.py says what each does).
+
+  `bdiff` and `adamw` are whole train configs as plain dicts (`ConfigDict.to_dict()`): the shape
+  and objective of the from-scratch bdiff rows, and the first-order rows' AdamW. The fields
+  that default to None are settings a config may lack (an older config file); `to_dict` leaves
+  them out then, so that it gives back exactly the dict the settings came from, and the digests
+  of the settings (`glue.units`) stay those of `config.glue.to_dict()`. Values are kept as given
+  (`validate` checks them), never converted.
+  """
+  level: str
+  description: str
+  tasks: str
+  rows: str
+  seeds: tuple
+  glue_dir: str
+  superglue_dir: str
+  k_per_class: int
+  train_examples: int
+  selection: int
+  selection_fraction: float
+  selection_balanced: bool
+  eval_max: int
+  seq_len: int
+  batch_size: int
+  eval_batch_size: int
+  num_steps: int
+  eval_every: int
+  dev_curve: bool
+  opt_dir: str
+  init_workdir: str
+  init_checkpoint: str
+  starts_dir: str
+  starts_budget_seconds: float
+  lora_rank: int
+  lora_alpha: float
+  bdiff: dict
+  adamw: dict
+  zo: GlueZO
+  dizo: GlueDiZO
+  seq_len_by_task: Optional[str] = None
+  init_workdir_reversible: Optional[str] = None
+  init_workdir_standard: Optional[str] = None
+  lora_zo: Optional[GlueLoraZO] = None
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "GlueSettings":
+    """The settings of `config.glue.to_dict()`; raises a one-line ConfigError on a field that is
+    missing or not a GLUE setting."""
+    values = _fields(cls, d, "glue")
+    sections = {"zo": GlueZO, "dizo": GlueDiZO, "lora_zo": GlueLoraZO}
+    for name, section in sections.items():
+      if name in values:
+        values[name] = section(**_fields(section, values[name], f"glue.{name}"))
+    return cls(**values)
+
+  def to_dict(self) -> dict:
+    """The dict these settings were made from (`from_dict`), with any changes made since."""
+    return _as_dict(self)
+
+
+def _fields(cls, d: dict, where: str) -> dict:
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(d) - set(names))
+  if unknown:
+    raise ConfigError(f"{where}.{unknown[0]} is not a GLUE setting.",
+                      f"remove it; configs/glue.py lists the settings of {where}.")
+  missing = [f.name for f in dataclasses.fields(cls)
+             if f.name not in d and f.default is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{where}.{missing[0]} is missing.",
+                      "start from configs/glue.py, which sets every GLUE setting.")
+  return {k: copy.deepcopy(d[k]) for k in names if k in d}
+
+
+def _as_dict(settings) -> dict:
+  out = {}
+  for f in dataclasses.fields(settings):
+    v = getattr(settings, f.name)
+    if v is None and f.default is None:
+      continue  # a setting the config did not have
+    out[f.name] = _as_dict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+  return out
+
+
+def _value(g, dotted: str) -> Any:
+  """The setting `dotted` ("zo.eps", "adamw.learning_rate") of `g`."""
+  for part in dotted.split("."):
+    g = g[part] if isinstance(g, dict) else getattr(g, part)
+  return g
+
+
 def _positive_int(g, key: str, minimum: int = 1, prefix: str = "glue") -> None:
-  v = g[key]
+  v = _value(g, key)
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
     raise ConfigError(f"{prefix}.{key}={v!r} must be an integer >= {minimum}.",
                       f"set --config.{prefix}.{key} to an integer >= {minimum}.")
 
 
 def validate(g) -> None:
-  """Checks `config.glue` before anything is loaded or trained; raises a one-line ConfigError."""
+  """Checks the settings before anything is loaded or trained; raises a one-line ConfigError."""
   for key in ("num_steps", "eval_every", "batch_size", "eval_batch_size", "eval_max",
               "seq_len", "selection"):
     _positive_int(g, key)
@@ -59,8 +202,7 @@ def validate(g) -> None:
   for key, minimum in (("adamw.learning_rate", None), ("zo.learning_rate", None),
                        ("zo.eps", None), ("dizo.eps_p", None), ("dizo.step_size", None),
                        ("zo.weight_decay", 0.0), ("adamw.weight_decay", 0.0)):
-    node, field = key.split(".")
-    v = g[node][field]
+    v = _value(g, key)
     ok = (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
           and math.isfinite(v) and (v > 0 if minimum is None else v >= minimum))
     if not ok:
@@ -88,7 +230,7 @@ def task_seq_len(g, task: str) -> int:
   """The encoded length of `task`'s examples: its entry in `glue.seq_len_by_task`
   ("SST-2:64,RTE:128"; at most glue.seq_len) or glue.seq_len. Short-sentence tasks need not pay
   for the longest task's padding."""
-  for item in str(g.get("seq_len_by_task", "")).split(","):
+  for item in str(g.seq_len_by_task or "").split(","):
     name, _, value = item.partition(":")
     if name.strip() and glue_tasks.task_spec(name.strip()).name == glue_tasks.task_spec(task).name:
       return int(value)
@@ -96,7 +238,7 @@ def task_seq_len(g, task: str) -> int:
 
 
 def _check_seq_len_by_task(g) -> None:
-  for item in [i for i in str(g.get("seq_len_by_task", "")).split(",") if i.strip()]:
+  for item in [i for i in str(g.seq_len_by_task or "").split(",") if i.strip()]:
     name, _, value = item.partition(":")
     try:
       glue_tasks.task_spec(name.strip())
@@ -115,10 +257,10 @@ LORA_ZO_FIELDS = ("eps", "learning_rate", "learning_rates")
 
 
 def _check_lora_zo(g) -> None:
-  if "lora_zo" not in g:
+  if g.lora_zo is None:
     return
   for key in ("eps", "learning_rate"):
-    v = g.lora_zo[key]
+    v = getattr(g.lora_zo, key)
     if (isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v)
         or v < 0):
       raise ConfigError(f"glue.lora_zo.{key}={v!r} must be a finite number >= 0 (0: glue.zo's).",
@@ -130,36 +272,38 @@ def _check_lora_zo(g) -> None:
                       "for glue.zo.learning_rates.")
 
 
-def row_settings(g, spec):
-  """`config.glue` as row `spec` uses it: for a zeroth-order row with the `lora` option, `glue.zo`
-  with the non-zero fields of `glue.lora_zo` in place (LoRA factors start at zero and need a
-  larger perturbation and rate than full weights to move: docs/glue.md); every other row, `g`
-  as it is. Without `lora_zo`, so that a unit's settings say what it ran with (and the units of
-  every other row keep the digests they had before `lora_zo` existed)."""
-  if "lora_zo" not in g:
+def row_settings(g: GlueSettings, spec) -> GlueSettings:
+  """The settings as row `spec` uses them: for a zeroth-order row with the `lora` option,
+  `glue.zo` with the non-zero fields of `glue.lora_zo` in place (LoRA factors start at zero and
+  need a larger perturbation and rate than full weights to move: docs/glue.md); every other row,
+  `g` as it is. Without `lora_zo`, so that a unit's settings say what it ran with (and the units
+  of every other row keep the digests they had before `lora_zo` existed)."""
+  if g.lora_zo is None:
     return g
   changes = {}
   if spec.rule != "adamw" and spec.peft == "lora":
     for key in LORA_ZO_FIELDS:
-      v = g.lora_zo[key]
+      v = getattr(g.lora_zo, key)
       v = tuple(v) if key == "learning_rates" else float(v)
       if v:
         changes[f"zo.{key}"] = v
-  out = with_changes(g, **changes)
-  del out["lora_zo"]
-  return out
+  return dataclasses.replace(with_changes(g, **changes), lora_zo=None)
 
 
-def with_changes(g, **changes):
-  """A copy of `config.glue` with `changes` ("zo.learning_rate": ...) applied."""
-  out = ml_collections.ConfigDict(g.to_dict())
+def with_changes(g: GlueSettings, **changes) -> GlueSettings:
+  """A copy of the settings with `changes` ("zo.learning_rate": ..., "eval_every": ...)."""
+  top, sections = {}, {}
   for key, value in changes.items():
-    node, *rest = key.split(".")
-    if rest:
-      out[node][rest[0]] = value
+    node, _, field = key.partition(".")
+    if field:
+      sections.setdefault(node, {})[field] = value
     else:
-      out[key] = value
-  return out
+      top[key] = value
+  for node, fields in sections.items():
+    section = getattr(g, node)
+    top[node] = ({**section, **fields} if isinstance(section, dict)
+                 else dataclasses.replace(section, **fields))
+  return dataclasses.replace(g, **top)
 
 
 def row_steps(spec, g) -> int:

@@ -32,9 +32,10 @@ def settings_digest(settings: dict) -> str:
 
 
 def unit_settings(g, spec) -> dict:
-  """What a unit of row `spec` depends on: `config.glue` minus `UNIT_EXCLUDED`, plus the seed of
-  the learning-rate grid (the first seed) for a row with a grid, whose choice every seed uses.
-  The row's own settings (`row_settings`: a LoRA zeroth-order row's `glue.lora_zo` applied)."""
+  """What a unit of row `spec` depends on: the settings (`GlueSettings.to_dict()`, the dict of
+  `config.glue`) minus `UNIT_EXCLUDED`, plus the seed of the learning-rate grid (the first seed)
+  for a row with a grid, whose choice every seed uses. The row's own settings (`row_settings`:
+  a LoRA zeroth-order row's `glue.lora_zo` applied)."""
   g = row_settings(g, spec)
   out = {k: v for k, v in g.to_dict().items() if k not in UNIT_EXCLUDED}
   if uses_grid(spec, g):

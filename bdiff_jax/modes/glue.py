@@ -49,19 +49,19 @@ from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.glue import metrics as glue_metrics
 from bdiff_jax.glue import report as glue_report
 from bdiff_jax.glue import rows as glue_rows
-from bdiff_jax.glue import starts as glue_starts
 from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.glue.settings import (dev_splits, row_settings, row_steps, task_seq_len,
-                                     task_splits, uses_grid, validate, with_changes)
+from bdiff_jax.glue.rows import RowPrograms
+from bdiff_jax.glue.settings import (GlueSettings, dev_splits, row_settings, row_steps,
+                                     task_seq_len, task_splits, uses_grid, validate, with_changes)
 from bdiff_jax.glue.units import (UNITS_DIR, GlueInterrupt, GlueResult, Interrupted, Units,
                                   check_finite_params, check_stop, nonfinite_loss_error,
                                   settings_digest, unit_name)
+from bdiff_jax.modes import glue_starts
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.platform_info import memory_stats
 from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train.train_state import create_train_state
-from bdiff_jax.train.train_step import make_train_step
 
 
 def _take(arrays: dict, idx: np.ndarray) -> dict:
@@ -107,19 +107,19 @@ def relative_change(params, initial) -> float:
   return math.sqrt(num) / math.sqrt(den)
 
 
-def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) -> dict:
+def run_seed(spec, task: str, g: GlueSettings, seed: int, reporter: Reporter,
+             programs: RowPrograms) -> dict:
   """Trains and evaluates one row on one task with one seed; returns its record.
 
-  `programs` carries the row's compiled step and scorer from one seed to the next (the seeds
-  change the parameters and the data, not the program), so each row compiles once per task;
-  its "stop" (a `GracefulInterrupt`, optional) is checked after every train step: once a
-  signal came, `Interrupted` is raised there.
+  `programs` carries the row's compiled step and scorer from one seed to the next
+  (`RowPrograms`), so each row compiles once per task; its `stop` is checked after every train
+  step: once a signal came, `Interrupted` is raised there.
 
   Raises:
     CheckpointError: a start parameter holds NaN/inf (checked before training).
     NonFiniteLossError: the loss became NaN/inf (`nonfinite_loss_error` names the cause).
   """
-  stop = programs.get("stop")
+  stop = programs.stop
   where = f"{task} {spec.name} seed {seed}"
   check_stop(stop, f"before {where}")
   train, selection, devs, full = task_splits(task, g, seed)
@@ -131,12 +131,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   steps = row_steps(spec, g)
   row = glue_rows.build_row(spec, g, full, seed=seed, total_steps=steps)
   check_finite_params(row.params, f"{spec.name} on {task}: the start parameters ({row.init})")
-  # The first seed's network, objective and rule (not its parameters, which would stay in
-  # memory for the task's remaining seeds): the same program.
-  if "parts" in programs:
-    row.network, row.objective, row.rule = programs["parts"]
-  else:
-    programs["parts"] = (row.network, row.objective, row.rule)
+  programs.adopt(row)
   enc = lambda split: glue_encoding.encode_split(split, row.encoder, scoring=row.scoring,
                                                  seq_len=task_seq_len(g, task),
                                                  time_of_fraction=row.time_of_fraction)
@@ -154,12 +149,6 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
   sizes = {"params": models.count_params(initial),
            "trainable_params": update_rule.trainable_count(row.rule, row.params)}
   state = create_train_state(row.params, row.rule, jax.random.PRNGKey(seed))
-  if "score_fn" not in programs:
-    network, objective = row.network, row.objective
-    programs["step_fn"] = make_train_step(objective, network, row.rule, ema_decay=0.0)
-    programs["score_fn"] = jax.jit(
-        lambda p, b: objective.scores(models.bind(network, p, train=False), b))
-  step_fn, score_fn = programs["step_fn"], programs["score_fn"]
   bs, ebs = int(g.batch_size), int(g.eval_batch_size)
   rng = np.random.default_rng(seed)
   order = np.zeros(0, np.int64)
@@ -181,14 +170,13 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     return {k: jnp.asarray(np.stack([d[k] for d in draws])) for k in draws[0]}
 
   def measure(params, split_arrays, split_groups=None):
-    metrics, _, preds = evaluate(row, score_fn, params, split_arrays, task, ebs, split_groups)
+    metrics, _, preds = evaluate(row, programs.scores, params, split_arrays, task, ebs,
+                                 split_groups)
     return metrics, glue_metrics.selection_score(task, preds, split_arrays["labels"])
 
   batch = next_batch()
-  if "compiled" not in programs:
-    programs["compiled"] = step_fn.lower(state, batch).compile()
-  compiled = programs["compiled"]
-  mem = memory_stats(compiled)
+  programs.compile(state, batch)
+  mem = memory_stats(programs.step)
   best, best_params = float("nan"), None
   best_step, seconds, start, curve = 0, 0.0, time.time(), []
   zero_shot = {}
@@ -217,7 +205,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     if step == steps:
       break
     t0 = time.time()
-    state, metrics = compiled(state, batch)
+    state, metrics = programs.step(state, batch)
     loss = float(metrics["loss"])
     seconds += time.time() - t0
     if not np.isfinite(loss):
@@ -226,7 +214,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
     batch = next_batch()
   dev_metrics, dev_se, dist = {}, {}, None
   for name, a in dev_arrays.items():
-    dev_metrics[name], d, preds = evaluate(row, score_fn, best_params, a, task, ebs,
+    dev_metrics[name], d, preds = evaluate(row, programs.scores, best_params, a, task, ebs,
                                            groups[name])
     dev_se[name] = glue_metrics.standard_error(task, preds, a["labels"], groups=groups[name])
     dist = d if dist is None else dist
@@ -246,7 +234,7 @@ def run_seed(spec, task: str, g, seed: int, reporter: Reporter, programs: dict) 
           **sizes,
           "init": row.init, "scoring": row.scoring, "rule": spec.rule, "oov_rate": oov,
           "learning_rate": float(g.zo.learning_rate if spec.rule != "adamw"
-                                 else g.adamw.learning_rate),
+                                 else g.adamw["learning_rate"]),
           "sizes": {"train": len(train), "selection": len(selection),
                     **{name: len(d) for name, d in devs.items()}}}
 
@@ -273,7 +261,7 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, 
                   f"{seed})")
       trial = with_changes(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
                           "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
-      rec = run_seed(spec, task, trial, seed, reporter, {} if stop is None else {"stop": stop})
+      rec = run_seed(spec, task, trial, seed, reporter, RowPrograms(stop=stop))
       entry = {"learning_rate": float(lr), "selection_best": rec["selection_best"],
                "selection_final": rec["curve"][-1]["selection"],
                "selected_step": rec["selected_step"], "steps": steps,
@@ -289,6 +277,11 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, 
   return with_changes(g, **{"zo.learning_rate": chosen["learning_rate"]}), grid
 
 
+def glue_settings(config) -> GlueSettings:
+  """`config.glue` as plain values: the one read of the config; everything below takes these."""
+  return GlueSettings.from_dict(config.glue.to_dict())
+
+
 def run(config, workdir: str, reporter: Reporter) -> GlueResult:
   """Runs every task x row x seed of `config.glue`; writes glue.{json,md,png} to `workdir`.
 
@@ -300,7 +293,7 @@ def run(config, workdir: str, reporter: Reporter) -> GlueResult:
   (`GlueResult.exit_code`). The results go to glue.* unless glue.json holds another settings'
   results: then to glue-<digest>.* (`glue.report.results_stem`).
   """
-  g = config.glue
+  g = glue_settings(config)
   validate(g)
   specs = glue_rows.parse_rows(g.rows)
   tasks = [glue_tasks.task_spec(t.strip()).name for t in str(g.tasks).split(",") if t.strip()]
@@ -329,7 +322,7 @@ def run(config, workdir: str, reporter: Reporter) -> GlueResult:
 def _run(g, specs, tasks, workdir, reporter, units, stop, digest) -> GlueResult:
   if str(g.starts_dir):
     try:
-      glue_starts.use_starts(g, specs, reporter, should_stop=stop.stop_requested)
+      g = glue_starts.use_starts(g, specs, reporter, should_stop=stop.stop_requested)
     except UserError:
       # A signal reached the start model's training child too: it checkpointed and stopped.
       check_stop(stop, "while pretraining the start models (their checkpoints are kept in "
@@ -344,7 +337,7 @@ def _run(g, specs, tasks, workdir, reporter, units, stop, digest) -> GlueResult:
     for row_spec in specs:
       g_row, grid = choose_learning_rate(row_spec, task, row_settings(g, row_spec), reporter,
                                          units=units, stop=stop)
-      programs = {"stop": stop}
+      programs = RowPrograms(stop=stop)
       recs = []
       for s in g.seeds:
         name = unit_name(task, row_spec.name, int(s))

@@ -106,3 +106,16 @@ def build_update_rule(train_config) -> rules.UpdateRule:
   if name in ("mezo", "dizo"):
     return zeroth_order_rule(train_config, train_config.num_steps, name)
   return update_rule_from_sections("adamw", train_config.num_steps, adamw=train_config)
+
+
+def build_model_from_dict(config: dict, *, vocab_size: int, mask_id: int,
+                          max_len: int) -> tuple[Objective, Any]:
+  """`build_model` of a config held as a plain dict (`ConfigDict.to_dict()`, e.g. a GLUE row's
+  `glue.bdiff`): the objective of config["model"]["objective"] with config["diffusion"], and the
+  network of config["model"] (`build_objective`, `build_network`, on the dict's values)."""
+  model = config["model"]
+  objective = objective_class(model["objective"])(
+      mask_id=mask_id, time_conditioned=model["time_conditioning"] != "none",
+      diffusion=settings(DiffusionSettings, config["diffusion"]))
+  network = build_network(model, vocab_size=vocab_size, max_len=max_len, causal=objective.causal)
+  return objective, network

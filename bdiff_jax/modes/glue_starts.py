@@ -42,6 +42,7 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from bdiff_jax.errors import ConfigError, UserError
+from bdiff_jax.glue.settings import GlueSettings, with_changes
 from bdiff_jax.runtime.reporter import Reporter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -280,19 +281,17 @@ def ensure_starts(starts_dir: str, *, budget_seconds: float = BUDGET_SECONDS,
           for name in which}
 
 
-def use_starts(g, specs, reporter: Reporter, should_stop=None) -> None:
+def use_starts(g: GlueSettings, specs, reporter: Reporter, should_stop=None) -> GlueSettings:
   """Pretrains (or reuses, or resumes) the WikiText-2 start models of the rows in `specs` under
-  `glue.starts_dir` (`ensure_starts`, `glue.starts_budget_seconds` each) and points the rows at
-  them: glue.init_workdir_reversible / init_workdir_standard / opt_dir. `should_stop`: see
-  `ensure_starts`."""
+  `glue.starts_dir` (`ensure_starts`, `glue.starts_budget_seconds` each); returns the settings
+  with the rows pointed at them: glue.init_workdir_reversible / init_workdir_standard / opt_dir.
+  `should_stop`: see `ensure_starts`."""
   needed = tuple(n for n in NAMES if n in {s.model for s in specs})
   if not needed:
-    return
+    return g
   dirs = ensure_starts(str(g.starts_dir), reporter=reporter,
                        budget_seconds=float(g.starts_budget_seconds),
                        data_dir=os.environ.get("BDIFF_DATA_DIR", ""), which=needed,
                        should_stop=should_stop)
-  with g.unlocked():
-    for field, workdir in glue_fields(dirs).items():
-      g[field] = workdir
   reporter.info("start models: " + ", ".join(f"{k} {v}" for k, v in dirs.items()))
+  return with_changes(g, **glue_fields(dirs))

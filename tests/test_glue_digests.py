@@ -1,0 +1,88 @@
+"""The settings digests of GLUE runs and units are pinned: a finished unit in a user's
+<workdir>/glue_units is reused only under the same file name, `<unit>__<digest>.json`, so a change
+of how the settings are held (a ConfigDict then, plain settings objects now) must not change a
+digest.
+
+The values below were computed on the code before the settings became plain objects (commit
+5e757db, where `units.settings_digest(config.glue.to_dict())` and `units.Units` read the glue
+ConfigDict), for configs/glue.py's `cpu` and `test` levels with the paths that depend on where
+the repository lies set to fixed ones (and glue.bdiff.data.data_dir, which base_config() takes
+from $BDIFF_DATA_DIR, to ''). They change only when a setting's default changes (in
+configs/glue.py, or in base_config()'s sections that `glue.bdiff` / `glue.adamw` hold): then
+the old units are recomputed by design, and these values are updated with that change.
+"""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue.units import Units, settings_digest, unit_settings
+from bdiff_jax.modes import glue as glue_mode
+from configs import glue as glue_config
+
+# Rows beyond each level's own, so that every kind of row (head, lora, each rule) is pinned.
+EXTRA_ROWS = "opt:mezo:lora,opt:adamw:head,reversible_qwen3:dizo,standard_qwen3:mezo:head:lora"
+PINNED = {
+    "cpu": {
+        "run": "cf799b67f78f",
+        "rows": {"adamw_reversible_qwen3": "3049dce0d07a", "adamw_standard_qwen3": "3049dce0d07a",
+                 "adamw_opt": "3049dce0d07a", "mezo_opt": "7fedf4037a2b",
+                 "mezo_opt_lora": "1eb0aeba0752", "dizo_opt": "7fedf4037a2b",
+                 "adamw_opt_head": "3049dce0d07a", "dizo_reversible_qwen3": "7fedf4037a2b",
+                 "mezo_standard_qwen3_head_lora": "1eb0aeba0752"},
+        "units": 459,
+        "first_last": ["SST-2__adamw_reversible_qwen3__seed0__3049dce0d07a.json",
+                       "MultiRC__mezo_standard_qwen3_head_lora__seed2__1eb0aeba0752.json"],
+        "names_sha": "62bf67202061435c",
+    },
+    "test": {
+        "run": "de37eb4b8e40",
+        "rows": {name: "c41bff50f5d8" for name in (
+            "adamw_reversible_qwen3", "adamw_standard_qwen3", "mezo_opt", "dizo_opt",
+            "adamw_opt", "adamw_opt_head", "mezo_opt_lora", "dizo_reversible_qwen3",
+            "mezo_standard_qwen3_head_lora")},
+        "units": 20,
+        "first_last": ["SST-2__adamw_reversible_qwen3__seed0__c41bff50f5d8.json",
+                       "SST-2__mezo_standard_qwen3_head_lora__seed1__c41bff50f5d8.json"],
+        "names_sha": "45b4572834f9af51",
+    },
+}
+
+
+def _settings(level):
+  """(the plain settings, the ConfigDict's dict) of configs/glue.py:<level>."""
+  c = glue_config.get_config(level)
+  c.glue.glue_dir, c.glue.superglue_dir = "/data/glue", "/data/superglue"
+  c.glue.opt_dir = "/data/opt"
+  c.glue.bdiff.data.data_dir = ""  # base_config() takes it from $BDIFF_DATA_DIR
+  return glue_mode.glue_settings(c), c.glue.to_dict()
+
+
+@pytest.mark.parametrize("level", sorted(PINNED))
+def test_settings_and_unit_digests_are_unchanged(level, tmp_path):
+  g, as_dict = _settings(level)
+  specs = glue_rows.parse_rows(as_dict["rows"] + "," + EXTRA_ROWS)
+  tasks = [t.strip() for t in as_dict["tasks"].split(",")]
+  units = Units(str(tmp_path / "units"), g, specs, tasks)
+  names = [os.path.basename(units.path(n, r)) for n, r in units.names]
+  got = {"run": settings_digest(g.to_dict()),
+         "rows": {s.name: settings_digest(unit_settings(g, s)) for s in specs},
+         "units": len(names), "first_last": [names[0], names[-1]],
+         "names_sha": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}
+  assert got == PINNED[level]
+
+
+@pytest.mark.parametrize("arg", ["test", "quick", "cpu", "full,scale=0", "full,scale=2"])
+def test_the_settings_give_back_the_configs_dict(arg):
+  c = glue_config.get_config(arg)
+  g = glue_mode.glue_settings(c)
+  assert json.dumps(g.to_dict(), sort_keys=True) == json.dumps(c.glue.to_dict(), sort_keys=True)
+  assert settings_digest(g.to_dict()) == settings_digest(c.glue.to_dict())
+  # A setting an older config lacks stays out of the dict (and of the digest).
+  del c.glue["seq_len_by_task"], c.glue["lora_zo"]
+  g = glue_mode.glue_settings(c)
+  assert g.lora_zo is None and "lora_zo" not in g.to_dict()
+  assert json.dumps(g.to_dict(), sort_keys=True) == json.dumps(c.glue.to_dict(), sort_keys=True)
