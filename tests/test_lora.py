@@ -156,14 +156,13 @@ def test_lora_errors():
 
 def test_glue_build_rule_takes_peft():
   from bdiff_jax.glue import rows as glue_rows
-  g = helpers.load_config("configs/glue.py", "test").glue
+  from bdiff_jax.glue.settings import GlueSettings
+  g = GlueSettings.from_dict(helpers.load_config("configs/glue.py", "test").glue.to_dict())
   wrapped = {"lora": {"x": jnp.ones(3)}, "base": {"y": jnp.ones(5)}}
   count = lambda **kw: update_rule.trainable_count(glue_rows.build_rule("mezo", g, 10, **kw),
                                                    wrapped)
-  assert count() == 8  # no glue.peft: every parameter
-  g.peft = "lora"
-  assert count() == 3 and count(peft="none") == 8  # the argument wins over glue.peft
-  g.peft = "none"
+  assert count() == 8 and count(peft="none") == 8  # every parameter
+  assert count(peft="lora") == 3
   rule = glue_rows.build_rule("mezo", g, 10, peft="lora")
   assert rule.trainable(("lora", "opt", "q_proj", "kernel", "a"))
   assert not rule.trainable(("base", "opt", "q_proj", "kernel"))

@@ -21,6 +21,7 @@ from bdiff_jax.errors import ConfigError
 from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.glue import readers as glue_readers
 from bdiff_jax.glue import rows as glue_rows
+from bdiff_jax.glue.settings import GlueSettings
 from bdiff_jax.models.opt import OPT
 from bdiff_jax.models.opt_network import OPTNetwork, opt_config
 from bdiff_jax.objectives import ar_sampling
@@ -144,6 +145,10 @@ def _opt_workdir(path, c, state, words):
     ckpt.save(3, state, {"step": 3}, best_metrics={checkpointing.BEST_METRIC: 4.0}, force=True)
 
 
+def _plain(g):
+  return GlueSettings.from_dict(g.to_dict())
+
+
 def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   c, _, _, _, state, _ = _setup()
   # VOCAB ids: <eos>, these words, <unk> (the label words are in the vocabulary).
@@ -155,7 +160,7 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   g.seq_len = c.data.seq_len
   g.zo.freeze = "embeddings"  # the default, "none", trains every leaf (MeZO's setting)
   full = glue_readers.load_split("SST-2", "train", g.glue_dir)
-  row = glue_rows.build_row(glue_rows.RowSpec("opt", "dizo", False), g, full, seed=0,
+  row = glue_rows.build_row(glue_rows.RowSpec("opt", "dizo", False), _plain(g), full, seed=0,
                               total_steps=3)  # DiZO: MeZO's rule (trainable) + its targets
   assert row.init.startswith(f"OPT architecture pretrained on WikiText-2 (autoregressive), "
                              f"{tmp_path / 'wd'} (")
@@ -181,5 +186,5 @@ def test_glue_opt_row_loads_a_bdiff_opt_workdir(tmp_path):
   config_compat.write_config_atomically(c2, tmp_path / "std")
   g.opt_dir = str(tmp_path / "std")
   with pytest.raises(ConfigError, match="backbone 'standard'"):
-    glue_rows.build_row(glue_rows.RowSpec("opt", "mezo", False), g, full, seed=0,
+    glue_rows.build_row(glue_rows.RowSpec("opt", "mezo", False), _plain(g), full, seed=0,
                           total_steps=3)

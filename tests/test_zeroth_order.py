@@ -381,6 +381,11 @@ def _sum_loss(params):
   return sum(jnp.mean(x * x + x) for x in jax.tree_util.tree_leaves(params)), {}
 
 
+def _plain(g):
+  from bdiff_jax.glue.settings import GlueSettings
+  return GlueSettings.from_dict(g.to_dict())
+
+
 def _glue_config(freeze_embeddings: bool):
   from tests import helpers
   g = helpers.load_config("configs/glue.py", "test").glue
@@ -408,7 +413,7 @@ def test_the_freeze_choice_is_honoured_by_every_factory(factory, freeze):
   params = _named_params()
   if factory == "glue":
     from bdiff_jax.glue import rows as glue_rows
-    rule = glue_rows.build_rule("mezo", _glue_config(freeze), 10)
+    rule = glue_rows.build_rule("mezo", _plain(_glue_config(freeze)), 10)
   elif factory == "lm":
     rule = builder.zeroth_order_rule(_lm_train_config(freeze), 10, "mezo")
   else:
@@ -566,12 +571,12 @@ def test_glue_dizo_fresh_batches_and_forward_passes():
   g = _glue_config(False)
   assert g.dizo.fresh_batches  # the benchmark's default, as the reference draws them
   g.dizo.fresh_batches = False
-  assert update_rule.batches_per_step(glue_rows.build_rule("dizo", g, 10)) == 1
+  assert update_rule.batches_per_step(glue_rows.build_rule("dizo", _plain(g), 10)) == 1
   g.dizo.fresh_batches = True
-  rule = glue_rows.build_rule("dizo", g, 10)
+  rule = glue_rows.build_rule("dizo", _plain(g), 10)
   assert update_rule.batches_per_step(rule) == 1 + g.dizo.iterations
   fp = glue_rows.forward_passes(rule, 10)
   assert fp == {"forward": 2 * 10 + 2 * g.dizo.iterations * (10 // g.dizo.interval),
                 "backward": 0}
-  assert glue_rows.forward_passes(glue_rows.build_rule("adamw", g, 10), 10) == {
+  assert glue_rows.forward_passes(glue_rows.build_rule("adamw", _plain(g), 10), 10) == {
       "forward": 10, "backward": 10}
