@@ -25,9 +25,9 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            max_wall_seconds=0 (fixed steps), one core per run: bound 217.7 ± 0.8 / 206.0 ± 1.4
            valid / test word-ppl (3 seeds: 218.6 / 207.2, 217.4 / 206.4, 217.2 / 204.5; unigram
            968 / 914, bigram 328 / 305; README.md). The same network
-           trained autoregressively (--config.model.objective=autoregressive), seed 0: 151.9 /
-           141.9 exact (best checkpoint: step 3,500; it overfits after), so diffusion / AR = 1.44-1.46
-           (test). The 5,000-step schedule before it: 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no
+           trained autoregressively (--config.model.objective=autoregressive), 3 seeds: 151.4 ±
+           1.0 / 141.0 ± 1.0 exact (best checkpoint: step 3,500 in each; it overfits after), so
+           diffusion / AR = 1.46 / 1.48 / 1.45 per seed (test). The 5,000-step schedule before it: 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no
            plateau. The preset until 2026-12-06 (standard backbone, tied embeddings, adaLN,
            3,000 steps) gave 426 ± 38 / 402 ± 35 in 30 minutes on the Xeon of that day
            (docs/results_log.md).
