@@ -217,9 +217,9 @@ def _bdiff(spec: RowSpec, glue, train: GlueSplit, key):
   else:
     model = {**glue.bdiff["model"], "backbone": BDIFF_MODELS[spec.model], "block": "qwen3"}
     tok = _scratch_vocab(train)
-    lm_obj, network = builder.build_model_from_dict({**glue.bdiff, "model": model},
-                                                    vocab_size=tok.vocab_size,
-                                                    mask_id=tok.mask_id, max_len=glue.seq_len)
+    lm_obj, network = builder.build_model({**glue.bdiff, "model": model},
+                                          vocab_size=tok.vocab_size, mask_id=tok.mask_id,
+                                          max_len=glue.seq_len)
     params = models.init_params(network, key, seq_len=glue.seq_len)
     init = "from scratch"
   n = models.count_params(params)

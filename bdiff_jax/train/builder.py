@@ -21,20 +21,22 @@ from bdiff_jax.optim import update_rule as rules
 
 
 def build_objective(config, *, mask_id: int) -> Objective:
-  """The objective of `config.model.objective` with the settings of `config.diffusion`."""
-  return objective_class(config.model.objective)(
-      mask_id=mask_id, time_conditioned=config.model.time_conditioning != "none",
-      diffusion=settings(DiffusionSettings, config.diffusion))
+  """The objective of `config.model.objective` with the settings of `config.diffusion`
+  (`config`: a ConfigDict or its plain dict, e.g. a GLUE row's `glue.bdiff`: read by item)."""
+  model = config["model"]
+  return objective_class(model["objective"])(
+      mask_id=mask_id, time_conditioned=model["time_conditioning"] != "none",
+      diffusion=settings(DiffusionSettings, config["diffusion"]))
 
 
 def build_model(config, *, vocab_size: int, mask_id: Optional[int] = None,
                 max_len: Optional[int] = None) -> tuple[Objective, Any]:
   """(objective, network) of `config`: the network with the flags its objective implies.
   mask_id: the `[MASK]` id (None: `vocab_size`, the tokenizer's); max_len: the learned
-  positions (None: config.data.seq_len)."""
+  positions (None: config.data.seq_len). `config`: a ConfigDict or its plain dict."""
   objective = build_objective(config, mask_id=vocab_size if mask_id is None else mask_id)
-  network = build_network(config.model, vocab_size=vocab_size,
-                          max_len=config.data.seq_len if max_len is None else max_len,
+  network = build_network(config["model"], vocab_size=vocab_size,
+                          max_len=config["data"]["seq_len"] if max_len is None else max_len,
                           causal=objective.causal)
   return objective, network
 
@@ -107,15 +109,3 @@ def build_update_rule(train_config) -> rules.UpdateRule:
     return zeroth_order_rule(train_config, train_config.num_steps, name)
   return update_rule_from_sections("adamw", train_config.num_steps, adamw=train_config)
 
-
-def build_model_from_dict(config: dict, *, vocab_size: int, mask_id: int,
-                          max_len: int) -> tuple[Objective, Any]:
-  """`build_model` of a config held as a plain dict (`ConfigDict.to_dict()`, e.g. a GLUE row's
-  `glue.bdiff`): the objective of config["model"]["objective"] with config["diffusion"], and the
-  network of config["model"] (`build_objective`, `build_network`, on the dict's values)."""
-  model = config["model"]
-  objective = objective_class(model["objective"])(
-      mask_id=mask_id, time_conditioned=model["time_conditioning"] != "none",
-      diffusion=settings(DiffusionSettings, config["diffusion"]))
-  network = build_network(model, vocab_size=vocab_size, max_len=max_len, causal=objective.causal)
-  return objective, network
