@@ -3,9 +3,13 @@
 * the commands are the train mode's (what a user runs by hand), one per row model;
 * a workdir is finished only when the train mode's end wrote its evaluation and plot after the
   latest checkpoint;
-* (slow) smoke-sized pretraining of the three models: an attempt stopped early is one
+* every level's command is a valid train-mode config of its row model (parsed as main.py parses
+  it, in this process);
+* (slow) smoke-sized pretraining of a start model: an attempt stopped early is one
   `StartModelError` line and is resumed by the next call with the budget that is left; a
-  finished workdir is reused without starting a child.
+  finished workdir is reused without starting a child. (One model, the OPT start: the three
+  commands differ only in the overrides the test above checks, and each child costs a cold
+  compile of its own programs.)
 """
 
 import json
@@ -14,8 +18,11 @@ import re
 import sys
 import time
 
+from absl import flags
 import pytest
+from ml_collections import config_flags
 
+from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
 from bdiff_jax.modes import glue_starts
 from bdiff_jax.runtime.reporter import QUIET, Reporter
@@ -55,6 +62,34 @@ def test_commands_are_the_train_mode_of_each_start_model(tmp_path):
       "opt_dir": "/a", "init_workdir_standard": "/b"}
 
 
+def _parsed(argv):
+  """The config main.py would run for `argv` (its --config flags, parsed by ml_collections as
+  main.py parses them), validated."""
+  args = [argv[0]] + [a for a in argv[2:] if a.startswith("--config")]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=args)
+  values(args)
+  configuration.validate(values.config)
+  return values.config
+
+
+@pytest.mark.parametrize("level", sorted(glue_starts.LEVELS))
+def test_every_command_is_a_valid_config_of_its_row_model(level):
+  for name in glue_starts.NAMES:
+    c = _parsed(glue_starts.command(name, "/w", data_dir="/data/wt2", budget_seconds=60.0,
+                                    level=level))
+    assert c.train.max_wall_seconds == 60.0 and c.data.data_dir == "/data/wt2", name
+    if name == "opt":
+      assert (c.model.backbone, c.model.objective, c.model.positional) == (
+          "opt", "autoregressive", "learned")
+    else:
+      assert (c.model.backbone, c.model.block, c.model.objective) == (
+          name.split("_")[0], "qwen3", "diffusion"), name
+    if level == "cpu" and name != "opt":
+      assert c.train.num_steps == 5000
+
+
 def test_bad_arguments_are_one_config_error(tmp_path):
   with pytest.raises(ConfigError, match="no start model 'bert'"):
     glue_starts.ensure_starts(str(tmp_path), reporter=Reporter(verbose=False), data_dir="",
@@ -91,31 +126,27 @@ def test_finished_means_evaluated_and_plotted_after_the_latest_checkpoint(tmp_pa
 
 
 @pytest.mark.slow
-def test_pretrains_resumes_and_reuses_the_three_starts(tmp_path, real_data_dir):
+def test_pretrains_resumes_and_reuses_a_start(tmp_path, real_data_dir):
   starts, env = str(tmp_path / "starts"), helpers.tiny_compile_env()
-  kw = dict(budget_seconds=600.0, data_dir=real_data_dir, level="smoke", env=env)
+  kw = dict(budget_seconds=600.0, data_dir=real_data_dir, level="smoke", env=env,
+            which=("opt",))
   opt = glue_starts.workdir_of(starts, "opt")
 
   # An attempt that stops early (as an interrupted one would): one error line, a checkpoint.
   with pytest.raises(glue_starts.StartModelError, match="ended without its final evaluation"):
-    glue_starts.ensure_starts(starts, reporter=Lines(), which=("opt",),
+    glue_starts.ensure_starts(starts, reporter=Lines(),
                               extra_args=SMOKE_ARGS + ("--config.train.stop_at_step=2",), **kw)
   assert glue_starts.latest_checkpoint_step(opt) == 2 and not glue_starts.is_finished(opt)
   spent = glue_starts.read_ledger(opt)["spent_seconds"]
   assert spent > 0
 
   rep = Lines()
-  dirs = glue_starts.ensure_starts(starts, reporter=rep, extra_args=SMOKE_ARGS, **kw)
-  assert dirs == {n: glue_starts.workdir_of(starts, n) for n in glue_starts.NAMES}
-  for name, w in dirs.items():
-    assert glue_starts.is_finished(w) and glue_starts.latest_checkpoint_step(w) == 4, name
-    config = json.load(open(os.path.join(w, "config.json")))
-    assert config["data"]["data_dir"] == real_data_dir
-  assert json.load(open(os.path.join(dirs["opt"], "config.json")))["model"]["backbone"] == "opt"
-  for name in ("reversible_qwen3", "standard_qwen3"):
-    model = json.load(open(os.path.join(dirs[name], "config.json")))["model"]
-    assert (model["backbone"], model["block"]) == (name.split("_")[0], "qwen3")
-  # The opt workdir was resumed from step 2 with the budget left over from the first attempt.
+  assert glue_starts.ensure_starts(starts, reporter=rep, extra_args=SMOKE_ARGS, **kw) == {
+      "opt": opt}
+  assert glue_starts.is_finished(opt) and glue_starts.latest_checkpoint_step(opt) == 4
+  config = json.load(open(os.path.join(opt, "config.json")))
+  assert config["data"]["data_dir"] == real_data_dir and config["model"]["backbone"] == "opt"
+  # The workdir was resumed from step 2 with the budget left over from the first attempt.
   assert any(l.startswith("[opt] resuming from") for l in rep.lines), rep.lines
   record = glue_starts.read_ledger(opt)
   assert record["attempts"] == 2 and record["finished_step"] == 4
@@ -123,14 +154,15 @@ def test_pretrains_resumes_and_reuses_the_three_starts(tmp_path, real_data_dir):
   budgets = re.findall(r"max_wall_seconds=([0-9.]+)", log)
   assert float(budgets[0]) == 600.0 and float(budgets[1]) == pytest.approx(600.0 - spent, abs=1)
 
-  # Finished workdirs are reused: no child, nothing written.
-  logs = {n: open(os.path.join(w, "pretrain.log")).read() for n, w in dirs.items()}
+  # A finished workdir is reused: no child, nothing written.
+  before = open(os.path.join(opt, "pretrain.log")).read()
   t0 = time.time()
   rep = Lines()
-  assert glue_starts.ensure_starts(starts, reporter=rep, extra_args=SMOKE_ARGS, **kw) == dirs
+  assert glue_starts.ensure_starts(starts, reporter=rep, extra_args=SMOKE_ARGS, **kw) == {
+      "opt": opt}
   assert time.time() - t0 < 2.0
-  assert all("is finished" in l for l in rep.lines) and len(rep.lines) == 3
-  assert logs == {n: open(os.path.join(w, "pretrain.log")).read() for n, w in dirs.items()}
+  assert len(rep.lines) == 1 and "is finished" in rep.lines[0], rep.lines
+  assert open(os.path.join(opt, "pretrain.log")).read() == before
 
 
 def test_a_stop_request_is_forwarded_to_the_training_child(tmp_path):
