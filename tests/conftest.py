@@ -103,8 +103,7 @@ def tiny_compile_children():
   for end-to-end modules whose processes compare numbers only with each other (resume, eval in
   a new process) or only check an error path, where compiling is most of each process's time
   (a cold smoke run: 23.7 s -> 17.9 s). Tests that compare a child's numbers with this
-  process's, or that stand for what users run as is (test_autoregressive, test_notebook), do
-  not use it."""
+  process's, or that stand for what users run as is (test_autoregressive), do not use it."""
   # (This process's own backend started, with the session's flags, when conftest.py was
   # imported: what is set here reaches only the children.)
   with pytest.MonkeyPatch.context() as mp:
