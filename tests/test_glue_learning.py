@@ -53,14 +53,16 @@ def test_first_order_rows_learn(toy, tmp_path, row):
   assert_learned(rec, agg)
 
 
-# Zeroth order on the tiny OPT fixture: 600 steps (~3 ms each) at a learning rate of 1e-2,
-# batch 8, a 16-example selection set (informedness in steps of 1/8). With today's rules both
-# reach >= 0.95 on dev from step ~350. The rules are being changed (deterministic losses, LoRA,
-# fresh DiZO batches): if a change breaks this, retune here, do not loosen the assertions.
-@pytest.mark.parametrize("row", ["opt:mezo", "opt:dizo", "opt:mezo:lora"])
-def test_zeroth_order_rows_learn(toy, tmp_path, row):
-  rec, agg = _run(toy, tmp_path, row, num_steps=600, eval_every=50, selection=16,
-                  batch_size=8, dev_curve=False, **{"zo.learning_rate": 1e-2})
+# Zeroth order on the tiny OPT fixture: 300 steps (~13 ms each on one core) at a learning rate of
+# 1e-2 (LoRA: 3e-2, its factors start at zero and move slower), batch 8, a 16-example selection
+# set (informedness in steps of 1/8). Measured 2026-12-07: MeZO is at 1.0 on selection and dev from
+# step 100, DiZO from 200, MeZO+LoRA from 250. The rules are being changed: if a change breaks
+# this, retune here, do not loosen the assertions.
+@pytest.mark.parametrize("row,learning_rate", [("opt:mezo", 1e-2), ("opt:dizo", 1e-2),
+                                               ("opt:mezo:lora", 3e-2)])
+def test_zeroth_order_rows_learn(toy, tmp_path, row, learning_rate):
+  rec, agg = _run(toy, tmp_path, row, num_steps=300, eval_every=50, selection=16,
+                  batch_size=8, dev_curve=False, **{"zo.learning_rate": learning_rate})
   assert rec["forward_passes"]["backward"] == 0
   if row.endswith(":lora"):  # only the LoRA factors train: a small part of the model
     assert 0 < rec["trainable_params"] < rec["params"] / 4
