@@ -27,7 +27,9 @@ import pytest
 
 from bdiff_jax.evaluation import evaluator as evaluator_lib
 from bdiff_jax.models import init_params
+from bdiff_jax.modes import train as train_mode
 from bdiff_jax.runtime import distributed, sharding
+from bdiff_jax.runtime.reporter import QUIET
 from bdiff_jax.train.builder import build_objective
 from bdiff_jax.train import experiment
 from tests import helpers
@@ -174,11 +176,15 @@ def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_d
   assert again["results"] == after_training["results"]  # the same program: the same numbers
   # Sampling with a judge (an autoregressive model trained in one process): its checkpoint is
   # restored onto the mesh too and scores the samples there.
+  # (The judge trains in this process: what is tested is its restore and use on the mesh.)
   judge = tmp_path / "judge"
-  helpers.assert_ok(helpers.run_main(
-      _args(judge, real_data_dir, shared_tfds_dir, "--config.mesh.fsdp=1",
-            "--config.train.num_steps=4", "--config.model.objective=autoregressive",
-            "--config.model.time_conditioning=none"), env_extra=helpers.tiny_compile_env()))
+  c = helpers.load_config("configs/wikitext2.py", "smoke")
+  c.data.data_dir, c.data.tfds_dir = real_data_dir, shared_tfds_dir
+  c.model.objective, c.model.time_conditioning = "autoregressive", "none"
+  c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 4, 4
+  c.eval.max_tokens, c.eval.during_training_max_tokens, c.eval.batch_size = 128, 128, 8
+  c.eval.seeds, c.sample.num_samples, c.sample.length = (0,), 1, 8
+  assert train_mode.run(c, str(judge), QUIET).evaluated
   outs = _two_processes(_args(workdir, real_data_dir, shared_tfds_dir, "--mode=sample",
                               f"--config.sample.judge_workdir={judge}",
                               "--config.sample.quality_steps=8,16"))
