@@ -167,7 +167,10 @@ def test_bdiff_autoregressive_scores_equal_full_logits(model):
   with jax.enable_x64(True):
     net, params = _bdiff("autoregressive", **model)
     batch = causal_batch(VOCAB + 1, words=VOCAB, pad_left=False)
-    for k in (3, 8):
+    # 3 label positions (the longest span: every row gathered exactly) for every network; 8
+    # (positions past the spans) once: how many positions are gathered does not depend on the
+    # network, and each k compiles four more float64 programs.
+    for k in ((3, 8) if not model else (3,)):
       assert_same(classification.CausalPrompt(max_label_tokens=k), net, params, batch,
                   rtol=1e-6, atol=1e-6)
 
