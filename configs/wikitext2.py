@@ -190,10 +190,12 @@ def get_config(preset: str = ""):
     if preset == "cpu":
       # The AMD EPYC of 2026-12-06 runs this preset's step at ~16,300 tokens/s on 2 idle cores:
       # 6,500 steps (26.6M tokens) in ~27 minutes plus ~1 minute of periodic evaluations and
-      # checkpoints, so the schedule fills the 30-minute budget; a slower machine is stopped by
-      # max_wall_seconds near the end of the decay (the Xeon above: step ~2,600). 6,500 rather
-      # than 5,000 steps (~21 minutes, the preset until 2026-12-06): seed 0's bound 218.6 / 207.2
-      # against 239.2 / 226.6 (docs/results_log.md); the AR twin overfits either way.
+      # checkpoints, so the schedule fills the 30-minute budget (timed 2026-12-07: the steps in
+      # 28.4 minutes, the whole command in 29.0, all 6,500 steps done); a slower machine is
+      # stopped by max_wall_seconds near the end of the decay (the Xeon above: step ~2,600).
+      # 6,500 rather than 5,000 steps (~21 minutes, the preset until 2026-12-06): seed 0's bound
+      # 218.6 / 207.2 against 239.2 / 226.6 (docs/results_log.md); the AR twin overfits either
+      # way.
       c.train.num_steps = 6500
     # Not train.fit_steps_to_wall: on 2026-12-04 the schedule fitted to 30 minutes (1,649 steps,
     # fully decayed, 6.75M tokens) gave 501 / 472 against 412 / 382 for this 3,000-step
