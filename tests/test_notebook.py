@@ -1,6 +1,7 @@
 """The Colab notebook (notebooks/bdiff_jax_colab.ipynb) runs: all its code cells, in order, in a
-fresh process on CPU with the smoke preset shortened to 4 steps (outside Colab its install and
-Drive cells only set paths), must train, evaluate, sample with the prompt and plot."""
+fresh process on CPU with the smoke preset shortened to 4 steps of a 2 x 32 model (outside Colab
+its install and Drive cells only set paths), must train, evaluate, sample with the prompt and
+plot."""
 
 import json
 import math
