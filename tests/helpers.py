@@ -33,6 +33,17 @@ def load_config(path: str, preset: str = ""):
   return module.get_config(preset)
 
 
+# The smoke preset narrowed to a 2 x 32 model on 4 x 32 batches, for runs where only the wiring
+# is tested (test_reliability, test_notebook): config field -> value.
+NARROW_SMOKE = {"model.emb_dim": 32, "model.head_dim": 16, "model.mlp_dim": 64,
+                "data.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 2}
+
+
+def config_flags_of(fields: dict) -> list:
+  """`--config.<field>=<value>` arguments of {field: value}."""
+  return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
 def smoke_args(workdir, data_dir, tfds_dir, *extra, config: str = SMOKE, log_every: int = 1,
                eval_tokens: int = 300, eval_batch_size: int = 8) -> list:
   """main.py arguments of a very small run of the smoke preset on the real WikiText-2: 8 steps,

@@ -38,13 +38,11 @@ def test_notebook_runs_with_the_smoke_preset(tmp_path, real_data_dir, shared_tfd
       "\nprint('NOTEBOOK ' + json.dumps({'status': result.status, 'end': result.end_step, "
       "'valid': evaluation['results']['valid']['word_ppl'], 'samples': samples, "
       "'fig_axes': len(fig.axes), 'train_points': len(train_records)}))\n")
-  # The smoke preset narrowed to a 2 x 32 model on 4 x 32 batches (the shapes of
-  # test_reliability's runs), compiled fast (helpers.tiny_compile_env): what is tested is that
-  # the cells run in order, not the model.
-  overrides = {"train.num_steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
-               "train.log_every": 2, "train.batch_size": 4, "train.warmup_steps": 2,
-               "model.emb_dim": 32, "model.head_dim": 16, "model.mlp_dim": 64,
-               "data.seq_len": 32, "eval.seeds": [0], "eval.max_tokens": 256,
+  # The smoke preset narrowed (helpers.NARROW_SMOKE), compiled fast (helpers.tiny_compile_env):
+  # what is tested is that the cells run in order, not the model.
+  overrides = {**helpers.NARROW_SMOKE, "train.num_steps": 4, "train.eval_every": 4,
+               "train.checkpoint_every": 4, "train.log_every": 2,
+               "eval.seeds": [0], "eval.max_tokens": 256,
                "eval.batch_size": 8, "eval.during_training_max_tokens": 128,
                "data.tfds_dir": shared_tfds_dir, "sample.num_steps": 4,
                "sample.num_samples": 2, "sample.length": 16}

@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO, assert_ok, run_main, smoke_args, subprocess_env, train_losses
 
 # Every test here runs main.py in new processes; they compile fast (conftest.py).
@@ -36,10 +37,7 @@ STEPS = 8
 def _args(workdir, data_dir, tfds_dir, *extra, config="configs/wikitext2.py:smoke"):
   """A tiny smoke run: a 2 x 32 model on 4 x 32 batches, 8 steps, tiny evaluation/samples."""
   assert STEPS == 8  # helpers.smoke_args's
-  return smoke_args(workdir, data_dir, tfds_dir,
-                    "--config.model.emb_dim=32", "--config.model.head_dim=16",
-                    "--config.model.mlp_dim=64", "--config.data.seq_len=32",
-                    "--config.train.batch_size=4", "--config.train.warmup_steps=2",
+  return smoke_args(workdir, data_dir, tfds_dir, *helpers.config_flags_of(helpers.NARROW_SMOKE),
                     "--config.eval.seeds=(0,)", "--config.sample.num_samples=1",
                     "--config.sample.length=8", "--config.sample.num_steps=2", *extra,
                     config=config, eval_tokens=64, eval_batch_size=2)
