@@ -28,9 +28,9 @@ Expected results (word-level perplexity UPPER BOUNDS from the diffusion ELBO, 3 
            trained autoregressively (--config.model.objective=autoregressive), 3 seeds: 151.4 ±
            1.0 / 141.0 ± 1.0 exact (best checkpoint: step 3,500 in each; it overfits after), so
            diffusion / AR = 1.46 / 1.48 / 1.45 per seed (test). The 5,000-step schedule before
-           it: 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no plateau. The preset until 2026-12-06 (standard backbone, tied embeddings, adaLN,
-           3,000 steps) gave 426 ± 38 / 402 ± 35 in 30 minutes on the Xeon of that day
-           (docs/results_log.md).
+           it: 3 seeds 237.9 ± 1.5 / 225.1 ± 1.3, no plateau. The preset until 2026-12-06
+           (standard backbone, tied embeddings, adaLN, 3,000 steps) gave 426 ± 38 / 402 ± 35 in
+           30 minutes on the Xeon of that day (docs/results_log.md).
   gpu:     sized for one GPU (8 x 512, seq 256, batch 64), the cpu preset's bijective model;
            not yet measured (no accelerator was available). `default` is an alias of `gpu`.
   tpu:     a TPU host (bfloat16 compute, batch 256 over its devices); not yet measured.
