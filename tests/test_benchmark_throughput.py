@@ -78,12 +78,13 @@ def test_matmul_flops_by_hand():
 def test_interleaved_run_of_the_same_code_twice(tmp_path):
   """jax:masked and base:masked built from this same checkout: both report timings from every
   round, the same loss bits (the same program on the same batch), the GEMM peak, the JSON,
-  and which host allocator settings each ran with (base: glibc's, from --allocator)."""
+  which host allocator settings each ran with (base: glibc's, from --allocator), the
+  breakdown of a traced step and the processor."""
   out = tmp_path / "throughput.json"
   proc = subprocess.run(
       [sys.executable, "-m", "bdiff_jax.benchmarks.throughput", "--shape", "smoke",
        "--systems", "jax:masked,base:masked", "--baseline_src", helpers.REPO, "--rounds", "2",
-       "--steps", "1", "--allocator", "system", "--out", str(out)],
+       "--steps", "1", "--allocator", "system", "--profile_steps", "1", "--out", str(out)],
       cwd=helpers.REPO, env=helpers.subprocess_env(**helpers.tiny_compile_env()),
       capture_output=True, text=True, timeout=600)
   helpers.assert_ok(proc)
@@ -97,4 +98,10 @@ def test_interleaved_run_of_the_same_code_twice(tmp_path):
   assert math.isfinite(a["loss"]) and a["loss"] == b["loss"]
   assert a["allocator"] == b["allocator"] == "system: BDIFF_HOST_ALLOCATOR=system"
   assert "ratio_to_torch_compile" not in a  # no PyTorch system was run
+  # Where each step's time went (step_profile.py), and on which processor.
+  for s in (a, b):
+    assert s["breakdown"]["steps"] == 1 and s["breakdown"]["threads"]
+    assert s["breakdown"]["ops_by_time"] and 0 <= s["breakdown"]["gap_fraction"] < 1
+  assert result["processor"]["model"] and result["processor"]["usable_cpus"] >= 1
+  assert "ms/step traced" in proc.stdout and "processor:" in proc.stdout
   assert "jax:masked" in proc.stdout and "tokens/s" in proc.stdout

@@ -115,6 +115,11 @@ def _host_allocator():
   return _this_checkout(os.path.join("runtime", "host_allocator.py"), "_bdiff_host_allocator")
 
 
+def _step_profile():
+  """This checkout's bdiff_jax/benchmarks/step_profile.py (the breakdown and the processor)."""
+  return _this_checkout(os.path.join("benchmarks", "step_profile.py"), "_bdiff_step_profile")
+
+
 def _apply_allocator(mode: str) -> str:
   """host_allocator.configure in `mode`, before the worker imports JAX or PyTorch."""
   module = _host_allocator()
@@ -135,7 +140,8 @@ def _worker_main(payload: str) -> None:
   # imports JAX, ours never PyTorch.
   side = _this_checkout(os.path.join("benchmarks", f"throughput_{args['kind']}.py"),
                         f"_bdiff_throughput_{args['kind']}")
-  side.worker(args, reply, max_rss_mib=_max_rss_mib, preset_config=get_preset_config)
+  side.worker(args, reply, max_rss_mib=_max_rss_mib, preset_config=get_preset_config,
+              profile_steps=_step_profile().profile_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,6 +160,7 @@ class Worker:
     self.info = None
     self.times: list[float] = []
     self.max_rss_mib = None
+    self.breakdown = None
 
   def read(self) -> dict[str, Any]:
     line = self.proc.stdout.readline()
@@ -246,6 +253,11 @@ def run(opts) -> dict[str, Any]:
       print(f"round {r + 1}/{opts.rounds}: " + ", ".join(
           f"{w.name} {statistics.median(w.times[-opts.steps:]):.3f}s" for w in workers),
             flush=True)
+    # After the timed rounds (tracing slows the steps it traces): where our steps' time goes.
+    for w in workers:
+      if w.args["kind"] == "jax" and opts.profile_steps > 0:
+        w.breakdown = w.send({"cmd": "profile", "n": opts.profile_steps})
+        print(f"{w.name}: {_step_profile().summary(w.breakdown)}", flush=True)
   finally:
     for w in workers:
       w.close()
@@ -260,6 +272,8 @@ def run(opts) -> dict[str, Any]:
         "step_times_s": w.times, "max_rss_mib": w.max_rss_mib,
         "gflops_per_s": useful / med / 1e9,
         "fraction_of_gemm_peak": (useful / med / 1e9 / peak) if peak else None, **w.info}
+    if w.breakdown is not None:
+      systems[w.name]["breakdown"] = w.breakdown
   for name, sys_ in systems.items():
     for ref in ("torch_eager", "torch_compile"):
       if ref in systems:
@@ -268,7 +282,8 @@ def run(opts) -> dict[str, Any]:
           "steps_per_round": opts.steps, "tokens_per_step": tokens,
           "useful_matmul_flops_per_step": useful, "gemm_peak_gflops_per_s": peak,
           "gemm_gflops_per_round": gemm, "load_1min_before": load_before,
-          "load_1min_after": _load(), "cpu_count": os.cpu_count(), "systems": systems}
+          "load_1min_after": _load(), "cpu_count": os.cpu_count(),
+          "processor": _step_profile().processor(), "systems": systems}
 
 
 def memory_report(opts) -> dict[str, Any]:
@@ -295,7 +310,10 @@ def memory_report(opts) -> dict[str, Any]:
 
 
 def _table(result: dict[str, Any]) -> str:
-  lines = [f"shape {result['shape']} ({result['shape_name']}); load {result['load_1min_before']:.1f}"
+  cpu = result.get("processor") or {}
+  lines = [f"processor: {cpu.get('model', '?')} ({', '.join(cpu.get('isa', [])) or 'no ISA flags'};"
+           f" {cpu.get('usable_cpus', '?')} usable CPUs)",
+           f"shape {result['shape']} ({result['shape_name']}); load {result['load_1min_before']:.1f}"
            f" -> {result['load_1min_after']:.1f} on {result['cpu_count']} cores; GEMM peak "
            f"{result['gemm_peak_gflops_per_s'] or float('nan'):.1f} GFLOP/s",
            f"{'system':28s} {'tokens/s':>9s} {'step ms':>8s} {'GFLOP/s':>8s} {'%peak':>6s}"
@@ -316,6 +334,10 @@ def main(argv=None) -> None:
   p.add_argument("--systems", default="jax:masked,torch_eager,torch_compile")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="timed steps per system per round")
+  p.add_argument("--profile_steps", type=int, default=2,
+                 help="after the rounds, trace this many steps of each of our systems and add "
+                 "the breakdown (per-thread busy time, gaps, ops; step_profile.py) to the JSON; "
+                 "0: off")
   p.add_argument("--baseline_src", default="", help="checkout for the 'base' system")
   p.add_argument("--torch_python", default="", help="python with torch (default: this one)")
   p.add_argument("--allocator", default="retain", choices=_host_allocator().MODES,

@@ -68,12 +68,14 @@ def our_config(shape: dict[str, int], *, preset_config=None, overrides=()):
   return c
 
 
-def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config) -> None:
+def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config,
+           profile_steps) -> None:
   """The worker protocol of `throughput.py` for one of our systems (`args["kind"] == "jax"`):
-  compile, reply with its info, then answer "steps" and "gemm" commands from stdin.
+  compile, reply with its info, then answer "steps", "profile" and "gemm" commands from stdin.
 
   `max_rss_mib()`: this process's peak resident memory; `preset_config(name)`: the config of
-  configs/wikitext2.py:<name>.
+  configs/wikitext2.py:<name>; `profile_steps(run_step, n)`: the breakdown of `n` traced steps
+  (`step_profile.profile_steps`).
   """
   # Before JAX starts its backend (importing JAX does not start it): XLA reads XLA_FLAGS then.
   if args.get("flags") is None:
@@ -120,6 +122,14 @@ def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config) -> None:
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
       reply({"times": times, "loss": float(metrics["loss"]), "max_rss_mib": max_rss_mib()})
+    elif cmd["cmd"] == "profile":  # after the timed rounds: tracing slows the steps it traces
+
+      def run_step():
+        nonlocal state, metrics
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+
+      reply(profile_steps(run_step, cmd["n"]))
     elif cmd["cmd"] == "gemm":
       times = []
       for _ in range(3):

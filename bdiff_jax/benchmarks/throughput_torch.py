@@ -15,10 +15,12 @@ from torch import nn
 import torch.nn.functional as F
 
 
-def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config=None) -> None:
+def worker(args: dict[str, Any], reply, *, max_rss_mib, preset_config=None,
+           profile_steps=None) -> None:
   """The worker protocol of `throughput.py` for a PyTorch system (`args["kind"] == "torch"`):
   compile (torch_compile) and warm up, reply with its info, then answer "steps" commands."""
   del preset_config  # the PyTorch model has the reference architecture at every shape
+  del profile_steps  # the XLA breakdown is ours only
   s = args["shape"]
   d, heads, length, vocab = s["d"], s["heads"], s["seq"], s["vocab"]
   torch.manual_seed(0)
