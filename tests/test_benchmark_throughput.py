@@ -65,6 +65,14 @@ def test_system_specs():
 # pylint: enable=protected-access
 
 
+def test_systems_split_where_a_new_system_starts():
+  flags = "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_dot"
+  assert throughput.split_systems(f"jax:masked,jax:masked@{flags},base:full,torch_compile") == [
+      "jax:masked", f"jax:masked@{flags}", "base:full", "torch_compile"]
+  assert throughput.split_systems("jax:masked%system,torch_eager") == ["jax:masked%system",
+                                                                        "torch_eager"]
+
+
 def test_matmul_flops_by_hand():
   shape = dict(d=4, layers=1, heads=1, seq=3, batch=2, vocab=10)
   n = 6  # tokens

@@ -18,7 +18,7 @@ Systems measured (each a persistent worker process, so that its compiled step st
                         head at a time, for memory) or "full" (head at every position);
                         <override> = a config override "section.field=value" for this system
                         only, e.g. `jax:masked/model.head=adaptive`;
-                        <flags> = XLA_FLAGS for the worker, default:
+                        <flags> = XLA_FLAGS for the worker (commas allowed), default:
                         `xla_flags.apply_default_flags()`,
                         "none": no flags of ours.
   base[:<loss>[@<flags>]]  ours as built from another checkout (`--baseline_src DIR`, e.g. a
@@ -55,6 +55,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -183,6 +184,13 @@ class Worker:
       self.proc.wait(timeout=60)
 
 
+def split_systems(systems: str) -> list[str]:
+  """The --systems list: split at each comma that starts a new system (jax:, base,
+  torch_...), so that a system's XLA flags may hold commas themselves
+  (`jax:masked@--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_dot`)."""
+  return [s for s in re.split(r",(?=jax:|base\b|torch_)", systems) if s]
+
+
 def _parse_system(spec: str, shape, opts) -> tuple[dict[str, Any], str]:
   """(worker args, source dir) for one --systems entry."""
   spec, _, allocator = spec.partition("%")
@@ -234,7 +242,7 @@ def run(opts) -> dict[str, Any]:
   workers = []
   load_before = _load()
   try:
-    for spec in opts.systems.split(","):
+    for spec in split_systems(opts.systems):
       args, src = _parse_system(spec, shape, opts)
       w = Worker(spec, args, python=python[args["kind"]], src=src)
       w.info = w.read()  # one at a time: compiling never overlaps a timed step
@@ -290,7 +298,7 @@ def memory_report(opts) -> dict[str, Any]:
   """XLA memory analysis of the train step of configs/wikitext2.py:<preset> (compile only)."""
   shape = shape_from_preset(opts.memory_preset)
   out = {"preset": opts.memory_preset, "shape": shape, "overrides": opts.set, "systems": {}}
-  for spec in opts.systems.split(","):
+  for spec in split_systems(opts.systems):
     args, src = _parse_system(spec, shape, opts)
     if args["kind"] != "jax":
       continue
