@@ -88,6 +88,66 @@ def test_cloze_score_is_log_softmax_at_the_mask(sst2):
     np.testing.assert_allclose(got[b], logp[enc["candidate_ids"][b]], rtol=1e-5, atol=1e-5)
 
 
+def test_cloze_score_of_multi_word_candidates_reads_every_token_under_its_masks():
+  """COPA's choices are sentences: each candidate gets its own row with one mask per token, and
+  its score is the mean log-probability of its tokens there (all masked at once)."""
+  from bdiff_jax.glue import tasks as glue_tasks  # pylint: disable=g-import-not-at-top
+  texts = (("The man fell.", "It rained."), ("He tripped.", "The grass got wet."),
+           ("I laughed.", "The sun was out."), ("cause", "effect"))
+  split = glue_tasks.GlueSplit(task="COPA", split="dev", texts=texts,
+                               labels=np.array([0, 0]), label_names=("0", "1"),
+                               segment_names=glue_tasks.TASKS["COPA"].segment_names,
+                               source_rows=np.arange(2), path="")
+  tok = WordTokenizer.from_corpus(["the man fell because he tripped i laughed . it rained so "
+                                   "grass got wet sun was out"])
+  time_of = lambda f: 0.5 + f  # a non-identity map, to see that t is the masked fraction's
+  enc = glue_encoding.encode_split(split, glue_encoding.WordEncoder(tok), scoring="cloze",
+                                   seq_len=16, time_of_fraction=time_of)
+  assert enc["inputs"].shape == enc["targets"].shape == enc["score_mask"].shape == (2, 2, 16)
+  # "he tripped .", "I laughed .", "the grass got wet .", "the sun was out ." (punctuation
+  # split off as WikiText-2 writes it: the word-level vocabulary has "tripped", not "tripped.")
+  lengths = {(0, 0): 3, (0, 1): 3, (1, 0): 5, (1, 1): 5}
+  for (b, c), n in lengths.items():
+    span = enc["score_mask"][b, c] > 0
+    assert span.sum() == n and (enc["inputs"][b, c][span] == tok.mask_id).all()
+    assert (enc["inputs"][b, c][~span & enc["padding"][b, c]] != tok.mask_id).all()
+    assert enc["t"][b, c] == pytest.approx(time_of(n / enc["padding"][b, c].sum()))
+  assert tok.decode(enc["targets"][1, 0][enc["score_mask"][1, 0] > 0]) == "the grass got wet ."
+  table = jax.random.normal(jax.random.PRNGKey(0), (tok.mask_id + 1, tok.vocab_size))
+  seen_t = []
+  def apply(tokens, t=None, *, padding_mask=None):
+    seen_t.append(t)
+    return table[tokens] * (1 + jnp.arange(tokens.shape[1]))[None, :, None]
+  batch = {k: jnp.asarray(v) for k, v in enc.items() if k != "labels"}
+  got = np.asarray(classification.ClozePrompt(time_conditioned=True).scores(apply, batch))
+  np.testing.assert_allclose(np.asarray(seen_t[-1]), enc["t"].reshape(4), rtol=1e-6)
+  for (b, c) in lengths:
+    logits = np.asarray(apply(batch["inputs"][b, c][None]))[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                           keepdims=True)) - logits.max(-1, keepdims=True)
+    pos = np.flatnonzero(enc["score_mask"][b, c])
+    want = np.mean(logp[pos, enc["targets"][b, c][pos]])
+    np.testing.assert_allclose(got[b, c], want, rtol=1e-5, atol=1e-5)
+
+
+def test_word_encoder_splits_unknown_words_as_wikitext_writes_them():
+  tok = WordTokenizer.from_corpus(["he tripped . do n't well @-@ known 3 @,@ 000 ( IBM ) 's"])
+  enc = glue_encoding.WordEncoder(tok)
+  assert glue_encoding.wikitext_pieces('"Hello,"') == ['"', "Hello", ",", '"']
+  assert glue_encoding.wikitext_pieces("3.5%") == ["3", "@.@", "5", "%"]
+  for text, words in (("He tripped.", "he tripped ."), ("don't", "do n't"),
+                      ("well-known", "well @-@ known"), ("3,000", "3 @,@ 000"),
+                      ("(IBM)'s", "( IBM ) 's")):
+    assert enc.ids(text) == [tok.id_of(w) for w in words.split()], text
+  assert enc.stats.unknown == 0
+  # A known word is never split; an unknown piece is one <unk>.
+  known = WordTokenizer.from_corpus(["e-mail mail"])
+  assert glue_encoding.WordEncoder(known).ids("e-mail") == [known.id_of("e-mail")]
+  other = glue_encoding.WordEncoder(known)
+  assert other.ids("e-mail,") == [known.unk_id, known.unk_id, known.id_of("mail"), known.unk_id]
+  assert other.stats.unknown == 3 and other.stats.words == 4
+
+
 def test_cross_entropy_over_candidates():
   scores = np.array([[0.0, 1.0, -2.0], [3.0, 0.5, 0.5]], np.float32)
   target = np.array([[0, 1, 0], [0.2, 0.3, 0.5]], np.float32)

@@ -15,7 +15,11 @@ padded to fixed shapes so that one compiled step serves every batch:
                     context around the slot).
                     inputs int32[N, L] with `mask_id` at the label slot, mask_pos int32[N],
                     candidate_ids int32[N, C], padding bool[N, L], t float32[N] (the diffusion
-                    time whose masking probability is the row's masked fraction).
+                    time whose masking probability is the row's masked fraction). When a
+                    candidate has several tokens (COPA's choices): one row per candidate, the
+                    slot as one mask per token of it: inputs/targets int32[N, C, L] (targets:
+                    the candidate's tokens), score_mask float32[N, C, L] (its span),
+                    padding bool[N, C, L], t float32[N, C].
   scoring="head"    inputs int32[N, L] (the example's segments joined by spaces, no template),
                     padding bool[N, L], t float32[N] (0: nothing is masked).
 
@@ -31,6 +35,7 @@ then becomes `<unk>`; `WordEncoder.stats` counts words, case-mapped words and `<
 """
 
 import dataclasses
+import re
 from typing import Callable, Optional
 
 import numpy as np
@@ -70,8 +75,29 @@ class WordStats:
     return self.unknown / max(self.words, 1)
 
 
+# WikiText-2's tokenisation of the pieces of a word: clitics ('s, n't, ...), a hyphen or a
+# number's comma or point between word characters (@-@, @,@, @.@), other punctuation alone.
+_WIKITEXT_PIECES = re.compile(r"n't\b|'(?:s|re|ve|ll|d|m)\b|\w+?(?=n't\b)|\w+|"
+                              r"(?P<joiner>(?<=\w)[-,.](?=\w))|[^\w\s]")
+_JOINERS = {"-": "@-@", ",": "@,@", ".": "@.@"}
+
+
+def wikitext_pieces(word: str) -> list[str]:
+  """A whitespace-free `word` as WikiText-2 writes it: "tripped." -> ["tripped", "."],
+  "don't" -> ["do", "n't"], "well-known" -> ["well", "@-@", "known"], "3,000" -> ["3", "@,@",
+  "000"], "(IBM)" -> ["(", "IBM", ")"]."""
+  return [_JOINERS[m.group(0)] if m.group("joiner") else m.group(0)
+          for m in _WIKITEXT_PIECES.finditer(word)]
+
+
 class WordEncoder:
-  """A `WordTokenizer` vocabulary with case mapping; `start_id` (the AR BOS) is `[MASK]`."""
+  """A `WordTokenizer` vocabulary with case mapping; `start_id` (the AR BOS) is `[MASK]`.
+
+  A word the vocabulary lacks in every case form is split as WikiText-2 writes text
+  (`wikitext_pieces`: punctuation, clitics and joiners apart) and its pieces are looked up;
+  only a piece that is still unknown becomes `<unk>`. SuperGLUE's raw sentences ("He
+  tripped.") then read like the pretraining text; already tokenised text (SST-2) is unchanged
+  wherever its words are known."""
 
   pad_left = False
   spacing = "word"
@@ -85,18 +111,36 @@ class WordEncoder:
     self.pad_id = tokenizer.eos_id  # any real id; padding positions are masked out
     self.stats = WordStats()
 
-  def word_id(self, word: str) -> int:
-    self.stats.words += 1
+  def _known(self, word: str) -> Optional[int]:
     for i, form in enumerate((word, word.lower(), word[:1].upper() + word[1:].lower())):
       found = self.tokenizer.id_of(form)
       if found is not None:
         self.stats.case_mapped += int(i > 0)
         return found
-    self.stats.unknown += 1
-    return self.tokenizer.unk_id
+    return None
+
+  def word_id(self, word: str) -> int:
+    """The id of one vocabulary word (case-mapped), or `<unk>`; counted in `stats`."""
+    self.stats.words += 1
+    found = self._known(word)
+    if found is None:
+      self.stats.unknown += 1
+      return self.tokenizer.unk_id
+    return found
+
+  def word_ids(self, word: str) -> list[int]:
+    """The ids of a whitespace-free word: itself when known, else its WikiText-2 pieces."""
+    found = self._known(word)
+    if found is not None:
+      self.stats.words += 1
+      return [found]
+    pieces = wikitext_pieces(word)
+    if pieces == [word] or not pieces:
+      return [self.word_id(word)]
+    return [self.word_id(piece) for piece in pieces]
 
   def ids(self, text: str) -> list[int]:
-    return [self.word_id(w) for w in text.split()]
+    return [i for w in text.split() for i in self.word_ids(w)]
 
 
 def _place(rows: list[list[int]], seq_len: int, pad_id: int, pad_left: bool):
@@ -158,15 +202,11 @@ def _encode_cloze(parts, encoder, seq_len, time_of_fraction):
   if encoder.mask_id is None:
     raise ConfigError("cloze scoring needs a tokenizer with a [MASK] token (a bdiff model).",
                       "score OPT causally.")
+  if any(len(encoder.ids(word)) != 1 for p in parts for word in p.candidates):
+    return _encode_cloze_spans(parts, encoder, seq_len, time_of_fraction)
   rows, positions, cands = [], [], []
   for p in parts:
-    ids = []
-    for word in p.candidates:
-      cid = encoder.ids(word)
-      if len(cid) != 1:
-        raise ConfigError(f"cloze candidate {word!r} is {len(cid)} words, not one.",
-                          "use single-word label words for a masked-diffusion model.")
-      ids.append(cid[0])
+    ids = [encoder.ids(word)[0] for word in p.candidates]
     suffix = encoder.ids(p.suffix)
     prefix = _trim_front(encoder.ids(p.prefix), 1 + len(suffix), seq_len, "the suffix")
     rows.append(prefix + [encoder.mask_id] + suffix)
@@ -178,6 +218,35 @@ def _encode_cloze(parts, encoder, seq_len, time_of_fraction):
   return {"inputs": inputs, "padding": padding,
           "mask_pos": (np.asarray(positions) + offsets).astype(np.int32),
           "candidate_ids": np.asarray(cands, np.int32), "t": t}
+
+
+def _encode_cloze_spans(parts, encoder, seq_len, time_of_fraction):
+  """Cloze rows for candidates of several tokens: one row per candidate, the slot replaced by
+  one mask per token of it (ClozePrompt's span batch)."""
+  num_c = len(parts[0].candidates)
+  rows, spans, masked = [], [], []
+  for p in parts:
+    prefix_ids, suffix = encoder.ids(p.prefix), encoder.ids(p.suffix)
+    for c in range(num_c):
+      cid = encoder.ids(p.candidates[c])
+      if not cid:
+        raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
+                          "use label words the tokenizer can encode.")
+      prefix = _trim_front(prefix_ids, len(cid) + len(suffix), seq_len,
+                           "the candidate and the suffix")
+      rows.append((prefix + [encoder.mask_id] * len(cid) + suffix, prefix + cid + suffix))
+      spans.append((len(prefix), len(cid)))
+  inputs, padding, offsets = _place([r[0] for r in rows], seq_len, encoder.pad_id,
+                                    encoder.pad_left)
+  targets, _, _ = _place([r[1] for r in rows], seq_len, encoder.pad_id, encoder.pad_left)
+  score_mask = np.zeros(inputs.shape, np.float32)
+  for r, (start, length) in enumerate(spans):
+    score_mask[r, offsets[r] + start:offsets[r] + start + length] = 1.0
+    masked.append(time_of_fraction(length / len(rows[r][0])))
+  shape = (len(parts), num_c, seq_len)
+  return {"inputs": inputs.reshape(shape), "targets": targets.reshape(shape),
+          "score_mask": score_mask.reshape(shape), "padding": padding.reshape(shape),
+          "t": np.asarray(masked, np.float32).reshape(len(parts), num_c)}
 
 
 def _encode_head(split, encoder, seq_len):

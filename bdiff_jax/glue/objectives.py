@@ -23,6 +23,11 @@ ClozePrompt    (masked-diffusion LM; the label slot is a [MASK])
   candidate_ids int32[B, C], t float32[B] (the diffusion time the network is told, when it is
   time-conditioned), target float32[B, C]. score[b, c] = log_softmax(logits[b, mask_pos[b]])
   [candidate_ids[b, c]]: the denoiser's log-probability of candidate c at the mask.
+  When a candidate has several tokens, a span batch instead: inputs int32[B, C, L] (row (b, c)
+  the prompt with one mask per token of candidate c), targets int32[B, C, L] (the candidate's
+  tokens at those masks), score_mask float32[B, C, L], padding bool[B, C, L], t float32[B, C]
+  (the masked fraction's time). score[b, c] = the mean over the candidate's tokens of their
+  log-probabilities with every token of the candidate masked (all read in one pass).
 PooledHead     (the non-prompt baseline: a classification / regression head on pooled states)
   batch: inputs int32[B, L], padding bool[B, L], t float32[B], target float32[B, C].
   `apply` returns float32[B, C] directly (`models.classifier.PooledClassifier`). Classification:
@@ -117,39 +122,48 @@ class CausalPrompt(ClassificationObjective):
     self.max_label_tokens = int(max_label_tokens)
 
   def scores(self, apply, batch):
-    inputs = batch["inputs"]
-    b, c, length = inputs.shape
-    flat = lambda x: x.reshape(b * c, length)
-    tokens, padding, targets = flat(inputs), flat(batch["padding"]), flat(batch["targets"])
-    mask = flat(batch["score_mask"]).astype(jnp.float32)
-    if not _gathers_rows(apply):
-      logits = apply(tokens, padding_mask=padding).astype(jnp.float32)
-      logp = jax.nn.log_softmax(logits, axis=-1)
-      token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-      sum_lp = jnp.sum(token_lp * mask, axis=-1)
+    return _candidate_mean_logp(apply, batch, self.max_label_tokens)
+
+
+def _candidate_mean_logp(apply, batch, max_label_tokens: int, t=None):
+  """float32[B, C]: for each row (b, c) of inputs [B, C, L], the mean log-probability of
+  `targets` at the positions with score_mask = 1 (causal: targets are the next tokens; cloze
+  spans: the candidate's tokens under its masks). `t` [B, C]: the diffusion time of each row
+  for a time-conditioned network, else None. See CausalPrompt for how the head is run."""
+  inputs = batch["inputs"]
+  b, c, length = inputs.shape
+  flat = lambda x: x.reshape(b * c, length)
+  tokens, padding, targets = flat(inputs), flat(batch["padding"]), flat(batch["targets"])
+  mask = flat(batch["score_mask"]).astype(jnp.float32)
+  time = () if t is None else (jnp.reshape(t, (b * c,)),)
+  if not _gathers_rows(apply):
+    logits = apply(tokens, *time, padding_mask=padding).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    sum_lp = jnp.sum(token_lp * mask, axis=-1)
+  else:
+    h = apply.hidden(tokens, *time, padding_mask=padding)  # [B*C, L, D], final-normed
+    k = min(max_label_tokens, length)
+
+    def every_position():
+      lp = -apply.token_nll(h, targets).astype(jnp.float32)
+      return jnp.sum(lp * mask, axis=-1)
+
+    def scored_positions():
+      pos = jnp.arange(length, dtype=jnp.int32)[None, :]
+      # The scored positions first, in order; then the others (weight 0).
+      idx = jnp.argsort(jnp.where(mask > 0, pos, pos + length), axis=-1)[:, :k]
+      rows = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B*C, K, D]
+      lp = -apply.token_nll(rows, jnp.take_along_axis(targets, idx, axis=-1))
+      return jnp.sum(lp.astype(jnp.float32) * jnp.take_along_axis(mask, idx, axis=-1), axis=-1)
+
+    if k == length:
+      sum_lp = every_position()
     else:
-      h = apply.hidden(tokens, padding_mask=padding)  # [B*C, L, D], final-normed
-      k = min(self.max_label_tokens, length)
-
-      def every_position():
-        lp = -apply.token_nll(h, targets).astype(jnp.float32)
-        return jnp.sum(lp * mask, axis=-1)
-
-      def scored_positions():
-        pos = jnp.arange(length, dtype=jnp.int32)[None, :]
-        # The scored positions first, in order; then the others (weight 0).
-        idx = jnp.argsort(jnp.where(mask > 0, pos, pos + length), axis=-1)[:, :k]
-        rows = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B*C, K, D]
-        lp = -apply.token_nll(rows, jnp.take_along_axis(targets, idx, axis=-1))
-        return jnp.sum(lp.astype(jnp.float32) * jnp.take_along_axis(mask, idx, axis=-1), axis=-1)
-
-      if k == length:
-        sum_lp = every_position()
-      else:
-        fits = jnp.max(jnp.sum((mask > 0).astype(jnp.int32), axis=-1)) <= k
-        sum_lp = jax.lax.cond(fits, scored_positions, every_position)
-    mean_lp = sum_lp / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-    return mean_lp.reshape(b, c)
+      fits = jnp.max(jnp.sum((mask > 0).astype(jnp.int32), axis=-1)) <= k
+      sum_lp = jax.lax.cond(fits, scored_positions, every_position)
+  mean_lp = sum_lp / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  return mean_lp.reshape(b, c)
 
 
 class ClozePrompt(ClassificationObjective):
@@ -158,6 +172,8 @@ class ClozePrompt(ClassificationObjective):
   With an `apply` from `models.bind` the output head runs only at the mask (the network's
   `logit_positions`) and scores the C candidates there with `apply.token_nll`; a plain `apply`
   (logits only) computes the logits at every position and reads the mask's row.
+  Candidates of several tokens (COPA's choices) come as span batches (module docstring): the
+  mean over the candidate's tokens of their log-probabilities with all of them masked.
   """
 
   name = "cloze_prompt"
@@ -169,6 +185,8 @@ class ClozePrompt(ClassificationObjective):
 
   def scores(self, apply, batch):
     t = batch["t"] if self.uses_time else None
+    if "score_mask" in batch:  # multi-token candidates: one row per candidate, masks at its span
+      return _candidate_mean_logp(apply, batch, DEFAULT_LABEL_TOKENS, t)
     cands = batch["candidate_ids"]
     if _gathers_rows(apply):
       h = apply.hidden(batch["inputs"], t, padding_mask=batch["padding"],
