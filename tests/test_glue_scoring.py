@@ -137,8 +137,9 @@ def test_causal_head_runs_only_at_the_gathered_positions(tiny_opt):
   batch = causal_batch(vocab, pad_left=True)
   spy = Spy(network, params)
   classification.CausalPrompt(max_label_tokens=4).scores(spy, batch)
-  # Traced once per lax.cond branch: the gathered rows [B*C, 4, E] and the fallback's [B*C, L, E].
-  assert sorted(spy.rows) == [(6, 4, 16), (6, LENGTH, 16)]
+  # Traced once per lax.cond branch: the gathered rows [B*C, 4, E], and the fallback's chunk of
+  # 4 positions in its scan over the whole sequence (never [B*C, L, E] at once).
+  assert sorted(spy.rows) == [(6, 4, 16), (6, 4, 16)]
   spy = Spy(network, params)
   classification.CausalPrompt(max_label_tokens=LENGTH).scores(spy, batch)  # no fallback needed
   assert spy.rows == [(6, LENGTH, 16)]

@@ -107,7 +107,9 @@ class CausalPrompt(ClassificationObjective):
   number, so shapes stay static) and `apply.token_nll` scores the label tokens there (the
   adaptive head's exact NLL without its tail clusters where the label is not in them). A batch
   with a row of more scored tokens than that takes an exact fallback (`lax.cond`) that runs the
-  head at every position, as a plain `apply` (logits only) always does. The scores equal the
+  head at every position, `max_label_tokens` positions at a time (a `lax.scan`: the compiled
+  step holds one chunk's head activations, not the [B*C, L, V] of the whole sequence); a plain
+  `apply` (logits only) computes the logits at every position. The scores equal the
   full-logits computation up to the order of floating-point additions.
   """
 
@@ -144,24 +146,37 @@ def _candidate_mean_logp(apply, batch, max_label_tokens: int, t=None):
   else:
     h = apply.hidden(tokens, *time, padding_mask=padding)  # [B*C, L, D], final-normed
     k = min(max_label_tokens, length)
+    pos = jnp.arange(length, dtype=jnp.int32)[None, :]
+    # The scored positions first, in order; then the others (weight 0).
+    order = jnp.argsort(jnp.where(mask > 0, pos, pos + length), axis=-1)
 
-    def every_position():
-      lp = -apply.token_nll(h, targets).astype(jnp.float32)
-      return jnp.sum(lp * mask, axis=-1)
-
-    def scored_positions():
-      pos = jnp.arange(length, dtype=jnp.int32)[None, :]
-      # The scored positions first, in order; then the others (weight 0).
-      idx = jnp.argsort(jnp.where(mask > 0, pos, pos + length), axis=-1)[:, :k]
+    def chunk_logp(idx):  # idx int[B*C, K]: the sum of the weighted log-probs at those positions
       rows = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B*C, K, D]
       lp = -apply.token_nll(rows, jnp.take_along_axis(targets, idx, axis=-1))
       return jnp.sum(lp.astype(jnp.float32) * jnp.take_along_axis(mask, idx, axis=-1), axis=-1)
 
+    def every_position():
+      # A batch with a row of more than k scored tokens: all positions, k at a time (a scan,
+      # so that the program holds one chunk's head activations, not [B*C, L, V]).
+      n = -(-length // k)
+      padded = jnp.pad(order, ((0, 0), (0, n * k - length)), constant_values=length)
+      chunks = jnp.moveaxis(padded.reshape(b * c, n, k), 1, 0)  # [n, B*C, K]
+
+      def body(total, idx):
+        real = idx < length
+        safe = jnp.where(real, idx, 0)
+        rows = jnp.take_along_axis(h, safe[..., None], axis=1)
+        lp = -apply.token_nll(rows, jnp.take_along_axis(targets, safe, axis=-1))
+        w = jnp.where(real, jnp.take_along_axis(mask, safe, axis=-1), 0.0)
+        return total + jnp.sum(lp.astype(jnp.float32) * w, axis=-1), None
+
+      return jax.lax.scan(body, jnp.zeros((b * c,), jnp.float32), chunks)[0]
+
     if k == length:
-      sum_lp = every_position()
+      sum_lp = chunk_logp(order)
     else:
       fits = jnp.max(jnp.sum((mask > 0).astype(jnp.int32), axis=-1)) <= k
-      sum_lp = jax.lax.cond(fits, scored_positions, every_position)
+      sum_lp = jax.lax.cond(fits, lambda: chunk_logp(order[:, :k]), every_position)
   mean_lp = sum_lp / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
   return mean_lp.reshape(b, c)
 
