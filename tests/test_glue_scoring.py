@@ -132,6 +132,18 @@ def test_opt_causal_scores_equal_full_logits(tiny_opt, pad_left, max_label_token
   assert np.isfinite(scores).all() and np.ptp(scores) > 0.1  # not degenerate
 
 
+def test_fallback_chunks_that_do_not_divide_the_sequence(tiny_opt):
+  """A row of 4 scored tokens with max_label_tokens=3: the fallback scans the 16 positions 3
+  at a time (6 chunks, the last padded) and still equals the full logits; row 0 scores its
+  position 0, which the padding of the last chunk must not count again."""
+  network, params, vocab = tiny_opt
+  batch = causal_batch(vocab, b=2, pad_left=False, spans=((16, 1), (2, 4), (4, 2), (1, 1)))
+  assert float(batch["score_mask"][0, 0, 0]) == 1.0
+  objective = classification.CausalPrompt(max_label_tokens=3)
+  assert classification.scored_tokens(batch["score_mask"]) == 4 and LENGTH % 3
+  assert_same(objective, network, params, batch, rtol=2e-5, atol=2e-5)
+
+
 def test_causal_head_runs_only_at_the_gathered_positions(tiny_opt):
   network, params, vocab = tiny_opt
   batch = causal_batch(vocab, pad_left=True)
