@@ -202,11 +202,12 @@ def _encode_cloze(parts, encoder, seq_len, time_of_fraction):
   if encoder.mask_id is None:
     raise ConfigError("cloze scoring needs a tokenizer with a [MASK] token (a bdiff model).",
                       "score OPT causally.")
-  if any(len(encoder.ids(word)) != 1 for p in parts for word in p.candidates):
-    return _encode_cloze_spans(parts, encoder, seq_len, time_of_fraction)
+  cand_ids = [[encoder.ids(word) for word in p.candidates] for p in parts]  # each counted once
+  if any(len(ids) != 1 for per_part in cand_ids for ids in per_part):
+    return _encode_cloze_spans(parts, cand_ids, encoder, seq_len, time_of_fraction)
   rows, positions, cands = [], [], []
-  for p in parts:
-    ids = [encoder.ids(word)[0] for word in p.candidates]
+  for p, per_part in zip(parts, cand_ids):
+    ids = [only for (only,) in per_part]
     suffix = encoder.ids(p.suffix)
     prefix = _trim_front(encoder.ids(p.prefix), 1 + len(suffix), seq_len, "the suffix")
     rows.append(prefix + [encoder.mask_id] + suffix)
@@ -220,15 +221,15 @@ def _encode_cloze(parts, encoder, seq_len, time_of_fraction):
           "candidate_ids": np.asarray(cands, np.int32), "t": t}
 
 
-def _encode_cloze_spans(parts, encoder, seq_len, time_of_fraction):
+def _encode_cloze_spans(parts, cand_ids, encoder, seq_len, time_of_fraction):
   """Cloze rows for candidates of several tokens: one row per candidate, the slot replaced by
-  one mask per token of it (ClozePrompt's span batch)."""
+  one mask per token of it (ClozePrompt's span batch); `cand_ids[n][c]`: candidate c's ids."""
   num_c = len(parts[0].candidates)
   rows, spans, masked = [], [], []
-  for p in parts:
+  for p, per_part in zip(parts, cand_ids):
     prefix_ids, suffix = encoder.ids(p.prefix), encoder.ids(p.suffix)
     for c in range(num_c):
-      cid = encoder.ids(p.candidates[c])
+      cid = per_part[c]
       if not cid:
         raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
                           "use label words the tokenizer can encode.")
