@@ -187,13 +187,18 @@ def _encode_causal(parts, encoder, seq_len):
       seq = encoder.start_ids + ctx_c + cont
       rows.append(seq)
       spans.append((len(ctx_c), len(cont)))
-  inputs, padding, offsets = _place([s[:-1] for s in rows], seq_len, encoder.pad_id,
-                                    encoder.pad_left)
-  targets, _, _ = _place([s[1:] for s in rows], seq_len, encoder.pad_id, encoder.pad_left)
+  return _scored_rows([s[:-1] for s in rows], [s[1:] for s in rows], spans,
+                      (len(parts), num_c, seq_len), encoder)
+
+
+def _scored_rows(inputs, targets, spans, shape, encoder) -> dict:
+  """One row per (example, candidate), placed to `shape` [N, C, L]: inputs, targets, padding
+  and score_mask (1 on each row's span (start, length), counted in its unpadded row)."""
+  inputs, padding, offsets = _place(inputs, shape[-1], encoder.pad_id, encoder.pad_left)
+  targets, _, _ = _place(targets, shape[-1], encoder.pad_id, encoder.pad_left)
   score_mask = np.zeros(inputs.shape, np.float32)
   for r, (start, length) in enumerate(spans):
     score_mask[r, offsets[r] + start:offsets[r] + start + length] = 1.0
-  shape = (len(parts), num_c, seq_len)
   return {"inputs": inputs.reshape(shape), "targets": targets.reshape(shape),
           "score_mask": score_mask.reshape(shape), "padding": padding.reshape(shape)}
 
@@ -225,7 +230,7 @@ def _encode_cloze_spans(parts, cand_ids, encoder, seq_len, time_of_fraction):
   """Cloze rows for candidates of several tokens: one row per candidate, the slot replaced by
   one mask per token of it (ClozePrompt's span batch); `cand_ids[n][c]`: candidate c's ids."""
   num_c = len(parts[0].candidates)
-  rows, spans, masked = [], [], []
+  rows, spans = [], []
   for p, per_part in zip(parts, cand_ids):
     prefix_ids, suffix = encoder.ids(p.prefix), encoder.ids(p.suffix)
     for c in range(num_c):
@@ -237,17 +242,12 @@ def _encode_cloze_spans(parts, cand_ids, encoder, seq_len, time_of_fraction):
                            "the candidate and the suffix")
       rows.append((prefix + [encoder.mask_id] * len(cid) + suffix, prefix + cid + suffix))
       spans.append((len(prefix), len(cid)))
-  inputs, padding, offsets = _place([r[0] for r in rows], seq_len, encoder.pad_id,
-                                    encoder.pad_left)
-  targets, _, _ = _place([r[1] for r in rows], seq_len, encoder.pad_id, encoder.pad_left)
-  score_mask = np.zeros(inputs.shape, np.float32)
-  for r, (start, length) in enumerate(spans):
-    score_mask[r, offsets[r] + start:offsets[r] + start + length] = 1.0
-    masked.append(time_of_fraction(length / len(rows[r][0])))
-  shape = (len(parts), num_c, seq_len)
-  return {"inputs": inputs.reshape(shape), "targets": targets.reshape(shape),
-          "score_mask": score_mask.reshape(shape), "padding": padding.reshape(shape),
-          "t": np.asarray(masked, np.float32).reshape(len(parts), num_c)}
+  out = _scored_rows([r[0] for r in rows], [r[1] for r in rows], spans,
+                     (len(parts), num_c, seq_len), encoder)
+  out["t"] = np.asarray([time_of_fraction(length / len(row[0]))
+                         for row, (_, length) in zip(rows, spans)],
+                        np.float32).reshape(len(parts), num_c)
+  return out
 
 
 def _encode_head(split, encoder, seq_len):
