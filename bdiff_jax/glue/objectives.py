@@ -150,10 +150,13 @@ def _candidate_mean_logp(apply, batch, max_label_tokens: int, t=None):
     # The scored positions first, in order; then the others (weight 0).
     order = jnp.argsort(jnp.where(mask > 0, pos, pos + length), axis=-1)
 
-    def chunk_logp(idx):  # idx int[B*C, K]: the sum of the weighted log-probs at those positions
+    def logp_at(idx, weight):  # idx int[B*C, K]: the weighted sum of the log-probs there
       rows = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B*C, K, D]
       lp = -apply.token_nll(rows, jnp.take_along_axis(targets, idx, axis=-1))
-      return jnp.sum(lp.astype(jnp.float32) * jnp.take_along_axis(mask, idx, axis=-1), axis=-1)
+      return jnp.sum(lp.astype(jnp.float32) * weight, axis=-1)
+
+    def chunk_logp(idx):
+      return logp_at(idx, jnp.take_along_axis(mask, idx, axis=-1))
 
     def every_position():
       # A batch with a row of more than k scored tokens: all positions, k at a time (a scan,
@@ -163,12 +166,10 @@ def _candidate_mean_logp(apply, batch, max_label_tokens: int, t=None):
       chunks = jnp.moveaxis(padded.reshape(b * c, n, k), 1, 0)  # [n, B*C, K]
 
       def body(total, idx):
-        real = idx < length
+        real = idx < length  # the last chunk's padding reads position 0 with weight 0
         safe = jnp.where(real, idx, 0)
-        rows = jnp.take_along_axis(h, safe[..., None], axis=1)
-        lp = -apply.token_nll(rows, jnp.take_along_axis(targets, safe, axis=-1))
-        w = jnp.where(real, jnp.take_along_axis(mask, safe, axis=-1), 0.0)
-        return total + jnp.sum(lp.astype(jnp.float32) * w, axis=-1), None
+        weight = jnp.where(real, jnp.take_along_axis(mask, safe, axis=-1), 0.0)
+        return total + logp_at(safe, weight), None
 
       return jax.lax.scan(body, jnp.zeros((b * c,), jnp.float32), chunks)[0]
 
