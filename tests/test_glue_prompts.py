@@ -232,6 +232,15 @@ def test_causal_context_holds_every_segment(make_encoder):
     enc = glue_encoding.encode_split(split, encoder, scoring="causal", seq_len=256)
     markers = [f"mark{s}q" for s in range(len(spec.segment_names))]
     candidates = gp.render(task, split[0]).candidates
+    if "candidate_ids" in enc:  # one-token candidates: one row, the labels read at its end
+      real = enc["padding"][0]
+      inputs = enc["inputs"][0]
+      assert enc["label_pos"][0] == np.flatnonzero(real)[-1]  # the last real position
+      context = _decode(encoder, inputs[real])
+      for marker in markers:
+        assert marker in context, (task, marker, context)
+      assert [_decode(encoder, [i]).strip() for i in enc["candidate_ids"][0]] == list(candidates)
+      continue
     for c in range(enc["inputs"].shape[1]):
       real = enc["padding"][0, c]
       inputs, targets = enc["inputs"][0, c][real], enc["targets"][0, c][real]

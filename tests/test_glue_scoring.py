@@ -144,6 +144,57 @@ def test_fallback_chunks_that_do_not_divide_the_sequence(tiny_opt):
   assert_same(objective, network, params, batch, rtol=2e-5, atol=2e-5)
 
 
+def _one_row_batch(vocab, *, b=3, c=3, length=LENGTH, pad_left, seed=1):
+  """A causal batch of one-token candidates in its one-row form (inputs [b, length], label_pos,
+  candidate_ids [b, c]) as `encoding._encode_causal` writes it, and the same examples as C rows
+  each (inputs [b, c, length]): row (i, j) is the context followed by candidate j."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(0, vocab, (b, length)).astype(np.int32)
+  padding = np.zeros((b, length), bool)
+  label_pos = np.zeros(b, np.int32)
+  for i in range(b):
+    n = int(rng.integers(3, length))  # the context's length (the inputs of every row)
+    start = length - n if pad_left else 0
+    padding[i, start:start + n] = True
+    inputs[i][~padding[i]] = 1
+    label_pos[i] = start + n - 1
+  cands = rng.integers(0, vocab, (b, c)).astype(np.int32)
+  rows = {"inputs": np.repeat(inputs[:, None], c, axis=1),
+          "padding": np.repeat(padding[:, None], c, axis=1),
+          "targets": np.zeros((b, c, length), np.int32),
+          "score_mask": np.zeros((b, c, length), np.float32)}
+  for i in range(b):
+    nxt = np.roll(inputs[i], -1)  # targets are the inputs shifted by one...
+    for j in range(c):
+      rows["targets"][i, j] = np.where(padding[i], nxt, 1)
+      rows["targets"][i, j, label_pos[i]] = cands[i, j]  # ...then the candidate
+      rows["score_mask"][i, j, label_pos[i]] = 1.0
+  target = np.eye(c, dtype=np.float32)[rng.integers(0, c, b)]
+  one = {"inputs": inputs, "padding": padding, "label_pos": label_pos, "candidate_ids": cands,
+         "target": target}
+  rows["target"] = target
+  to_jax = lambda d: {k: jnp.asarray(v) for k, v in d.items()}
+  return to_jax(one), to_jax(rows)
+
+
+@pytest.mark.parametrize("pad_left", [True, False])
+def test_one_token_candidates_scored_from_one_row_equal_one_row_per_candidate(tiny_opt,
+                                                                             pad_left):
+  """The one-row form of one-token candidates (C times fewer rows) gives the scores, loss and
+  gradients of the C rows, with the gathered head and with full logits."""
+  network, params, vocab = tiny_opt
+  one, rows = _one_row_batch(vocab, pad_left=pad_left)
+  objective = classification.CausalPrompt()
+  got = assert_same(objective, network, params, one, rtol=2e-5, atol=2e-5)
+  want = assert_same(objective, network, params, rows, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert np.isfinite(got).all() and np.ptp(got) > 0.1  # not degenerate
+  grad = lambda b: jax.grad(lambda p: objective.loss(models.bind(network, p, train=False), b,
+                                                     None)[0])(params)
+  for g, w in zip(jax.tree_util.tree_leaves(grad(one)), jax.tree_util.tree_leaves(grad(rows))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
 def test_causal_head_runs_only_at_the_gathered_positions(tiny_opt):
   network, params, vocab = tiny_opt
   batch = causal_batch(vocab, pad_left=True)

@@ -11,6 +11,11 @@ padded to fixed shapes so that one compiled step serves every batch:
                     shifted by one (logits at i predict targets[i]); score_mask marks the
                     continuation's tokens (the label tokens after the prompt). `start` is the
                     encoder's `start_ids` (OPT: its BOS, when the tokenizer adds one).
+                    When every candidate is one token, the C rows of an example have the
+                    same inputs (`start + context`), so one row each instead:
+                    inputs int32[N, L], padding bool[N, L], label_pos int32[N] (the last
+                    context position, whose logits predict the label), candidate_ids
+                    int32[N, C].
   scoring="cloze"   the mid-slot prompt (`slot="mid"`, LM-BFF's for the GLUE pair tasks; right
                     context around the slot).
                     inputs int32[N, L] with `mask_id` at the label slot, mask_pos int32[N],
@@ -174,14 +179,25 @@ def _targets(split: GlueSplit, num_candidates: int, head: bool) -> np.ndarray:
 
 def _encode_causal(parts, encoder, seq_len):
   num_c = len(parts[0].candidates)
-  rows, spans = [], []
-  for p in parts:
-    ctx = encoder.ids(p.context)
-    for c in range(num_c):
-      cont = encoder.ids(p.continuation(c))
+  ctxs = [encoder.ids(p.context) for p in parts]
+  conts = [[encoder.ids(p.continuation(c)) for c in range(num_c)] for p in parts]
+  for p, per_part in zip(parts, conts):
+    for c, cont in enumerate(per_part):
       if not cont:
         raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
                           "use label words the tokenizer can encode.")
+  if all(len(cont) == 1 for per_part in conts for cont in per_part):
+    # Every candidate is one token: the rows of an example differ only in their last target,
+    # so one row per example and the C candidates read at its last position.
+    rows = [encoder.start_ids + _trim_front(ctx, 1, seq_len, "the candidate") for ctx in ctxs]
+    inputs, padding, offsets = _place(rows, seq_len, encoder.pad_id, encoder.pad_left)
+    last = np.asarray([len(r) - 1 for r in rows]) + offsets
+    return {"inputs": inputs, "padding": padding, "label_pos": last.astype(np.int32),
+            "candidate_ids": np.asarray([[only for (only,) in per_part] for per_part in conts],
+                                        np.int32)}
+  rows, spans = [], []
+  for ctx, per_part in zip(ctxs, conts):
+    for cont in per_part:
       # seq = start + ctx + cont; inputs = seq[:-1], targets = seq[1:] (both seq_len long).
       ctx_c = _trim_front(ctx, len(cont), seq_len, "the candidate")
       seq = encoder.start_ids + ctx_c + cont

@@ -17,7 +17,10 @@ CausalPrompt   (MeZO / LM-BFF protocol for causal LMs: OPT, an autoregressive bd
   padding bool[B, C, L], target float32[B, C]. Row (b, c) is the prompt filled with candidate c;
   logits at position i predict targets[.., i]. score[b, c] = mean over positions with
   score_mask = 1 of log p(targets | inputs up to i): the mean log-probability of the candidate's
-  label tokens after the prompt context.
+  label tokens after the prompt context. When every candidate is one token, the C rows would
+  share their inputs, so the batch has one row per example instead: inputs int32[B, L],
+  padding bool[B, L], label_pos int32[B], candidate_ids int32[B, C]; score[b, c] =
+  log_softmax(logits[b, label_pos[b]])[candidate_ids[b, c]] (the same number, C times less work).
 ClozePrompt    (masked-diffusion LM; the label slot is a [MASK])
   batch: inputs int32[B, L] (the mask id at the slot), padding bool[B, L], mask_pos int32[B],
   candidate_ids int32[B, C], t float32[B] (the diffusion time the network is told, when it is
@@ -124,7 +127,25 @@ class CausalPrompt(ClassificationObjective):
     self.max_label_tokens = int(max_label_tokens)
 
   def scores(self, apply, batch):
+    if "candidate_ids" in batch:  # one-token candidates: one row per example (encoding.py)
+      return _candidate_logp_at(apply, batch, batch["label_pos"], None)
     return _candidate_mean_logp(apply, batch, self.max_label_tokens)
+
+
+def _candidate_logp_at(apply, batch, pos, t):
+  """float32[B, C]: log p(candidate_ids[b, c]) from the logits at position pos[b] of row b
+  (inputs [B, L]); `t` [B] the diffusion time of a time-conditioned network, else None. With a
+  `models.bind` apply the head runs at that position only."""
+  cands = batch["candidate_ids"]
+  if _gathers_rows(apply):
+    h = apply.hidden(batch["inputs"], t, padding_mask=batch["padding"],
+                     positions=pos[:, None])  # [B, 1, D]
+    h = jnp.broadcast_to(h, (cands.shape[0], cands.shape[1], h.shape[-1]))
+    return -apply.token_nll(h, cands).astype(jnp.float32)
+  logits = apply(batch["inputs"], t, padding_mask=batch["padding"]).astype(jnp.float32)
+  at_pos = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0]
+  logp = jax.nn.log_softmax(at_pos, axis=-1)  # [B, V]
+  return jnp.take_along_axis(logp, cands, axis=-1)
 
 
 def _candidate_mean_logp(apply, batch, max_label_tokens: int, t=None):
@@ -203,16 +224,7 @@ class ClozePrompt(ClassificationObjective):
     t = batch["t"] if self.uses_time else None
     if "score_mask" in batch:  # multi-token candidates: one row per candidate, masks at its span
       return _candidate_mean_logp(apply, batch, DEFAULT_LABEL_TOKENS, t)
-    cands = batch["candidate_ids"]
-    if _gathers_rows(apply):
-      h = apply.hidden(batch["inputs"], t, padding_mask=batch["padding"],
-                       positions=batch["mask_pos"][:, None])  # [B, 1, D]
-      h = jnp.broadcast_to(h, (cands.shape[0], cands.shape[1], h.shape[-1]))
-      return -apply.token_nll(h, cands).astype(jnp.float32)
-    logits = apply(batch["inputs"], t, padding_mask=batch["padding"]).astype(jnp.float32)
-    at_mask = jnp.take_along_axis(logits, batch["mask_pos"][:, None, None], axis=1)[:, 0]
-    logp = jax.nn.log_softmax(at_mask, axis=-1)  # [B, V]
-    return jnp.take_along_axis(logp, cands, axis=-1)
+    return _candidate_logp_at(apply, batch, batch["mask_pos"], t)
 
 
 class PooledHead(ClassificationObjective):
