@@ -53,6 +53,20 @@ def test_first_order_rows_learn(toy, tmp_path, row):
   assert_learned(rec, agg)
 
 
+@pytest.mark.parametrize("ema_decay", [0.5, 1 - 1e-9])
+def test_a_first_order_row_with_an_ema_evaluates_the_ema(toy, tmp_path, ema_decay):
+  """glue.adamw.ema_decay > 0: the EMA of the parameters is evaluated, selected and reported. A
+  short EMA learns like the parameters; an EMA that never leaves the start stays at chance
+  (evaluating the trained parameters instead would learn)."""
+  rec, agg = _run(toy, tmp_path, "standard_qwen3:adamw", num_steps=30, eval_every=5,
+                  **{"adamw.learning_rate": 1e-2, "adamw.ema_decay": ema_decay})
+  if ema_decay == 0.5:
+    assert_learned(rec, agg)
+  else:
+    assert rec["relative_param_change"] < 1e-6
+    assert max(p["dev"] for p in rec["curve"]) <= 0.75
+
+
 # Zeroth order on the tiny OPT fixture: 300 steps (~13 ms each on one core) at a learning rate of
 # 1e-2 (LoRA: 3e-2, its factors start at zero and move slower), batch 8, a 16-example selection
 # set (informedness in steps of 1/8). Measured 2026-12-07: MeZO is at 1.0 on selection and dev from

@@ -108,6 +108,7 @@ class Row:
   rule: Any  # update_rule.UpdateRule
   init: str  # what the parameters were initialised from
   time_of_fraction: Any = float
+  ema_decay: float = 0.0  # > 0: an EMA of the parameters is what is evaluated and selected
 
 
 @dataclasses.dataclass
@@ -121,6 +122,7 @@ class RowPrograms:
   network: Any = None
   objective: Any = None
   rule: Any = None
+  ema_decay: float = 0.0  # the row's (Row.ema_decay): evaluate state.ema_params when > 0
   step: Any = None  # the train step, compiled for the first seed's state and batch
   scores: Any = None  # jitted (params, batch) -> candidate scores float[B, C]
 
@@ -129,6 +131,7 @@ class RowPrograms:
     parameters, which would stay in memory for the task's remaining seeds."""
     if self.network is None:
       self.network, self.objective, self.rule = row.network, row.objective, row.rule
+      self.ema_decay = float(row.ema_decay)
     else:
       row.network, row.objective, row.rule = self.network, self.objective, self.rule
 
@@ -138,7 +141,7 @@ class RowPrograms:
       return
     network, objective = self.network, self.objective
     self.scores = jax.jit(lambda p, b: objective.scores(models.bind(network, p, train=False), b))
-    step_fn = make_train_step(objective, network, self.rule, ema_decay=0.0)
+    step_fn = make_train_step(objective, network, self.rule, ema_decay=self.ema_decay)
     self.step = step_fn.lower(state, batch).compile()
 
 
@@ -264,7 +267,8 @@ def build_row(spec: RowSpec, glue, train: GlueSplit, *, seed: int, total_steps: 
     init += f"; LoRA rank {int(glue.lora_rank)}, alpha {float(glue.lora_alpha):g} on q/v"
   return Row(spec=spec, network=network, params=params, encoder=encoder, scoring=scoring,
              objective=objective, rule=build_rule(spec.rule, glue, total_steps, peft=spec.peft),
-             init=init, time_of_fraction=tof)
+             init=init, time_of_fraction=tof,
+             ema_decay=float(glue.adamw["ema_decay"]) if spec.rule == "adamw" else 0.0)
 
 
 def _frozen(names) -> bool:

@@ -182,7 +182,7 @@ def run_seed(spec, task: str, g: GlueSettings, seed: int, reporter: Reporter,
   zero_shot = {}
   for step in range(steps + 1):
     if step % int(g.eval_every) == 0 or step == steps:
-      params = state.params
+      params = state.ema_params if programs.ema_decay > 0 else state.params
       sel, score = measure(params, arrays["selection"], groups["selection"])
       point = {"step": step, "forward": glue_rows.forward_passes(row.rule, step)["forward"],
                "train_seconds": seconds, "wall_seconds": time.time() - start,
