@@ -63,18 +63,27 @@ jax.devices()
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: integration test (subprocesses, end to end)")
+  # pytest-xdist (3.6 on) reorders `--dist loadfile`'s modules by their number of tests unless
+  # told not to, which put the costliest modules (few tests, long ones) last; keep the order
+  # below instead.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
-# The slowest modules, slowest first (measured with --durations on 2 cores). pytest-xdist's
-# `--dist loadfile` hands whole modules to whichever worker is free, in collection order;
-# starting with the long ones lets the two workers finish together instead of one waiting
-# for a long module picked up last. Within a module the order is unchanged.
-_SLOW_MODULES_FIRST = ("test_end_to_end", "test_multiprocess_modes",
-                       "test_reliability", "test_reversible",
-                       "test_autoregressive", "test_sampling", "test_train", "test_compare",
-                       "test_sharding", "test_glue_learning", "test_glue_classification",
-                       "test_glue_starts", "test_metal", "test_glue_scoring", "test_notebook",
-                       "test_benchmark_memory", "test_distributed", "test_benchmark_throughput")
+# The costliest modules first, by their CPU seconds in a cold suite (this process's and its
+# children's, a per-test rusage plugin, 2026-12-07). pytest-xdist's `--dist loadfile` hands
+# whole modules to whichever worker is free, in collection order; starting with the long ones
+# lets the two workers finish together instead of one waiting for a long module picked up last.
+# Within a module the order is unchanged.
+_SLOW_MODULES_FIRST = ("test_multiprocess_modes", "test_reliability", "test_glue_scoring",
+                       "test_end_to_end", "test_train", "test_glue_learning",
+                       "test_autoregressive", "test_glue_classification", "test_compare",
+                       "test_sharding", "test_reversible", "test_adaptive_head",
+                       "test_glue_reliability", "test_sampling", "test_wall_schedule",
+                       "test_zeroth_order", "test_sample_quality", "test_glue_starts",
+                       "test_distributed", "test_benchmark_memory", "test_benchmark_throughput",
+                       "test_metal", "test_masked_head", "test_notebook", "test_count_estimator",
+                       "test_host_allocator")
 
 
 def pytest_collection_modifyitems(config, items):
