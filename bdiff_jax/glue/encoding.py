@@ -177,24 +177,38 @@ def _targets(split: GlueSplit, num_candidates: int, head: bool) -> np.ndarray:
   return np.eye(num_candidates, dtype=np.float32)[split.labels.astype(np.int64)]
 
 
+def _candidate_ids(parts, encoder, text_of) -> list[list[list[int]]]:
+  """ids[n][c]: candidate c of example n, `text_of(part, c)` encoded once; a candidate that
+  encodes to no tokens is refused."""
+  ids = [[encoder.ids(text_of(p, c)) for c in range(len(p.candidates))] for p in parts]
+  for p, per_part in zip(parts, ids):
+    for c, cid in enumerate(per_part):
+      if not cid:
+        raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
+                          "use label words the tokenizer can encode.")
+  return ids
+
+
+def _one_token_each(cand_ids) -> Optional[np.ndarray]:
+  """int32[N, C] when every candidate is one token, else None."""
+  if any(len(cid) != 1 for per_part in cand_ids for cid in per_part):
+    return None
+  return np.asarray([[only for (only,) in per_part] for per_part in cand_ids], np.int32)
+
+
 def _encode_causal(parts, encoder, seq_len):
   num_c = len(parts[0].candidates)
   ctxs = [encoder.ids(p.context) for p in parts]
-  conts = [[encoder.ids(p.continuation(c)) for c in range(num_c)] for p in parts]
-  for p, per_part in zip(parts, conts):
-    for c, cont in enumerate(per_part):
-      if not cont:
-        raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
-                          "use label words the tokenizer can encode.")
-  if all(len(cont) == 1 for per_part in conts for cont in per_part):
+  conts = _candidate_ids(parts, encoder, lambda p, c: p.continuation(c))
+  single = _one_token_each(conts)
+  if single is not None:
     # Every candidate is one token: the rows of an example differ only in their last target,
     # so one row per example and the C candidates read at its last position.
     rows = [encoder.start_ids + _trim_front(ctx, 1, seq_len, "the candidate") for ctx in ctxs]
     inputs, padding, offsets = _place(rows, seq_len, encoder.pad_id, encoder.pad_left)
     last = np.asarray([len(r) - 1 for r in rows]) + offsets
     return {"inputs": inputs, "padding": padding, "label_pos": last.astype(np.int32),
-            "candidate_ids": np.asarray([[only for (only,) in per_part] for per_part in conts],
-                                        np.int32)}
+            "candidate_ids": single}
   rows, spans = [], []
   for ctx, per_part in zip(ctxs, conts):
     for cont in per_part:
@@ -223,37 +237,34 @@ def _encode_cloze(parts, encoder, seq_len, time_of_fraction):
   if encoder.mask_id is None:
     raise ConfigError("cloze scoring needs a tokenizer with a [MASK] token (a bdiff model).",
                       "score OPT causally.")
-  cand_ids = [[encoder.ids(word) for word in p.candidates] for p in parts]  # each counted once
-  if any(len(ids) != 1 for per_part in cand_ids for ids in per_part):
+  cand_ids = _candidate_ids(parts, encoder, lambda p, c: p.candidates[c])  # each counted once
+  single = _one_token_each(cand_ids)
+  if single is None:
     return _encode_cloze_spans(parts, cand_ids, encoder, seq_len, time_of_fraction)
-  rows, positions, cands = [], [], []
-  for p, per_part in zip(parts, cand_ids):
-    ids = [only for (only,) in per_part]
+  rows, positions = [], []
+  for p in parts:
     suffix = encoder.ids(p.suffix)
     prefix = _trim_front(encoder.ids(p.prefix), 1 + len(suffix), seq_len, "the suffix")
     rows.append(prefix + [encoder.mask_id] + suffix)
     positions.append(len(prefix))
-    cands.append(ids)
   inputs, padding, offsets = _place(rows, seq_len, encoder.pad_id, encoder.pad_left)
   frac = 1.0 / padding.sum(axis=1)
   t = np.asarray([time_of_fraction(f) for f in frac], np.float32)
   return {"inputs": inputs, "padding": padding,
           "mask_pos": (np.asarray(positions) + offsets).astype(np.int32),
-          "candidate_ids": np.asarray(cands, np.int32), "t": t}
+          "candidate_ids": single, "t": t}
 
 
 def _encode_cloze_spans(parts, cand_ids, encoder, seq_len, time_of_fraction):
   """Cloze rows for candidates of several tokens: one row per candidate, the slot replaced by
-  one mask per token of it (ClozePrompt's span batch); `cand_ids[n][c]`: candidate c's ids."""
+  one mask per token of it (ClozePrompt's span batch); `cand_ids[n][c]`: candidate c's ids
+  (`_candidate_ids`: none empty)."""
   num_c = len(parts[0].candidates)
   rows, spans = [], []
   for p, per_part in zip(parts, cand_ids):
     prefix_ids, suffix = encoder.ids(p.prefix), encoder.ids(p.suffix)
     for c in range(num_c):
       cid = per_part[c]
-      if not cid:
-        raise ConfigError(f"candidate {p.candidates[c]!r} encodes to no tokens.",
-                          "use label words the tokenizer can encode.")
       prefix = _trim_front(prefix_ids, len(cid) + len(suffix), seq_len,
                            "the candidate and the suffix")
       rows.append((prefix + [encoder.mask_id] * len(cid) + suffix, prefix + cid + suffix))
