@@ -10,7 +10,9 @@ the repository lies set to fixed ones (and glue.bdiff.data.data_dir, which base_
 from $BDIFF_DATA_DIR, to ''). They change only when a setting's default changes (in
 configs/glue.py, or in base_config()'s sections that `glue.bdiff` / `glue.adamw` hold): then
 the old units are recomputed by design, and these values are updated with that change
-(2026-12-07: the `cpu` level's 8,000 steps and evaluations every 500).
+(2026-12-07: the `cpu` level's 8,000 steps and evaluations every 500; later that day a unit's
+digest came to cover only its own rule's section and start model, `units.UNREAD_SECTIONS` /
+`UNREAD_STARTS`).
 """
 
 import hashlib
@@ -29,26 +31,27 @@ EXTRA_ROWS = "opt:mezo:lora,opt:adamw:head,reversible_qwen3:dizo,standard_qwen3:
 PINNED = {
     "cpu": {
         "run": "03461eb48556",
-        "rows": {"adamw_reversible_qwen3": "475f87eb9448", "adamw_standard_qwen3": "475f87eb9448",
-                 "adamw_opt": "475f87eb9448", "mezo_opt": "ab2e6aaf3c74",
-                 "mezo_opt_lora": "c0eb47778c3a", "dizo_opt": "ab2e6aaf3c74",
-                 "adamw_opt_head": "475f87eb9448", "dizo_reversible_qwen3": "ab2e6aaf3c74",
-                 "mezo_standard_qwen3_head_lora": "c0eb47778c3a"},
+        "rows": {"adamw_reversible_qwen3": "15f3f0a72ed6", "adamw_standard_qwen3": "3e732d068fe1",
+                 "adamw_opt": "a53001f626cc", "mezo_opt": "bd02bfcc5dcf",
+                 "mezo_opt_lora": "6dfcf2a1bdc7", "dizo_opt": "180f51fa5c2b",
+                 "adamw_opt_head": "a53001f626cc", "dizo_reversible_qwen3": "804e4be9c49a",
+                 "mezo_standard_qwen3_head_lora": "8964a5425e34"},
         "units": 459,
-        "first_last": ["SST-2__adamw_reversible_qwen3__seed0__475f87eb9448.json",
-                       "MultiRC__mezo_standard_qwen3_head_lora__seed2__c0eb47778c3a.json"],
-        "names_sha": "fc157bdcef9382cf",
+        "first_last": ["SST-2__adamw_reversible_qwen3__seed0__15f3f0a72ed6.json",
+                       "MultiRC__mezo_standard_qwen3_head_lora__seed2__8964a5425e34.json"],
+        "names_sha": "b8a533e5d3e263c0",
     },
     "test": {
         "run": "de37eb4b8e40",
-        "rows": {name: "c41bff50f5d8" for name in (
-            "adamw_reversible_qwen3", "adamw_standard_qwen3", "mezo_opt", "dizo_opt",
-            "adamw_opt", "adamw_opt_head", "mezo_opt_lora", "dizo_reversible_qwen3",
-            "mezo_standard_qwen3_head_lora")},
+        "rows": {"adamw_reversible_qwen3": "6bf732ba19c5", "adamw_standard_qwen3": "404bbd0599c5",
+                 "mezo_opt": "a27cf0bc2651", "dizo_opt": "6211fe6c5438",
+                 "adamw_opt": "007f4a758258", "adamw_opt_head": "007f4a758258",
+                 "mezo_opt_lora": "a27cf0bc2651", "dizo_reversible_qwen3": "7f52fe57f8be",
+                 "mezo_standard_qwen3_head_lora": "5b51b4d4c698"},
         "units": 20,
-        "first_last": ["SST-2__adamw_reversible_qwen3__seed0__c41bff50f5d8.json",
-                       "SST-2__mezo_standard_qwen3_head_lora__seed1__c41bff50f5d8.json"],
-        "names_sha": "45b4572834f9af51",
+        "first_last": ["SST-2__adamw_reversible_qwen3__seed0__6bf732ba19c5.json",
+                       "SST-2__mezo_standard_qwen3_head_lora__seed1__5b51b4d4c698.json"],
+        "names_sha": "df90503a75c3e758",
     },
 }
 

@@ -41,7 +41,9 @@ def test_units_of_other_rows_keep_their_digests():
   without = g.to_dict()
   del without["lora_zo"]
   before = {k: v for k, v in without.items() if k not in ("seeds", "tasks", "rows", "level",
-                                                          "description")}
+                                                          "description", "adamw", "dizo",
+                                                          "init_workdir", "init_workdir_reversible",
+                                                          "init_workdir_standard")}
   before["lr_grid_seed"] = 0
   assert settings_digest(unit_settings(g, spec)) == settings_digest(before)
   g = with_changes(g, **{"lora_zo.eps": 5e-2})
@@ -50,6 +52,32 @@ def test_units_of_other_rows_keep_their_digests():
   d1 = settings_digest(unit_settings(g, lora))
   g = with_changes(g, **{"lora_zo.eps": 1e-2})
   assert settings_digest(unit_settings(g, lora)) != d1
+
+
+def test_a_units_digest_covers_only_its_own_rules_settings():
+  g = _g()
+  rows = {r: _spec(f"opt:{r}") for r in ("adamw", "mezo", "dizo")}
+  digests = lambda g: {r: settings_digest(unit_settings(g, s)) for r, s in rows.items()}
+  before = digests(g)
+  # (changed section, the rows whose units change)
+  for change, changed in ((("zo.eps", 5e-3), {"mezo", "dizo"}),
+                          (("zo.num_steps", 123), {"mezo", "dizo"}),
+                          (("dizo.interval", 7), {"dizo"}),
+                          (("adamw.learning_rate", 0.5), {"adamw"}),
+                          (("num_steps", 99), {"adamw", "mezo", "dizo"})):
+    after = digests(with_changes(g, **dict([change])))
+    assert {r for r in rows if after[r] != before[r]} == changed, change
+  # Each model's units depend on its own start model only.
+  models = {m: _spec(f"{m}:adamw") for m in glue_rows.MODELS}
+  digests = lambda g: {m: settings_digest(unit_settings(g, s)) for m, s in models.items()}
+  before = digests(g)
+  for change, changed in ((("opt_dir", "/a/opt"), {"opt"}),
+                          (("init_workdir_reversible", "/a/rev"), {"reversible_qwen3"}),
+                          (("init_workdir_standard", "/a/std"), {"standard_qwen3"}),
+                          (("init_workdir", "/a/both"), {"reversible_qwen3", "standard_qwen3"}),
+                          (("init_checkpoint", "latest"), set(glue_rows.MODELS))):
+    after = digests(with_changes(g, **dict([change])))
+    assert {m for m in models if after[m] != before[m]} == changed, change
 
 
 def test_units_list_the_lora_rows_own_grid(tmp_path):

@@ -23,6 +23,14 @@ UNITS_DIR = "glue_units"
 # computes: left out of a unit's digest, so that a run with more seeds, tasks or rows reuses the
 # units it shares with an earlier one.
 UNIT_EXCLUDED = ("seeds", "tasks", "rows", "level", "description")
+# The update-rule sections a row's rule never reads, by rule: left out of its units' digests
+# too, so that changing the zeroth-order rows' settings does not recompute the first-order
+# rows' units, nor the other way round.
+UNREAD_SECTIONS = {"adamw": ("zo", "dizo"), "mezo": ("adamw", "dizo"), "dizo": ("adamw",)}
+# Likewise the start models a row's model does not start from (`glue.rows.build_row`).
+UNREAD_STARTS = {"reversible_qwen3": ("opt_dir", "init_workdir_standard"),
+                 "standard_qwen3": ("opt_dir", "init_workdir_reversible"),
+                 "opt": ("init_workdir", "init_workdir_reversible", "init_workdir_standard")}
 
 
 def settings_digest(settings: dict) -> str:
@@ -33,11 +41,13 @@ def settings_digest(settings: dict) -> str:
 
 def unit_settings(g, spec) -> dict:
   """What a unit of row `spec` depends on: the settings (`GlueSettings.to_dict()`, the dict of
-  `config.glue`) minus `UNIT_EXCLUDED`, plus the seed of the learning-rate grid (the first seed)
+  `config.glue`) minus `UNIT_EXCLUDED` and the rule sections and start models it does not read
+  (`UNREAD_SECTIONS`, `UNREAD_STARTS`), plus the seed of the learning-rate grid (the first seed)
   for a row with a grid, whose choice every seed uses. The row's own settings (`row_settings`:
   a LoRA zeroth-order row's `glue.lora_zo` applied)."""
   g = row_settings(g, spec)
-  out = {k: v for k, v in g.to_dict().items() if k not in UNIT_EXCLUDED}
+  unread = UNIT_EXCLUDED + UNREAD_SECTIONS[spec.rule] + UNREAD_STARTS[spec.model]
+  out = {k: v for k, v in g.to_dict().items() if k not in unread}
   if uses_grid(spec, g):
     out["lr_grid_seed"] = int(g.seeds[0])
   return out
