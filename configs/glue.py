@@ -136,7 +136,7 @@ def get_config(arg: str = "test"):
   g.adamw.weight_decay = 0.0
   g.adamw.ema_decay = 0.0
   g.zo = ml_collections.ConfigDict(dict(learning_rate=1e-6, schedule="constant", eps=1e-3,
-                                        num_perturbations=1, weight_decay=0.0,
+                                        num_perturbations=1, weight_decay=0.0, noise="gaussian",
                                         freeze="none"))  # MeZO's setting: every parameter
   # A learning-rate grid for the zeroth-order rows: each candidate trains `grid_steps` steps on
   # the first seed; the best selection score's rate is used for every seed (() = off).

@@ -289,7 +289,7 @@ def test_sigint_in_a_real_glue_run_keeps_the_finished_units(sst2, tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("zo.num_perturbations", 0), ("dizo.interval", 0), ("dizo.iterations", -1),
     ("zo.learning_rate", float("nan")), ("adamw.learning_rate", 0.0), ("zo.eps", -1e-3),
-    ("dizo.eps_p", float("inf")), ("zo.weight_decay", -0.1)])
+    ("dizo.eps_p", float("inf")), ("zo.weight_decay", -0.1), ("zo.noise", "uniform")])
 def test_rule_settings_are_validated_up_front(sst2, tmp_path, key, value):
   c = _config(sst2, "opt:dizo,opt:adamw")
   node, field = key.split(".")

@@ -54,44 +54,49 @@ def _quadratic():
   return params, loss, np.asarray(a @ flat(params) + b), flat
 
 
+@pytest.mark.parametrize("noise", zo.NOISES)
 @pytest.mark.parametrize("n", [1, 4])
-def test_spsa_estimate_is_unbiased_with_the_predicted_variance(n):
+def test_spsa_estimate_is_unbiased_with_the_predicted_variance(n, noise):
   # For a quadratic the central difference is exact: g = zᵀ∇L, so the estimate ĝ = g z has
-  # E[ĝ] = E[z zᵀ]∇L = ∇L and, per coordinate, Var = (∇L_i² + ||∇L||²)/n (Gaussian 4th moment).
-  # With N draws the mean is within 5 standard errors per coordinate (false alarm ~1e-5 over
-  # all 18 coordinates), and the total variance within 10% (its sampling error here is ~3%).
+  # E[ĝ] = E[z zᵀ]∇L = ∇L and, per coordinate, Var = (∇L_i² + ||∇L||²)/n for Gaussian z (its
+  # 4th moment is 3), (||∇L||² - ∇L_i²)/n for Rademacher z (z_i² = 1: only the other
+  # coordinates add noise). With N draws the mean is within 5 standard errors per coordinate
+  # (false alarm ~1e-5 over all 18 coordinates), and the total variance within 10% (its
+  # sampling error here is ~3%; the two noises' totals differ by 2||∇L||²/n, ~20%).
   params, loss, grad, flat = _quadratic()
-  rule = zo.MeZO(1.0, eps=1e-2, num_perturbations=n, freeze_embeddings=False)
+  rule = zo.MeZO(1.0, eps=1e-2, num_perturbations=n, noise=noise, freeze_embeddings=False)
   num = 20_000
   keys = jax.random.split(jax.random.PRNGKey(1), num)
   step = jnp.int32(0)
   est = jax.jit(jax.vmap(lambda k: flat(params) - flat(rule.update(loss, params, {}, k, step)[0])))
   est = np.asarray(est(keys), np.float64)
-  var = (grad ** 2 + np.sum(grad ** 2)) / n
+  var = (np.sum(grad ** 2) + (grad ** 2 if noise == "gaussian" else -grad ** 2)) / n
   np.testing.assert_array_less(np.abs(est.mean(0) - grad), 5 * np.sqrt(var / num))
   assert est.var(0).sum() == pytest.approx(var.sum(), rel=0.10)
 
 
+@pytest.mark.parametrize("noise", zo.NOISES)
 @pytest.mark.usefixtures("xla_optimized")  # bits of normal noise inside and outside a fusion
-def test_noise_is_regenerated_bit_exactly_and_restore_is_within_rounding():
+def test_noise_is_regenerated_bit_exactly_and_restore_is_within_rounding(noise):
   params, loss, _, _ = _quadratic()
   key = jax.random.PRNGKey(3)
   everything = lambda names: True
   # Same key -> identical z, whether drawn all at once or leaf by leaf inside `perturb`.
-  z = zo.leaf_noise(params, key)
-  z_inside = jax.jit(lambda p: zo.map_noise(lambda names, v, z: z, p, key, everything))(params)
-  z_again = jax.jit(lambda p: zo.leaf_noise(p, key))(params)
+  z = zo.leaf_noise(params, key, noise)
+  z_inside = jax.jit(lambda p: zo.map_noise(lambda names, v, z: z, p, key, everything,
+                                            noise))(params)
+  z_again = jax.jit(lambda p: zo.leaf_noise(p, key, noise))(params)
   for name in params:
     np.testing.assert_array_equal(z[name], z_again[name])
     np.testing.assert_array_equal(z_inside[name], z[name])
-  assert not np.array_equal(z["b"], zo.leaf_noise(params, jax.random.PRNGKey(4))["b"])
+  assert not np.array_equal(z["b"], zo.leaf_noise(params, jax.random.PRNGKey(4), noise)["b"])
   eps = 1e-3
 
   @jax.jit
   def there_and_back(p):
-    p = zo.perturb(p, key, eps, everything)
-    p = zo.perturb(p, key, -2 * eps, everything)
-    return zo.perturb(p, key, eps, everything)
+    p = zo.perturb(p, key, eps, everything, noise)
+    p = zo.perturb(p, key, -2 * eps, everything, noise)
+    return zo.perturb(p, key, eps, everything, noise)
 
   back = there_and_back(params)
   for name, theta in params.items():
@@ -103,17 +108,35 @@ def test_noise_is_regenerated_bit_exactly_and_restore_is_within_rounding():
 
   # The update reuses the perturbation's z: θ' = θ - lr·g·z (to rounding).
   lr = 0.1
-  rule = zo.MeZO(lr, eps=eps, freeze_embeddings=False)
+  rule = zo.MeZO(lr, eps=eps, noise=noise, freeze_embeddings=False)
   new, _, m = jax.jit(lambda p: rule.update(loss, p, {}, key, jnp.int32(0)))(params)
   g = float(m["projected_grad"])
   assert g != 0.0 and float(m["learning_rate"]) == pytest.approx(lr)
   assert float(m["loss"]) == pytest.approx((float(m["loss_plus"]) + float(m["loss_minus"])) / 2)
-  z0 = zo.leaf_noise(params, jax.random.fold_in(key, 0))  # perturbation j = 0
+  z0 = zo.leaf_noise(params, jax.random.fold_in(key, 0), noise)  # perturbation j = 0
   for name, theta in params.items():
     zj = np.asarray(z0[name])
     expected = np.asarray(theta) - lr * g * zj
     bound = 5 * F32_HALF_ULP * (np.abs(theta) + 2 * eps * np.abs(zj) + np.abs(lr * g * zj))
     np.testing.assert_array_less(np.abs(np.asarray(new[name]) - expected), bound + 1e-30)
+
+
+@pytest.mark.parametrize("shape,dtype", [((), jnp.float32), ((3, 7), jnp.float32),
+                                         ((2, 33), jnp.bfloat16), ((50_000,), jnp.float32)])
+def test_rademacher_noise_is_the_bits_of_the_key_as_plus_or_minus_one(shape, dtype):
+  key = jax.random.PRNGKey(5)
+  z = np.asarray(zo.draw_noise(key, shape, dtype, "rademacher"))
+  assert z.shape == shape and z.dtype == dtype
+  size = int(np.prod(shape))
+  words = np.asarray(jax.random.bits(key, (-(-size // 32),), jnp.uint32))
+  bits = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1  # entry 32 w + b: bit b of word w
+  np.testing.assert_array_equal(z.astype(np.float32).ravel(),
+                                2.0 * bits.ravel()[:size] - 1.0)
+  if size >= 50_000:  # balanced: the mean within 5 standard errors of 0, and no pattern in
+    assert abs(z.mean()) < 5 / np.sqrt(size)  # neighbours (the lag-1 correlation likewise)
+    assert abs(np.mean(z[1:] * z[:-1])) < 5 / np.sqrt(size)
+  with pytest.raises(ConfigError, match="unknown zeroth-order noise 'uniform'"):
+    zo.draw_noise(key, shape, dtype, "uniform")
 
 
 # --------------------------------------------------------------------- convergence on a toy

@@ -177,6 +177,7 @@ class ZOSettings:
   eps: float = 1e-3
   num_perturbations: int = 1
   weight_decay: float = 0.0
+  noise: str = "gaussian"  # z's distribution: "gaussian" (MeZO's) | "rademacher" (±1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +213,7 @@ def make_rule(name: str, total_steps: int, *, adamw: Optional[AdamWSettings] = N
     return FirstOrder(make_optimizer(tc), learning_rate_schedule(tc), trainable)
   lr = zeroth_order.learning_rate_schedule(zo, total_steps)
   kwargs = dict(eps=zo.eps, weight_decay=zo.weight_decay, num_perturbations=zo.num_perturbations,
-                trainable=trainable or (lambda names: True))
+                noise=zo.noise, trainable=trainable or (lambda names: True))
   if name == "mezo":
     return zeroth_order.MeZO(lr, **kwargs)
   if peft != "none":
