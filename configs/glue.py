@@ -29,8 +29,8 @@ Qwen3-style models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZ
          (GLUE SST-2, MRPC, RTE, WNLI, STS-B; SuperGLUE WiC, COPA, WSC, MultiRC), 3 seeds, a
          balanced selection set of 500 (at most 10% of train); first-order rows on the full
          train split minus the selection set (8,000 AdamW steps); MeZO (full and LoRA) and
-         DiZO rows 5,000 steps with the learning rate chosen on the selection set from
-         `glue.zo.learning_rates` (500 steps each on seed 0). Many hours on 2 CPU cores
+         DiZO rows 5,000 steps, ±1 perturbations (`glue.zo.noise`), the learning rate chosen from
+         `glue.zo.learning_rates` on the selection set (500 steps each on seed 0). Many hours on 2 CPU cores
          (SST-2, one core per unit: ~15-25 min per AdamW unit on a Qwen3-style start, ~11 on
          OPT; ~16-20 per zeroth-order unit before causal rows became one per example; about
          two days for the whole level, docs/glue.md). Gave on SST-2 (2026-12-07, 3 seeds):
@@ -197,6 +197,9 @@ def get_config(arg: str = "test"):
     g.adamw.learning_rate = 1e-3
     g.adamw.warmup_steps = 100
     g.zo.learning_rates = (1e-6, 1e-5, 1e-4, 1e-3)  # small models need larger rates than OPT-13B
+    # ±1 perturbations (SPSA's): on CPU, drawing OPT's 5.1M Gaussian z three times per step
+    # took most of a MeZO step (200 SST-2 steps: 23 s Gaussian, 7 s Rademacher, one core).
+    g.zo.noise = "rademacher"
     g.zo.grid_steps = 500
     g.zo.num_steps = 5000
     g.lora_zo.eps = 1e-2  # measured on SST-2: the LoRA row moved (0.548) only with these

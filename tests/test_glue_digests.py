@@ -30,16 +30,16 @@ from configs import glue as glue_config
 EXTRA_ROWS = "opt:mezo:lora,opt:adamw:head,reversible_qwen3:dizo,standard_qwen3:mezo:head:lora"
 PINNED = {
     "cpu": {
-        "run": "722383e4f6dc",
+        "run": "5305adf89090",
         "rows": {"adamw_reversible_qwen3": "15f3f0a72ed6", "adamw_standard_qwen3": "3e732d068fe1",
-                 "adamw_opt": "a53001f626cc", "mezo_opt": "9b1dc7c90f4f",
-                 "mezo_opt_lora": "89b4be34e35f", "dizo_opt": "535683337f73",
-                 "adamw_opt_head": "a53001f626cc", "dizo_reversible_qwen3": "d10792794a1b",
-                 "mezo_standard_qwen3_head_lora": "f94650a7167d"},
+                 "adamw_opt": "a53001f626cc", "mezo_opt": "5deaaeb05ca5",
+                 "mezo_opt_lora": "f1dbcf7331ec", "dizo_opt": "d0633e481e54",
+                 "adamw_opt_head": "a53001f626cc", "dizo_reversible_qwen3": "39649f1016ba",
+                 "mezo_standard_qwen3_head_lora": "7516bf51fde5"},
         "units": 459,
         "first_last": ["SST-2__adamw_reversible_qwen3__seed0__15f3f0a72ed6.json",
-                       "MultiRC__mezo_standard_qwen3_head_lora__seed2__f94650a7167d.json"],
-        "names_sha": "ad3d43a126b2b4b1",
+                       "MultiRC__mezo_standard_qwen3_head_lora__seed2__7516bf51fde5.json"],
+        "names_sha": "35f5a9ef0aa3fe4d",
     },
     "test": {
         "run": "b00be43be04e",
