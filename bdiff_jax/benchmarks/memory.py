@@ -59,6 +59,7 @@ import numpy as np
 from bdiff_jax.benchmarks import step_memory
 from bdiff_jax.config import configuration
 from bdiff_jax.errors import ConfigError
+from bdiff_jax.evaluation import plotting
 from bdiff_jax.runtime.reporter import Reporter
 from bdiff_jax.train import train_state
 
@@ -258,9 +259,7 @@ def format_targets(checks: list[dict]) -> str:
 
 def plot(results: list[dict], seq_lens, path: str) -> None:
   """Memory (total solid, temp dashed) and step time against depth, one column per seq_len."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
 
   n = len(seq_lens)
   fig, axes = plt.subplots(2, n, figsize=(4.5 * n, 7.5), squeeze=False)

@@ -11,13 +11,17 @@ import json
 import os
 from typing import Optional
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-
 from bdiff_jax.runtime import metrics_log
+
+
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (files only), imported on first use: a process that
+  never plots (evaluation, sampling, a refused command, process 1 of a multi-process run) does
+  not pay its ~0.7 s import."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
 
 
 def _evals(records: list[dict]) -> list[dict]:
@@ -42,6 +46,7 @@ def _tokens_label(evals: list[dict]) -> str:
 
 def _log_ticks(ax) -> None:
   """Readable ticks on a log axis: plain numbers at 1, 2, 3, 5 x 10^k."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
   ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
   ax.yaxis.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(range(1, 10))))
@@ -58,6 +63,7 @@ def plot_training_curves(workdir: str, filename: str = "training_curves.png", *,
   whose periodic readings and final number are drawn beside this run's; upper_bound: the run's
   numbers are bounds (diffusion), said on the axis.
   """
+  plt = pyplot()
   records = metrics_log.read(os.path.join(workdir, "metrics.jsonl"))
   train = [r for r in records if r["kind"] == "train" and isinstance(r.get("loss"), float)]
   evals = _evals(records)

@@ -18,12 +18,9 @@ import os
 import sys
 import warnings
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from bdiff_jax.evaluation.plotting import pyplot
 from bdiff_jax.glue import metrics as glue_metrics
 from bdiff_jax.runtime import workdir as workdir_lib
 
@@ -186,6 +183,7 @@ def markdown(rows: list[dict], meta: dict, records: list[dict] | None = None) ->
 
 
 def plot(rows: list[dict], path: str) -> None:
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
   x = np.arange(len(rows))
   ax.bar(x, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4)
@@ -225,6 +223,7 @@ def plot_curves(records: list[dict], task: str, path: str, baselines=None) -> No
   """Selection score and dev metric against forward passes, every row of `task` on one figure:
   the mean over seeds and the min-max band; the dev panel also shows the majority class and the
   bag-of-words baseline."""
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   names = list(dict.fromkeys(r["row"] for r in records if r["task"] == task))
   for name in names:

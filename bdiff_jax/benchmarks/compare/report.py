@@ -10,10 +10,7 @@ import os
 import statistics
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from bdiff_jax.evaluation.plotting import pyplot
 
 JSON_FILE = "compare.json"
 MARKDOWN_FILE = "compare.md"
@@ -127,6 +124,7 @@ def _depth_table(summary: dict) -> list[str]:
 
 def plot(summary: dict, runs_by_model: dict[str, list[dict]], path: str) -> None:
   """Training loss against tokens and against wall-clock, and memory against depth."""
+  plt = pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   tokens_per_step = summary["budget"]["batch_size"] * summary["budget"]["seq_len"]
   for label, results in runs_by_model.items():
