@@ -71,12 +71,17 @@ def test_a_first_order_row_with_an_ema_evaluates_the_ema(toy, tmp_path, ema_deca
 # 1e-2 (LoRA: 3e-2, its factors start at zero and move slower), batch 8, a 16-example selection
 # set (informedness in steps of 1/8). Measured 2026-12-07: MeZO is at 1.0 on selection and dev from
 # step 100, DiZO from 200, MeZO+LoRA from 250. The rules are being changed: if a change breaks
-# this, retune here, do not loosen the assertions.
-@pytest.mark.parametrize("row,learning_rate", [("opt:mezo", 1e-2), ("opt:dizo", 1e-2),
-                                               ("opt:mezo:lora", 3e-2)])
-def test_zeroth_order_rows_learn(toy, tmp_path, row, learning_rate):
+# this, retune here, do not loosen the assertions. DiZO draws Gaussian perturbations (the
+# default), MeZO and MeZO+LoRA ±1 ones (the `cpu` level's `glue.zo.noise`; MeZO with them,
+# 2026-12-07: dev 0.79 at step 100, 1.0 at 150 and 300, 0.71 at 250; DiZO with them reached
+# only 0.875 in 300 steps).
+@pytest.mark.parametrize("row,learning_rate,noise", [("opt:mezo", 1e-2, "rademacher"),
+                                                     ("opt:dizo", 1e-2, "gaussian"),
+                                                     ("opt:mezo:lora", 3e-2, "rademacher")])
+def test_zeroth_order_rows_learn(toy, tmp_path, row, learning_rate, noise):
   rec, agg = _run(toy, tmp_path, row, num_steps=300, eval_every=50, selection=16,
-                  batch_size=8, dev_curve=False, **{"zo.learning_rate": learning_rate})
+                  batch_size=8, dev_curve=False,
+                  **{"zo.learning_rate": learning_rate, "zo.noise": noise})
   assert rec["forward_passes"]["backward"] == 0
   if row.endswith(":lora"):  # only the LoRA factors train: a small part of the model
     assert 0 < rec["trainable_params"] < rec["params"] / 4
