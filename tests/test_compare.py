@@ -21,7 +21,6 @@ import pytest
 
 from bdiff_jax.benchmarks import compare
 from bdiff_jax.benchmarks.compare import measure
-from bdiff_jax.data.tokenizer import load_tokenizer
 from bdiff_jax.errors import ConfigError, NonFiniteLossError
 from bdiff_jax.runtime.reporter import QUIET, Reporter
 from tests import helpers
@@ -173,11 +172,12 @@ def test_test_level_outputs(test_level):
     assert m["model_config"]["block"] == "qwen3"
     assert os.path.exists(os.path.join(m["runs"][0]["workdir"], "eval_latest.json"))
   # Each model's memory is that of the step its training compiled (recorded, not compiled
-  # again): the same numbers as compiling its train step afresh.
+  # again): the same numbers as compiling its train step afresh, which the memory sweep did at
+  # the model's own depth (the same config, `plan_comparison`).
   sd_run = next(r for r in compare.plan(_data_config(*data_dirs), str(workdir))
                 if r.entry.label == "standard_diffusion")
-  vocab_size = load_tokenizer(os.path.join(sd_run.workdir, "vocab.json")).vocab_size
-  fresh = measure.train_step_memory(sd_run.config, vocab_size)
+  fresh = next(r for r in data["memory_vs_depth"]
+               if (r["backbone"], r["depth"]) == ("standard", sd_run.config.model.num_layers))
   sd = next(m for m in data["models"] if m["model"] == "standard_diffusion")
   assert {k: sd["memory"][k] for k in measure.MEMORY_FIELDS} == {
       k: fresh[k] for k in measure.MEMORY_FIELDS}

@@ -266,8 +266,8 @@ def test_sigint_in_a_real_glue_run_keeps_the_finished_units(sst2, tmp_path):
   cmd = [sys.executable, os.path.join(helpers.REPO, "main.py"),
          "--config=" + os.path.join(helpers.REPO, "configs", "glue.py") + ":test",
          f"--workdir={w}", "--mode=glue", f"--config.glue.glue_dir={sst2}",
-         "--config.glue.rows=opt:adamw:head", "--config.glue.num_steps=5000",  # ~5 s a seed
-         "--config.glue.eval_every=5000"]
+         "--config.glue.rows=opt:adamw:head", "--config.glue.num_steps=2500",  # ~2.5 s a seed
+         "--config.glue.eval_every=2500"]
   proc = subprocess.Popen(cmd, cwd=helpers.REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 180  # generous: a loaded machine (CI's two workers) is slower

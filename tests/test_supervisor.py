@@ -124,7 +124,7 @@ with GracefulInterrupt() as stop:
   print("waiting", flush=True)
   while not stop.stop_requested():
     time.sleep(0.01)
-  time.sleep(1.5)  # saving: a duplicate delivered now must not abort it
+  time.sleep(0.3)  # saving: a duplicate delivered now (ms after the first) must not abort it
 print("saved", flush=True)
 sys.exit(stop.exit_code)
 """
