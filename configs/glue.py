@@ -29,15 +29,14 @@ Qwen3-style models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZ
          (GLUE SST-2, MRPC, RTE, WNLI, STS-B; SuperGLUE WiC, COPA, WSC, MultiRC), 3 seeds, a
          balanced selection set of 500 (at most 10% of train); first-order rows on the full
          train split minus the selection set (8,000 AdamW steps); MeZO (full and LoRA) and
-         DiZO rows 5,000 steps, ±1 perturbations (`glue.zo.noise`), the learning rate chosen from
-         `glue.zo.learning_rates` on the selection set (500 steps each on seed 0). Many hours on 2 CPU cores
-         (SST-2, one core per unit: ~15-25 min per AdamW unit on a Qwen3-style start, ~11 on
-         OPT; ~16-20 per zeroth-order unit before causal rows became one per example; about
-         two days for the whole level, docs/glue.md). Gave on SST-2 (2026-12-07, 3 seeds):
-         AdamW reversible 0.807 +- 0.015, standard 0.805 +- 0.005, OPT 0.802 +- 0.004
-         (bag-of-words 0.798, majority 0.509); MeZO 0.546, DiZO 0.565 (1 seed each, 2026-12-06:
-         evaluations every 250 steps); the LoRA row moved only with eps 1e-2 and rates up to 1e-1
-         (0.548), which this level gives it (`glue.lora_zo`).
+         DiZO rows 5,000 steps, ±1 perturbations (`glue.zo.noise`), the learning rate chosen
+         from `glue.zo.learning_rates` on the selection set (500 steps each on seed 0). Many
+         hours on 2 CPU cores (SST-2, one core per unit: ~15-30 min per AdamW unit on a
+         Qwen3-style start, ~11 on OPT, 3-5 per zeroth-order unit; more than a day for the whole
+         level, docs/glue.md). Gave on SST-2 (2026-12-07, 3 seeds): AdamW reversible
+         0.807 +- 0.015, standard 0.805 +- 0.005, OPT 0.802 +- 0.004 (bag-of-words 0.798,
+         majority 0.509); MeZO 0.577 +- 0.019, DiZO 0.554 +- 0.017, MeZO+LoRA 0.500 +- 0.014
+         (its grid chose 1e-1, the one rate that moved a prediction in 500 steps; flagged).
   full   python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full \
              --mode=glue --config.glue.opt_dir=/data/opt-1.3b
          GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
