@@ -107,6 +107,10 @@ def test_majority_baseline():
   # MRPC: always 1 -> TP 1, FP 3, FN 0 -> F1 = 2 / 5.
   assert gm.majority_baseline("MRPC", [1, 1, 0], [1, 0, 0, 0])["f1"] == pytest.approx(0.4)
   assert gm.majority_baseline("RTE", [0, 1], [1, 1])["prediction"] == 0.0   # tie -> smallest id
+  # F1 of class 1 as the headline: the constant is class 1 even where 0 is the majority (as
+  # in MultiRC's and MRPC-like data with few positives); the majority's F1 would be 0.
+  mrpc = gm.majority_baseline("MRPC", [0, 0, 1], [1, 0, 0, 0])
+  assert mrpc["prediction"] == 1.0 and mrpc["f1"] == pytest.approx(0.4)
   stsb = gm.majority_baseline("STS-B", [1.0, 2.0, 3.0], [0.5, 4.0])
   assert stsb["prediction"] == 2.0
   assert math.isnan(stsb["pearson"]) and math.isnan(stsb["spearman"])
@@ -131,9 +135,10 @@ def test_multirc_metrics_by_hand():
 
 
 def test_multirc_majority_baseline():
-  # Train majority 0 (all "incorrect"): F1a 0; EM counts questions without a correct answer.
+  # Train majority 0 (all "incorrect"), whose F1a would be 0: the baseline answers 1 ("correct")
+  # everywhere: TP 1, FP 3 -> F1a 2/5; no question has all its options right -> EM 0.
   base = gm.majority_baseline("MultiRC", [0, 0, 1], [1, 0, 0, 0], eval_groups=[0, 0, 1, 1])
-  assert base == {"accuracy": 0.75, "f1a": 0.0, "em": 0.5, "prediction": 0.0}
+  assert base == {"accuracy": 0.25, "f1a": pytest.approx(0.4), "em": 0.0, "prediction": 1.0}
   assert gm.majority_baseline("WSC", [1, 0, 0], [1, 0]) == {"accuracy": 0.5, "prediction": 0.0}
 
 

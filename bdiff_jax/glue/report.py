@@ -152,7 +152,9 @@ def markdown(rows: list[dict], meta: dict, records: list[dict] | None = None) ->
         f"{fp['forward']} / {fp['backward']} | {r['train_seconds']:.1f} | "
         f"{_fmt_bytes(r['step_memory_bytes'])} | {r['params']:,} | {oov} |")
   lines += ["", "Spread: population std over seeds. Step-0 dev: the untrained (zero-shot) "
-            "model. BoW LR: L2-regularised logistic (STS-B: ridge) regression on unigram + "
+            "model. Majority: always the train split's majority class (where the metric is the F1 "
+            "of class 1, MRPC/QQP/MultiRC: always class 1, whose F1 is not 0). BoW LR: "
+            "L2-regularised logistic (STS-B: ridge) regression on unigram + "
             "bigram counts of the same training examples, mean over seeds. 2 SE: twice the dev "
             "standard error of the metric (mean over seeds). Selection: the chance-corrected "
             "selection score (informedness = 0 for any constant predictor; STS-B: Pearson) of "
