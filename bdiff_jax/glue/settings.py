@@ -18,7 +18,7 @@ from bdiff_jax.glue import readers as glue_readers
 from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue import sampling as glue_sampling
 from bdiff_jax.glue import tasks as glue_tasks
-from bdiff_jax.optim.zeroth_order import NOISES
+from bdiff_jax.optim.zeroth_order import check_noise
 
 
 class _Section:
@@ -199,9 +199,7 @@ def validate(g) -> None:
     _positive_int(g.zo, "grid_steps", prefix="glue.zo")
   _positive_int(g.zo, "num_steps", 0, prefix="glue.zo")
   _positive_int(g.zo, "num_perturbations", prefix="glue.zo")
-  if g.zo.noise not in NOISES:
-    raise ConfigError(f"glue.zo.noise={g.zo.noise!r} is not a zeroth-order noise.",
-                      f"set --config.glue.zo.noise to one of {', '.join(map(repr, NOISES))}.")
+  check_noise(g.zo.noise, "glue.zo.noise")
   _positive_int(g.dizo, "interval", prefix="glue.dizo")
   _positive_int(g.dizo, "iterations", 0, prefix="glue.dizo")
   for key, minimum in (("adamw.learning_rate", None), ("zo.learning_rate", None),

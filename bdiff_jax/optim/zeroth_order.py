@@ -100,11 +100,15 @@ def flat_leaves(params):
   return [path_names(p) for p, _ in leaves], [v for _, v in leaves], treedef
 
 
-def check_noise(noise: str) -> str:
-  """`noise` if it is one of NOISES; else a one-line ConfigError."""
+def check_noise(noise: str, field: str = "") -> str:
+  """`noise` if it is one of NOISES; else a one-line ConfigError, naming the config `field`
+  ("glue.zo.noise") that holds it when given."""
   if noise not in NOISES:
-    raise ConfigError(f"unknown zeroth-order noise {noise!r}.",
-                      f"use one of {', '.join(map(repr, NOISES))}.")
+    choices = ", ".join(map(repr, NOISES))
+    if field:
+      raise ConfigError(f"{field}={noise!r} is not a zeroth-order noise.",
+                        f"set --config.{field} to one of {choices}.")
+    raise ConfigError(f"unknown zeroth-order noise {noise!r}.", f"use one of {choices}.")
   return noise
 
 
@@ -154,9 +158,9 @@ def _after(previous, key):
 def map_noise(fn, params, key, trainable: Predicate, noise: str = "gaussian"):
   """Applies fn(names, leaf, z) to the trainable leaves, one leaf after the other.
 
-  z is the leaf's noise of `leaf_noise(params, key, noise)` (keys split over all leaves, so freezing a
-  leaf does not change the noise of the others), drawn just before its use. Frozen leaves are
-  returned as is.
+  z is the leaf's noise of `leaf_noise(params, key, noise)` (keys split over all leaves, so
+  freezing a leaf does not change the noise of the others), drawn just before its use. Frozen
+  leaves are returned as is.
   """
   names, leaves, treedef = flat_leaves(params)
   keys = jax.random.split(key, len(leaves))
