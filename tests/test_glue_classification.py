@@ -284,11 +284,21 @@ def test_glue_test_level_end_to_end(sst2, tmp_path):
     assert rec["selected_step"] in (0, 2, 3) and rec["relative_param_change"] >= 0
     assert (rec["selected_step"] == 0) == (rec["relative_param_change"] == 0.0)
     assert rec["sizes"]["selection"] == 8
+    # The start probe where the candidates are read at one position: the word-level rows'
+    # one-token label words; not a pooled head, nor the BPE fixture's several-token labels.
+    if rec["row"].endswith("qwen3"):
+      assert rec["start_probe"]["train_examples"] == rec["sizes"]["train"]
+      assert 0.0 <= rec["start_probe"]["dev_splits"]["dev"]["accuracy"] <= 1.0
+    else:
+      assert rec["start_probe"] is None
+  assert rows["adamw_opt_head"]["start_probe"] is None
+  assert 0.0 <= rows["adamw_reversible_qwen3"]["start_probe"] <= 1.0
   for r in rows.values():
     assert ("selected step 0 (1/1 seeds)" in r["flags"]) == (r["selected_steps"] == [0])
     assert r["bow"] == 1.0  # the toy task is separable by its words
   md = (tmp_path / "glue.md").read_text()
   assert "DiZO vs MeZO at equal forward passes" in md and "step-0 dev" in md
+  assert "| start probe |" in md
   assert os.path.getsize(tmp_path / "glue_curves_SST-2.png") > 0
 
 

@@ -66,7 +66,7 @@ class FakeRunSeed:
   def __init__(self, kill_at=None, on_call=None):
     self.calls, self.kill_at, self.on_call = [], kill_at, on_call or {}
 
-  def __call__(self, spec, task, g, seed, reporter, programs):
+  def __call__(self, spec, task, g, seed, reporter, programs, probe=True):
     self.calls.append((task, spec.name, seed, float(g.zo.learning_rate), int(g.num_steps)))
     if self.kill_at is not None and len(self.calls) == self.kill_at:
       raise RuntimeError("killed")

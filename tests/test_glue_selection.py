@@ -130,7 +130,8 @@ def test_learning_rate_grid_picks_the_best_selection_score(monkeypatch):
   seen = []
   best = {1e-4: 0.1, 1e-3: 0.6, 1e-2: float("nan")}
 
-  def fake_run_seed(spec, task, trial, seed, reporter, programs):
+  def fake_run_seed(spec, task, trial, seed, reporter, programs, probe=True):
+    assert not probe  # a learning-rate trial fits no start probe
     seen.append((trial.zo.learning_rate, trial.zo.num_steps, seed))
     score = best[trial.zo.learning_rate]
     return {"selection_best": score, "selected_step": 7, "relative_param_change": 0.1,

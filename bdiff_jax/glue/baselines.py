@@ -63,8 +63,11 @@ class BagOfWords:
                                    dtype=np.float64)
 
 
-def _fit(x, targets: np.ndarray, regression: bool, l2: float, iterations: int) -> np.ndarray:
-  """Weights [F + 1, C] minimising the mean loss + l2/2 ||W||^2 (the bias not penalised)."""
+def fit_linear(x, targets: np.ndarray, regression: bool, l2: float,
+               iterations: int) -> np.ndarray:
+  """Weights [F + 1, C] minimising the mean loss + l2/2 ||W||^2 (the bias not penalised): x
+  [N, F + 1] (dense or sparse) ends with a constant-1 bias column; softmax cross-entropy
+  against `targets` [N, C] (distributions), or squared error against float `targets` [N]."""
   n, d = x.shape
   c = 1 if regression else targets.shape[1]
   penalty = np.ones((d, c))
@@ -115,7 +118,7 @@ def bow_baseline(task: str, train: GlueSplit, evals: dict[str, GlueSplit], *,
     targets = train.labels.astype(np.float64)
   else:
     targets = np.eye(train.num_labels)[train.labels.astype(np.int64)]
-  w = _fit(x, targets, train.is_regression, l2, iterations)
+  w = fit_linear(x, targets, train.is_regression, l2, iterations)
   out = {}
   for name, split in evals.items():
     z = bow.features(split) @ w

@@ -3,6 +3,11 @@
 Three ways to turn a network into a classifier, as objects with one interface:
 
     scores(apply, batch) -> float32[B, C]       one score per candidate (class) per example
+    scores_and_readout(apply, batch)             the scores and, where all candidates are read
+                                                 at one position (one-token candidates of a
+                                                 prompt), the final hidden state there
+                                                 float32[B, D] (else None): the features a
+                                                 readout of the start model sees (glue/probe.py)
     loss(apply, batch, key) -> (loss, aux)       cross-entropy of softmax(scores) against
                                                  batch["target"] (a distribution over C)
     predict(scores) -> int class ids [B] (or float scores for a regression head)
@@ -70,6 +75,11 @@ class ClassificationObjective(abc.ABC):
   def scores(self, apply, batch: dict) -> jax.Array:
     """float32[B, C] candidate scores (higher = more likely)."""
 
+  def scores_and_readout(self, apply, batch: dict):
+    """(scores float32[B, C], hidden float32[B, D] at the position the candidates are read, or
+    None where they are not read at one position: several-token candidates, a pooled head)."""
+    return self.scores(apply, batch), None
+
   def loss(self, apply, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
     del key  # deterministic given the batch (dropout has its own key inside `apply`)
     s = self.scores(apply, batch)
@@ -131,21 +141,33 @@ class CausalPrompt(ClassificationObjective):
       return _candidate_logp_at(apply, batch, batch["label_pos"], None)
     return _candidate_mean_logp(apply, batch, self.max_label_tokens)
 
+  def scores_and_readout(self, apply, batch):
+    if "candidate_ids" in batch and _gathers_rows(apply):
+      return _candidate_logp_and_hidden(apply, batch, batch["label_pos"], None)
+    return super().scores_and_readout(apply, batch)
+
 
 def _candidate_logp_at(apply, batch, pos, t):
   """float32[B, C]: log p(candidate_ids[b, c]) from the logits at position pos[b] of row b
   (inputs [B, L]); `t` [B] the diffusion time of a time-conditioned network, else None. With a
   `models.bind` apply the head runs at that position only."""
-  cands = batch["candidate_ids"]
   if _gathers_rows(apply):
-    h = apply.hidden(batch["inputs"], t, padding_mask=batch["padding"],
-                     positions=pos[:, None])  # [B, 1, D]
-    h = jnp.broadcast_to(h, (cands.shape[0], cands.shape[1], h.shape[-1]))
-    return -apply.token_nll(h, cands).astype(jnp.float32)
+    return _candidate_logp_and_hidden(apply, batch, pos, t)[0]
+  cands = batch["candidate_ids"]
   logits = apply(batch["inputs"], t, padding_mask=batch["padding"]).astype(jnp.float32)
   at_pos = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0]
   logp = jax.nn.log_softmax(at_pos, axis=-1)  # [B, V]
   return jnp.take_along_axis(logp, cands, axis=-1)
+
+
+def _candidate_logp_and_hidden(apply, batch, pos, t):
+  """(`_candidate_logp_at`'s scores float32[B, C], the final hidden state at pos float32[B, D])
+  for a `models.bind` apply: the head runs at pos only."""
+  cands = batch["candidate_ids"]
+  h = apply.hidden(batch["inputs"], t, padding_mask=batch["padding"],
+                   positions=pos[:, None])  # [B, 1, D]
+  wide = jnp.broadcast_to(h, (cands.shape[0], cands.shape[1], h.shape[-1]))
+  return -apply.token_nll(wide, cands).astype(jnp.float32), h[:, 0].astype(jnp.float32)
 
 
 def _candidate_mean_logp(apply, batch, max_label_tokens: int, t=None):
@@ -225,6 +247,12 @@ class ClozePrompt(ClassificationObjective):
     if "score_mask" in batch:  # multi-token candidates: one row per candidate, masks at its span
       return _candidate_mean_logp(apply, batch, DEFAULT_LABEL_TOKENS, t)
     return _candidate_logp_at(apply, batch, batch["mask_pos"], t)
+
+  def scores_and_readout(self, apply, batch):
+    if "candidate_ids" in batch and _gathers_rows(apply):
+      t = batch["t"] if self.uses_time else None
+      return _candidate_logp_and_hidden(apply, batch, batch["mask_pos"], t)
+    return super().scores_and_readout(apply, batch)
 
 
 class PooledHead(ClassificationObjective):

@@ -22,6 +22,7 @@ import numpy as np
 
 from bdiff_jax.evaluation.plotting import pyplot
 from bdiff_jax.glue import metrics as glue_metrics
+from bdiff_jax.glue.probe import PROBE_EXAMPLES
 from bdiff_jax.runtime import workdir as workdir_lib
 
 CONSTANT_FRACTION = 0.99  # a seed whose most frequent prediction has this share is "constant"
@@ -69,6 +70,8 @@ def aggregate(task: str, row_name: str, records: list[dict], baselines: dict, pr
   bow = [float(m[primary]) for m in baselines["bow"][split]]
   se = float(np.mean([r["dev_standard_error"][split] for r in records]))
   steps = [int(r["selected_step"]) for r in records]
+  probes = [float(r["start_probe"]["dev_splits"][split][primary]) for r in records
+            if r.get("start_probe")]
   changes = [float(r["relative_param_change"]) for r in records]
   first = records[0]
   return {
@@ -81,6 +84,7 @@ def aggregate(task: str, row_name: str, records: list[dict], baselines: dict, pr
       "zero_shot_selection": float(np.mean([r["zero_shot"]["selection"] for r in records])),
       "selected_steps": steps, "relative_param_change": changes,
       "majority": maj, "bow": float(np.mean(bow)), "bow_std": float(np.std(bow)),
+      "start_probe": float(np.mean(probes)) if probes else None,
       "flags": flags(values, maj, dists, selected_steps=steps, changes=changes,
                      standard_error=se, static=STATIC_CHANGE),
       "prediction_distribution": [float(x) for x in np.mean(dists, axis=0)]
@@ -132,20 +136,21 @@ def markdown(rows: list[dict], meta: dict, records: list[dict] | None = None) ->
   lines = [f"# GLUE fine-tuning ({meta['level']})", "",
            f"{meta['description']}", "",
            "| task | row | init | scoring | metric | dev mean ± std | step-0 dev | majority "
-           "| BoW LR | 2 SE | selection: selected / step 0 | selected steps | rel. change "
+           "| BoW LR | start probe | 2 SE | selection: selected / step 0 | selected steps | rel. change "
            "| predictions | flags | steps | fwd / bwd passes | train s | step memory | params "
            "| OOV |",
-           "|" + "---|" * 21]
+           "|" + "---|" * 22]
   for r in rows:
     dist = ("/".join(f"{x:.2f}" for x in r["prediction_distribution"])
             if r["prediction_distribution"] is not None else "-")
     fp = r["forward_passes"]
     oov = "-" if r["oov_rate"] is None else f"{100 * r['oov_rate']:.1f}%"
     change = " ".join(f"{c:.1e}" for c in r["relative_param_change"])
+    probe = "-" if r.get("start_probe") is None else f"{r['start_probe']:.4f}"
     lines.append(
         f"| {r['task']} | {r['row']} | {r['init']} | {r['scoring']} | {r['metric']} | "
         f"{r['mean']:.4f} ± {r['std']:.4f} (n={len(r['values'])}) | {r['zero_shot_dev']:.4f} | "
-        f"{r['majority']:.4f} | {r['bow']:.4f} | {2 * r['standard_error']:.4f} | "
+        f"{r['majority']:.4f} | {r['bow']:.4f} | {probe} | {2 * r['standard_error']:.4f} | "
         f"{r['selection_best']:.3f} / {r['zero_shot_selection']:.3f} | "
         f"{', '.join(map(str, r['selected_steps']))} | {change} | "
         f"{dist} | {', '.join(r['flags']) or 'ok'} | {r['steps']} | "
@@ -155,7 +160,11 @@ def markdown(rows: list[dict], meta: dict, records: list[dict] | None = None) ->
             "model. Majority: always the train split's majority class (where the metric is the F1 "
             "of class 1, MRPC/QQP/MultiRC: always class 1, whose F1 is not 0). BoW LR: "
             "L2-regularised logistic (STS-B: ridge) regression on unigram + "
-            "bigram counts of the same training examples, mean over seeds. 2 SE: twice the dev "
+            "bigram counts of the same training examples, mean over seeds. Start probe: the same "
+            "regression on the start model's final hidden state where the candidates are read "
+            f"(at most {PROBE_EXAMPLES:,} of the training examples; '-' where candidates are "
+            "read at several positions): what re-weighting the start's features alone gives. "
+            "2 SE: twice the dev "
             "standard error of the metric (mean over seeds). Selection: the chance-corrected "
             "selection score (informedness = 0 for any constant predictor; STS-B: Pearson) of "
             "the selected step and of step 0, mean over seeds. Rel. change: ||theta - theta_0|| "

@@ -124,7 +124,15 @@ class RowPrograms:
   rule: Any = None
   ema_decay: float = 0.0  # the row's (Row.ema_decay): evaluate state.ema_params when > 0
   step: Any = None  # the train step, compiled for the first seed's state and batch
-  scores: Any = None  # jitted (params, batch) -> candidate scores float[B, C]
+  scored: Any = None  # jitted (params, batch) -> (scores float[B, C], readout [B, D] or None)
+
+  def scores(self, params, batch):
+    """Candidate scores float[B, C] (the objective's `scores_and_readout`, compiled once)."""
+    return self.scored(params, batch)[0]
+
+  def readout(self, params, batch):
+    """The final hidden states [B, D] where the candidates are read, or None (glue/probe.py)."""
+    return self.scored(params, batch)[1]
 
   def adopt(self, row: Row) -> None:
     """The first seed's parts for `row` (or `row`'s, when it is the first seed's): not its
@@ -140,7 +148,8 @@ class RowPrograms:
     if self.step is not None:
       return
     network, objective = self.network, self.objective
-    self.scores = jax.jit(lambda p, b: objective.scores(models.bind(network, p, train=False), b))
+    self.scored = jax.jit(lambda p, b: objective.scores_and_readout(
+        models.bind(network, p, train=False), b))
     step_fn = make_train_step(objective, network, self.rule, ema_decay=self.ema_decay)
     self.step = step_fn.lower(state, batch).compile()
 

@@ -47,6 +47,7 @@ from bdiff_jax.errors import UserError
 from bdiff_jax.glue import baselines as glue_baselines
 from bdiff_jax.glue import encoding as glue_encoding
 from bdiff_jax.glue import metrics as glue_metrics
+from bdiff_jax.glue import probe as glue_probe
 from bdiff_jax.glue import report as glue_report
 from bdiff_jax.glue import rows as glue_rows
 from bdiff_jax.glue import tasks as glue_tasks
@@ -91,6 +92,23 @@ def evaluate(row, score_fn, params, arrays, task, batch_size, groups=None):
   return metrics, dist, preds
 
 
+def start_probe(task: str, programs, params, train: dict, devs: dict, groups: dict, seed: int,
+                batch_size: int):
+  """The start probe (glue/probe.py) of a row at step 0: {"dev_splits": {name: metrics},
+  "train_examples": n}, or None where the row reads no single position (several-token
+  candidates, a pooled head)."""
+  idx = glue_probe.probe_indices(train["labels"].shape[0], seed)
+  sub = {k: v[idx] for k, v in train.items()}
+  if programs.readout(params, _take(sub, np.zeros(batch_size, np.int64))) is None:
+    return None
+  features = lambda a: predict(programs.readout, params, a, batch_size)
+  spec = glue_tasks.task_spec(task)
+  evals = {name: (features(a), a["labels"], groups[name]) for name, a in devs.items()}
+  metrics = glue_probe.start_probe(task, features(sub), sub["labels"], evals,
+                                   regression=spec.is_regression, num_labels=spec.num_labels)
+  return {"dev_splits": metrics, "train_examples": int(len(idx))}
+
+
 def _better(a: float, b: float) -> bool:
   return not np.isnan(a) and (np.isnan(b) or a > b)
 
@@ -108,8 +126,9 @@ def relative_change(params, initial) -> float:
 
 
 def run_seed(spec, task: str, g: GlueSettings, seed: int, reporter: Reporter,
-             programs: RowPrograms) -> dict:
-  """Trains and evaluates one row on one task with one seed; returns its record.
+             programs: RowPrograms, *, probe: bool = True) -> dict:
+  """Trains and evaluates one row on one task with one seed; returns its record (with the start
+  probe of glue/probe.py unless `probe` is False: the learning-rate trials).
 
   `programs` carries the row's compiled step and scorer from one seed to the next
   (`RowPrograms`), so each row compiles once per task; its `stop` is checked after every train
@@ -191,6 +210,8 @@ def run_seed(spec, task: str, g: GlueSettings, seed: int, reporter: Reporter,
         zero_shot = {"selection": score, "selection_metric": sel[primary],
                      "dev": {name: measure(params, a, groups[name])[0]
                              for name, a in dev_arrays.items()}}
+        probe_record = (start_probe(task, programs, params, arrays["train"], dev_arrays, groups,
+                                    seed, ebs) if probe else None)
         point["dev"] = zero_shot["dev"][first_dev][primary]
       elif bool(g.dev_curve):
         point["dev"] = measure(params, dev_arrays[first_dev], groups[first_dev])[0][primary]
@@ -226,7 +247,7 @@ def run_seed(spec, task: str, g: GlueSettings, seed: int, reporter: Reporter,
                 f"parameter change {change:.2e}; {seconds:.1f}s")
   return {"task": task, "row": spec.name, "seed": seed, "dev": dev_metrics[first_dev],
           "dev_splits": dev_metrics, "dev_standard_error": dev_se, "zero_shot": zero_shot,
-          "selection_best": best, "selected_step": best_step,
+          "start_probe": probe_record, "selection_best": best, "selected_step": best_step,
           "relative_param_change": change, "curve": curve,
           "prediction_distribution": dist, "train_seconds": seconds, "steps": steps,
           "forward_passes": glue_rows.forward_passes(row.rule, steps),
@@ -261,7 +282,7 @@ def choose_learning_rate(spec, task: str, g, reporter: Reporter, *, units=None, 
                   f"{seed})")
       trial = with_changes(g, **{"zo.learning_rate": float(lr), "zo.num_steps": steps,
                           "eval_every": min(int(g.eval_every), steps), "dev_curve": False})
-      rec = run_seed(spec, task, trial, seed, reporter, RowPrograms(stop=stop))
+      rec = run_seed(spec, task, trial, seed, reporter, RowPrograms(stop=stop), probe=False)
       entry = {"learning_rate": float(lr), "selection_best": rec["selection_best"],
                "selection_final": rec["curve"][-1]["selection"],
                "selected_step": rec["selected_step"], "steps": steps,
