@@ -34,6 +34,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from bdiff_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # In this process only (not in subprocesses, which run real training steps): compile without
@@ -129,7 +130,17 @@ def real_data_dir():
   return os.path.abspath(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def shared_tfds_dir(tmp_path_factory):
-  """One prepared TFDS copy of WikiText-2 for every end-to-end test of the session."""
-  return str(tmp_path_factory.mktemp("tfds"))
+  """One prepared TFDS copy of WikiText-2 for every end-to-end test of the session, shared by
+  the pytest-xdist workers (the session's temporary root; preparing publishes atomically, so
+  two workers preparing at once is safe) and the default cache ($BDIFF_CACHE_DIR) of the child
+  processes that set no tfds_dir (e.g. the GLUE start models' pretraining): WikiText-2 is
+  prepared once per session, not once per worker and per such child. Autouse: set before the
+  first test of each worker, whatever order the files come in."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  path = root / "shared_tfds"
+  path.mkdir(exist_ok=True)
+  os.environ[pipeline.CACHE_ENV] = str(path)  # children inherit it; tests that test the
+  return str(path)  # default cache set or unset it themselves
