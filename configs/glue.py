@@ -37,6 +37,9 @@ Qwen3-style models and OPT, with first-order (AdamW) and zeroth-order (MeZO, DiZ
          0.807 +- 0.015, standard 0.805 +- 0.005, OPT 0.802 +- 0.004 (bag-of-words 0.798,
          majority 0.509); MeZO 0.577 +- 0.019, DiZO 0.554 +- 0.017, MeZO+LoRA 0.500 +- 0.014
          (its grid chose 1e-1, the one rate that moved a prediction in 500 steps; flagged).
+         The start probe (a linear readout of the OPT start's label-slot features) gave 0.583
+         on a re-pretrained start whose MeZO row gave 0.551 +- 0.012: the zeroth-order rows
+         learn a readout, not features (docs/glue.md).
   full   python main.py --config configs/glue.py:full,scale=1 --workdir runs/glue_full \
              --mode=glue --config.glue.opt_dir=/data/opt-1.3b
          GPU/TPU; scale=0,1,2: bdiff shapes 6x512 (8 heads, 4 kv), 12x768 (12/6), 24x1024
