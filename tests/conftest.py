@@ -142,5 +142,6 @@ def shared_tfds_dir(tmp_path_factory):
   root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   path = root / "shared_tfds"
   path.mkdir(exist_ok=True)
-  os.environ[pipeline.CACHE_ENV] = str(path)  # children inherit it; tests that test the
-  return str(path)  # default cache set or unset it themselves
+  # Children inherit it; the tests of the default cache itself set or unset it themselves.
+  os.environ[pipeline.CACHE_ENV] = str(path)
+  return str(path)

@@ -136,9 +136,9 @@ def markdown(rows: list[dict], meta: dict, records: list[dict] | None = None) ->
   lines = [f"# GLUE fine-tuning ({meta['level']})", "",
            f"{meta['description']}", "",
            "| task | row | init | scoring | metric | dev mean ± std | step-0 dev | majority "
-           "| BoW LR | start probe | 2 SE | selection: selected / step 0 | selected steps | rel. change "
-           "| predictions | flags | steps | fwd / bwd passes | train s | step memory | params "
-           "| OOV |",
+           "| BoW LR | start probe | 2 SE | selection: selected / step 0 | selected steps "
+           "| rel. change | predictions | flags | steps | fwd / bwd passes | train s "
+           "| step memory | params | OOV |",
            "|" + "---|" * 22]
   for r in rows:
     dist = ("/".join(f"{x:.2f}" for x in r["prediction_distribution"])
