@@ -1,7 +1,9 @@
 """Multi-process train, eval and sample modes through main.py (bdiff_jax/runtime/distributed.py).
 
-Two real processes on localhost (gloo collectives), 2 simulated CPU devices each, one
-(data=2, fsdp=2) mesh over the 4 devices, train a tiny smoke run together: the periodic
+Two real processes on localhost (gloo collectives), one CPU device each, one (data=1, fsdp=2)
+mesh over the 2 devices: the parameters are FSDP-sharded across the processes, so no process
+holds the whole model and every checkpoint save is collective (tests/test_distributed.py runs
+data parallelism across processes). They train a tiny smoke run together: the periodic
 evaluations (and so the best checkpoint), the final full evaluation and the samples run over the
 mesh with both processes taking part, and process 0 alone writes the files. The evaluation
 equals a one-process `--mode=eval` of the same checkpoint (one device) up to float rounding;
@@ -56,7 +58,7 @@ def _env(address: str, index: int) -> dict:
   (`distributed._no_persistent_cache_on_cpu`; with it, a two-process sample with a judge hung in
   the judge's scoring program whenever process 0 loaded that program from the cache while process
   1 compiled it; docs/scale_out.md)."""
-  return helpers.subprocess_env(**helpers.tiny_compile_env(devices=2),
+  return helpers.subprocess_env(**helpers.tiny_compile_env(devices=1),
                                 JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=2,
                                 JAX_PROCESS_ID=index)
 
@@ -118,6 +120,7 @@ def trained(tmp_path_factory, real_data_dir, shared_tfds_dir):
 def test_two_processes_train_evaluate_and_sample(trained):
   workdir, outs, evaluation = trained
   _only_process_0_wrote(outs)
+  assert "2 cpu device(s), mesh data=1 x fsdp=2" in outs[0].stdout, outs[0].stdout
   # The session's persistent compilation cache (conftest.py) was configured; the run turned it
   # off and said so once.
   assert os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -159,7 +162,7 @@ def test_two_process_evaluation_equals_one_process_eval(trained, real_data_dir,
   assert one["step"] == two["step"] and one["checkpoint"] == two["checkpoint"]
   for name in ("valid", "test"):
     a, b = two["results"][name], one["results"][name]
-    print(f"{name}: 2 processes (4-device mesh) nll/token {a['nll_per_token']!r}; "
+    print(f"{name}: 2 processes (2-device mesh) nll/token {a['nll_per_token']!r}; "
           f"1 process (1 device) {b['nll_per_token']!r}")
     assert a["num_tokens"] == b["num_tokens"] and a["seeds"] == b["seeds"]
     np.testing.assert_allclose(a["nll_per_token"], b["nll_per_token"], rtol=1e-6)
@@ -206,7 +209,7 @@ def test_eval_batch_not_a_multiple_of_the_devices_is_one_line(real_data_dir, sha
   address = f"localhost:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(helpers.REPO, "main.py"),
-       *_args(workdir, real_data_dir, shared_tfds_dir, "--config.eval.batch_size=6")],
+       *_args(workdir, real_data_dir, shared_tfds_dir, "--config.eval.batch_size=5")],
       cwd=helpers.REPO, env=_env(address, index),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
@@ -215,8 +218,8 @@ def test_eval_batch_not_a_multiple_of_the_devices_is_one_line(real_data_dir, sha
   _, stderr = outs[0]
   lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
   assert procs[0].returncode == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
-  assert "config.eval.batch_size=6 is not divisible by the 4 devices" in lines[0], lines[0]
-  assert "Fix: pass --config.eval.batch_size=<a multiple of 4>" in lines[0], lines[0]
+  assert "config.eval.batch_size=5 is not divisible by the 2 devices" in lines[0], lines[0]
+  assert "Fix: pass --config.eval.batch_size=<a multiple of 2>" in lines[0], lines[0]
   assert procs[1].returncode not in (0, None) and "Traceback" not in outs[1][1], outs[1][1]
   assert not os.path.exists(workdir)  # refused before the workdir was created
 

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -338,6 +339,52 @@ def test_disk_full_during_save_is_one_line_and_keeps_earlier_checkpoints(saved_w
   assert _tree_digest(os.path.join(wd, "checkpoints")) == before
   assert not os.path.exists(os.path.join(wd, checkpointing.RESERVE_NAME))
 
+
+
+def test_what_orbax_logs_during_a_save_is_emitted_once_after_it(saved_workdir, tmp_path,
+                                                                 monkeypatch):
+  """A record orbax logs while a save runs (a multi-process save whose parameters span the
+  processes logs in every save) is held during the save and emitted once when it ends; emitting
+  it while still holding appended it to the list being emitted, forever (such runs hung)."""
+  ckpt = checkpointing.Checkpointer(_copy(saved_workdir, tmp_path), keep=3)
+  original = ckpt.latest.save
+
+  def logging_save(*args, **kwargs):
+    logging.getLogger("absl").warning("a note from orbax")
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(ckpt.latest, "save", logging_save)
+  handled, emitted = [], []
+
+  class Handled(logging.Filter):  # every time the logger handles the record, held or not
+
+    def filter(self, record):
+      handled.append(record.getMessage())
+      if len(handled) > 10:
+        raise RuntimeError("the held record was handled over and over")
+      return True
+
+  class Emitted(logging.Handler):
+
+    def emit(self, record):
+      emitted.append(record.getMessage())
+
+  logger = logging.getLogger("absl")
+  # (Without the mute an earlier failed save in this process left on for orbax's late threads.)
+  monkeypatch.setattr(logger, "filters", [])
+  counter, sink = Handled(), Emitted()
+  logger.addFilter(counter)
+  logger.addHandler(sink)
+  try:
+    ckpt.save(4, _state(4), {"step": 4}, force=True)
+  finally:
+    logger.removeFilter(counter)
+    logger.removeHandler(sink)
+    ckpt.close()
+  assert handled == ["a note from orbax"] * 2  # held during the save, then emitted
+  assert emitted == ["a note from orbax"]
+  with checkpointing.Checkpointer(ckpt.workdir, read_only=True) as again:
+    assert 4 in again.latest.all_steps()
 
 
 def test_loops_tolerate_closing_for_a_checkpointers_life_and_after_a_failure(saved_workdir,

@@ -78,6 +78,11 @@ class CheckpointCorruptError(CheckpointError):
 # The checkpointer.
 
 
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+  """A manager's multi-process options: its barrier names start with `name`."""
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"bdiff_{name}")
+
+
 class Checkpointer:
   """Latest-K and best-1 checkpoints of one workdir, with digest manifests.
 
@@ -103,16 +108,22 @@ class Checkpointer:
     self._holds_loops = orbax_failures.TOLERANT_LOOPS.acquire()  # before orbax can create a loop
     names = ("state", "meta")
     try:
+      # Each manager names its own multi-process barriers: both save step N at an evaluation
+      # step, and orbax names a save's barriers after the step alone, so two managers would
+      # meet at one barrier name (which orbax requires unique) and a 2-process save whose
+      # arrays span the processes deadlocked whenever their writes finished in another order.
       self.latest = ocp.CheckpointManager(
           self.latest_dir, item_names=names,
           options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               read_only=read_only))
+                                               read_only=read_only,
+                                               multiprocessing_options=_barriers("latest")))
       self.best = ocp.CheckpointManager(
           self.best_dir, item_names=names,
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=not read_only, read_only=read_only,
               best_fn=lambda m: m[BEST_METRIC], best_mode="min",
-              keep_checkpoints_without_metrics=False))
+              keep_checkpoints_without_metrics=False,
+              multiprocessing_options=_barriers("best")))
     except OSError as e:
       self._release_loops()
       raise os_error_to_user_error(e, f"opening the checkpoints of {self.workdir}") from None
@@ -189,12 +200,11 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         os_error = find_os_error(e)
         if os_error is None:
-          orbax_failures.replay(held)
-          raise
+          raise  # what orbax logged is emitted as the block ends
         self._after_failed_save(step)
+        held.drop()
         raise os_error_to_user_error(
             os_error, f"saving checkpoint {step} in {self.workdir}") from None
-      orbax_failures.replay(held)
 
   def _after_failed_save(self, step: int) -> None:
     """After a save failed with an OS error reported as one line: the managers keep that error

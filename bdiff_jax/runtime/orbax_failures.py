@@ -6,8 +6,8 @@ traceback each. While a `Checkpointer` lives, every loop created is a `ClosedTol
 which drops those late callbacks.
 
 `held_absl_logs()`: a save that fails for lack of disk space makes orbax log the same error, with
-a traceback, from each of its threads; the records are held back within the block and
-`replay`ed unless the failure became a one-line error.
+a traceback, from each of its threads; the records are held back within the block and emitted
+when it ends, unless the failure became a one-line error (`HoldRecords.drop`).
 """
 
 import asyncio
@@ -95,14 +95,21 @@ class HoldRecords(logging.Filter):
     self.records.append(record)
     return False
 
+  def drop(self) -> None:
+    """Forgets what was held (a failure reported as one line instead)."""
+    self.records.clear()
+
 
 @contextlib.contextmanager
 def held_absl_logs() -> Iterator[HoldRecords]:
-  """Holds back what orbax logs (through absl's "absl" logger) within the block.
+  """Holds back what orbax logs (through absl's "absl" logger) within the block, and emits what
+  is still held once the block ends, after the hold is lifted.
 
   A save that fails for lack of disk space makes orbax log the same error, with a traceback, from
-  each of its threads (hundreds of lines); we report it as one line instead. The caller replays
-  `held.records` (via `replay`) unless it turned the failure into a one-line error.
+  each of its threads (hundreds of lines); the caller reports it as one line instead and calls
+  `held.drop()`. Emitting only after the filter is removed matters: a record handled while this
+  filter is attached is appended to the list being emitted, forever (a multi-process save whose
+  parameters span processes, where orbax logs during every save, hung so).
   """
   logger = logging.getLogger("absl")
   held = HoldRecords()
@@ -111,10 +118,6 @@ def held_absl_logs() -> Iterator[HoldRecords]:
     yield held
   finally:
     logger.removeFilter(held)
-
-
-def replay(held: HoldRecords) -> None:
-  logger = logging.getLogger("absl")
-  for record in held.records:
-    logger.handle(record)
-  held.records.clear()
+    records, held.records = held.records, []
+    for record in records:
+      logger.handle(record)
