@@ -387,6 +387,17 @@ def test_what_orbax_logs_during_a_save_is_emitted_once_after_it(saved_workdir, t
     assert 4 in again.latest.all_steps()
 
 
+def test_latest_and_best_managers_name_their_barriers_apart(tmp_path):
+  """Both managers save step N at an evaluation step, and orbax names a save's multi-process
+  barriers after the step: without a prefix of their own the processes of a run could meet at
+  one barrier name for two different saves and deadlock (tests/test_multiprocess_modes.py runs
+  such saves)."""
+  with checkpointing.Checkpointer(str(tmp_path / "wd"), keep=3) as ckpt:
+    prefixes = [m._options.multiprocessing_options.barrier_sync_key_prefix  # pylint: disable=protected-access
+                for m in (ckpt.latest, ckpt.best)]
+  assert all(prefixes) and len(set(prefixes)) == 2, prefixes
+
+
 def test_loops_tolerate_closing_for_a_checkpointers_life_and_after_a_failure(saved_workdir,
                                                                              tmp_path,
                                                                              monkeypatch):
