@@ -106,12 +106,19 @@ def test_sample_new_process(trained, real_data_dir, shared_tfds_dir):
 
 
 def test_resume_identical(trained, tmp_path, real_data_dir, shared_tfds_dir):
-  straight, _ = trained  # 8 steps in one process
+  """A new process resumed from the step-4 checkpoint of the straight 8-step run (what a run
+  stopped there leaves) trains steps 5-8 with the straight run's losses bit for bit, after
+  dropping the metrics records the checkpoint does not cover."""
+  straight, _ = trained  # 8 steps in one process, checkpoints at steps 4 and 8
   split = tmp_path / "split"
-  assert_ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir, "--config.train.stop_at_step=4")))
-  assert max(train_losses(split)) == 4
+  shutil.copytree(straight, split)
+  for sub in ("checkpoints", "checkpoints_best"):
+    shutil.rmtree(split / sub / "8", ignore_errors=True)
+  assert sorted(os.listdir(split / "checkpoints")) == ["4"]
   proc = assert_ok(run_main(_tiny(split, real_data_dir, shared_tfds_dir)))
   assert "resuming from latest step 4" in proc.stdout
+  # (steps 5-8 and the step-8 evaluation)
+  assert "dropped 5 metrics records after step 4" in proc.stdout, proc.stdout
   a, b = train_losses(straight), train_losses(split)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   assert a == b  # bit-identical losses
