@@ -23,8 +23,16 @@ class ClosedTolerantLoop(asyncio.SelectorEventLoop):
   Orbax runs each restore in a fresh event loop and closes it as soon as one read fails; the
   tensorstore reads still in flight then call `call_soon_threadsafe` on the closed loop from
   their own threads, which prints a "RuntimeError: Event loop is closed" traceback per read.
-  Nobody awaits those results any more, so dropping them is safe.
+  Nobody awaits those results any more, so dropping them is safe. For the same reason it drops
+  asyncio's "Task exception was never retrieved" report (a traceback on stderr, whenever the
+  garbage collector reaches one of the failed reads' tasks) once the loop is closed: the
+  restore's failure itself was raised, and reported in one line.
   """
+
+  def call_exception_handler(self, context):
+    if self.is_closed() and "exception was never retrieved" in str(context.get("message", "")):
+      return
+    super().call_exception_handler(context)
 
   def call_soon_threadsafe(self, callback, *args, context=None):
     if self.is_closed():
