@@ -50,10 +50,10 @@ if not helpers.xla_defaults_requested():
 # The whole session (this process and every child it starts, main.py runs included) compiles
 # with XLA:CPU's elemental fusion emitters instead of the newer MLIR ones, each program's machine
 # code as one part (helpers.SESSION_XLA_FLAGS; on the pinned jaxlib, where the flags exist;
-# never on another, where XLA would abort on an unknown flag). Like the setting above they
-# change only how fast programs compile (the emitters: the fast layer 136 s -> 115 s on
-# 2 cores), not what they compute: every process of a test compiles alike, so bit-for-bit
-# comparisons between them still hold. BDIFF_TEST_OPTIMIZE=1 runs the suite with XLA's
+# never on another, where XLA would abort on an unknown flag). Like the setting above they are
+# there for compile speed (the emitters: the fast layer 136 s -> 115 s on 2 cores; the single
+# part: helpers.py), and every process of a test compiles alike, so bit-for-bit comparisons
+# between them still hold. BDIFF_TEST_OPTIMIZE=1 runs the suite with XLA's
 # defaults, exactly as users run the program.
 if not helpers.xla_defaults_requested() and xla_flags.verified_jaxlib():
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +

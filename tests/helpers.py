@@ -87,8 +87,8 @@ ELEMENTAL_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
 # XLA:CPU splits each program's LLVM module into parts that it compiles on parallel threads. The
 # suite keeps both cores busy with its two workers, so the split only adds work: one part per
 # program spends less CPU (paired runs, 2026-12-07: a tiny train step's compile 3.1 -> 2.7
-# CPU-s, a tiny-compile smoke run of main.py 19.3 -> 17.4 CPU-s). It changes how the program is
-# compiled, not what it computes.
+# CPU-s, a tiny-compile smoke run of main.py 19.3 -> 17.4 CPU-s). Like the emitters it is set
+# alike for every process of the session, so processes that compare numbers compile alike.
 ONE_CODEGEN_PART_FLAG = "--xla_cpu_parallel_codegen_split_count=1"
 
 # What the test session adds to every process's XLA flags (conftest.py; `tiny_compile_env`
