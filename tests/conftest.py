@@ -66,13 +66,12 @@ jax.devices()
 
 # The test processes' cyclic garbage collector. They hold millions of long-lived objects
 # (JAX, Flax, orbax, every test module, compiled programs), and each full collection walked them
-# all: 7% of the fast layer's CPU (20 of 282 CPU-s, 2026-12-07). The objects that exist once
-# collection has finished are moved out of the collector's sight (`gc.freeze()`, after one last
-# collection) and the youngest generation is collected every 10,000 allocations instead of 700:
-# 6.5 CPU-s in the two workers over the whole suite, their peak memory 3.9 and 2.9 GiB (one
-# held 3.8 GiB mid-suite before). Garbage is still collected, a little later; the processes
-# the tests start keep Python's defaults.
-gc.set_threshold(10_000, 10, 10)
+# all: 7% of the fast layer's CPU (20 of 282 CPU-s, 2026-12-07). `bootstrap()` above collects
+# the youngest generation every 10,000 allocations instead of 700 (as in every process main.py
+# starts; bootstrap.GC_THRESHOLDS), and the objects that exist once collection has finished are
+# moved out of the collector's sight (`gc.freeze()`, after one last collection): 6.5 CPU-s in the
+# two workers over the whole suite, their peak memory 3.9 and 2.9 GiB (one held 3.8 GiB
+# mid-suite before). Garbage is still collected, a little later.
 
 
 def pytest_collection_finish(session):
