@@ -41,9 +41,11 @@ WRITES = ("results written to", "samples written to", "sample quality written to
 
 
 def _args(workdir, data_dir, tfds_dir, *extra):
-  """A very small smoke run (8 steps, evaluations on a few hundred tokens) on a 2 x 2 mesh."""
-  return helpers.smoke_args(workdir, data_dir, tfds_dir, "--config.mesh.fsdp=2", *extra,
-                            log_every=4)
+  """A very small smoke run (the 2 x 32 model of helpers.NARROW_SMOKE, 8 steps, evaluations on a
+  few hundred tokens) on a data=1 x fsdp=2 mesh."""
+  return helpers.smoke_args(workdir, data_dir, tfds_dir,
+                            *helpers.config_flags_of(helpers.NARROW_SMOKE), "--config.mesh.fsdp=2",
+                            *extra, log_every=4)
 
 
 def _free_port() -> int:
@@ -182,6 +184,9 @@ def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_d
   # (The judge trains in this process: what is tested is its restore and use on the mesh.)
   judge = tmp_path / "judge"
   c = helpers.load_config("configs/wikitext2.py", "smoke")
+  for field, value in helpers.NARROW_SMOKE.items():
+    section, name = field.split(".")
+    c[section][name] = value
   c.data.data_dir, c.data.tfds_dir = real_data_dir, shared_tfds_dir
   c.model.objective, c.model.time_conditioning = "autoregressive", "none"
   c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 4, 4
