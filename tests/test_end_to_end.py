@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import assert_ok, run_main, smoke_args, train_losses
+from tests.helpers import (NARROW_SMOKE, assert_ok, config_flags_of, run_main, smoke_args,
+                           train_losses)
 
 # Every test here runs main.py in new processes; they compile fast (conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_compile_children")]
@@ -28,9 +29,11 @@ REVERSIBLE = ("--config.model.backbone=reversible", "--config.train.learning_rat
 
 
 def _tiny(workdir, data_dir, tfds_dir, *extra):
-  """Args for a very small smoke run of the reversible backbone (8 steps; the final evaluation
-  on 300 tokens: 5 sequences, one batch of 8, little padding)."""
-  return smoke_args(workdir, data_dir, tfds_dir, *REVERSIBLE, *extra)
+  """Args for a very small smoke run of the reversible backbone, 2 x 32 wide
+  (helpers.NARROW_SMOKE; 8 steps; the final evaluation on 300 tokens: 10 sequences of 32, two
+  batches of 8)."""
+  return smoke_args(workdir, data_dir, tfds_dir, *config_flags_of(NARROW_SMOKE), *REVERSIBLE,
+                    *extra)
 
 
 def _user_error(proc, *needles):
