@@ -9,9 +9,7 @@ and counts its calls: a kill is an exception raised from it after k units.
 import errno
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from bdiff_jax.runtime import workdir as workdir_lib
 from bdiff_jax.runtime.reporter import QUIET
 from tests import helpers
 from tests.test_glue_classification import _config, write_sst2
+from tests.test_reliability import Paused
 
 ROWS = "opt:adamw,opt:mezo"  # 2 seeds each; mezo with a 2-rate grid: 2 + 2 + 2 = 6 units
 
@@ -258,29 +257,27 @@ def test_nonfinite_loss_names_empty_examples_and_step_zero():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tiny_compile_children")
 def test_sigint_in_a_real_glue_run_keeps_the_finished_units(sst2, tmp_path):
-  """A child runs the test level through main.py; Ctrl-C while its second seed trains: it stops
-  at the next step, says what was kept in one line and exits 130 with the first seed's unit kept
+  """A child runs the test level through main.py and is held in its second seed, at the check
+  for a stop request after step 2 (test_reliability.Paused); Ctrl-C there: it stops at that
+  step boundary, says what was kept in one line and exits 130 with the first seed's unit kept
   (resuming from kept units is tested in-process above)."""
   w = tmp_path / "w"
-  cmd = [sys.executable, os.path.join(helpers.REPO, "main.py"),
-         "--config=" + os.path.join(helpers.REPO, "configs", "glue.py") + ":test",
-         f"--workdir={w}", "--mode=glue", f"--config.glue.glue_dir={sst2}",
-         "--config.glue.rows=opt:adamw:head", "--config.glue.num_steps=2500",  # ~2.5 s a seed
-         "--config.glue.eval_every=2500"]
-  proc = subprocess.Popen(cmd, cwd=helpers.REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 180  # generous: a loaded machine (CI's two workers) is slower
+  argv = ["--config=" + os.path.join(helpers.REPO, "configs", "glue.py") + ":test",
+          f"--workdir={w}", "--mode=glue", f"--config.glue.glue_dir={sst2}",
+          "--config.glue.rows=opt:adamw:head", "--config.glue.num_steps=4",
+          "--config.glue.eval_every=4"]
+  run = Paused(argv, None, tmp_path / "ctl", pause_in={
+      "function": "bdiff_jax.modes.glue:check_stop", "when": "seed 1 after step 2 of 4"})
   units = w / glue_mode.UNITS_DIR
-  while time.time() < deadline and not (units.exists() and os.listdir(units)):
-    time.sleep(0.2)  # the first seed's unit is committed
-  assert units.exists() and os.listdir(units), "the first seed did not finish in 180 s"
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 130, err
+  assert len(os.listdir(units)) == 1  # the first seed's unit is committed, the second trains
+  run.signal(signal.SIGINT)
+  assert run.release() == 130, run.stdout + run.stderr
+  out, err = run.stdout, run.stderr
   assert "Traceback" not in err + out
   lines = [l for l in (out + err).splitlines() if l.startswith("interrupted by SIGINT")]
-  assert len(lines) == 1 and "in SST-2 adamw_opt_head seed 1 after step" in lines[0]
+  assert len(lines) == 1 and "in SST-2 adamw_opt_head seed 1 after step 2 of 4" in lines[0]
   assert lines[0].endswith(f"1 of 2 GLUE units finished and kept in {units}; rerun the same "
                            "command to resume")
   assert len(os.listdir(units)) == 1 and not (w / "glue.json").exists()

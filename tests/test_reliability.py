@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 
@@ -51,17 +52,31 @@ _CHILD = r'''
 import builtins, errno, json, os, runpy, sys, time
 spec = json.loads(os.environ["BDIFF_TEST_CHILD"])
 
-def pause_at(pause):
+def hold(pause):  # says "paused", waits for "release"
+  open(os.path.join(pause["dir"], "paused"), "w").close()
+  release, deadline = os.path.join(pause["dir"], "release"), time.time() + 300
+  while not os.path.exists(release) and time.time() < deadline:
+    time.sleep(0.01)
+
+def pause_at(pause):  # after the train record of step pause["step"]
   from bdiff_jax.runtime import metrics_log
   _write = metrics_log.MetricsLog.write
   def write(self, kind, step, **values):
     _write(self, kind, step, **values)
     if kind == "train" and int(step) == pause["step"]:
-      open(os.path.join(pause["dir"], "paused"), "w").close()
-      release, deadline = os.path.join(pause["dir"], "release"), time.time() + 300
-      while not os.path.exists(release) and time.time() < deadline:
-        time.sleep(0.01)
+      hold(pause)
   metrics_log.MetricsLog.write = write
+
+def pause_in(pause):  # before "module:function" is called with an argument containing "when"
+  import importlib
+  module_name, name = pause["function"].split(":")
+  module = importlib.import_module(module_name)
+  original = getattr(module, name)
+  def held(*args, **kwargs):
+    if any(pause["when"] in str(a) for a in args):
+      hold(pause)
+    return original(*args, **kwargs)
+  setattr(module, name, held)
 
 def fail_writes(fail):  # writes under fail["under"] (or to files named fail["names"]) fail
   code, under, names = getattr(errno, fail["errno"]), fail["under"], fail.get("names")
@@ -95,6 +110,8 @@ def fail_writes(fail):  # writes under fail["under"] (or to files named fail["na
 def run(case):
   if case.get("pause_at"):
     pause_at(case["pause_at"])
+  if case.get("pause_in"):
+    pause_in(case["pause_in"])
   if case.get("fail_writes"):
     fail_writes(case["fail_writes"])
   sys.argv = ["main.py", *case["argv"]]
@@ -154,13 +171,17 @@ def run_cases(cases, tmp_dir) -> list[subprocess.CompletedProcess]:
 
 
 class Paused:
-  """main.py ARGV in a child that stops after logging step `step` until `release()`."""
+  """main.py ARGV in a child that stops after logging step `step` until `release()`; or, with
+  `pause_in={"function": "module:name", "when": text}`, before it calls that function with an
+  argument that contains `text` (the function as the module that calls it names it)."""
 
-  def __init__(self, argv, step: int, ctl):
+  def __init__(self, argv, step: Optional[int], ctl, *, pause_in: Optional[dict] = None):
     os.makedirs(ctl)
     self.ctl = str(ctl)
     self.out_path, self.err_path = os.path.join(ctl, "stdout"), os.path.join(ctl, "stderr")
-    cmd, env = _child_cmd(argv, pause_at={"step": step, "dir": self.ctl})
+    spec = ({"pause_in": dict(pause_in, dir=self.ctl)} if pause_in else
+            {"pause_at": {"step": step, "dir": self.ctl}})
+    cmd, env = _child_cmd(argv, **spec)
     with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
       self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
     self._wait_for(lambda: os.path.exists(os.path.join(self.ctl, "paused")), "pause")
