@@ -15,9 +15,9 @@ process of such a run does its work in a child of a JAX-free supervisor,
 bdiff_jax/runtime/supervisor.py, so that a lost coordinator is one line too).
 
 Before anything can start JAX, flag parsing calls `bootstrap()` (bdiff_jax/runtime/bootstrap.py:
-host allocator, XLA flags, the distributed runtime). JAX itself, the modes and what surrounds a
-mode's run (bdiff_jax/modes/launch.py) are imported by name only once the flags are parsed, so that
---help and flag errors do not pay for importing them.
+host allocator, XLA flags, the distributed runtime, the GC's thresholds). JAX itself, the modes
+and what surrounds a mode's run (bdiff_jax/modes/launch.py) are imported by name only once the
+flags are parsed, so that --help and flag errors do not pay for importing them.
 """
 
 import importlib
