@@ -13,16 +13,15 @@ allocates) starts, and what therefore cannot be left to module imports:
   4. with `distributed=True`, JAX's distributed runtime for a multi-process run
      (`distributed.initialize`, settings from the environment), before anything (a config
      file's automatic preset, say) can touch a backend. JAX is imported only here;
-  5. the cyclic garbage collector's thresholds (`GC_THRESHOLDS`): tracing and lowering a JAX
-     program allocates short-lived objects by the hundred thousand (~700,000 in a smoke run),
-     and with Python's defaults (a young
-     collection every 700 allocations, a full one every 100 of those) the process spends much
-     of its start walking the long-lived ones (JAX, Flax, orbax, ours: ~160,000 objects once
-     the modes are imported). A smoke run (`configs/wikitext2.py:smoke`, 8 steps, warm
-     compilation cache, fast-compile settings) spent 1.1-1.3 of its 12-16 CPU-s in the
-     collector, 0.3-0.6 s with these thresholds (3 interleaved pairs, 2026-12-07). Garbage is
-     still collected, a little later; reference counting frees whatever is not in a cycle at
-     once, as before.
+  5. the cyclic garbage collector's thresholds (`GC_THRESHOLDS`): tracing and lowering JAX
+     programs allocate container objects by the hundred thousand, and with Python's defaults
+     (a young collection every 700 net allocations, a full one every 100 young ones) the process
+     spends much of its start walking the long-lived ones (JAX, Flax, orbax, ours: ~160,000
+     objects once the modes are imported). A smoke run (`configs/wikitext2.py:smoke`, 8 steps,
+     warm compilation cache, fast-compile settings) ran ~990 young and 7 full collections,
+     1.1-1.3 of its 12-16 CPU-s; with these thresholds ~260 and 2, 0.3-0.6 CPU-s (3 interleaved
+     pairs, 2026-12-07). Garbage is still collected, a little later; reference counting frees
+     whatever is not in a cycle at once, as before.
 
 Entry points: main.py (in its flag parsing), the Colab notebook, the benchmarks run as scripts
 (`benchmarks/sampling_speed.py`), and the test session (tests/conftest.py). Worker processes
