@@ -39,14 +39,6 @@ NARROW_SMOKE = {"model.emb_dim": 32, "model.head_dim": 16, "model.mlp_dim": 64,
                 "data.seq_len": 32, "train.batch_size": 4, "train.warmup_steps": 2}
 
 
-def narrow(c):
-  """Config `c` (a smoke run's) with the fields of NARROW_SMOKE; returns it."""
-  for field, value in NARROW_SMOKE.items():
-    section, name = field.split(".")
-    c[section][name] = value
-  return c
-
-
 def config_flags_of(fields: dict) -> list:
   """`--config.<field>=<value>` arguments of {field: value}."""
   return [f"--config.{k}={v}" for k, v in fields.items()]

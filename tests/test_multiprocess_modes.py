@@ -183,7 +183,8 @@ def test_two_process_eval_and_sample_modes(trained, real_data_dir, shared_tfds_d
   # restored onto the mesh too and scores the samples there.
   # (The judge trains in this process: what is tested is its restore and use on the mesh.)
   judge = tmp_path / "judge"
-  c = helpers.narrow(helpers.load_config("configs/wikitext2.py", "smoke"))
+  c = helpers.load_config("configs/wikitext2.py", "smoke")
+  c.update_from_flattened_dict(helpers.NARROW_SMOKE)
   c.data.data_dir, c.data.tfds_dir = real_data_dir, shared_tfds_dir
   c.model.objective, c.model.time_conditioning = "autoregressive", "none"
   c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 4, 4, 4
