@@ -190,3 +190,31 @@ def test_a_saved_model_config_without_remat_still_builds():
   spec = builder.model_spec(ml_collections.ConfigDict(saved), vocab_size=50, max_len=16,
                              causal=False)
   assert spec.remat is False and spec.num_layers == c.model.num_layers
+
+
+def test_abstract_state_is_traced_once_per_network_and_update_rule(monkeypatch):
+  """Experiment.abstract_state: a train run asks for it several times (the shardings, the model
+  report, restoring); it is traced once, and again after the update rule is replaced (as the
+  wall-clock fit does), always with the shapes a fresh `jax.eval_shape` gives."""
+  import types
+  from bdiff_jax.train import builder
+  from bdiff_jax.train import experiment
+  from bdiff_jax.train import train_state
+  c = tiny_config()
+  vocab = 50
+  objective, net, rule, _, _ = setup(c, vocab)
+  splits = types.SimpleNamespace(train=np.arange(400, dtype=np.int32) % vocab)
+  exp = experiment.Experiment(config=c, workdir="", splits=splits, objective=objective,
+                              network=net, update_rule=rule, evaluator=None)
+  traces = []
+  original = train_state.init_train_state
+  monkeypatch.setattr(train_state, "init_train_state",
+                      lambda *a, **k: traces.append(1) or original(*a, **k))
+  shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(tree)]
+  first = exp.abstract_state()
+  assert exp.abstract_state() is first and exp.num_params() > 0 and len(traces) == 1
+  assert shapes(first) == shapes(jax.eval_shape(exp._init_state))  # pylint: disable=protected-access
+  exp.update_rule = builder.build_update_rule(c.train)
+  again = exp.abstract_state()
+  assert again is not first and len(traces) == 3  # (the check above traced once too)
+  assert shapes(again) == shapes(first)

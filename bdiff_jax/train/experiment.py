@@ -42,6 +42,9 @@ class Experiment:
   evaluator: Evaluator  # built once: periodic and final evaluations share its compilation
   # None: evaluation and sampling on one device; a multi-process run's global mesh (see above).
   mesh: Optional[Any] = None
+  # (network, update rule, seq_len, abstract state) of the last `abstract_state()` call.
+  _abstract: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False,
+                                                 compare=False)
 
   @property
   def tokenizer(self):
@@ -61,7 +64,16 @@ class Experiment:
     return jax.jit(self._init_state, out_shardings=shardings)()
 
   def abstract_state(self):
-    return jax.eval_shape(self._init_state)
+    """The state's shapes, dtypes and structure (`jax.eval_shape`: nothing is computed). A
+    train run asks for it several times (the shardings, the model report, restoring); it is
+    traced once for the experiment's network, update rule and sequence length, and again only
+    when one of them is replaced (the wall-clock fit replaces the update rule)."""
+    key = (self.network, self.update_rule, self.config.data.seq_len)
+    cached = self._abstract
+    if cached is None or not (cached[0] is key[0] and cached[1] is key[1] and
+                              cached[2] == key[2]):
+      self._abstract = cached = (*key, jax.eval_shape(self._init_state))
+    return cached[3]
 
   def num_params(self) -> int:
     return models.count_params(self.abstract_state().params)
