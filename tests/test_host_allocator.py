@@ -87,9 +87,10 @@ import resource
 from bdiff_jax.runtime import host_allocator
 print(host_allocator.configure())
 import jax, jax.numpy as jnp
-a = jax.random.normal(jax.random.PRNGKey(0), (2048, 32), jnp.float32)
+a = jax.random.normal(jax.random.PRNGKey(0), (1024, 32), jnp.float32)
 b = jax.random.normal(jax.random.PRNGKey(1), (32, 16384), jnp.float32) / 4
-# A gradient through a [2048, 16384] softmax: 128 MiB of temporary buffers, a 2 MiB result.
+# A gradient through a [1024, 16384] softmax: 64 MiB temporary buffers (each above glibc's
+# largest mmap threshold, 32 MiB, so that the system allocator maps them afresh every call).
 f = jax.jit(jax.grad(lambda a, b: jax.nn.logsumexp(a @ b, axis=-1).sum()))
 faults = []
 for i in range(24):
@@ -105,7 +106,7 @@ print(*faults[1:])  # the first call compiles and lays out the heap
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_freed_buffers_are_not_page_faulted_in_again():
   faulting, values = {}, {}
-  pages = 128 * 2**20 // 4096
+  pages = 64 * 2**20 // 4096  # one temporary buffer
   for mode in ("system", "retain"):
     proc = subprocess.run([sys.executable, "-c", _FAULTS], cwd=helpers.REPO, capture_output=True,
                           text=True, timeout=300,
