@@ -67,12 +67,14 @@ class Experiment:
     """The state's shapes, dtypes and structure (`jax.eval_shape`: nothing is computed). A
     train run asks for it several times (the shardings, the model report, restoring); it is
     traced once for the experiment's network, update rule and sequence length, and again only
-    when one of them is replaced (the wall-clock fit replaces the update rule)."""
-    key = (self.network, self.update_rule, self.config.data.seq_len)
+    when one of them is replaced (the wall-clock fit replaces the update rule). The initial
+    head bias only sets values, so it is not computed here (`train_state.abstract_train_state`)."""
+    network, rule, seq_len = self.network, self.update_rule, self.config.data.seq_len
     cached = self._abstract
-    if cached is None or not (cached[0] is key[0] and cached[1] is key[1] and
-                              cached[2] == key[2]):
-      self._abstract = cached = (*key, jax.eval_shape(self._init_state))
+    if cached is None or not (cached[0] is network and cached[1] is rule and
+                              cached[2] == seq_len):
+      self._abstract = cached = (network, rule, seq_len, train_state.abstract_train_state(
+          network, rule, seq_len=seq_len))
     return cached[3]
 
   def num_params(self) -> int:
