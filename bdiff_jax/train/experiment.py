@@ -70,12 +70,13 @@ class Experiment:
     when one of them is replaced (the wall-clock fit replaces the update rule). The initial
     head bias only sets values, so it is not computed here (`train_state.abstract_train_state`)."""
     network, rule, seq_len = self.network, self.update_rule, self.config.data.seq_len
-    cached = self._abstract
-    if cached is None or not (cached[0] is network and cached[1] is rule and
-                              cached[2] == seq_len):
-      self._abstract = cached = (network, rule, seq_len, train_state.abstract_train_state(
-          network, rule, seq_len=seq_len))
-    return cached[3]
+    if self._abstract is not None:
+      held_network, held_rule, held_seq_len, state = self._abstract
+      if held_network is network and held_rule is rule and held_seq_len == seq_len:
+        return state
+    state = train_state.abstract_train_state(network, rule, seq_len=seq_len)
+    self._abstract = (network, rule, seq_len, state)
+    return state
 
   def num_params(self) -> int:
     return models.count_params(self.abstract_state().params)
