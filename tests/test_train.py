@@ -3,13 +3,18 @@
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from bdiff_jax.optim import update_rule
 from bdiff_jax.runtime import sharding as mesh_lib
+from bdiff_jax.train import builder
+from bdiff_jax.train import experiment
+from bdiff_jax.train import train_state
 from bdiff_jax.train import train_step
 from tests import helpers
 
@@ -182,8 +187,6 @@ def test_remat_gives_the_same_loss_and_gradients_with_less_memory():
 
 def test_a_saved_model_config_without_remat_still_builds():
   """The config.json of a workdir trained before model.remat existed: the default (off)."""
-  import ml_collections
-  from bdiff_jax.train import builder
   c = tiny_config()
   saved = c.model.to_dict()
   del saved["remat"]
@@ -196,10 +199,6 @@ def test_abstract_state_is_traced_once_per_network_and_update_rule(monkeypatch):
   """Experiment.abstract_state: a train run asks for it several times (the shardings, the model
   report, restoring); it is traced once, and again after the update rule is replaced (as the
   wall-clock fit does), always with the shapes a fresh `jax.eval_shape` gives."""
-  import types
-  from bdiff_jax.train import builder
-  from bdiff_jax.train import experiment
-  from bdiff_jax.train import train_state
   c = tiny_config()
   vocab = 50
   objective, net, rule, _, _ = setup(c, vocab)
